@@ -1,0 +1,749 @@
+//! The arbiter: one small Redis record per message id, changed only by atomic Lua scripts, that
+//! decides which side owns the id, hands out at most one live lease on it, and records its fate.
+//!
+//! `claim` → [`Claim`] (PROCEED, NOT_MINE, DONE, BUSY, DEAD); `complete` records an [`Outcome`]
+//! under the lease token; `renew` keeps a lease alive while a call is in flight. Each has a
+//! batched form that sends many ids in one pipelined round trip (per cluster node). The keys, the
+//! states and the memory per id are described in `docs/arbiter.md`.
+
+pub mod routing;
+pub mod switches;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::{Cmd, Pipeline, RedisResult, Value};
+
+use crate::config::{AmbiguousPolicy, ArbiterConfig};
+use crate::store::{Conn, Store, StoreError};
+
+/// A Lua script, sent by SHA1 and re-sent whole when Redis answers NOSCRIPT (after a restart or
+/// a failover to a node that never saw it).
+struct LuaScript {
+    code: &'static str,
+    sha: String,
+}
+
+impl LuaScript {
+    fn new(code: &'static str) -> Self {
+        Self {
+            code,
+            sha: redis::Script::new(code).get_hash().to_owned(),
+        }
+    }
+
+    /// `EVALSHA sha 1 key` (or `EVAL code 1 key`), ready for the script's arguments.
+    fn cmd(&self, key: &str, whole: bool) -> Cmd {
+        let mut c = if whole {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.code);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.sha);
+            c
+        };
+        c.arg(1).arg(key);
+        c
+    }
+}
+
+struct Scripts {
+    claim: LuaScript,
+    complete: LuaScript,
+    renew: LuaScript,
+    release: LuaScript,
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Self {
+            claim: LuaScript::new(include_str!("scripts/claim.lua")),
+            complete: LuaScript::new(include_str!("scripts/complete.lua")),
+            renew: LuaScript::new(include_str!("scripts/renew.lua")),
+            release: LuaScript::new(include_str!("scripts/release.lua")),
+        }
+    }
+}
+
+/// The fencing token of one claim attempt: unique per process and attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    /// The token as stored in Redis.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Hands out lease tokens: a random per-process prefix and a counter, so two processes (or a
+/// restarted one) never share a token.
+#[derive(Debug)]
+pub struct LeaseTokens {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Default for LeaseTokens {
+    fn default() -> Self {
+        Self {
+            prefix: format!("{:08x}", rand::random::<u32>()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl LeaseTokens {
+    /// A fresh token.
+    pub fn next(&self) -> LeaseToken {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        LeaseToken(format!("{}.{n:x}", self.prefix))
+    }
+}
+
+/// The state of an id, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Owned, not being called now: the owner may claim it.
+    Pending,
+    /// A worker of the owner holds a lease and is calling the sink.
+    InFlight,
+    /// Delivered.
+    Done,
+    /// Parked in dead letters (fatal, exhausted, or in doubt).
+    Dead,
+}
+
+impl State {
+    fn from_code(code: &str) -> Option<State> {
+        match code {
+            "p" => Some(State::Pending),
+            "i" => Some(State::InFlight),
+            "d" => Some(State::Done),
+            "x" => Some(State::Dead),
+            _ => None,
+        }
+    }
+
+    /// The state in words.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::InFlight => "in-flight",
+            State::Done => "done",
+            State::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One claim: this side offers a copy of `id` and says whom its switches route it to.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// The cross-broker message id.
+    pub id: &'a str,
+    /// The side that holds this copy.
+    pub side: &'a str,
+    /// The side this side's current switches route the id to (used only if nobody decided yet).
+    pub routed_owner: &'a str,
+    /// The token the lease will carry if granted.
+    pub token: &'a LeaseToken,
+}
+
+/// The answer to a claim (DESIGN.md, "Arbitration protocol").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This side owns the id and now holds its lease: call the sink.
+    Proceed {
+        /// Which call this is for the id, 1-based, across all workers of the owner.
+        attempt: u32,
+        /// An earlier worker's lease expired with its outcome unknown (counted as ambiguous).
+        takeover: bool,
+    },
+    /// The other side owns the id: acknowledge this copy and do nothing else.
+    NotMine {
+        /// The owning side.
+        owner: String,
+    },
+    /// Already delivered: acknowledge the duplicate.
+    Done,
+    /// Another worker of the owner holds a live lease: try again later, do not acknowledge.
+    Busy {
+        /// Time until that lease runs out if not renewed.
+        retry_in: Duration,
+    },
+    /// Parked in dead letters: acknowledge.
+    Dead {
+        /// Why it was parked.
+        reason: String,
+    },
+}
+
+/// What came of a sink call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered.
+    Success,
+    /// Failed in a way a later call may fix (5xx, 429, connection refused).
+    Retryable(String),
+    /// Failed in a way no retry will fix (4xx other than 408 / 429).
+    Fatal(String),
+    /// Unknown: the request was sent and no answer came (timeout, cut connection).
+    Ambiguous(String),
+}
+
+impl Outcome {
+    fn code(&self) -> (&'static str, &str) {
+        match self {
+            Outcome::Success => ("s", ""),
+            Outcome::Retryable(r) => ("r", r),
+            Outcome::Fatal(r) => ("f", r),
+            Outcome::Ambiguous(r) => ("a", r),
+        }
+    }
+}
+
+/// One completion: the outcome of the call made under `token`.
+#[derive(Debug, Clone, Copy)]
+pub struct CompleteRequest<'a> {
+    /// The cross-broker message id.
+    pub id: &'a str,
+    /// The side that made the call.
+    pub side: &'a str,
+    /// The lease token the call was made under.
+    pub token: &'a LeaseToken,
+    /// What happened.
+    pub outcome: &'a Outcome,
+}
+
+/// What `complete` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// The lease was ours; the id is now in this state (pending means: the owner retries).
+    Recorded(State),
+    /// The lease had been lost, but the call succeeded: recorded as done and counted as an
+    /// overlap (another call may have been made for the same id).
+    Late,
+    /// The lease had been lost and the call failed: nothing changed; the current holder decides.
+    Fenced,
+    /// This token's outcome had been recorded already (a resent batch): nothing changed.
+    Repeated(State),
+}
+
+/// Everything stored about one id, for `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The id.
+    pub id: String,
+    /// The owning side.
+    pub owner: String,
+    /// The state.
+    pub state: State,
+    /// Calls made so far.
+    pub attempts: u32,
+    /// The lease token and the time left on it, while in flight.
+    pub lease: Option<(String, Duration)>,
+    /// The sides that have observed a copy.
+    pub seen: Vec<String>,
+    /// Calls whose outcome was ambiguous (timeouts, expired leases).
+    pub ambiguous: u32,
+    /// Successes recorded after their lease was lost.
+    pub overlaps: u32,
+    /// Why it is dead, if it is.
+    pub reason: Option<String>,
+    /// When the first copy was observed, ms since the Unix epoch (Redis clock).
+    pub first_seen_ms: u64,
+    /// Time until the record expires.
+    pub expires_in: Option<Duration>,
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "message {}", self.id)?;
+        writeln!(f, "  owner:     {}", self.owner)?;
+        writeln!(f, "  state:     {}", self.state)?;
+        writeln!(f, "  attempts:  {}", self.attempts)?;
+        match &self.lease {
+            Some((token, left)) if !left.is_zero() => writeln!(
+                f,
+                "  lease:     held by {token}, {} left",
+                humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+            )?,
+            Some((token, _)) => writeln!(f, "  lease:     held by {token}, expired")?,
+            None => writeln!(f, "  lease:     none")?,
+        }
+        writeln!(f, "  seen by:   {}", self.seen.join(", "))?;
+        if self.ambiguous > 0 {
+            writeln!(
+                f,
+                "  ambiguous: {} call(s) with unknown outcome",
+                self.ambiguous
+            )?;
+        }
+        if self.overlaps > 0 {
+            writeln!(
+                f,
+                "  overlaps:  {} success(es) after a lost lease",
+                self.overlaps
+            )?;
+        }
+        if let Some(r) = &self.reason {
+            writeln!(f, "  reason:    {r}")?;
+        }
+        if let Some(t) = self.expires_in {
+            writeln!(
+                f,
+                "  expires:   in {}",
+                humantime::format_duration(Duration::from_secs(t.as_secs()))
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The arbiter: claim, complete, renew, inspect, release; see the module docs.
+#[derive(Clone)]
+pub struct Arbiter {
+    conn: Conn,
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
+    lease_ms: u64,
+    retention_ms: u64,
+    policy: &'static str,
+    max_attempts: u32,
+}
+
+/// The key of an id's record: `<prefix>:m:{<id>}` (the braces keep it in one cluster slot).
+pub fn record_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}:m:{{{id}}}")
+}
+
+enum Op<'a> {
+    Claim(&'a ClaimRequest<'a>),
+    Complete(&'a CompleteRequest<'a>),
+    Renew(&'a str, &'a LeaseToken),
+}
+
+impl Arbiter {
+    /// An arbiter over `store` with the protocol settings of `cfg`.
+    pub fn new(store: &Store, cfg: &ArbiterConfig) -> Self {
+        Self {
+            conn: store.conn(),
+            prefix: store.prefix().into(),
+            scripts: Arc::new(Scripts::load()),
+            lease_ms: cfg.lease.as_millis() as u64,
+            retention_ms: cfg.retention.as_millis() as u64,
+            policy: match cfg.ambiguous {
+                AmbiguousPolicy::AtLeastOnce => "l",
+                AmbiguousPolicy::AtMostOnce => "m",
+            },
+            max_attempts: cfg.max_attempts.get(),
+        }
+    }
+
+    /// The lease length.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    /// Claims one id. See [`Claim`].
+    pub async fn claim(&self, req: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        single(self.claim_batch(std::slice::from_ref(req)).await)
+    }
+
+    /// Claims many ids in one round trip; the answers come back in order.
+    pub async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Result<Claim, StoreError>>, StoreError> {
+        let ops: Vec<Op> = reqs.iter().map(Op::Claim).collect();
+        let replies = self.exec(&ops).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| r.and_then(parse_claim))
+            .collect())
+    }
+
+    /// Records the outcome of one call.
+    pub async fn complete(&self, req: &CompleteRequest<'_>) -> Result<Completion, StoreError> {
+        single(self.complete_batch(std::slice::from_ref(req)).await)
+    }
+
+    /// Records many outcomes in one round trip; the answers come back in order.
+    pub async fn complete_batch(
+        &self,
+        reqs: &[CompleteRequest<'_>],
+    ) -> Result<Vec<Result<Completion, StoreError>>, StoreError> {
+        let ops: Vec<Op> = reqs.iter().map(Op::Complete).collect();
+        let replies = self.exec(&ops).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| r.and_then(parse_completion))
+            .collect())
+    }
+
+    /// Extends the lease on `id` if `token` still holds it; false means the lease is lost.
+    pub async fn renew(&self, id: &str, token: &LeaseToken) -> Result<bool, StoreError> {
+        single(self.renew_batch(&[(id, token)]).await)
+    }
+
+    /// Renews many leases in one round trip.
+    pub async fn renew_batch(
+        &self,
+        leases: &[(&str, &LeaseToken)],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        let ops: Vec<Op> = leases.iter().map(|(id, t)| Op::Renew(id, t)).collect();
+        let replies = self.exec(&ops).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| {
+                r.and_then(|v| match v {
+                    Value::Int(n) => Ok(n == 1),
+                    other => Err(StoreError::Reply(format!("renew: {other:?}"))),
+                })
+            })
+            .collect())
+    }
+
+    /// Everything stored about `id`, or `None` if Redis knows nothing of it.
+    pub async fn inspect(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        let key = record_key(&self.prefix, id);
+        let mut conn = self.conn.clone();
+        let (fields, pttl, time): (Vec<(String, String)>, i64, (u64, u64)) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(&key)
+            .cmd("PTTL")
+            .arg(&key)
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let now_ms = time.0 * 1000 + time.1 / 1000;
+        Ok(Some(parse_record(id, fields, pttl, now_ms)?))
+    }
+
+    /// Hands a dead (or in-doubt) id back to pending with its attempts reset, keeping its owner.
+    /// Returns the reason it had been parked for, or `None` if it was not dead.
+    pub async fn release(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let key = record_key(&self.prefix, id);
+        let run = |whole: bool| {
+            let mut c = self.scripts.release.cmd(&key, whole);
+            c.arg(self.retention_ms);
+            c
+        };
+        let mut conn = self.conn.clone();
+        let reply: RedisResult<(i64, String)> = run(false).query_async(&mut conn).await;
+        let (released, reason) = match reply {
+            Err(e) if is_noscript(&e) => run(true).query_async(&mut conn).await?,
+            other => other?,
+        };
+        Ok((released == 1).then_some(reason))
+    }
+
+    fn command(&self, op: &Op<'_>, whole: bool) -> Cmd {
+        match op {
+            Op::Claim(r) => {
+                let mut c = self
+                    .scripts
+                    .claim
+                    .cmd(&record_key(&self.prefix, r.id), whole);
+                c.arg(r.side)
+                    .arg(r.routed_owner)
+                    .arg(r.token.as_str())
+                    .arg(self.lease_ms)
+                    .arg(self.retention_ms)
+                    .arg(self.policy);
+                c
+            }
+            Op::Complete(r) => {
+                let (code, reason) = r.outcome.code();
+                let mut c = self
+                    .scripts
+                    .complete
+                    .cmd(&record_key(&self.prefix, r.id), whole);
+                c.arg(r.token.as_str())
+                    .arg(code)
+                    .arg(r.side)
+                    .arg(self.policy)
+                    .arg(self.max_attempts)
+                    .arg(reason)
+                    .arg(self.retention_ms);
+                c
+            }
+            Op::Renew(id, token) => {
+                let mut c = self.scripts.renew.cmd(&record_key(&self.prefix, id), whole);
+                c.arg(token.as_str()).arg(self.lease_ms);
+                c
+            }
+        }
+    }
+
+    /// Sends `ops` as one pipeline; answers NOSCRIPT by re-sending just those ops with the whole
+    /// script (which also caches it on that node). Per-op failures come back per op; a failure of
+    /// the whole round trip comes back as the outer error.
+    async fn exec(&self, ops: &[Op<'_>]) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = Pipeline::with_capacity(ops.len());
+        for op in ops {
+            pipe.add_command(self.command(op, false));
+        }
+        let mut replies: Vec<RedisResult<Value>> =
+            pipe.ignore_errors().query_async(&mut conn).await?;
+        let missing: Vec<usize> = replies
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.as_ref().is_err_and(is_noscript))
+            .map(|(i, _)| i)
+            .collect();
+        if !missing.is_empty() {
+            let mut again = Pipeline::with_capacity(missing.len());
+            for &i in &missing {
+                again.add_command(self.command(&ops[i], true));
+            }
+            let resent: Vec<RedisResult<Value>> =
+                again.ignore_errors().query_async(&mut conn).await?;
+            for (i, r) in missing.into_iter().zip(resent) {
+                replies[i] = r;
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| r.map_err(StoreError::from))
+            .collect())
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+fn single<T>(batch: Result<Vec<Result<T, StoreError>>, StoreError>) -> Result<T, StoreError> {
+    batch?
+        .pop()
+        .unwrap_or_else(|| Err(StoreError::Reply("empty reply to a one-op batch".into())))
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn triple(v: Value, what: &str) -> Result<(i64, Value, Value), StoreError> {
+    match v {
+        Value::Array(items) if items.len() == 3 => {
+            let mut it = items.into_iter();
+            let code = it.next().as_ref().and_then(int);
+            match (code, it.next(), it.next()) {
+                (Some(code), Some(a), Some(b)) => Ok((code, a, b)),
+                _ => Err(StoreError::Reply(format!("{what}: malformed reply"))),
+            }
+        }
+        other => Err(StoreError::Reply(format!("{what}: {other:?}"))),
+    }
+}
+
+fn parse_claim(v: Value) -> Result<Claim, StoreError> {
+    let (code, attempts, extra) = triple(v, "claim")?;
+    let attempts = int(&attempts).unwrap_or(0) as u32;
+    Ok(match code {
+        1 => Claim::Proceed {
+            attempt: attempts,
+            takeover: int(&extra) == Some(1),
+        },
+        2 => Claim::NotMine {
+            owner: text(&extra).unwrap_or_default(),
+        },
+        3 => Claim::Done,
+        4 => Claim::Busy {
+            retry_in: Duration::from_millis(int(&extra).unwrap_or(0).max(0) as u64),
+        },
+        5 => Claim::Dead {
+            reason: text(&extra).unwrap_or_default(),
+        },
+        other => return Err(StoreError::Reply(format!("claim: unknown code {other}"))),
+    })
+}
+
+fn parse_completion(v: Value) -> Result<Completion, StoreError> {
+    let (code, state, _attempts) = triple(v, "complete")?;
+    let state = text(&state).and_then(|s| State::from_code(&s));
+    let need = |s: Option<State>| s.ok_or_else(|| StoreError::Reply("complete: no state".into()));
+    Ok(match code {
+        1 => Completion::Recorded(need(state)?),
+        2 => Completion::Late,
+        3 => Completion::Fenced,
+        4 => Completion::Repeated(need(state)?),
+        other => return Err(StoreError::Reply(format!("complete: unknown code {other}"))),
+    })
+}
+
+fn parse_record(
+    id: &str,
+    fields: Vec<(String, String)>,
+    pttl: i64,
+    now_ms: u64,
+) -> Result<Record, StoreError> {
+    let mut r = Record {
+        id: id.to_owned(),
+        owner: String::new(),
+        state: State::Pending,
+        attempts: 0,
+        lease: None,
+        seen: Vec::new(),
+        ambiguous: 0,
+        overlaps: 0,
+        reason: None,
+        first_seen_ms: 0,
+        expires_in: (pttl >= 0).then(|| Duration::from_millis(pttl as u64)),
+    };
+    let mut token = None;
+    let mut expiry = None;
+    for (k, v) in fields {
+        let num = || v.parse::<u64>().unwrap_or(0);
+        match k.as_str() {
+            "o" => r.owner = v,
+            "s" => {
+                r.state = State::from_code(&v)
+                    .ok_or_else(|| StoreError::Reply(format!("record {id}: state {v:?}")))?
+            }
+            "a" => r.attempts = num() as u32,
+            "t" => token = Some(v),
+            "e" => expiry = Some(num()),
+            "m" => r.ambiguous = num() as u32,
+            "v" => r.overlaps = num() as u32,
+            "r" => r.reason = Some(v),
+            "f" => r.first_seen_ms = num(),
+            side if side.starts_with('@') => r.seen.push(side[1..].to_owned()),
+            _ => {}
+        }
+    }
+    r.seen.sort();
+    if r.state == State::InFlight {
+        if let (Some(t), Some(e)) = (token, expiry) {
+            r.lease = Some((t, Duration::from_millis(e.saturating_sub(now_ms))));
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arr(items: Vec<Value>) -> Value {
+        Value::Array(items)
+    }
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn claim_replies_decode() {
+        let p = parse_claim(arr(vec![Value::Int(1), Value::Int(3), Value::Int(1)])).unwrap();
+        assert_eq!(
+            p,
+            Claim::Proceed {
+                attempt: 3,
+                takeover: true
+            }
+        );
+        let n = parse_claim(arr(vec![Value::Int(2), Value::Int(0), bulk("kafka")])).unwrap();
+        assert_eq!(
+            n,
+            Claim::NotMine {
+                owner: "kafka".into()
+            }
+        );
+        let b = parse_claim(arr(vec![Value::Int(4), Value::Int(1), Value::Int(250)])).unwrap();
+        assert_eq!(
+            b,
+            Claim::Busy {
+                retry_in: Duration::from_millis(250)
+            }
+        );
+        assert!(parse_claim(arr(vec![Value::Int(9), Value::Int(0), bulk("")])).is_err());
+        assert!(parse_claim(Value::Int(1)).is_err());
+    }
+
+    #[test]
+    fn completion_replies_decode() {
+        let c = parse_completion(arr(vec![Value::Int(1), bulk("p"), Value::Int(2)])).unwrap();
+        assert_eq!(c, Completion::Recorded(State::Pending));
+        let c = parse_completion(arr(vec![Value::Int(3), bulk(""), Value::Int(2)])).unwrap();
+        assert_eq!(c, Completion::Fenced);
+        assert!(parse_completion(arr(vec![Value::Int(1), bulk("?"), Value::Int(2)])).is_err());
+    }
+
+    #[test]
+    fn record_key_puts_the_id_in_a_hash_tag() {
+        assert_eq!(record_key("mqc", "order-1"), "mqc:m:{order-1}");
+    }
+
+    #[test]
+    fn lease_tokens_are_unique() {
+        let a = LeaseTokens::default();
+        let b = LeaseTokens::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(a.next()));
+            assert!(seen.insert(b.next()));
+        }
+    }
+
+    #[test]
+    fn record_reads_in_words() {
+        let fields = [
+            ("o", "kafka"),
+            ("s", "i"),
+            ("a", "2"),
+            ("t", "ab.1"),
+            ("e", "1500"),
+            ("@kafka", "1"),
+            ("@rocketmq", "1"),
+            ("m", "1"),
+            ("f", "900"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let r = parse_record("id-1", fields, 60_000, 1000).unwrap();
+        assert_eq!(r.state, State::InFlight);
+        assert_eq!(r.lease, Some(("ab.1".into(), Duration::from_millis(500))));
+        assert_eq!(r.seen, vec!["kafka", "rocketmq"]);
+        let text = r.to_string();
+        assert!(text.contains("owner:     kafka"), "{text}");
+        assert!(text.contains("state:     in-flight"), "{text}");
+        assert!(text.contains("seen by:   kafka, rocketmq"), "{text}");
+        assert!(text.contains("1 call(s) with unknown outcome"), "{text}");
+    }
+}

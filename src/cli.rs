@@ -1,0 +1,162 @@
+//! Command-line definitions (clap derive) and nothing else.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Percent;
+
+/// Exit code for bad usage (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code for a bad configuration (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: i32 = 78;
+/// Exit code for a failure at run time (Redis unreachable, an id unknown, …).
+pub const EXIT_RUNTIME: i32 = 1;
+
+/// Moves a consumer between Apache Kafka and Apache RocketMQ with no loss and no double
+/// processing, arbitrating every message through Redis.
+#[derive(Debug, Parser)]
+#[command(name = "mq-cutover", version)]
+pub struct Cli {
+    /// The TOML config file; `MQ_CUTOVER__SECTION__KEY` variables override its keys.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "MQ_CUTOVER_CONFIG",
+        default_value = "config/mq-cutover.toml"
+    )]
+    pub config: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon until SIGTERM / SIGINT.
+    Run,
+    /// Validate the config and print a summary; exit 78 naming the key on a problem.
+    CheckConfig,
+    /// Show or change the switches shared by every instance.
+    #[command(subcommand)]
+    Switch(SwitchCommand),
+    /// Show what Redis holds about one message id, in words.
+    Inspect {
+        /// The cross-broker message id.
+        message_id: String,
+    },
+    /// Hand a dead or in-doubt id back to pending (attempts reset, owner kept); audited.
+    Release {
+        /// The cross-broker message id.
+        message_id: String,
+    },
+    /// Show the newest entries of the audit trail (switch changes, releases).
+    Audit {
+        /// How many entries.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
+}
+
+/// `switch …`.
+#[derive(Debug, Subcommand)]
+pub enum SwitchCommand {
+    /// Print the switches and the latest changes.
+    Show,
+    /// Change the consume switch and/or the percentage.
+    Set(SetArgs),
+    /// Edit or list the whitelist of business ids forced to the new side.
+    #[command(subcommand)]
+    Whitelist(WhitelistCommand),
+}
+
+/// `switch set`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("change").required(true).multiple(true))]
+pub struct SetArgs {
+    /// Consume switch: off routes everything to the old side.
+    #[arg(long, group = "change")]
+    pub consume: Option<OnOff>,
+    /// Percentage of business-id buckets routed to the new side, 0-100.
+    #[arg(long, group = "change", value_parser = parse_percent)]
+    pub percent: Option<Percent>,
+}
+
+/// `on` / `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `switch whitelist …`.
+#[derive(Debug, Subcommand)]
+pub enum WhitelistCommand {
+    /// Add business ids.
+    Add {
+        /// Business ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove business ids.
+    Remove {
+        /// Business ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// List the whitelist.
+    List,
+}
+
+fn parse_percent(s: &str) -> Result<Percent, String> {
+    s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn percent_out_of_range_is_a_usage_error() {
+        let e =
+            Cli::try_parse_from(["mq-cutover", "switch", "set", "--percent", "101"]).unwrap_err();
+        assert!(e.to_string().contains("between 0 and 100"), "{e}");
+    }
+
+    #[test]
+    fn switch_set_needs_a_change() {
+        assert!(Cli::try_parse_from(["mq-cutover", "switch", "set"]).is_err());
+    }
+
+    #[test]
+    fn switch_set_parses_both() {
+        let cli = Cli::try_parse_from([
+            "mq-cutover",
+            "switch",
+            "set",
+            "--consume",
+            "on",
+            "--percent",
+            "10",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Switch(SwitchCommand::Set(a)) => {
+                assert_eq!(a.consume, Some(OnOff::On));
+                assert_eq!(a.percent.unwrap().get(), 10);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

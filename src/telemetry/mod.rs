@@ -1,0 +1,3 @@
+//! Telemetry: structured logs now; metrics and events join as the data path grows.
+
+pub mod logs;
