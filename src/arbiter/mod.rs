@@ -494,12 +494,19 @@ impl Arbiter {
         }
     }
 
-    /// Sends `ops` as one pipeline; answers NOSCRIPT by re-sending just those ops with the whole
-    /// script (which also caches it on that node). Per-op failures come back per op; a failure of
-    /// the whole round trip comes back as the outer error.
+    /// Sends `ops` in one round trip and returns one answer per op, in order. A failure of the
+    /// whole round trip comes back as the outer error.
+    ///
+    /// Standalone: one pipeline. Cluster: a pipeline must stay within one slot and every id has
+    /// its own, so the ops go out as concurrent requests, which the multiplexed connection to
+    /// each node writes back to back. Either way NOSCRIPT (Redis restarted, or a failover to a
+    /// node that never saw the script) is answered by re-sending the script whole, which caches it.
     async fn exec(&self, ops: &[Op<'_>]) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Conn::Cluster(_) = &self.conn {
+            return Ok(futures::future::join_all(ops.iter().map(|op| self.exec_one(op))).await);
         }
         let mut conn = self.conn.clone();
         let mut pipe = Pipeline::with_capacity(ops.len());
@@ -529,6 +536,14 @@ impl Arbiter {
             .into_iter()
             .map(|r| r.map_err(StoreError::from))
             .collect())
+    }
+
+    async fn exec_one(&self, op: &Op<'_>) -> Result<Value, StoreError> {
+        let mut conn = self.conn.clone();
+        match self.command(op, false).query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => Ok(self.command(op, true).query_async(&mut conn).await?),
+            other => Ok(other?),
+        }
     }
 }
 

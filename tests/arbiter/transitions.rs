@@ -1,0 +1,626 @@
+//! Each transition of the claim protocol, one test each, on the real Redis test bed: every one
+//! runs against the standalone server and against the 3-master Redis Cluster.
+
+use std::time::Duration;
+
+use mq_cutover::arbiter::{
+    Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
+    State,
+};
+use mq_cutover::config::{AmbiguousPolicy, RedisMode};
+use mq_cutover::store::StoreError;
+
+use crate::common;
+
+const OLD: &str = "kafka";
+const NEW: &str = "rocketmq";
+
+struct Bed {
+    arbiter: Arbiter,
+    tokens: LeaseTokens,
+    prefix: String,
+    mode: RedisMode,
+}
+
+impl Bed {
+    async fn new(
+        mode: RedisMode,
+        name: &str,
+        lease: Duration,
+        policy: AmbiguousPolicy,
+        max_attempts: u32,
+    ) -> Bed {
+        let prefix = common::unique_prefix(name);
+        let store = common::connect(mode, &prefix).await;
+        let cfg = common::arbiter_config(lease, policy, max_attempts);
+        Bed {
+            arbiter: Arbiter::new(&store, &cfg),
+            tokens: LeaseTokens::default(),
+            prefix,
+            mode,
+        }
+    }
+
+    async fn standard(mode: RedisMode, name: &str) -> Bed {
+        Bed::new(
+            mode,
+            name,
+            Duration::from_secs(30),
+            AmbiguousPolicy::AtLeastOnce,
+            3,
+        )
+        .await
+    }
+
+    async fn claim(&self, id: &str, side: &str, routed: &str) -> (Claim, LeaseToken) {
+        let token = self.tokens.next();
+        let c = self
+            .arbiter
+            .claim(&ClaimRequest {
+                id,
+                side,
+                routed_owner: routed,
+                token: &token,
+            })
+            .await
+            .expect("claim");
+        (c, token)
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        side: &str,
+        token: &LeaseToken,
+        outcome: Outcome,
+    ) -> Completion {
+        self.arbiter
+            .complete(&CompleteRequest {
+                id,
+                side,
+                token: &token.clone(),
+                outcome: &outcome,
+            })
+            .await
+            .expect("complete")
+    }
+
+    async fn state(&self, id: &str) -> mq_cutover::arbiter::Record {
+        self.arbiter
+            .inspect(id)
+            .await
+            .expect("inspect")
+            .expect("record exists")
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let urls = match self.mode {
+            RedisMode::Standalone => vec![common::redis_url()],
+            RedisMode::Cluster => common::cluster_urls(),
+        };
+        common::cleanup(&urls, &self.prefix);
+    }
+}
+
+fn proceeds(c: &Claim) -> bool {
+    matches!(c, Claim::Proceed { .. })
+}
+
+async fn first_observer_decides_the_owner_for_both_sides(mode: RedisMode) {
+    let b = Bed::standard(mode, "first-observer").await;
+    // The new side sees the id first, and its switches route it to the new side.
+    let (c, _) = b.claim("m1", NEW, NEW).await;
+    assert_eq!(
+        c,
+        Claim::Proceed {
+            attempt: 1,
+            takeover: false
+        }
+    );
+    // The old side's switches say "old" (e.g. the percentage moved meanwhile): the stored
+    // decision wins, the old copy is not processed.
+    let (c, _) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(c, Claim::NotMine { owner: NEW.into() });
+    let r = b.state("m1").await;
+    assert_eq!(r.owner, NEW);
+    assert_eq!(r.seen, vec![OLD, NEW]);
+}
+
+async fn non_owner_first_observer_still_records_the_routed_owner(mode: RedisMode) {
+    let b = Bed::standard(mode, "non-owner-first").await;
+    let (c, _) = b.claim("m1", OLD, NEW).await;
+    assert_eq!(c, Claim::NotMine { owner: NEW.into() });
+    let (c, _) = b.claim("m1", NEW, OLD).await;
+    assert!(proceeds(&c), "{c:?}");
+}
+
+async fn other_side_never_proceeds_once_owner_decided(mode: RedisMode) {
+    let b = Bed::standard(mode, "never-other").await;
+    let (c, t) = b.claim("m1", OLD, OLD).await;
+    assert!(proceeds(&c));
+    for state_maker in 0..3 {
+        let (c, _) = b.claim("m1", NEW, NEW).await;
+        assert_eq!(
+            c,
+            Claim::NotMine { owner: OLD.into() },
+            "round {state_maker}"
+        );
+    }
+    b.complete("m1", OLD, &t, Outcome::Retryable("503".into()))
+        .await;
+    let (c, _) = b.claim("m1", NEW, NEW).await;
+    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+}
+
+async fn success_marks_done_and_duplicates_are_acknowledged(mode: RedisMode) {
+    let b = Bed::standard(mode, "done").await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        b.complete("m1", OLD, &t, Outcome::Success).await,
+        Completion::Recorded(State::Done)
+    );
+    assert_eq!(b.claim("m1", OLD, OLD).await.0, Claim::Done);
+    assert_eq!(b.claim("m1", NEW, NEW).await.0, Claim::Done);
+    assert_eq!(b.state("m1").await.state, State::Done);
+}
+
+async fn owner_retries_after_retryable_failure(mode: RedisMode) {
+    let b = Bed::standard(mode, "reentrant").await;
+    let (_, t1) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        b.complete("m1", OLD, &t1, Outcome::Retryable("HTTP 503".into()))
+            .await,
+        Completion::Recorded(State::Pending)
+    );
+    let (c, t2) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        c,
+        Claim::Proceed {
+            attempt: 2,
+            takeover: false
+        }
+    );
+    assert_eq!(
+        b.complete("m1", OLD, &t2, Outcome::Success).await,
+        Completion::Recorded(State::Done)
+    );
+    assert_eq!(b.state("m1").await.attempts, 2);
+}
+
+async fn exhausted_retries_park_the_id_as_dead(mode: RedisMode) {
+    let b = Bed::standard(mode, "exhausted").await; // max_attempts = 3
+    for attempt in 1..=3 {
+        let (c, t) = b.claim("m1", OLD, OLD).await;
+        assert_eq!(
+            c,
+            Claim::Proceed {
+                attempt,
+                takeover: false
+            }
+        );
+        b.complete("m1", OLD, &t, Outcome::Retryable("HTTP 500".into()))
+            .await;
+    }
+    match b.claim("m1", OLD, OLD).await.0 {
+        Claim::Dead { reason } => {
+            assert!(
+                reason.contains("retries exhausted after 3 attempts: HTTP 500"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        b.claim("m1", NEW, NEW).await.0,
+        Claim::Dead { .. }
+    ));
+}
+
+async fn fatal_outcome_parks_the_id_with_its_reason(mode: RedisMode) {
+    let b = Bed::standard(mode, "fatal").await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        b.complete("m1", OLD, &t, Outcome::Fatal("HTTP 400: bad user".into()))
+            .await,
+        Completion::Recorded(State::Dead)
+    );
+    let r = b.state("m1").await;
+    assert_eq!(r.state, State::Dead);
+    assert_eq!(r.reason.as_deref(), Some("HTTP 400: bad user"));
+}
+
+async fn second_worker_of_the_owner_is_busy_while_the_lease_lives(mode: RedisMode) {
+    let b = Bed::standard(mode, "busy").await;
+    let (_, _t1) = b.claim("m1", OLD, OLD).await;
+    match b.claim("m1", OLD, OLD).await.0 {
+        Claim::Busy { retry_in } => {
+            assert!(retry_in > Duration::from_secs(25) && retry_in <= Duration::from_secs(30))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn the_same_token_claiming_again_gets_the_same_answer(mode: RedisMode) {
+    let b = Bed::standard(mode, "same-token").await;
+    let token = b.tokens.next();
+    let req = ClaimRequest {
+        id: "m1",
+        side: OLD,
+        routed_owner: OLD,
+        token: &token,
+    };
+    let first = b.arbiter.claim(&req).await.unwrap();
+    let again = b.arbiter.claim(&req).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(b.state("m1").await.attempts, 1);
+}
+
+async fn expired_lease_is_taken_over_and_counted_under_at_least_once(mode: RedisMode) {
+    let b = Bed::new(
+        mode,
+        "takeover",
+        Duration::from_millis(200),
+        AmbiguousPolicy::AtLeastOnce,
+        5,
+    )
+    .await;
+    let (_, crashed) = b.claim("m1", OLD, OLD).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c, t2) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        c,
+        Claim::Proceed {
+            attempt: 2,
+            takeover: true
+        }
+    );
+    assert_eq!(b.state("m1").await.ambiguous, 1);
+    // The crashed worker comes back with a failure: fenced, it cannot reset the id.
+    assert_eq!(
+        b.complete("m1", OLD, &crashed, Outcome::Retryable("late".into()))
+            .await,
+        Completion::Fenced
+    );
+    assert_eq!(b.state("m1").await.state, State::InFlight);
+    assert_eq!(
+        b.complete("m1", OLD, &t2, Outcome::Success).await,
+        Completion::Recorded(State::Done)
+    );
+}
+
+async fn expired_lease_parks_the_id_in_doubt_under_at_most_once(mode: RedisMode) {
+    let b = Bed::new(
+        mode,
+        "in-doubt",
+        Duration::from_millis(200),
+        AmbiguousPolicy::AtMostOnce,
+        5,
+    )
+    .await;
+    let _ = b.claim("m1", OLD, OLD).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match b.claim("m1", OLD, OLD).await.0 {
+        Claim::Dead { reason } => assert!(reason.starts_with("in doubt"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.state("m1").await.ambiguous, 1);
+}
+
+async fn ambiguous_outcome_retries_under_at_least_once(mode: RedisMode) {
+    let b = Bed::standard(mode, "ambiguous-retry").await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        b.complete("m1", OLD, &t, Outcome::Ambiguous("timeout after 5s".into()))
+            .await,
+        Completion::Recorded(State::Pending)
+    );
+    let r = b.state("m1").await;
+    assert_eq!(r.ambiguous, 1);
+    assert!(proceeds(&b.claim("m1", OLD, OLD).await.0));
+}
+
+async fn ambiguous_outcome_parks_in_doubt_under_at_most_once(mode: RedisMode) {
+    let b = Bed::new(
+        mode,
+        "ambiguous-park",
+        Duration::from_secs(30),
+        AmbiguousPolicy::AtMostOnce,
+        5,
+    )
+    .await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        b.complete("m1", OLD, &t, Outcome::Ambiguous("timeout after 5s".into()))
+            .await,
+        Completion::Recorded(State::Dead)
+    );
+    let r = b.state("m1").await;
+    assert_eq!(r.reason.as_deref(), Some("in doubt: timeout after 5s"));
+    assert!(matches!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::Dead { .. }
+    ));
+}
+
+async fn stale_worker_success_is_recorded_and_counted_as_overlap(mode: RedisMode) {
+    let b = Bed::new(
+        mode,
+        "late-success",
+        Duration::from_millis(200),
+        AmbiguousPolicy::AtLeastOnce,
+        5,
+    )
+    .await;
+    let (_, stale) = b.claim("m1", OLD, OLD).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c, fresh) = b.claim("m1", OLD, OLD).await;
+    assert!(proceeds(&c));
+    // The stale worker's call did succeed: the reward happened, so it is recorded.
+    assert_eq!(
+        b.complete("m1", OLD, &stale, Outcome::Success).await,
+        Completion::Late
+    );
+    let r = b.state("m1").await;
+    assert_eq!(r.state, State::Done);
+    assert_eq!(r.overlaps, 1);
+    // The fresh worker's call succeeded too: a second overlap, still visible.
+    assert_eq!(
+        b.complete("m1", OLD, &fresh, Outcome::Success).await,
+        Completion::Late
+    );
+    assert_eq!(b.state("m1").await.overlaps, 2);
+}
+
+async fn repeated_completion_changes_nothing(mode: RedisMode) {
+    let b = Bed::standard(mode, "repeated").await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    b.complete("m1", OLD, &t, Outcome::Retryable("503".into()))
+        .await;
+    assert_eq!(
+        b.complete("m1", OLD, &t, Outcome::Retryable("503".into()))
+            .await,
+        Completion::Repeated(State::Pending)
+    );
+    let r = b.state("m1").await;
+    assert_eq!((r.state, r.attempts, r.overlaps), (State::Pending, 1, 0));
+}
+
+async fn renew_extends_a_live_lease_and_reports_a_lost_one(mode: RedisMode) {
+    let b = Bed::new(
+        mode,
+        "renew",
+        Duration::from_millis(300),
+        AmbiguousPolicy::AtLeastOnce,
+        5,
+    )
+    .await;
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(b.arbiter.renew("m1", &t).await.unwrap());
+    }
+    // 600 ms after the claim, the lease is still live thanks to the renewals.
+    assert!(matches!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::Busy { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (c, _) = b.claim("m1", OLD, OLD).await;
+    assert!(proceeds(&c));
+    assert!(
+        !b.arbiter.renew("m1", &t).await.unwrap(),
+        "a lost lease must not renew"
+    );
+}
+
+async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode) {
+    let b = Bed::standard(mode, "release").await;
+    let (_, t) = b.claim("m1", NEW, NEW).await;
+    b.complete("m1", NEW, &t, Outcome::Fatal("HTTP 404".into()))
+        .await;
+    assert_eq!(
+        b.arbiter.release("m1").await.unwrap().as_deref(),
+        Some("HTTP 404")
+    );
+    let r = b.state("m1").await;
+    assert_eq!(
+        (r.state, r.attempts, r.owner.as_str()),
+        (State::Pending, 0, NEW)
+    );
+    assert!(r.reason.is_none());
+    assert_eq!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::NotMine { owner: NEW.into() }
+    );
+    assert!(proceeds(&b.claim("m1", NEW, OLD).await.0));
+    // Only dead ids can be released.
+    assert_eq!(b.arbiter.release("m1").await.unwrap(), None);
+}
+
+async fn records_expire_after_the_retention(mode: RedisMode) {
+    let b = Bed::standard(mode, "retention").await;
+    let _ = b.claim("m1", OLD, OLD).await;
+    let r = b.state("m1").await;
+    let ttl = r.expires_in.expect("a record always has a TTL");
+    assert!(
+        ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(600),
+        "{ttl:?}"
+    );
+}
+
+async fn batch_claims_answer_each_id_in_order(mode: RedisMode) {
+    let b = Bed::standard(mode, "batch").await;
+    let (_, t) = b.claim("done", OLD, OLD).await;
+    b.complete("done", OLD, &t, Outcome::Success).await;
+    let _ = b.claim("theirs", NEW, NEW).await;
+    let tokens: Vec<LeaseToken> = (0..3).map(|_| b.tokens.next()).collect();
+    let reqs = [
+        ClaimRequest {
+            id: "fresh",
+            side: OLD,
+            routed_owner: OLD,
+            token: &tokens[0],
+        },
+        ClaimRequest {
+            id: "done",
+            side: OLD,
+            routed_owner: OLD,
+            token: &tokens[1],
+        },
+        ClaimRequest {
+            id: "theirs",
+            side: OLD,
+            routed_owner: OLD,
+            token: &tokens[2],
+        },
+    ];
+    let out: Vec<Claim> = b
+        .arbiter
+        .claim_batch(&reqs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        out,
+        vec![
+            Claim::Proceed {
+                attempt: 1,
+                takeover: false
+            },
+            Claim::Done,
+            Claim::NotMine { owner: NEW.into() },
+        ]
+    );
+}
+
+/// Runs each named scenario once per topology, as its own test.
+macro_rules! on_both_topologies {
+    ($($name:ident),+ $(,)?) => {
+        mod standalone {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(mq_cutover::config::RedisMode::Standalone).await
+            })+
+        }
+        mod cluster {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(mq_cutover::config::RedisMode::Cluster).await
+            })+
+        }
+    };
+}
+
+on_both_topologies!(
+    first_observer_decides_the_owner_for_both_sides,
+    non_owner_first_observer_still_records_the_routed_owner,
+    other_side_never_proceeds_once_owner_decided,
+    success_marks_done_and_duplicates_are_acknowledged,
+    owner_retries_after_retryable_failure,
+    exhausted_retries_park_the_id_as_dead,
+    fatal_outcome_parks_the_id_with_its_reason,
+    second_worker_of_the_owner_is_busy_while_the_lease_lives,
+    the_same_token_claiming_again_gets_the_same_answer,
+    expired_lease_is_taken_over_and_counted_under_at_least_once,
+    expired_lease_parks_the_id_in_doubt_under_at_most_once,
+    ambiguous_outcome_retries_under_at_least_once,
+    ambiguous_outcome_parks_in_doubt_under_at_most_once,
+    stale_worker_success_is_recorded_and_counted_as_overlap,
+    repeated_completion_changes_nothing,
+    renew_extends_a_live_lease_and_reports_a_lost_one,
+    release_hands_a_dead_id_back_to_pending_with_its_owner,
+    records_expire_after_the_retention,
+    batch_claims_answer_each_id_in_order,
+);
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_redis_forgets_them() {
+    let redis = common::PrivateRedis::start();
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "noscript");
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
+    );
+    let tokens = LeaseTokens::default();
+    let claim = |id: &'static str, token: LeaseToken| {
+        let arbiter = arbiter.clone();
+        async move {
+            arbiter
+                .claim(&ClaimRequest {
+                    id,
+                    side: OLD,
+                    routed_owner: OLD,
+                    token: &token,
+                })
+                .await
+        }
+    };
+    assert!(proceeds(&claim("a", tokens.next()).await.unwrap()));
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut raw).unwrap();
+    assert!(proceeds(&claim("b", tokens.next()).await.unwrap()));
+    assert!(proceeds(&claim("c", tokens.next()).await.unwrap()));
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_the_claim_as_retryable_and_never_proceeds() {
+    let mut redis = common::PrivateRedis::start();
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "down");
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
+    );
+    let tokens = LeaseTokens::default();
+    redis.stop();
+    for i in 0..3 {
+        let token = tokens.next();
+        let id = format!("m{i}");
+        let r = arbiter
+            .claim(&ClaimRequest {
+                id: &id,
+                side: OLD,
+                routed_owner: OLD,
+                token: &token,
+            })
+            .await;
+        match r {
+            Err(e @ StoreError::Unavailable(_)) => assert!(e.is_retryable()),
+            other => panic!("claim without redis must fail as unavailable, got {other:?}"),
+        }
+    }
+    // When Redis returns, claims work again without a new client.
+    redis.restart();
+    let ok = common::eventually(Duration::from_secs(10), || {
+        let arbiter = arbiter.clone();
+        let token = tokens.next();
+        async move {
+            let r = arbiter
+                .claim(&ClaimRequest {
+                    id: "after",
+                    side: OLD,
+                    routed_owner: OLD,
+                    token: &token,
+                })
+                .await;
+            matches!(r, Ok(Claim::Proceed { .. }))
+        }
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "the arbiter did not reconnect after redis came back"
+    );
+}

@@ -1,0 +1,229 @@
+//! Shared helpers for the integration tests: addresses of the real test bed (started by
+//! `scripts/testbed up`), a unique key prefix per test, private throw-away Redis servers for the
+//! tests that stop Redis on purpose, and cleanup.
+//!
+//! A test that needs the test bed and cannot reach it fails with a message saying how to start
+//! it; it never skips.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mq_cutover::config::{AmbiguousPolicy, ArbiterConfig, RedisConfig, RedisMode};
+use mq_cutover::store::Store;
+
+/// The single-node test Redis.
+pub fn redis_url() -> String {
+    std::env::var("MQC_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
+}
+
+/// The seed nodes of the 3-master test Redis Cluster.
+pub fn cluster_urls() -> Vec<String> {
+    std::env::var("MQC_REDIS_CLUSTER_URLS")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003".into()
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A key prefix no other test (or run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("t-{test}-{:08x}", rand::random::<u32>())
+}
+
+/// Redis settings for a topology and prefix, with short timeouts suited to loopback.
+pub fn redis_config(mode: RedisMode, prefix: &str) -> RedisConfig {
+    let urls = match mode {
+        RedisMode::Standalone => vec![redis_url()],
+        RedisMode::Cluster => cluster_urls(),
+    };
+    redis_config_for(mode, urls, prefix)
+}
+
+/// Redis settings for explicit URLs.
+pub fn redis_config_for(mode: RedisMode, urls: Vec<String>, prefix: &str) -> RedisConfig {
+    let text = format!(
+        "mode = \"{}\"\nurls = [{}]\nkey_prefix = \"{prefix}\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"2s\"\n",
+        match mode {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+        },
+        urls.iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    toml_section(&text)
+}
+
+fn toml_section<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    let v: serde_json::Value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .expect("test config parses");
+    serde_json::from_value(v).expect("test config fits")
+}
+
+/// Arbiter settings for tests: explicit lease and policy, short retention so leftovers vanish.
+pub fn arbiter_config(
+    lease: Duration,
+    policy: AmbiguousPolicy,
+    max_attempts: u32,
+) -> ArbiterConfig {
+    ArbiterConfig {
+        lease,
+        retention: Duration::from_secs(600),
+        ambiguous: policy,
+        max_attempts: max_attempts.try_into().expect("max_attempts > 0"),
+    }
+}
+
+/// Connects to the test bed's Redis (standalone or cluster), failing loudly if it is not up.
+pub async fn connect(mode: RedisMode, prefix: &str) -> Store {
+    let cfg = redis_config(mode, prefix);
+    match Store::connect(&cfg, false).await {
+        Ok(store) => {
+            store
+                .ping()
+                .await
+                .unwrap_or_else(|e| testbed_missing(&cfg.urls, &e));
+            store
+        }
+        Err(e) => testbed_missing(&cfg.urls, &e),
+    }
+}
+
+fn testbed_missing(urls: &[String], e: &dyn std::fmt::Display) -> ! {
+    panic!(
+        "the test Redis at {} is not reachable ({e}). Start the test bed with `scripts/testbed up` \
+         (the README's test command does it for you).",
+        urls.join(",")
+    )
+}
+
+/// Deletes every key under `prefix`, on every node given.
+pub fn cleanup(urls: &[String], prefix: &str) {
+    for url in urls {
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            continue;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query(&mut conn)
+            .unwrap_or_default();
+        for k in keys {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(&k).query(&mut conn);
+        }
+    }
+}
+
+/// A private redis-server on a free loopback port, for tests that stop or flush Redis on purpose
+/// without disturbing the shared test bed. Killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    /// Starts one and waits until it answers PING.
+    pub fn start() -> PrivateRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not installed: run `scripts/testbed up` (it installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = redis::Client::open(self.url())
+                .and_then(|c| c.get_connection())
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok();
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` every 10 ms until it returns true or `limit` passes; returns the time it took.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
