@@ -56,6 +56,7 @@ mod tests {
             percent: Percent::try_from(percent).unwrap(),
             whitelist: whitelist.iter().map(|s| s.to_string()).collect(),
             version: 1,
+            changed_at_ms: 0,
         }
     }
 

@@ -32,6 +32,15 @@ pub struct Switches {
     pub whitelist: HashSet<String>,
     /// Bumped on every change; 0 means nothing was ever set.
     pub version: u64,
+    /// When the last change was made, ms since the Unix epoch (Redis clock); 0 if never.
+    pub changed_at_ms: u64,
+}
+
+impl Switches {
+    /// What identifies this state of the switches for a cheap "changed?" check.
+    fn stamp(&self) -> String {
+        format!("{}:{}", self.version, self.changed_at_ms)
+    }
 }
 
 impl std::fmt::Display for Switches {
@@ -120,14 +129,17 @@ impl SwitchStore {
             .expect("an unknown version always reads in full"))
     }
 
-    /// Reads the switches unless their version is still `known` (then `None`).
-    pub async fn get_if_changed(&self, known: Option<u64>) -> Result<Option<Switches>, StoreError> {
+    /// Reads the switches unless they are still those of `known` (then `None`).
+    pub async fn get_if_changed(
+        &self,
+        known: Option<&Switches>,
+    ) -> Result<Option<Switches>, StoreError> {
         let mut conn = self.store.conn();
         let reply: Value = self
             .get_script
             .key(&self.keys[0])
             .key(&self.keys[1])
-            .arg(known.map_or(-1, |v| v as i64))
+            .arg(known.map(Switches::stamp).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         parse_switches(reply)
@@ -279,12 +291,18 @@ fn parse_switches(reply: Value) -> Result<Option<Switches>, StoreError> {
         .and_then(text)
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| bad("percent"))?;
+    let changed_at_ms = it
+        .next()
+        .and_then(text)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| bad("changed_at_ms"))?;
     let whitelist = it.filter_map(text).collect();
     Ok(Some(Switches {
         consume,
         percent,
         whitelist,
         version,
+        changed_at_ms,
     }))
 }
 
@@ -304,8 +322,8 @@ pub fn actor(what: &str) -> String {
 pub type SwitchFeed = watch::Receiver<Option<Arc<Switches>>>;
 
 /// Starts following the switches: a pub/sub subscription for prompt changes plus a re-read every
-/// `refresh` as a safety net. While Redis is away the last known switches stay in force. Stops
-/// when `cancel` fires.
+/// `refresh` as a safety net. While Redis is away, or if it comes back without the switches, the
+/// last known switches stay in force. Stops when `cancel` fires.
 pub fn follow(
     switches: SwitchStore,
     refresh: Duration,
@@ -353,8 +371,19 @@ async fn follow_loop(
             }
             _ = tick.tick() => {}
         }
-        let known = tx.borrow().as_ref().map(|s| s.version);
-        match switches.get_if_changed(known).await {
+        let known = tx.borrow().clone();
+        match switches.get_if_changed(known.as_deref()).await {
+            Ok(Some(new)) if new.version == 0 && known.as_ref().is_some_and(|k| k.version > 0) => {
+                // Redis came back without its data. Falling back to "all off" would reroute new
+                // ids behind the operator's back: keep what was in force and say so.
+                if !failing {
+                    tracing::error!(
+                        "switches vanished from redis (data lost?); keeping the last known; \
+                         set them again with `mq-cutover switch set`"
+                    );
+                    failing = true;
+                }
+            }
             Ok(Some(new)) => {
                 if failing {
                     tracing::info!("switches readable again");
@@ -413,6 +442,7 @@ mod tests {
             Value::Int(7),
             bulk("1"),
             bulk("25"),
+            bulk("1700000000000"),
             bulk("u1"),
             bulk("u2"),
         ]))
@@ -427,6 +457,12 @@ mod tests {
 
     #[test]
     fn out_of_range_percent_in_redis_is_an_error() {
-        assert!(parse_switches(Value::Array(vec![Value::Int(1), bulk("1"), bulk("250")])).is_err());
+        assert!(parse_switches(Value::Array(vec![
+            Value::Int(1),
+            bulk("1"),
+            bulk("250"),
+            bulk("0")
+        ]))
+        .is_err());
     }
 }
