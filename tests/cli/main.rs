@@ -1,0 +1,307 @@
+//! The `mq-cutover` binary as an operator uses it: exit codes, one-line errors naming the key,
+//! the switch / inspect / release / audit commands against real Redis, and `run` starting and
+//! stopping cleanly on SIGTERM.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mq_cutover::arbiter::{Arbiter, ClaimRequest, CompleteRequest, LeaseTokens, Outcome};
+use mq_cutover::config::{AmbiguousPolicy, RedisMode};
+
+const EXIT_USAGE: i32 = 64;
+const EXIT_CONFIG: i32 = 78;
+const EXIT_RUNTIME: i32 = 1;
+
+fn example_config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/mq-cutover.toml")
+}
+
+/// The binary with the example config, pointed at `redis_url` under `prefix`.
+fn mqc(redis_url: &str, prefix: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    c.arg("--config")
+        .arg(example_config())
+        .env("MQ_CUTOVER__REDIS__URLS", redis_url)
+        .env("MQ_CUTOVER__REDIS__KEY_PREFIX", prefix)
+        .env_remove("RUST_LOG");
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run mq-cutover");
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn config_with(replace: &str, by: &str) -> tempfile::NamedTempFile {
+    let text = std::fs::read_to_string(example_config()).unwrap();
+    assert!(text.contains(replace), "example config lacks {replace:?}");
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text.replacen(replace, by, 1)).unwrap();
+    f
+}
+
+#[test]
+fn the_example_config_passes_check_config() {
+    let (code, out, err) = run(mqc("redis://127.0.0.1:1", "x").arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("config OK: sides kafka, rocketmq (from kafka to rocketmq)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_configs_exit_78_with_one_line_naming_the_key() {
+    let cases = [
+        ("percent = 0", "percent = 101", "switches.initial.percent"),
+        (
+            "lease = \"30s\"",
+            "lease = \"30s\"\nleese = 1",
+            "arbiter.leese",
+        ),
+        ("to = \"rocketmq\"", "to = \"kafka\"", "cutover.to"),
+        ("name = \"rocketmq\"", "name = \"kafka\"", "side[1].name"),
+        (
+            "max_attempts = 8",
+            "max_attempts = \"many\"",
+            "arbiter.max_attempts",
+        ),
+        (
+            "ambiguous = \"at_least_once\"",
+            "ambiguous = \"maybe\"",
+            "arbiter.ambiguous",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let f = config_with(from, to);
+        let (code, _, err) = run(Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+            .arg("--config")
+            .arg(f.path())
+            .arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{from} -> {to}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{from} -> {to}: {err}");
+    }
+}
+
+#[test]
+fn an_environment_override_with_a_bad_value_exits_78() {
+    let (code, _, err) = run(mqc("redis://127.0.0.1:1", "x")
+        .env("MQ_CUTOVER__ARBITER__LEASE", "forever")
+        .arg("check-config"));
+    assert_eq!(code, EXIT_CONFIG);
+    assert!(err.contains("`arbiter.lease`"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_exits_78() {
+    let (code, _, err) = run(Command::new(env!("CARGO_BIN_EXE_mq-cutover")).args([
+        "--config",
+        "/nonexistent/mq.toml",
+        "check-config",
+    ]));
+    assert_eq!(code, EXIT_CONFIG);
+    assert!(err.contains("no config file"), "{err}");
+}
+
+#[test]
+fn bad_usage_exits_64() {
+    let (code, _, _) = run(mqc("redis://127.0.0.1:1", "x").arg("frobnicate"));
+    assert_eq!(code, EXIT_USAGE);
+    let (code, _, err) =
+        run(mqc("redis://127.0.0.1:1", "x").args(["switch", "set", "--percent", "200"]));
+    assert_eq!(code, EXIT_USAGE);
+    assert!(err.contains("between 0 and 100"), "{err}");
+}
+
+#[test]
+fn unreachable_redis_is_a_runtime_error_in_one_line() {
+    let port = common::free_port();
+    let (code, _, err) =
+        run(mqc(&format!("redis://127.0.0.1:{port}"), "x").args(["switch", "show"]));
+    assert_eq!(code, EXIT_RUNTIME);
+    assert!(err.contains("redis unavailable"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn switch_commands_change_show_and_audit() {
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-switch");
+    let (code, out, err) =
+        run(mqc(&url, &prefix).args(["switch", "set", "--consume", "on", "--percent", "10"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("consume on, percent 10"), "{out}");
+    let (code, _, _) = run(mqc(&url, &prefix).args(["switch", "whitelist", "add", "u-2", "u-1"]));
+    assert_eq!(code, 0);
+    let (_, out, _) = run(mqc(&url, &prefix).args(["switch", "whitelist", "list"]));
+    assert_eq!(out, "u-1\nu-2\n");
+    let (_, out, _) = run(mqc(&url, &prefix).args(["switch", "whitelist", "remove", "u-2"]));
+    assert!(out.contains("whitelist 1 id(s)"), "{out}");
+    let (_, out, _) = run(mqc(&url, &prefix).args(["switch", "show"]));
+    assert!(
+        out.contains("consume:   on\npercent:   10\nwhitelist: 1 id(s)\nversion:   3"),
+        "{out}"
+    );
+    assert!(out.contains("v3: whitelist -u-2"), "{out}");
+    let (_, out, _) = run(mqc(&url, &prefix).args(["audit", "--count", "2"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("cli:") && lines[0].ends_with("v3: whitelist -u-2"),
+        "{out}"
+    );
+    assert!(lines[1].ends_with("v2: whitelist +u-2,u-1"), "{out}");
+    common::cleanup(&[url], &prefix);
+}
+
+#[tokio::test]
+async fn inspect_and_release_a_dead_id() {
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-release");
+    let store = common::connect(RedisMode::Standalone, &prefix).await;
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtMostOnce, 8),
+    );
+    let token = LeaseTokens::default().next();
+    arbiter
+        .claim(&ClaimRequest {
+            id: "order-7",
+            side: "rocketmq",
+            routed_owner: "rocketmq",
+            token: &token,
+        })
+        .await
+        .unwrap();
+    arbiter
+        .complete(&CompleteRequest {
+            id: "order-7",
+            side: "rocketmq",
+            token: &token,
+            outcome: &Outcome::Ambiguous("timeout after 5s".into()),
+        })
+        .await
+        .unwrap();
+
+    let (code, out, err) = run(mqc(&url, &prefix).args(["inspect", "order-7"]));
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "owner:     rocketmq",
+        "state:     dead",
+        "attempts:  1",
+        "seen by:   rocketmq",
+        "reason:    in doubt: timeout after 5s",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let (code, out, _) = run(mqc(&url, &prefix).args(["release", "order-7"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        "released order-7: dead (in doubt: timeout after 5s) -> pending"
+    );
+    let (_, out, _) = run(mqc(&url, &prefix).args(["inspect", "order-7"]));
+    assert!(
+        out.contains("state:     pending") && out.contains("attempts:  0"),
+        "{out}"
+    );
+    // Releasing again is refused: it is no longer dead.
+    let (code, _, err) = run(mqc(&url, &prefix).args(["release", "order-7"]));
+    assert_eq!(code, EXIT_RUNTIME);
+    assert!(err.contains("is pending, not dead"), "{err}");
+    let (_, out, _) = run(mqc(&url, &prefix).args(["audit"]));
+    assert!(
+        out.contains("release")
+            && out.contains("order-7: dead (in doubt: timeout after 5s) -> pending"),
+        "{out}"
+    );
+    let (code, _, err) = run(mqc(&url, &prefix).args(["inspect", "never-seen"]));
+    assert_eq!(code, EXIT_RUNTIME);
+    assert!(
+        err.contains("no record of message id `never-seen`"),
+        "{err}"
+    );
+    common::cleanup(&[url], &prefix);
+}
+
+#[test]
+fn run_seeds_the_switches_and_stops_cleanly_on_sigterm() {
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-run");
+    let mut child = mqc(&url, &prefix)
+        .env("MQ_CUTOVER__SWITCHES__INITIAL__PERCENT", "15")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The seeded switches appear in Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = run(mqc(&url, &prefix).args(["switch", "show"]));
+        if out.contains("percent:   15") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run did not seed the switches: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "slow stop: {:?}",
+        sent.elapsed()
+    );
+    assert!(err.contains("seeded from [switches.initial]"), "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    common::cleanup(&[url], &prefix);
+}
+
+#[test]
+fn run_says_when_redis_is_unreachable_and_keeps_running() {
+    let port = common::free_port();
+    let mut child = mqc(&format!("redis://127.0.0.1:{port}"), "x")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon must wait for redis, not exit"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("redis unreachable: no message can be claimed until it returns"),
+        "{err}"
+    );
+}
