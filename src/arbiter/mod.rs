@@ -6,6 +6,7 @@
 //! batched form that sends many ids in one pipelined round trip (per cluster node). The keys, the
 //! states and the memory per id are described in `docs/arbiter.md`.
 
+pub mod model;
 pub mod routing;
 pub mod switches;
 

@@ -4,6 +4,7 @@
 mod common;
 mod invariants;
 mod memory;
+mod model;
 mod transitions;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};
