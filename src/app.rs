@@ -2,20 +2,32 @@
 //! plane (switch following, Redis health, seeding the switches of a new deployment) and keeps it
 //! up until the root token is cancelled; the broker sources join it in the data-path work.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::arbiter::switches::{self, SwitchChange, SwitchStore, WhitelistEdit};
-use crate::cli::{Command, OnOff, SwitchCommand, WhitelistCommand};
+use crate::cli::{Command, DeadCommand, OnOff, SwitchCommand, WhitelistCommand};
 use crate::config::Validated;
 use crate::control::Control;
+use crate::message::Side;
+use crate::pipeline::{Pause, PauseReason, Replayed, Shared};
+use crate::source::SourceContext;
 use crate::store::Store;
 
-/// How long `run` waits for its tasks after the signal.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long the sources get to commit and leave their groups after the pipelines drained.
+const SOURCE_GRACE: Duration = Duration::from_secs(10);
+
+/// `reward-service`: the demo downstream, until SIGTERM / SIGINT.
+pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<()> {
+    let root = crate::shutdown::root_token().context("installing signal handlers")?;
+    crate::telemetry::logs::init(&crate::config::LogConfig::default());
+    crate::reward::run(args, root).await
+}
 
 /// Runs `command`. Output meant for the user goes to stdout; logs go to stderr.
 pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
@@ -51,6 +63,17 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             println!("released {message_id}: dead ({reason}) -> pending");
             Ok(())
         }
+        Command::Dead(dc) => dead(dc, &cfg).await,
+        Command::Produce(args) => {
+            let (old, new) = crate::produce::produce(&cfg, &args).await?;
+            println!(
+                "sent {} ids: {} (old) {} copies, {} duplicated, {} missing; {} (new) {} copies, {} duplicated, {} missing; {} malformed per side",
+                args.count, cfg.cutover.from, old.copies, old.duplicated, old.missing,
+                cfg.cutover.to, new.copies, new.duplicated, new.missing, args.malformed
+            );
+            Ok(())
+        }
+        Command::RewardService(args) => reward_service(args).await,
         Command::Audit { count } => {
             let control = Control::connect(&cfg).await?;
             for e in control.audit(count).await? {
@@ -126,43 +149,229 @@ fn fmt_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// The daemon: follows the switches and watches Redis until the root token is cancelled.
+/// The daemon: both sources, their pipelines, the switches and Redis health, until SIGTERM /
+/// SIGINT; then it drains: stop taking copies, let calls in flight finish (up to
+/// `pipeline.drain_timeout`), then let the sources commit what is finished and leave.
 async fn run(cfg: Validated) -> anyhow::Result<()> {
     let root = crate::shutdown::root_token().context("installing signal handlers")?;
     let store = Store::connect(&cfg.redis, true)
         .await
         .context("setting up the redis client")?;
     let switch_store = SwitchStore::new(&store);
-    let tracker = TaskTracker::new();
-
-    tracker.spawn(seed_switches(
+    let control = TaskTracker::new();
+    control.spawn(seed_switches(
         switch_store.clone(),
         cfg.clone(),
         root.child_token(),
     ));
-    tracker.spawn(watch_redis(store.clone(), root.child_token()));
-    let (_feed, follower) = switches::follow(
+    control.spawn(watch_redis(store.clone(), root.child_token()));
+    let (feed, _follower) = switches::follow(
         switch_store,
         cfg.switches.refresh_interval,
         root.child_token(),
     );
-    tracker.spawn(async move {
-        let _ = follower.await;
-    });
-    tracker.close();
+    let pause = Arc::new(Pause::default());
+    let completer_stop = CancellationToken::new();
+    let shared = Arc::new(Shared::build(
+        &cfg,
+        &store,
+        feed,
+        pause.clone(),
+        completer_stop.clone(),
+    )?);
+    control.spawn(follow_circuit(shared.clone(), root.child_token()));
+
+    let source_stop = CancellationToken::new();
+    let calls = TaskTracker::new();
+    let mut sources = tokio::task::JoinSet::new();
+    let mut pipelines = Vec::new();
+    for side in &cfg.sides {
+        let name: Side = side.name.as_str().into();
+        let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
+        let source = crate::source::build(side)?;
+        sources.spawn(source.run(SourceContext {
+            side: name.clone(),
+            out: tx,
+            cancel: source_stop.clone(),
+            paused: pause.subscribe(),
+        }));
+        pipelines.push(tokio::spawn(crate::pipeline::run_side(
+            shared.clone(),
+            name,
+            rx,
+            root.child_token(),
+            calls.clone(),
+        )));
+    }
     tracing::info!(
         from = %cfg.cutover.from,
         to = %cfg.cutover.to,
-        "mq-cutover running (control plane: switches and redis health)"
+        sides = cfg.sides.len(),
+        "mq-cutover running"
     );
-    root.cancelled().await;
-    if tokio::time::timeout(DRAIN_GRACE, tracker.wait())
+    let mut failure = None;
+    tokio::select! {
+        _ = root.cancelled() => {}
+        Some(done) = sources.join_next() => {
+            let e = match done {
+                Ok(Ok(())) => anyhow::anyhow!("a source stopped on its own"),
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(e) => anyhow::anyhow!("a source task failed: {e}"),
+            };
+            tracing::error!(error = %e, "stopping");
+            failure = Some(e);
+            root.cancel();
+        }
+    }
+    for p in pipelines {
+        let _ = p.await;
+    }
+    calls.close();
+    if tokio::time::timeout(cfg.pipeline.drain_timeout, calls.wait())
         .await
         .is_err()
     {
-        tracing::warn!("tasks did not stop within {DRAIN_GRACE:?}");
+        tracing::warn!(
+            "calls still in flight after {:?}: their copies stay unacknowledged and their leases expire",
+            cfg.pipeline.drain_timeout
+        );
     }
+    completer_stop.cancel();
+    source_stop.cancel();
+    let drained = tokio::time::timeout(SOURCE_GRACE, async {
+        while let Some(r) = sources.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "source stopped with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("sources did not stop within {SOURCE_GRACE:?}");
+    }
+    control.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), control.wait()).await;
     tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Pauses the sources while the sink's circuit is open.
+async fn follow_circuit(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut states = shared.breaker.subscribe();
+    loop {
+        let open = states.borrow_and_update().is_open();
+        shared.pause.set(PauseReason::CircuitOpen, open);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = states.changed() => if changed.is_err() { return },
+            // Open turns half-open only when someone looks: look now and then.
+            _ = tokio::time::sleep(Duration::from_millis(500)), if open => {
+                shared.breaker.allow();
+            }
+        }
+    }
+}
+
+/// `dead list | show | replay`.
+async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
+    let store = Store::connect(&cfg.redis, false).await?;
+    let letters = crate::dead::DeadLetters::new(&store, cfg.dead_letters.max_len);
+    match dc {
+        DeadCommand::List { count } => {
+            println!("{} dead letter(s)", letters.count().await?);
+            for l in letters.list(count).await? {
+                println!(
+                    "{}  {:<10} {}/{}@{}  id={}  attempts={}  {}",
+                    l.entry,
+                    l.side,
+                    l.topic,
+                    l.partition,
+                    l.offset,
+                    l.message_id.as_deref().unwrap_or("-"),
+                    l.attempts,
+                    l.reason
+                );
+            }
+        }
+        DeadCommand::Show { entry } => {
+            let l = letters
+                .get(&entry)
+                .await?
+                .with_context(|| format!("no dead letter `{entry}`"))?;
+            println!("entry:       {}", l.entry);
+            println!(
+                "message id:  {}",
+                l.message_id.as_deref().unwrap_or("(none)")
+            );
+            println!(
+                "business id: {}",
+                l.business_id.as_deref().unwrap_or("(none)")
+            );
+            println!("reason:      {}", l.reason);
+            println!(
+                "from:        {} {}/{}@{}",
+                l.side, l.topic, l.partition, l.offset
+            );
+            println!("attempts:    {}", l.attempts);
+            println!("payload:     {}", String::from_utf8_lossy(&l.payload));
+        }
+        DeadCommand::Replay { entry, all } => {
+            let todo = if all {
+                letters.all().await?
+            } else {
+                let entry = entry.expect("clap requires an entry without --all");
+                vec![letters
+                    .get(&entry)
+                    .await?
+                    .with_context(|| format!("no dead letter `{entry}`"))?]
+            };
+            let (_tx, feed) = tokio::sync::watch::channel(None);
+            let stop = CancellationToken::new();
+            let shared = Arc::new(Shared::build(
+                cfg,
+                &store,
+                feed,
+                Arc::new(Pause::default()),
+                stop.clone(),
+            )?);
+            let audit = SwitchStore::new(&store);
+            let by = switches::actor("cli");
+            let (mut done, mut again, mut skipped) = (0, 0, 0);
+            for l in todo {
+                if l.message_id.is_none() {
+                    println!("{}: skipped: no message id ({})", l.entry, l.reason);
+                    skipped += 1;
+                    continue;
+                }
+                let r = crate::pipeline::replay(&shared, &l, &stop).await?;
+                let id = l.message_id.as_deref().unwrap_or("");
+                let what = match &r {
+                    Replayed::Done => {
+                        done += 1;
+                        letters.remove(&l.entry).await?;
+                        "delivered".to_owned()
+                    }
+                    Replayed::DeadAgain(reason) => {
+                        again += 1;
+                        letters.remove(&l.entry).await?;
+                        format!("parked again: {reason}")
+                    }
+                    Replayed::Elsewhere(why) => {
+                        skipped += 1;
+                        format!("not replayed: {why}")
+                    }
+                };
+                audit
+                    .audit(&by, "replay", &format!("{id} ({}): {what}", l.entry))
+                    .await?;
+                println!("{}: {id}: {what}", l.entry);
+            }
+            println!("replayed: {done} delivered, {again} parked again, {skipped} skipped");
+        }
+    }
     Ok(())
 }
 

@@ -53,11 +53,44 @@ pub enum Command {
         /// The cross-broker message id.
         message_id: String,
     },
-    /// Show the newest entries of the audit trail (switch changes, releases).
+    /// Show the newest entries of the audit trail (switch changes, releases, replays).
     Audit {
         /// How many entries.
         #[arg(long, default_value_t = 20)]
         count: usize,
+    },
+    /// Read or replay the dead letters.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Dual-write test traffic to both brokers, the way a migrating producer does.
+    Produce(crate::produce::ProduceArgs),
+    /// Run the demo reward service: a real HTTP endpoint that records every call and injects
+    /// faults (no config file needed).
+    RewardService(crate::reward::RewardArgs),
+}
+
+/// `dead …`.
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// The newest dead letters, one line each.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
+    /// One dead letter in full (payload included).
+    Show {
+        /// Its entry id, as `dead list` prints it.
+        entry: String,
+    },
+    /// Send dead letters through the claim / sink path again (audited).
+    Replay {
+        /// The entry id to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        entry: Option<String>,
+        /// Replay every dead letter that has a message id.
+        #[arg(long)]
+        all: bool,
     },
 }
 

@@ -49,6 +49,14 @@ pub struct Config {
     /// The consuming sides, one `[[side]]` table each.
     #[serde(rename = "side")]
     pub sides: Vec<SideConfig>,
+    /// The downstream endpoint every winning message is forwarded to.
+    pub sink: crate::sink::SinkConfig,
+    /// Batching, in-flight limits and the shutdown deadline.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Where parked messages are kept.
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
     /// Log format and filter.
     #[serde(default)]
     pub log: LogConfig,
@@ -389,6 +397,76 @@ fn default_tag_expression() -> String {
     "*".to_owned()
 }
 
+/// `[pipeline]`: how copies move from the sources through the arbiter to the sink.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Most copies claimed in one Redis round trip.
+    #[serde(default = "default_claim_batch")]
+    pub claim_batch: usize,
+    /// Most sink calls in flight per side; when reached, the side stops fetching.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Copies buffered between a source and its pipeline.
+    #[serde(default = "default_channel")]
+    pub channel: usize,
+    /// Shortest wait before a copy answered BUSY is claimed again.
+    #[serde(default = "default_busy_retry", with = "humantime_serde")]
+    pub busy_retry: Duration,
+    /// On SIGTERM: how long in-flight calls may take to finish before the daemon exits anyway.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_claim_batch() -> usize {
+    256
+}
+fn default_max_in_flight() -> usize {
+    256
+}
+fn default_channel() -> usize {
+    1024
+}
+fn default_busy_retry() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            claim_batch: default_claim_batch(),
+            max_in_flight: default_max_in_flight(),
+            channel: default_channel(),
+            busy_retry: default_busy_retry(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// `[dead_letters]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// About how many parked messages the stream keeps (the oldest go first).
+    #[serde(default = "default_dead_max_len")]
+    pub max_len: u64,
+}
+
+fn default_dead_max_len() -> u64 {
+    100_000
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        Self {
+            max_len: default_dead_max_len(),
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -440,7 +518,12 @@ impl Deref for Validated {
 pub const ENV_PREFIX: &str = "MQ_CUTOVER";
 
 /// Keys whose environment overrides are comma-separated lists.
-const ENV_LIST_KEYS: &[&str] = &["redis.urls", "switches.initial.whitelist"];
+const ENV_LIST_KEYS: &[&str] = &[
+    "redis.urls",
+    "switches.initial.whitelist",
+    "sink.classify.retryable_statuses",
+    "sink.classify.fatal_statuses",
+];
 
 impl Config {
     /// Reads `path`, applies environment overrides, and parses (does not validate).
@@ -516,6 +599,8 @@ impl Config {
         self.validate_redis()?;
         self.validate_arbiter()?;
         self.validate_sides()?;
+        self.validate_pipeline()?;
+        self.sink.validate()?;
         if self.log.level.trim().is_empty()
             || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
         {
@@ -607,6 +692,28 @@ impl Config {
             return Err(ConfigError::new(
                 format!("switches.initial.whitelist[{i}]"),
                 "business ids must not be empty",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_pipeline(&self) -> Result<(), ConfigError> {
+        let p = &self.pipeline;
+        for (key, v, max) in [
+            ("pipeline.claim_batch", p.claim_batch, 10_000),
+            ("pipeline.max_in_flight", p.max_in_flight, 100_000),
+            ("pipeline.channel", p.channel, 1_000_000),
+        ] {
+            if v == 0 || v > max {
+                return Err(ConfigError::new(key, format!("{v} is outside 1..={max}")));
+            }
+        }
+        positive("pipeline.busy_retry", p.busy_retry)?;
+        positive("pipeline.drain_timeout", p.drain_timeout)?;
+        if self.dead_letters.max_len < 100 {
+            return Err(ConfigError::new(
+                "dead_letters.max_len",
+                "must be at least 100, e.g. `100000`",
             ));
         }
         Ok(())
@@ -796,6 +903,9 @@ business_id = { json_pointer = "/user_id" }
 name_server = "127.0.0.1:9876"
 topic = "reward"
 group = "reward"
+
+[sink]
+url = "http://127.0.0.1:8080/grant"
 "#;
 
     fn err_of(text: &str) -> ConfigError {
@@ -961,6 +1071,25 @@ group = "reward"
         let extra = "\n[[side]]\nname = \"third\"\nkind = \"kafka\"\nmessage_id = { header = \"m\" }\nbusiness_id = { header = \"b\" }\n[side.kafka]\nbootstrap_servers = \"x:1\"\ntopics = [\"t\"]\ngroup_id = \"g\"\n";
         let e = err_of(&format!("{GOOD}{extra}"));
         assert_eq!(e.key, "side[2].name");
+    }
+
+    #[test]
+    fn zero_claim_batch_is_rejected() {
+        let e = err_of(&format!("{GOOD}\n[pipeline]\nclaim_batch = 0\n"));
+        assert_eq!(e.key, "pipeline.claim_batch");
+    }
+
+    #[test]
+    fn tiny_dead_letter_stream_is_rejected() {
+        let e = err_of(&format!("{GOOD}\n[dead_letters]\nmax_len = 3\n"));
+        assert_eq!(e.key, "dead_letters.max_len");
+    }
+
+    #[test]
+    fn missing_sink_is_named() {
+        let text = GOOD.replace("[sink]\nurl = \"http://127.0.0.1:8080/grant\"\n", "");
+        let e = err_of(&text);
+        assert!(e.problem.contains("sink"), "{e}");
     }
 
     #[test]

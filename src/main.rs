@@ -1,7 +1,7 @@
 //! The `mq-cutover` binary: parse the command line, load and validate the config, run.
 
 use clap::Parser;
-use mq_cutover::cli::{Cli, EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
+use mq_cutover::cli::{Cli, Command, EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
 use mq_cutover::config::Config;
 
 #[tokio::main]
@@ -14,6 +14,10 @@ async fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
+    if let Command::RewardService(args) = cli.command {
+        // The demo reward service needs no config file.
+        return exit_on(mq_cutover::app::reward_service(args).await);
+    }
     let cfg = match Config::load(&cli.config).and_then(Config::validate) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -22,7 +26,11 @@ async fn main() {
         }
     };
     mq_cutover::telemetry::logs::init(&cfg.log);
-    if let Err(e) = mq_cutover::app::execute(cli.command, cfg).await {
+    exit_on(mq_cutover::app::execute(cli.command, cfg).await);
+}
+
+fn exit_on(r: anyhow::Result<()>) {
+    if let Err(e) = r {
         eprintln!("mq-cutover: {e:#}");
         std::process::exit(EXIT_RUNTIME);
     }

@@ -205,6 +205,9 @@ pub enum Outcome {
     Fatal(String),
     /// Unknown: the request was sent and no answer came (timeout, cut connection).
     Ambiguous(String),
+    /// No call was made (shutting down while waiting): the lease is handed back unused and the
+    /// attempt does not count.
+    NotCalled,
 }
 
 impl Outcome {
@@ -214,6 +217,7 @@ impl Outcome {
             Outcome::Retryable(r) => ("r", r),
             Outcome::Fatal(r) => ("f", r),
             Outcome::Ambiguous(r) => ("a", r),
+            Outcome::NotCalled => ("n", ""),
         }
     }
 }

@@ -176,6 +176,11 @@ pub fn complete(
         }
         Outcome::Retryable(reason) => retry_or_park(r, reason.clone()),
         Outcome::Fatal(reason) => r.park(reason.clone()),
+        Outcome::NotCalled => {
+            r.state = State::Pending;
+            r.attempts = r.attempts.saturating_sub(1);
+            r.expiry = None;
+        }
         Outcome::Ambiguous(reason) => {
             r.ambiguous += 1;
             if p.policy == AmbiguousPolicy::AtMostOnce {
@@ -337,6 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_handed_back_unused_does_not_count_as_an_attempt() {
+        let mut r = None;
+        claim(&mut r, "a", "a", "t1", 0, P);
+        assert_eq!(
+            complete(&mut r, "a", "t1", &Outcome::NotCalled, P),
+            Completion::Recorded(State::Pending)
+        );
+        let rec = r.as_ref().unwrap();
+        assert_eq!(
+            (rec.state, rec.attempts, rec.ambiguous),
+            (State::Pending, 0, 0)
+        );
+        assert_eq!(claim(&mut r, "a", "a", "t2", 0, P), proceed(1));
+    }
+
+    #[test]
     fn renew_only_for_the_holder() {
         let mut r = None;
         claim(&mut r, "a", "a", "t1", 0, P);
@@ -373,7 +394,7 @@ mod tests {
                 routed,
                 worker
             }),
-            (0u8..4, 0u8..4).prop_map(|(worker, outcome)| Ev::Complete { worker, outcome }),
+            (0u8..4, 0u8..5).prop_map(|(worker, outcome)| Ev::Complete { worker, outcome }),
             (0u16..1500).prop_map(Ev::Tick),
         ]
     }
@@ -410,6 +431,7 @@ mod tests {
                                 0 => Outcome::Success,
                                 1 => Outcome::Retryable("r".into()),
                                 2 => Outcome::Fatal("f".into()),
+                                3 => Outcome::NotCalled,
                                 _ => Outcome::Ambiguous("a".into()),
                             };
                             complete(&mut rec, side, &token, &o, p);

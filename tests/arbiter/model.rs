@@ -150,10 +150,11 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                 let Some((token, side)) = held[w].clone() else {
                     continue;
                 };
-                let outcome = match rng.random_range(0..4) {
+                let outcome = match rng.random_range(0..5) {
                     0 => Outcome::Success,
                     1 => Outcome::Retryable("HTTP 503".into()),
                     2 => Outcome::Fatal("HTTP 400".into()),
+                    3 => Outcome::NotCalled,
                     _ => Outcome::Ambiguous("timeout".into()),
                 };
                 let got = arbiter

@@ -130,6 +130,7 @@ pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl PrivateRedis {
@@ -141,6 +142,22 @@ impl PrivateRedis {
             port,
             child: None,
             dir,
+            persistent: false,
+        };
+        r.restart();
+        r
+    }
+
+    /// Like [`PrivateRedis::start`], with an append-only file fsynced every write, so a restart
+    /// keeps the data (as a production Redis would).
+    pub fn start_persistent() -> PrivateRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            dir,
+            persistent: true,
         };
         r.restart();
         r
@@ -159,7 +176,7 @@ impl PrivateRedis {
         }
     }
 
-    /// Starts the server again on the same port (empty: no persistence).
+    /// Starts the server again on the same port (empty unless persistent).
     pub fn restart(&mut self) {
         self.stop();
         let child = Command::new("redis-server")
@@ -171,7 +188,9 @@ impl PrivateRedis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.persistent { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
                 "--dir",
             ])
             .arg(self.dir.path())

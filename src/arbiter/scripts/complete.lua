@@ -1,6 +1,7 @@
 -- complete(id): records the outcome of the call made under a lease.
 -- KEYS[1]  the id's record
--- ARGV[1]  lease token          ARGV[2]  outcome: 's' success, 'r' retryable, 'f' fatal, 'a' ambiguous
+-- ARGV[1]  lease token          ARGV[2]  outcome: 's' success, 'r' retryable, 'f' fatal, 'a' ambiguous,
+--                                          'n' not called (the lease is handed back unused)
 -- ARGV[3]  side                 ARGV[4]  ambiguous policy: 'l' / 'm'
 -- ARGV[5]  max attempts         ARGV[6]  reason (failures)     ARGV[7]  retention, ms
 -- Returns {code, state, attempts}:
@@ -48,6 +49,11 @@ elseif outcome == 'r' then
   return retry_or_park(ARGV[6])
 elseif outcome == 'f' then
   return park(ARGV[6])
+elseif outcome == 'n' then
+  -- Shutting down before the call started: give the lease back, the attempt never happened.
+  redis.call('HSET', key, 's', 'p', 'a', math.max(attempts - 1, 0))
+  redis.call('HDEL', key, 'e')
+  return {1, 'p', math.max(attempts - 1, 0)}
 elseif outcome == 'a' then
   redis.call('HINCRBY', key, 'm', 1)
   if ARGV[4] == 'm' then return park('in doubt: ' .. ARGV[6]) end

@@ -1,0 +1,242 @@
+//! The message both sources hand to the pipeline: its identity (or why it has none), the payload,
+//! where it came from, and the acknowledgement handle that only the pipeline uses.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::IdSource;
+
+/// A side's name, cheap to clone.
+pub type Side = Arc<str>;
+
+/// The identity of a logical message, the same in both brokers' copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The cross-broker message id: the arbitration key.
+    pub id: String,
+    /// The business id: hashed for the percentage, matched by the whitelist.
+    pub business_id: String,
+}
+
+/// Why a message cannot be processed: it goes to the dead letters with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Where a copy came from: enough to find it in its broker again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The side (broker consumer) that received it.
+    pub side: Side,
+    /// Kafka topic / RocketMQ topic.
+    pub topic: Arc<str>,
+    /// Kafka partition / RocketMQ queue id.
+    pub partition: i32,
+    /// Kafka offset / RocketMQ queue offset.
+    pub offset: i64,
+}
+
+/// One copy of a message, as received by one side.
+#[derive(Debug)]
+pub struct Message {
+    /// The ids, or why they could not be read.
+    pub identity: Result<Identity, BadInput>,
+    /// The body, forwarded to the sink unchanged.
+    pub payload: Vec<u8>,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Acknowledges the copy to its source once its fate is recorded.
+    pub ack: Ack,
+}
+
+/// A position whose message is finished, sent back to the source that owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition / queue id.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// The acknowledgement handle of one copy. Calling [`Ack::done`] tells the source the copy's fate
+/// is recorded and its offset may be committed; dropping it without `done` hands the copy back
+/// (its offset is never committed, so the broker delivers it again after a restart).
+#[derive(Debug)]
+pub struct Ack {
+    tx: mpsc::UnboundedSender<Finished>,
+    position: Finished,
+}
+
+impl Ack {
+    /// A handle reporting to `tx`.
+    pub fn new(tx: mpsc::UnboundedSender<Finished>, position: Finished) -> Ack {
+        Ack { tx, position }
+    }
+
+    /// The copy's fate is recorded in Redis: its offset may be committed.
+    pub fn done(self) {
+        // A closed channel means the source is gone (rebalanced away or shut down): the offset
+        // will not be committed by this consumer, which is the safe side.
+        let _ = self.tx.send(self.position);
+    }
+}
+
+/// Reads the identity of a message: `header` looks a header / user property up by name, `body`
+/// is the payload. A JSON body is parsed at most once, and only if a pointer needs it.
+pub fn read_identity<'h>(
+    message_id: &IdSource,
+    business_id: &IdSource,
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+    body: &[u8],
+) -> Result<Identity, BadInput> {
+    let mut json: Option<Result<serde_json::Value, String>> = None;
+    let mut read = |what: &str, src: &IdSource| -> Result<String, BadInput> {
+        let value = match src {
+            IdSource::Header(name) => {
+                let raw =
+                    header(name).ok_or_else(|| BadInput(format!("{what}: no header `{name}`")))?;
+                std::str::from_utf8(raw)
+                    .map_err(|_| BadInput(format!("{what}: header `{name}` is not UTF-8")))?
+                    .to_owned()
+            }
+            IdSource::JsonPointer(ptr) => {
+                let doc = json
+                    .get_or_insert_with(|| serde_json::from_slice(body).map_err(|e| e.to_string()));
+                let doc = doc
+                    .as_ref()
+                    .map_err(|e| BadInput(format!("{what}: body is not JSON ({e})")))?;
+                match doc.pointer(ptr) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(other) => {
+                        return Err(BadInput(format!(
+                            "{what}: `{ptr}` is {}, not a string or number",
+                            kind(other)
+                        )))
+                    }
+                    None => return Err(BadInput(format!("{what}: no `{ptr}` in the body"))),
+                }
+            }
+        };
+        if value.trim().is_empty() {
+            return Err(BadInput(format!("{what} is empty")));
+        }
+        Ok(value)
+    };
+    let id = read("message id", message_id)?;
+    let business_id = read("business id", business_id)?;
+    Ok(Identity { id, business_id })
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+        _ => "a scalar",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(name: &str) -> IdSource {
+        IdSource::Header(name.into())
+    }
+    fn p(ptr: &str) -> IdSource {
+        IdSource::JsonPointer(ptr.into())
+    }
+
+    fn headers<'a>(pairs: &'a [(&'a str, &'a [u8])]) -> impl Fn(&str) -> Option<&'a [u8]> {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+
+    #[test]
+    fn ids_from_a_header_and_a_json_pointer() {
+        let hs: &[(&str, &[u8])] = &[("msg-id", b"m-1")];
+        let id = read_identity(
+            &h("msg-id"),
+            &p("/user/id"),
+            headers(hs),
+            br#"{"user":{"id":42}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            id,
+            Identity {
+                id: "m-1".into(),
+                business_id: "42".into()
+            }
+        );
+    }
+
+    #[test]
+    fn both_ids_from_the_body() {
+        let id = read_identity(
+            &p("/id"),
+            &p("/uid"),
+            headers(&[]),
+            br#"{"id":"a","uid":"u"}"#,
+        )
+        .unwrap();
+        assert_eq!(id.id, "a");
+        assert_eq!(id.business_id, "u");
+    }
+
+    #[test]
+    fn a_missing_header_is_bad_input_with_its_name() {
+        let e = read_identity(&h("msg-id"), &p("/u"), headers(&[]), b"{}").unwrap_err();
+        assert_eq!(e.0, "message id: no header `msg-id`");
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_bad_input() {
+        let hs: &[(&str, &[u8])] = &[("msg-id", b"m-1")];
+        let e = read_identity(&h("msg-id"), &p("/u"), headers(hs), b"not json").unwrap_err();
+        assert!(e.0.starts_with("business id: body is not JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_pointer_to_an_object_or_nothing_is_bad_input() {
+        let e = read_identity(&p("/a"), &p("/b"), headers(&[]), br#"{"a":{"x":1}}"#).unwrap_err();
+        assert_eq!(e.0, "message id: `/a` is an object, not a string or number");
+        let e = read_identity(&p("/a"), &p("/b"), headers(&[]), br#"{"a":"1"}"#).unwrap_err();
+        assert_eq!(e.0, "business id: no `/b` in the body");
+    }
+
+    #[test]
+    fn empty_or_non_utf8_ids_are_bad_input() {
+        let hs: &[(&str, &[u8])] = &[("m", b""), ("n", b"\xff\xfe")];
+        assert_eq!(
+            read_identity(&h("m"), &h("m"), headers(hs), b"")
+                .unwrap_err()
+                .0,
+            "message id is empty"
+        );
+        assert_eq!(
+            read_identity(&h("n"), &h("m"), headers(hs), b"")
+                .unwrap_err()
+                .0,
+            "message id: header `n` is not UTF-8"
+        );
+    }
+
+    #[test]
+    fn ack_reports_its_position_and_a_dropped_ack_reports_nothing() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let pos = |o| Finished {
+            topic: "t".into(),
+            partition: 1,
+            offset: o,
+        };
+        Ack::new(tx.clone(), pos(7)).done();
+        drop(Ack::new(tx, pos(8)));
+        assert_eq!(rx.try_recv().unwrap(), pos(7));
+        assert!(rx.try_recv().is_err());
+    }
+}

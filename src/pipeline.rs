@@ -1,0 +1,711 @@
+//! The pipeline of one side: receive → claim → call the sink → record the fate → acknowledge.
+//! This is the only place a copy is acknowledged, and only after its fate is in Redis
+//! (DESIGN.md invariant 4); a copy whose fate cannot be recorded is handed back, never acked.
+//!
+//! Claims are batched: everything the source has ready (up to `claim_batch`) goes to Redis in one
+//! round trip; completions from all calls in flight are batched the same way by the completer.
+//! A copy answered BUSY waits beside the stream, not in it. While Redis is unreachable the
+//! sources are paused and the batch in hand waits; nothing proceeds without a claim.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::arbiter::routing::{route, Route};
+use crate::arbiter::switches::{SwitchFeed, Switches};
+use crate::arbiter::{
+    Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
+    State,
+};
+use crate::dead::{DeadLetters, Parking};
+use crate::message::{Identity, Message, Side};
+use crate::sink::breaker::CircuitBreaker;
+use crate::sink::retry::Backoff;
+use crate::sink::{Sink, SinkRequest};
+use crate::store::StoreError;
+
+/// Why the sources are paused; each reason is set and cleared on its own.
+#[derive(Debug, Clone, Copy)]
+pub enum PauseReason {
+    /// Redis cannot be reached: nothing can be claimed or recorded.
+    RedisDown = 1,
+    /// The sink's circuit is open: calls would fail anyway.
+    CircuitOpen = 2,
+}
+
+/// The pause switch the sources follow: paused while any reason holds.
+#[derive(Debug)]
+pub struct Pause {
+    reasons: Mutex<u8>,
+    tx: watch::Sender<bool>,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self {
+            reasons: Mutex::new(0),
+            tx: watch::channel(false).0,
+        }
+    }
+}
+
+impl Pause {
+    /// Sets or clears one reason; logs when the overall state changes.
+    pub fn set(&self, reason: PauseReason, on: bool) {
+        let mut r = self.reasons.lock().expect("pause lock");
+        let before = *r != 0;
+        if on {
+            *r |= reason as u8;
+        } else {
+            *r &= !(reason as u8);
+        }
+        let after = *r != 0;
+        drop(r);
+        if before != after {
+            if after {
+                tracing::warn!(?reason, "pausing the sources");
+            } else {
+                tracing::info!("resuming the sources");
+            }
+            self.tx.send_replace(after);
+        }
+    }
+
+    /// For the sources: true while paused.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+/// Settings of the pipeline, from `[pipeline]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most copies claimed in one round trip.
+    pub claim_batch: usize,
+    /// Most sink calls in flight per side (each holds a lease).
+    pub max_in_flight: usize,
+    /// Shortest wait before re-claiming a BUSY copy.
+    pub busy_retry: Duration,
+}
+
+/// Everything the pipelines of all sides share.
+pub struct Shared {
+    /// The arbiter.
+    pub arbiter: Arbiter,
+    /// The downstream.
+    pub sink: Arc<dyn Sink>,
+    /// Where parked copies go.
+    pub dead: DeadLetters,
+    /// The switches as this instance knows them.
+    pub switches: SwitchFeed,
+    /// Lease tokens of this process.
+    pub tokens: LeaseTokens,
+    /// Delay between retries of one id.
+    pub backoff: Backoff,
+    /// The sink's circuit breaker.
+    pub breaker: Arc<CircuitBreaker>,
+    /// The old and the new side.
+    pub cutover: (Side, Side),
+    /// The sources' pause switch.
+    pub pause: Arc<Pause>,
+    /// Batches completions.
+    pub completer: Completer,
+    /// Settings.
+    pub settings: Settings,
+}
+
+impl Shared {
+    /// Builds the shared parts from the config: the arbiter, the HTTP sink with its breaker and
+    /// backoff, the dead letters and the completer.
+    pub fn build(
+        cfg: &crate::config::Validated,
+        store: &crate::store::Store,
+        switches: SwitchFeed,
+        pause: Arc<Pause>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Shared> {
+        let arbiter = Arbiter::new(store, &cfg.arbiter);
+        let sink = crate::sink::http::HttpSink::new(&cfg.sink)
+            .map_err(|e| anyhow::anyhow!("building the sink: {e}"))?;
+        let backoff = Backoff::from_config(&cfg.sink.retry)
+            .map_err(|e| anyhow::anyhow!("sink.retry: {e}"))?;
+        let completer = Completer::start(
+            arbiter.clone(),
+            pause.clone(),
+            cfg.pipeline.claim_batch,
+            stop,
+        );
+        Ok(Shared {
+            arbiter,
+            sink: Arc::new(sink),
+            dead: DeadLetters::new(store, cfg.dead_letters.max_len),
+            switches,
+            tokens: LeaseTokens::default(),
+            backoff,
+            breaker: Arc::new(CircuitBreaker::new(&cfg.sink.circuit)),
+            cutover: (
+                cfg.cutover.from.as_str().into(),
+                cfg.cutover.to.as_str().into(),
+            ),
+            pause,
+            completer,
+            settings: Settings {
+                claim_batch: cfg.pipeline.claim_batch,
+                max_in_flight: cfg.pipeline.max_in_flight,
+                busy_retry: cfg.pipeline.busy_retry,
+            },
+        })
+    }
+}
+
+/// How a replay of one dead letter ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Delivered now (or found delivered already).
+    Done,
+    /// Parked again, with this reason (a new dead letter was written).
+    DeadAgain(String),
+    /// Not delivered now: the id is in flight elsewhere or its owner's copy will do it.
+    Elsewhere(String),
+}
+
+/// Sends one dead letter through the claim / sink path again, as its owner: the id is released
+/// (dead → pending), claimed, called and recorded exactly like a copy from a broker.
+pub async fn replay(
+    shared: &Arc<Shared>,
+    letter: &crate::dead::DeadLetter,
+    cancel: &CancellationToken,
+) -> Result<Replayed, StoreError> {
+    let id = letter.message_id.as_deref().ok_or_else(|| {
+        StoreError::Reply("no message id: fix the producer and send it again".into())
+    })?;
+    shared.arbiter.release(id).await?;
+    let owner: Side = match shared.arbiter.inspect(id).await? {
+        Some(r) => r.owner.as_str().into(),
+        None => letter.side.as_str().into(),
+    };
+    let token = shared.tokens.next();
+    let claim = shared
+        .arbiter
+        .claim(&ClaimRequest {
+            id,
+            side: &owner,
+            routed_owner: &owner,
+            token: &token,
+        })
+        .await?;
+    let attempt = match claim {
+        Claim::Proceed { attempt, .. } => attempt,
+        Claim::Done => return Ok(Replayed::Done),
+        Claim::Dead { reason } => return Ok(Replayed::DeadAgain(reason)),
+        other => return Ok(Replayed::Elsewhere(format!("{other:?}"))),
+    };
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let origin = crate::message::Origin {
+        side: owner.clone(),
+        topic: letter.topic.as_str().into(),
+        partition: letter.partition,
+        offset: letter.offset,
+    };
+    let msg = Message {
+        identity: Ok(Identity {
+            id: id.to_owned(),
+            business_id: letter.business_id.clone().unwrap_or_default(),
+        }),
+        payload: letter.payload.clone(),
+        ack: crate::message::Ack::new(
+            ack_tx,
+            crate::message::Finished {
+                topic: origin.topic.clone(),
+                partition: origin.partition,
+                offset: origin.offset,
+            },
+        ),
+        origin,
+    };
+    let (retry_tx, _retry_rx) = mpsc::unbounded_channel();
+    deliver(shared, &owner, msg, token, attempt, cancel, &retry_tx).await;
+    if ack_rx.try_recv().is_err() {
+        return Ok(Replayed::Elsewhere(
+            "interrupted before its fate was recorded".into(),
+        ));
+    }
+    Ok(match shared.arbiter.inspect(id).await? {
+        Some(r) if r.state == State::Done => Replayed::Done,
+        Some(r) if r.state == State::Dead => Replayed::DeadAgain(r.reason.unwrap_or_default()),
+        Some(r) => Replayed::Elsewhere(format!("now {}", r.state)),
+        None => Replayed::Elsewhere("record vanished".into()),
+    })
+}
+
+/// Runs the pipeline of `side` until `cancel`; in-flight calls are tracked by `tracker` so the
+/// caller can wait for them with a deadline.
+pub async fn run_side(
+    shared: Arc<Shared>,
+    side: Side,
+    mut rx: mpsc::Receiver<Message>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let calls = Arc::new(Semaphore::new(shared.settings.max_in_flight));
+    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Message>();
+    let mut batch = Vec::with_capacity(shared.settings.claim_batch);
+    loop {
+        batch.clear();
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some(m) = retry_rx.recv() => {
+                batch.push(m);
+                while batch.len() < shared.settings.claim_batch {
+                    match retry_rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+            }
+            n = rx.recv_many(&mut batch, shared.settings.claim_batch) => {
+                if n == 0 {
+                    break; // the source is gone
+                }
+            }
+        }
+        let work = std::mem::take(&mut batch);
+        handle_batch(&shared, &side, work, &calls, &retry_tx, &cancel, &tracker).await;
+        batch = Vec::with_capacity(shared.settings.claim_batch);
+    }
+    tracing::info!(side = %side, "pipeline stopped taking copies");
+}
+
+async fn handle_batch(
+    shared: &Arc<Shared>,
+    side: &Side,
+    batch: Vec<Message>,
+    calls: &Arc<Semaphore>,
+    retry_tx: &mpsc::UnboundedSender<Message>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let (good, bad): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| m.identity.is_ok());
+    if !bad.is_empty() {
+        park_bad_input(shared, bad, cancel).await;
+    }
+    if good.is_empty() {
+        return;
+    }
+    let Some(switches) = current_switches(shared, cancel).await else {
+        return; // cancelled before the switches were known: hand everything back
+    };
+    let tokens: Vec<LeaseToken> = good.iter().map(|_| shared.tokens.next()).collect();
+    let claims = {
+        let reqs: Vec<ClaimRequest> = good
+            .iter()
+            .zip(&tokens)
+            .map(|(m, token)| {
+                let ident = m.identity.as_ref().expect("partitioned on is_ok");
+                ClaimRequest {
+                    id: &ident.id,
+                    side,
+                    routed_owner: routed_owner(shared, &switches, &ident.business_id),
+                    token,
+                }
+            })
+            .collect();
+        match until_redis_answers(shared, cancel, || shared.arbiter.claim_batch(&reqs)).await {
+            Some(c) => c,
+            None => return, // cancelled while Redis was away: hand back
+        }
+    };
+    for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
+        match claim {
+            Ok(Claim::Proceed { attempt, takeover }) => {
+                if takeover {
+                    tracing::warn!(id = %id_of(&msg), side = %side, attempt,
+                        "took over an expired lease: the earlier call's outcome is unknown (counted as ambiguous)");
+                }
+                let permit = tokio::select! {
+                    p = calls.clone().acquire_owned() => p.expect("semaphore open"),
+                    _ = cancel.cancelled() => {
+                        // Shutting down before the call: give the lease back unused.
+                        let _ = shared.completer.complete(id_of(&msg), side, &token, Outcome::NotCalled).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let side = side.clone();
+                let cancel = cancel.clone();
+                let retry_tx = retry_tx.clone();
+                tracker.spawn(async move {
+                    deliver(&shared, &side, msg, token, attempt, &cancel, &retry_tx).await;
+                    drop(permit);
+                });
+            }
+            Ok(Claim::NotMine { .. }) | Ok(Claim::Done) | Ok(Claim::Dead { .. }) => msg.ack.done(),
+            Ok(Claim::Busy { retry_in }) => {
+                later(shared, msg, retry_in, retry_tx, cancel, tracker);
+            }
+            Err(e) => {
+                tracing::warn!(id = %id_of(&msg), error = %e, "claim failed for one copy; retrying it");
+                later(shared, msg, Duration::ZERO, retry_tx, cancel, tracker);
+            }
+        }
+    }
+}
+
+/// Puts a copy back into this side's pipeline after a pause, without holding up the others.
+fn later(
+    shared: &Arc<Shared>,
+    msg: Message,
+    wait: Duration,
+    retry_tx: &mpsc::UnboundedSender<Message>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let wait = wait.clamp(shared.settings.busy_retry, Duration::from_secs(1));
+    let retry_tx = retry_tx.clone();
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => { let _ = retry_tx.send(msg); }
+            _ = cancel.cancelled() => {} // handed back: redelivered after restart
+        }
+    });
+}
+
+fn id_of(m: &Message) -> &str {
+    m.identity.as_ref().map(|i| i.id.as_str()).unwrap_or("")
+}
+
+fn routed_owner<'a>(shared: &'a Shared, switches: &Switches, business_id: &str) -> &'a str {
+    match route(switches, business_id) {
+        Route::Old => &shared.cutover.0,
+        Route::New => &shared.cutover.1,
+    }
+}
+
+/// The switches, waiting for the first read if there has been none yet: routing without them
+/// could send ids to the wrong side for good.
+async fn current_switches(shared: &Shared, cancel: &CancellationToken) -> Option<Arc<Switches>> {
+    if let Some(s) = shared.switches.borrow().clone() {
+        return Some(s);
+    }
+    let mut feed = shared.switches.clone();
+    tokio::select! {
+        r = feed.wait_for(|s| s.is_some()) => r.ok().and_then(|s| s.clone()),
+        _ = cancel.cancelled() => None,
+    }
+}
+
+/// Runs `op` until Redis answers, pausing the sources meanwhile. `None` if cancelled first.
+async fn until_redis_answers<T, F, Fut>(
+    shared: &Shared,
+    cancel: &CancellationToken,
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut wait = Duration::from_millis(50);
+    let mut paused = false;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if paused {
+                    shared.pause.set(PauseReason::RedisDown, false);
+                }
+                return Some(v);
+            }
+            Err(e) => {
+                if !paused {
+                    tracing::error!(error = %e, "redis unavailable: pausing; nothing proceeds without a claim");
+                    shared.pause.set(PauseReason::RedisDown, true);
+                    paused = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(2)),
+            _ = cancel.cancelled() => return None,
+        }
+    }
+}
+
+async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &CancellationToken) {
+    let parked = {
+        let letters: Vec<Parking> = bad
+            .iter()
+            .map(|m| Parking {
+                message_id: None,
+                business_id: None,
+                reason: m
+                    .identity
+                    .as_ref()
+                    .err()
+                    .map(|e| e.0.as_str())
+                    .unwrap_or("bad input"),
+                origin: &m.origin,
+                attempts: 0,
+                payload: &m.payload,
+            })
+            .collect();
+        until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await
+    };
+    if parked.is_some() {
+        for m in bad {
+            tracing::warn!(
+                side = %m.origin.side, topic = %m.origin.topic, partition = m.origin.partition,
+                offset = m.origin.offset, reason = %m.identity.as_ref().err().map(|e| e.0.as_str()).unwrap_or(""),
+                "bad input parked in dead letters"
+            );
+            m.ack.done();
+        }
+    }
+}
+
+/// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is
+/// recorded: done, parked, or taken by another worker.
+async fn deliver(
+    shared: &Arc<Shared>,
+    side: &Side,
+    msg: Message,
+    mut token: LeaseToken,
+    mut attempt: u32,
+    cancel: &CancellationToken,
+    retry_tx: &mpsc::UnboundedSender<Message>,
+) {
+    let ident: Identity = msg
+        .identity
+        .clone()
+        .expect("only good copies are delivered");
+    loop {
+        // Wait for the circuit to let calls through; hand the lease back if shutting down.
+        if !wait_for_circuit(shared, cancel).await {
+            let _ = shared
+                .completer
+                .complete(&ident.id, side, &token, Outcome::NotCalled)
+                .await;
+            return;
+        }
+        let req = SinkRequest {
+            message_id: &ident.id,
+            side,
+            attempt,
+            body: &msg.payload,
+        };
+        let result = with_renewal(shared, &ident.id, &token, shared.sink.call(&req)).await;
+        shared.breaker.record(&result);
+        let retry_after = result.retry_after();
+        let outcome = result.outcome();
+        let Some(completion) = shared
+            .completer
+            .complete(&ident.id, side, &token, outcome.clone())
+            .await
+        else {
+            return; // cancelled while Redis was away: the copy is handed back unacked
+        };
+        match completion {
+            Completion::Recorded(State::Done) | Completion::Repeated(State::Done) => {
+                return msg.ack.done();
+            }
+            Completion::Late => {
+                tracing::warn!(id = %ident.id, side = %side, "call succeeded after its lease was lost: recorded, overlap counted");
+                return msg.ack.done();
+            }
+            Completion::Fenced => {
+                // Another worker took the id over; it holds its own copy and decides.
+                tracing::warn!(id = %ident.id, side = %side, "lease lost during the call; the current holder decides");
+                return msg.ack.done();
+            }
+            Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead) => {
+                let reason = match shared.arbiter.inspect(&ident.id).await {
+                    Ok(Some(r)) => r.reason.unwrap_or_default(),
+                    _ => format!("{outcome:?}"),
+                };
+                let parked = {
+                    let letter = [Parking {
+                        message_id: Some(&ident.id),
+                        business_id: Some(&ident.business_id),
+                        reason: &reason,
+                        origin: &msg.origin,
+                        attempts: attempt,
+                        payload: &msg.payload,
+                    }];
+                    until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
+                };
+                if parked.is_some() {
+                    tracing::warn!(id = %ident.id, side = %side, %reason, "parked in dead letters");
+                    msg.ack.done();
+                }
+                return;
+            }
+            Completion::Recorded(State::Pending)
+            | Completion::Repeated(State::Pending)
+            | Completion::Recorded(State::InFlight)
+            | Completion::Repeated(State::InFlight) => {}
+        }
+        // Retry on this side, after the backoff; the id stays ours (pending, owner kept).
+        let delay = shared.backoff.delay(attempt, retry_after);
+        tracing::debug!(id = %ident.id, side = %side, attempt, ?delay, ?outcome, "retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return, // no lease held: hand back
+        }
+        token = shared.tokens.next();
+        let claim = {
+            let req = ClaimRequest {
+                id: &ident.id,
+                side,
+                routed_owner: side,
+                token: &token,
+            };
+            until_redis_answers(shared, cancel, || shared.arbiter.claim(&req)).await
+        };
+        match claim {
+            None => return,
+            Some(Claim::Proceed { attempt: a, .. }) => attempt = a,
+            Some(Claim::Busy { .. }) => {
+                // Another worker of this side holds it now (a redelivered copy): let it be and
+                // put this copy back through the pipeline, which will see DONE or BUSY again.
+                let _ = retry_tx.send(msg);
+                return;
+            }
+            Some(_) => return msg.ack.done(),
+        }
+    }
+}
+
+/// Waits while the circuit is open. False if cancelled meanwhile.
+async fn wait_for_circuit(shared: &Shared, cancel: &CancellationToken) -> bool {
+    loop {
+        if shared.breaker.allow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = cancel.cancelled() => return false,
+        }
+    }
+}
+
+/// Runs the call while renewing the lease every third of its length.
+async fn with_renewal<F: std::future::Future>(
+    shared: &Shared,
+    id: &str,
+    token: &LeaseToken,
+    call: F,
+) -> F::Output {
+    let every = shared.arbiter.lease() / 3;
+    tokio::pin!(call);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut call => return out,
+            _ = tick.tick() => match shared.arbiter.renew(id, token).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(%id, "lease lost during a long call"),
+                Err(e) => tracing::warn!(%id, error = %e, "cannot renew the lease"),
+            },
+        }
+    }
+}
+
+/// Batches completions from all calls in flight into one round trip each.
+#[derive(Clone)]
+pub struct Completer {
+    tx: mpsc::Sender<Pending>,
+}
+
+struct Pending {
+    id: String,
+    side: Side,
+    token: LeaseToken,
+    outcome: Outcome,
+    reply: oneshot::Sender<Completion>,
+}
+
+impl Completer {
+    /// Starts the batching task. It runs until every handle is dropped; once `stop` fires it
+    /// gives up on a batch Redis will not take (the waiting callers then hand their copies back).
+    pub fn start(
+        arbiter: Arbiter,
+        pause: Arc<Pause>,
+        batch: usize,
+        stop: CancellationToken,
+    ) -> Completer {
+        let (tx, mut rx) = mpsc::channel::<Pending>(batch * 4);
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(batch);
+            while rx.recv_many(&mut buf, batch).await > 0 {
+                let reqs: Vec<CompleteRequest> = buf
+                    .iter()
+                    .map(|p| CompleteRequest {
+                        id: &p.id,
+                        side: &p.side,
+                        token: &p.token,
+                        outcome: &p.outcome,
+                    })
+                    .collect();
+                let mut wait = Duration::from_millis(50);
+                let mut paused = false;
+                let results = loop {
+                    let failure = match arbiter.complete_batch(&reqs).await {
+                        Ok(r) => match r.iter().find_map(|x| x.as_ref().err()) {
+                            None => break Some(r),
+                            Some(e) => e.to_string(),
+                        },
+                        Err(e) => e.to_string(),
+                    };
+                    if stop.is_cancelled() {
+                        break None;
+                    }
+                    if !paused {
+                        tracing::error!(error = %failure, "cannot record outcomes: pausing until redis answers");
+                        pause.set(PauseReason::RedisDown, true);
+                        paused = true;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                };
+                if paused {
+                    pause.set(PauseReason::RedisDown, false);
+                }
+                drop(reqs);
+                match results {
+                    Some(results) => {
+                        for (p, r) in buf.drain(..).zip(results) {
+                            let _ = p.reply.send(r.expect("checked all ok"));
+                        }
+                    }
+                    // Shutting down with Redis away: the waiting calls hand their copies back.
+                    None => buf.clear(),
+                }
+            }
+        });
+        Completer { tx }
+    }
+
+    /// Records one outcome (batched with others). `None` if it could not be recorded before
+    /// shutdown: the caller must then hand its copy back, unacknowledged.
+    pub async fn complete(
+        &self,
+        id: &str,
+        side: &Side,
+        token: &LeaseToken,
+        outcome: Outcome,
+    ) -> Option<Completion> {
+        let (reply, rx) = oneshot::channel();
+        let p = Pending {
+            id: id.to_owned(),
+            side: side.clone(),
+            token: token.clone(),
+            outcome,
+            reply,
+        };
+        self.tx.send(p).await.ok()?;
+        rx.await.ok()
+    }
+}

@@ -1,0 +1,347 @@
+//! The traffic generator behind `mq-cutover produce`: dual-writes messages to both brokers the
+//! way a migrating producer does, with the faults such producers really show — re-sent
+//! duplicates on either side, one side missing some messages, one side lagging, and malformed
+//! messages — and writes a manifest of what went where, for tests and the demo to check against.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::config::{IdSource, SideConfig, SideKind, Validated};
+use crate::source::kafka::KafkaWriter;
+use crate::source::rocketmq::RocketMqWriter;
+
+/// `mq-cutover produce` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProduceArgs {
+    /// How many logical messages (ids) to send.
+    #[arg(long, default_value_t = 1000)]
+    pub count: u64,
+    /// Prefix of the generated message ids (default: `m-<unix seconds>`).
+    #[arg(long)]
+    pub id_prefix: Option<String>,
+    /// How many distinct business ids (users) the messages spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub users: u64,
+    /// Share of messages the old side's producer sends twice (a timed-out send re-sent).
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicates_old: f64,
+    /// Share of messages the new side's producer sends twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicates_new: f64,
+    /// Share of messages the old side never gets.
+    #[arg(long, default_value_t = 0.0)]
+    pub missing_old: f64,
+    /// Share of messages the new side never gets.
+    #[arg(long, default_value_t = 0.0)]
+    pub missing_new: f64,
+    /// Delay the new side's copies by this much (negative skew: use --lag-old).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lag_new: Option<Duration>,
+    /// Delay the old side's copies by this much.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lag_old: Option<Duration>,
+    /// Extra malformed messages (no message id) sent to each side.
+    #[arg(long, default_value_t = 0)]
+    pub malformed: u64,
+    /// Messages per second (0: as fast as the brokers take them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seed of the fault decisions, for reproducible runs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write one JSON line per id here: `{"id", "user", "old": copies, "new": copies}`.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+}
+
+/// What was sent, per side.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Copies written (duplicates included).
+    pub copies: u64,
+    /// Ids that got two copies.
+    pub duplicated: u64,
+    /// Ids that got none.
+    pub missing: u64,
+}
+
+enum Writer {
+    Kafka(Box<KafkaWriter>, String),
+    RocketMq(Box<RocketMqWriter>, String),
+}
+
+impl Writer {
+    async fn connect(side: &SideConfig) -> anyhow::Result<Writer> {
+        Ok(match side.kind {
+            SideKind::Kafka => {
+                let k = side
+                    .kafka
+                    .as_ref()
+                    .context("kafka side without [side.kafka]")?;
+                Writer::Kafka(
+                    Box::new(
+                        KafkaWriter::connect(&k.bootstrap_servers)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
+                    ),
+                    k.topics[0].clone(),
+                )
+            }
+            SideKind::Rocketmq => {
+                let r = side
+                    .rocketmq
+                    .as_ref()
+                    .context("rocketmq side without [side.rocketmq]")?;
+                Writer::RocketMq(
+                    Box::new(
+                        RocketMqWriter::connect(&r.name_server, &format!("{}-producer", r.group))
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
+                    ),
+                    r.topic.clone(),
+                )
+            }
+        })
+    }
+
+    /// Sends one copy; a send that fails is tried again (up to 5 times), as a real producer
+    /// would — which may itself leave a duplicate in the broker, exactly like in production.
+    async fn send(&self, key: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<()> {
+        let mut wait = Duration::from_millis(100);
+        for attempt in 1.. {
+            match self.send_once(key, headers, body).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= 5 => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "send failed; sending again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    async fn send_once(
+        &self,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        match self {
+            Writer::Kafka(w, topic) => w
+                .send(topic, key, headers, body)
+                .await
+                .map_err(|e| anyhow::anyhow!("kafka send: {e}")),
+            Writer::RocketMq(w, topic) => w
+                .send(topic, None, key, headers, body)
+                .await
+                .map_err(|e| anyhow::anyhow!("rocketmq send: {e}")),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Writer::Kafka(w, _) => w.flush().await,
+            Writer::RocketMq(w, _) => (*w).shutdown().await,
+        }
+    }
+}
+
+/// One id's fate: how many copies each side gets.
+struct Plan {
+    id: String,
+    user: String,
+    old: u8,
+    new: u8,
+}
+
+/// Sends one side's copies (after its lag), then its malformed messages.
+async fn send_side(
+    w: &Writer,
+    cfg: &SideConfig,
+    plans: &[Plan],
+    which: fn(&Plan) -> u8,
+    lag: Option<Duration>,
+    args: &ProduceArgs,
+) -> anyhow::Result<()> {
+    if let Some(l) = lag {
+        tokio::time::sleep(l).await;
+    }
+    let start = tokio::time::Instant::now();
+    let rate = args.rate;
+    let jobs = plans
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| std::iter::repeat_n((i, p), usize::from(which(p))));
+    let mut stream = futures::stream::iter(jobs)
+        .map(|(i, p)| async move {
+            if rate > 0 {
+                let at = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                tokio::time::sleep_until(at).await;
+            }
+            let (headers, body) = encode(cfg, &p.id, &p.user, 10);
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            w.send(&p.user, &h, &body).await
+        })
+        .buffer_unordered(64);
+    while let Some(r) = stream.next().await {
+        r?;
+    }
+    for n in 0..args.malformed {
+        // No message id anywhere: no headers, and not JSON.
+        w.send(
+            "malformed",
+            &[],
+            format!("malformed payload {n}").as_bytes(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sets `value` at JSON pointer `ptr` in `doc`, creating objects on the way.
+fn set_pointer(doc: &mut Value, ptr: &str, value: Value) {
+    let mut at = doc;
+    let parts: Vec<String> = ptr
+        .split('/')
+        .skip(1)
+        .map(|p| p.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !at.is_object() {
+            *at = json!({});
+        }
+        let obj = at.as_object_mut().expect("made an object");
+        if i + 1 == parts.len() {
+            obj.insert(part.clone(), value);
+            return;
+        }
+        at = obj.entry(part.clone()).or_insert_with(|| json!({}));
+    }
+}
+
+/// One copy's headers and body for `side`, carrying the ids where the side reads them.
+fn encode(
+    side: &SideConfig,
+    id: &str,
+    user: &str,
+    amount: u64,
+) -> (Vec<(String, String)>, Vec<u8>) {
+    let mut headers = Vec::new();
+    let mut body = json!({ "amount": amount });
+    for (src, v) in [(&side.message_id, id), (&side.business_id, user)] {
+        match src {
+            IdSource::Header(h) => headers.push((h.clone(), v.to_owned())),
+            IdSource::JsonPointer(p) => set_pointer(&mut body, p, Value::String(v.to_owned())),
+        }
+    }
+    (headers, serde_json::to_vec(&body).expect("json"))
+}
+
+/// Dual-writes `args.count` messages to the old and the new side of `cfg`. Returns what was
+/// sent to (old, new).
+pub async fn produce(cfg: &Validated, args: &ProduceArgs) -> anyhow::Result<(Sent, Sent)> {
+    let old_cfg = cfg
+        .sides
+        .iter()
+        .find(|s| s.name == cfg.cutover.from)
+        .expect("validated");
+    let new_cfg = cfg
+        .sides
+        .iter()
+        .find(|s| s.name == cfg.cutover.to)
+        .expect("validated");
+    let old = Writer::connect(old_cfg).await?;
+    let new = Writer::connect(new_cfg).await?;
+    let prefix = args.id_prefix.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("m-{secs}")
+    });
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut manifest = match &args.manifest {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+
+    // Decide every id's fate first (reproducible from the seed), then send.
+    let copies = |rng: &mut StdRng, missing: f64, dup: f64| -> u8 {
+        if rng.random_bool(missing.clamp(0.0, 1.0)) {
+            0
+        } else if rng.random_bool(dup.clamp(0.0, 1.0)) {
+            2
+        } else {
+            1
+        }
+    };
+    let plans: Vec<Plan> = (0..args.count)
+        .map(|n| {
+            let old = copies(&mut rng, args.missing_old, args.duplicates_old);
+            let new = copies(&mut rng, args.missing_new, args.duplicates_new);
+            Plan {
+                id: format!("{prefix}-{n}"),
+                user: format!("u-{}", rng.random_range(0..args.users.max(1))),
+                old,
+                new,
+            }
+        })
+        .collect();
+    let (mut sent_old, mut sent_new) = (Sent::default(), Sent::default());
+    for p in &plans {
+        for (n, s) in [(p.old, &mut sent_old), (p.new, &mut sent_new)] {
+            s.copies += u64::from(n);
+            s.duplicated += u64::from(n == 2);
+            s.missing += u64::from(n == 0);
+        }
+        if let Some(m) = manifest.as_mut() {
+            writeln!(
+                m,
+                "{}",
+                json!({"id": p.id, "user": p.user, "old": p.old, "new": p.new})
+            )?;
+        }
+    }
+    if let Some(mut m) = manifest.take() {
+        m.flush()?;
+    }
+
+    let (a, b) = tokio::join!(
+        send_side(&old, old_cfg, &plans, |p| p.old, args.lag_old, args),
+        send_side(&new, new_cfg, &plans, |p| p.new, args.lag_new, args),
+    );
+    old.close().await;
+    new.close().await;
+    a.context("writing to the old side")?;
+    b.context("writing to the new side")?;
+    Ok((sent_old, sent_new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_build_nested_objects() {
+        let mut v = json!({"amount": 1});
+        set_pointer(&mut v, "/order/id", json!("o-1"));
+        set_pointer(&mut v, "/user_id", json!("u-1"));
+        assert_eq!(
+            v,
+            json!({"amount": 1, "order": {"id": "o-1"}, "user_id": "u-1"})
+        );
+    }
+}

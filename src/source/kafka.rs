@@ -1,0 +1,904 @@
+//! The Kafka side: [`KafkaSource`], a consumer-group member that turns records into
+//! [`Message`]s and commits a partition's offset only up to the first copy whose fate is not
+//! recorded yet; and [`KafkaWriter`], a thin producer for the traffic generator and the tests.
+//!
+//! The commit rule (docs/kafka.md has the whole story): librdkafka never stores an offset by
+//! itself (`enable.auto.offset.store=false`). Every [`COMMIT_INTERVAL`] the source drains the
+//! pipeline's acks into its [`OffsetTracker`] and stores, per partition, the lowest unfinished
+//! offset (or one past the highest finished one); librdkafka's auto-commit sends what is stored.
+//! When partitions are revoked, and at shutdown, what is finished is committed synchronously and
+//! the partitions are forgotten, so a crash or a rebalance can only cause a redelivery, never a
+//! skip. Backpressure pauses the assigned partitions instead of not polling, so the consumer keeps
+//! its group membership and takes part in rebalances while the pipeline is busy or halted.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::Message as _;
+use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
+use tracing::{debug, error, info, warn};
+
+use super::{OffsetTracker, Source, SourceContext, SourceError};
+use crate::config::{IdSource, SideConfig};
+use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
+
+/// How often finished offsets are handed to librdkafka (stored; auto-commit sends them).
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long shutdown waits for copies already handed to the pipeline to be acknowledged.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the start-up check waits for a broker to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long leaving the group may take before the source stops waiting for it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// While paused for backpressure, how often to look whether the pipeline has room again.
+const ROOM_RECHECK: Duration = Duration::from_millis(20);
+
+/// Set before the user's properties, which may change them.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "true"),
+    ("auto.commit.interval.ms", "1000"),
+    ("auto.offset.reset", "earliest"),
+    ("enable.partition.eof", "false"),
+    // Only offsets this source stores are committed: the heart of the guarantee. A user
+    // property may repeat it but not turn it on (see `KafkaSource::new`).
+    ("enable.auto.offset.store", "false"),
+];
+
+/// A Kafka consumer-group member feeding the pipeline; see the module documentation.
+pub struct KafkaSource {
+    side: Side,
+    config: ClientConfig,
+    bootstrap: String,
+    group: String,
+    topics: Vec<String>,
+    message_id: IdSource,
+    business_id: IdSource,
+    /// librdkafka commits stored offsets by itself; if the user turned that off, the source
+    /// commits them on every [`COMMIT_INTERVAL`].
+    auto_commit: bool,
+}
+
+/// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
+/// any I/O.
+pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
+    Ok(Box::new(KafkaSource::new(side)?))
+}
+
+impl KafkaSource {
+    /// The source of `side`. Refuses a side without a `[side.kafka]` table, a librdkafka
+    /// property librdkafka does not accept, and `enable.auto.offset.store=true`, which would let
+    /// librdkafka commit copies whose fate is not recorded yet.
+    pub fn new(side: &SideConfig) -> Result<KafkaSource, SourceError> {
+        let name: Side = side.name.as_str().into();
+        let refuse = |reason: String| SourceError::Start {
+            side: name.clone(),
+            reason,
+        };
+        let kafka = side
+            .kafka
+            .as_ref()
+            .ok_or_else(|| refuse("the side has no `[side.kafka]` table".into()))?;
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("group.id", &kafka.group_id)
+            .set("client.id", format!("mq-cutover-{}", side.name));
+        for (key, value) in DEFAULTS {
+            config.set(*key, *value);
+        }
+        for (key, value) in &kafka.properties {
+            config.set(key, value);
+        }
+        // librdkafka's own parser decides what the properties mean (`true`, `1`, aliases).
+        let native = config
+            .create_native_config()
+            .map_err(|e| refuse(format!("bad Kafka consumer settings: {e}")))?;
+        let effective = |key: &str| {
+            native
+                .get(key)
+                .map_err(|e| refuse(format!("cannot read back `{key}`: {e}")))
+        };
+        if effective("enable.auto.offset.store")? == "true" {
+            return Err(refuse(
+                "`enable.auto.offset.store = true` is refused: librdkafka would commit offsets of \
+                 copies whose fate is not recorded yet (a crash would skip them); leave it out"
+                    .into(),
+            ));
+        }
+        let auto_commit = effective("enable.auto.commit")? == "true";
+        Ok(KafkaSource {
+            side: name,
+            bootstrap: config
+                .get("bootstrap.servers")
+                .unwrap_or(&kafka.bootstrap_servers)
+                .to_owned(),
+            group: config.get("group.id").unwrap_or(&kafka.group_id).to_owned(),
+            config,
+            topics: kafka.topics.clone(),
+            message_id: side.message_id.clone(),
+            business_id: side.business_id.clone(),
+            auto_commit,
+        })
+    }
+}
+
+impl fmt::Debug for KafkaSource {
+    // Not derived: the client config may hold credentials (`sasl.password`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("side", &self.side)
+            .field("bootstrap", &self.bootstrap)
+            .field("group", &self.group)
+            .field("topics", &self.topics)
+            .field("auto_commit", &self.auto_commit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Source for KafkaSource {
+    fn run(self: Box<Self>, cx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin((*self).consume(cx))
+    }
+}
+
+type KafkaConsumer = StreamConsumer<KafkaContext>;
+
+impl KafkaSource {
+    async fn consume(self, cx: SourceContext) -> Result<(), SourceError> {
+        let SourceContext {
+            side,
+            out,
+            cancel,
+            mut paused,
+        } = cx;
+        let start_error = |reason: String| SourceError::Start {
+            side: side.clone(),
+            reason,
+        };
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let consumer: Arc<KafkaConsumer> = Arc::new(
+            self.config
+                .create_with_context(KafkaContext::new(side.clone(), ack_rx))
+                .map_err(|e| start_error(format!("cannot create the Kafka consumer: {e}")))?,
+        );
+
+        // Fail at start-up, with the address, rather than log connection errors forever.
+        let probe = {
+            let consumer = consumer.clone();
+            let topic = self.topics[0].clone();
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                    .map(drop)
+            })
+        };
+        tokio::select! {
+            () = cancel.cancelled() => {
+                close(consumer, &side).await;
+                return Ok(());
+            }
+            probed = probe => match probed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    close(consumer, &side).await;
+                    return Err(start_error(format!(
+                        "no Kafka broker at `{}` answered within {PROBE_TIMEOUT:?}: {e}",
+                        self.bootstrap
+                    )));
+                }
+                Err(e) => return Err(start_error(format!("start-up check failed: {e}"))),
+            },
+        }
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        if let Err(e) = consumer.subscribe(&topics) {
+            close(consumer, &side).await;
+            return Err(start_error(format!("cannot subscribe to {topics:?}: {e}")));
+        }
+        info!(side = %side, group = %self.group, topics = ?self.topics, "Kafka consumer subscribed");
+
+        let mut intake = Intake {
+            side: side.clone(),
+            message_id: self.message_id,
+            business_id: self.business_id,
+            topics: Vec::new(),
+            acks: ack_tx,
+        };
+        // Copies taken from the consumer but not yet accepted by the pipeline. Never dropped
+        // while this consumer owns their partition: the consumer's position is already past them.
+        let mut pending: VecDeque<Message> = VecDeque::new();
+        let mut fetch = Fetch::default();
+        let mut halted = *paused.borrow_and_update();
+        let mut watching = true;
+        // Resume fetching only once the pipeline has taken half its queue, not at the first free
+        // slot: each pause drops what librdkafka had prefetched, so flapping would refetch a lot.
+        let resume_at = (out.max_capacity() / 2).max(1);
+        let mut tick = tokio::time::interval(COMMIT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let outcome = loop {
+            purge_revoked(&mut pending, consumer.context());
+            let hold =
+                halted || !pending.is_empty() || (fetch.paused && out.capacity() < resume_at);
+            if hold != fetch.paused {
+                fetch.set(&consumer, &side, hold);
+            }
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Ok(()),
+                changed = paused.changed(), if watching => match changed {
+                    Ok(()) => {
+                        halted = *paused.borrow_and_update();
+                        info!(side = %side, paused = halted, "Kafka intake {}", if halted { "paused by the daemon" } else { "resumed by the daemon" });
+                    }
+                    // The daemon dropped the switch: keep the last value.
+                    Err(_) => watching = false,
+                },
+                _ = tick.tick() => consumer.context().store_finished(&*consumer, self.auto_commit),
+                permit = out.reserve(), if !pending.is_empty() && !halted => match permit {
+                    Ok(permit) => {
+                        // A revocation may have run since the top of the loop (inside `recv`).
+                        purge_revoked(&mut pending, consumer.context());
+                        if let Some(msg) = pending.pop_front() {
+                            permit.send(msg);
+                        }
+                    }
+                    Err(_) => break Err(pipeline_gone(&side)),
+                },
+                () = tokio::time::sleep(ROOM_RECHECK), if fetch.paused && !halted && pending.is_empty() => {}
+                record = consumer.recv() => match record {
+                    Ok(record) => {
+                        // Drop held copies of partitions revoked before this record came, and
+                        // only those: this record may be of the same partition, assigned again.
+                        purge_revoked(&mut pending, consumer.context());
+                        let msg = intake.message(&record, consumer.context());
+                        if pending.is_empty() && !halted {
+                            match out.try_send(msg) {
+                                Ok(()) => {}
+                                Err(TrySendError::Full(msg)) => pending.push_back(msg),
+                                Err(TrySendError::Closed(_)) => break Err(pipeline_gone(&side)),
+                            }
+                        } else {
+                            pending.push_back(msg);
+                        }
+                    }
+                    Err(KafkaError::PartitionEOF(_)) => {}
+                    Err(e) => {
+                        if let Some((code, reason)) = consumer.client().fatal_error() {
+                            break Err(SourceError::Failed {
+                                side: side.clone(),
+                                reason: format!("fatal Kafka error {code:?}: {reason}"),
+                            });
+                        }
+                        // Transient (broker restart, leader move): librdkafka recovers by itself.
+                        warn!(side = %side, error = %e, "Kafka consumer error");
+                    }
+                },
+            }
+        };
+
+        // Shutdown. Stop taking records; copies not handed over stay uncommitted (their offsets
+        // are open in the tracker), so the next owner reads them again.
+        drop(pending);
+        if !fetch.paused {
+            fetch.set(&consumer, &side, true);
+        }
+        drop(intake); // its ack sender: once every Ack handle is gone too, the channel closes
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let (all_in, unfinished) = consumer.context().books().drain();
+            if all_in {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(side = %side, unfinished, "Kafka shutdown: copies still unacknowledged after {DRAIN_TIMEOUT:?}; their offsets stay uncommitted and they will be delivered again");
+                break;
+            }
+            // Keep serving the consumer (a rebalance may arrive); a record that still comes in
+            // is not taken, and nothing after it in its partition is either, so the committed
+            // offset cannot pass it.
+            tokio::select! {
+                () = tokio::time::sleep(ROOM_RECHECK) => {}
+                _ = consumer.recv() => {}
+            }
+        }
+        consumer.context().hand_back(&*consumer, None);
+        consumer.unsubscribe();
+        close(consumer, &side).await;
+        info!(side = %side, "Kafka consumer stopped");
+        outcome
+    }
+}
+
+/// Drops held copies of partitions revoked since the last call: their new owner reads them from
+/// the commit made on revocation. A dropped copy's ack handle reports nothing.
+fn purge_revoked(pending: &mut VecDeque<Message>, context: &KafkaContext) {
+    if !context.revoked.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    let gone = context.books().take_revoked();
+    pending.retain(|m| {
+        !gone
+            .iter()
+            .any(|(t, p)| *t == m.origin.topic && *p == m.origin.partition)
+    });
+}
+
+fn pipeline_gone(side: &Side) -> SourceError {
+    SourceError::Failed {
+        side: side.clone(),
+        reason: "the pipeline stopped taking messages (its channel is closed)".into(),
+    }
+}
+
+/// Leaves the group and destroys the consumer. librdkafka's close blocks (it serves the final
+/// revocation, which commits nothing new: `hand_back` already forgot every partition), so it
+/// runs on the blocking pool, bounded.
+async fn close(consumer: Arc<KafkaConsumer>, side: &Side) {
+    let closing = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        warn!(side = %side, "Kafka consumer did not leave the group within {CLOSE_TIMEOUT:?}; the broker will time it out");
+    }
+}
+
+/// Whether this source has paused its assigned partitions.
+#[derive(Default)]
+struct Fetch {
+    paused: bool,
+}
+
+impl Fetch {
+    /// Pauses or resumes every assigned partition.
+    fn set(&mut self, consumer: &KafkaConsumer, side: &Side, pause: bool) {
+        // Partitions assigned later are paused by the rebalance callback while this is set.
+        consumer.context().paused.store(pause, Ordering::Release);
+        self.paused = pause;
+        let assigned = match consumer.assignment() {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                warn!(side = %side, error = %e, "cannot read the Kafka assignment to pause or resume it");
+                return;
+            }
+        };
+        if assigned.count() > 0 {
+            let done = if pause {
+                consumer.pause(&assigned)
+            } else {
+                consumer.resume(&assigned)
+            };
+            if let Err(e) = done {
+                warn!(side = %side, error = %e, pause, "cannot pause or resume Kafka partitions");
+            }
+        }
+        // A daemon-wide pause is logged where the switch flips; this is routine backpressure.
+        debug!(side = %side, pause, partitions = assigned.count(), "Kafka fetching {}", if pause { "paused" } else { "resumed" });
+    }
+}
+
+/// Turns records into messages.
+struct Intake {
+    side: Side,
+    message_id: IdSource,
+    business_id: IdSource,
+    /// Topic names seen so far, so a record costs a reference count, not an allocation.
+    topics: Vec<Arc<str>>,
+    acks: mpsc::UnboundedSender<Finished>,
+}
+
+impl Intake {
+    fn message(&mut self, record: &BorrowedMessage<'_>, context: &KafkaContext) -> Message {
+        let topic = self.topic(record.topic());
+        let (partition, offset) = (record.partition(), record.offset());
+        let headers = record.headers();
+        let (identity, payload) = match record.payload() {
+            Some(body) => (
+                read_identity(
+                    &self.message_id,
+                    &self.business_id,
+                    |name| headers.and_then(|h| last_header(h, name)),
+                    body,
+                ),
+                body.to_vec(),
+            ),
+            None => (
+                Err(BadInput("the record has no value (a tombstone)".into())),
+                Vec::new(),
+            ),
+        };
+        context.books().tracker.delivered(&topic, partition, offset);
+        Message {
+            identity,
+            payload,
+            origin: Origin {
+                side: self.side.clone(),
+                topic: topic.clone(),
+                partition,
+                offset,
+            },
+            ack: Ack::new(
+                self.acks.clone(),
+                Finished {
+                    topic,
+                    partition,
+                    offset,
+                },
+            ),
+        }
+    }
+
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| ***t == *name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        self.topics.push(t.clone());
+        t
+    }
+}
+
+/// The value of the last header called `name` (Kafka allows repeats; the last one wins, as in
+/// the Java client's `lastHeader`). A header without a value reads as empty.
+fn last_header<'a, H: Headers>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.key == name)
+        .last()
+        .map(|h| h.value.unwrap_or_default())
+}
+
+/// The consumer's context: the offset books shared between the consume loop and librdkafka's
+/// rebalance callback. Both run on the task that polls the consumer (the callback from inside
+/// `recv`), so the lock is never contended and never held across an await.
+struct KafkaContext {
+    side: Side,
+    books: Mutex<Books>,
+    /// Set while the loop wants fetching paused: newly assigned partitions get paused too.
+    paused: AtomicBool,
+    /// Set by a revocation: the loop drops held copies of revoked partitions.
+    revoked: AtomicBool,
+}
+
+struct Books {
+    tracker: OffsetTracker,
+    acks: mpsc::UnboundedReceiver<Finished>,
+    /// The offset last stored per partition: what a synchronous commit sends.
+    stored: HashMap<(Arc<str>, i32), i64>,
+    /// Partitions revoked since the loop last looked.
+    revoked: Vec<(Arc<str>, i32)>,
+}
+
+impl Books {
+    /// Moves arrived acks into the tracker. Returns whether every ack handle is gone (the
+    /// channel is closed and empty), and how many delivered copies are unfinished.
+    fn drain(&mut self) -> (bool, usize) {
+        let closed = loop {
+            match self.acks.try_recv() {
+                Ok(f) => self.tracker.finished(&f),
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        (closed, self.tracker.in_flight())
+    }
+
+    /// Drains acks and returns the offsets that moved, remembering them as stored.
+    fn advance(&mut self) -> Vec<(Arc<str>, i32, i64)> {
+        self.drain();
+        let moved = self.tracker.take_commits();
+        for (topic, partition, offset) in &moved {
+            self.stored.insert((topic.clone(), *partition), *offset);
+        }
+        moved
+    }
+
+    fn take_revoked(&mut self) -> Vec<(Arc<str>, i32)> {
+        std::mem::take(&mut self.revoked)
+    }
+}
+
+impl KafkaContext {
+    fn new(side: Side, acks: mpsc::UnboundedReceiver<Finished>) -> KafkaContext {
+        KafkaContext {
+            side,
+            books: Mutex::new(Books {
+                tracker: OffsetTracker::default(),
+                acks,
+                stored: HashMap::new(),
+                revoked: Vec::new(),
+            }),
+            paused: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+        }
+    }
+
+    fn books(&self) -> MutexGuard<'_, Books> {
+        // The books stay consistent even if a holder panicked: every update is one call.
+        self.books.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The periodic step: store what is finished; commit it too if auto-commit is off.
+    fn store_finished<C: Consumer<KafkaContext>>(&self, consumer: &C, auto_commit: bool) {
+        let moved = self.books().advance();
+        if moved.is_empty() {
+            return;
+        }
+        let tpl = partition_list(&moved);
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A partition revoked a moment ago; the revocation committed it already.
+            debug!(side = %self.side, error = %e, "cannot store Kafka offsets");
+        }
+        if !auto_commit {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                warn!(side = %self.side, error = %e, "cannot commit Kafka offsets");
+            }
+        }
+    }
+
+    /// Commits, synchronously, what is finished in `partitions` (all tracked ones if `None`) and
+    /// forgets them: later acks for them are ignored, and the new owner reads from this commit.
+    fn hand_back<C: Consumer<KafkaContext>>(
+        &self,
+        consumer: &C,
+        partitions: Option<&TopicPartitionList>,
+    ) {
+        let (moved, commit) = {
+            let mut books = self.books();
+            let moved = books.advance();
+            let parts: Vec<(Arc<str>, i32)> = match partitions {
+                Some(tpl) => tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (Arc::from(e.topic()), e.partition()))
+                    .collect(),
+                None => books.stored.keys().cloned().collect(),
+            };
+            let mut commit = Vec::with_capacity(parts.len());
+            for (topic, partition) in &parts {
+                if let Some(offset) = books.stored.remove(&(topic.clone(), *partition)) {
+                    commit.push((topic.clone(), *partition, offset));
+                }
+                books.tracker.forget(topic, *partition);
+            }
+            books.revoked.extend(parts);
+            self.revoked.store(true, Ordering::Release);
+            (moved, commit)
+        };
+        if !moved.is_empty() {
+            // Partitions kept in a cooperative rebalance keep their progress for auto-commit.
+            let _ = consumer.store_offsets(&partition_list(&moved));
+        }
+        if commit.is_empty() {
+            return;
+        }
+        if consumer.assignment_lost() {
+            warn!(side = %self.side, partitions = %describe(&commit), "Kafka assignment lost: not committing; copies finished since the last commit will be delivered again");
+            return;
+        }
+        match consumer.commit(&partition_list(&commit), CommitMode::Sync) {
+            Ok(()) => {
+                info!(side = %self.side, offsets = %describe(&commit), "committed finished Kafka offsets")
+            }
+            Err(e) => {
+                warn!(side = %self.side, error = %e, offsets = %describe(&commit), "cannot commit finished Kafka offsets; those copies will be delivered again")
+            }
+        }
+    }
+}
+
+fn partition_list(offsets: &[(Arc<str>, i32, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (topic, partition, offset) in offsets {
+        // Only fails for an unknown partition of a list built here: impossible.
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+fn describe(offsets: &[(Arc<str>, i32, i64)]) -> String {
+    offsets
+        .iter()
+        .map(|(t, p, o)| format!("{t}[{p}]@{o}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_list(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let side = &*self.side;
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => error!(side, facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => warn!(side, facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(side, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(side, facility, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Mostly transient (a broker down, a connection reset); librdkafka reconnects by itself.
+        warn!(side = %self.side, error = %error, "Kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                info!(side = %self.side, partitions = %describe_list(tpl), "Kafka partitions revoked");
+                self.hand_back(consumer, Some(tpl));
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                warn!(side = %self.side, error = %e, "Kafka rebalance error")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                info!(side = %self.side, partitions = %describe_list(tpl), "Kafka partitions assigned");
+            } else {
+                // An incremental round that only revoked.
+                debug!(side = %self.side, "Kafka rebalance assigned nothing new");
+            }
+            if self.paused.load(Ordering::Acquire) && tpl.count() > 0 {
+                if let Err(e) = consumer.pause(tpl) {
+                    warn!(side = %self.side, error = %e, "cannot pause newly assigned Kafka partitions");
+                }
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => debug!(side = %self.side, "Kafka offsets committed"),
+            // The next commit carries the same or a higher offset; at worst copies are redelivered.
+            Err(e) => {
+                warn!(side = %self.side, error = %e, partitions = %describe_list(offsets), "Kafka offset commit failed")
+            }
+        }
+    }
+}
+
+/// Why a [`KafkaWriter`] could not write.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The producer could not be created (bad settings).
+    #[error("cannot create a Kafka producer for `{bootstrap}`: {source}")]
+    Create {
+        /// The bootstrap servers.
+        bootstrap: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// No broker answered.
+    #[error("no Kafka broker at `{bootstrap}` answered: {source}")]
+    Unreachable {
+        /// The bootstrap servers.
+        bootstrap: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// A record was not acknowledged by the broker.
+    #[error("record to topic `{topic}` not delivered: {source}")]
+    Send {
+        /// The topic.
+        topic: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+}
+
+/// A thin Kafka producer for the traffic generator and the tests: each `send` waits for the
+/// broker's acknowledgement. Idempotent, so a retried send is never written twice.
+#[derive(Clone)]
+pub struct KafkaWriter {
+    producer: FutureProducer,
+}
+
+/// How long `connect` waits for a broker to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a `send` may wait for room in librdkafka's local queue.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `flush` waits.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KafkaWriter {
+    /// A producer for `bootstrap` (`host:port[,host:port…]`). Blocks until a broker answers a
+    /// metadata request (at most 5 s), so an unreachable broker is reported here.
+    pub fn connect(bootstrap: &str) -> Result<KafkaWriter, WriteError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|source| WriteError::Create {
+                bootstrap: bootstrap.to_owned(),
+                source,
+            })?;
+        producer
+            .client()
+            .fetch_metadata(None, CONNECT_TIMEOUT)
+            .map_err(|source| WriteError::Unreachable {
+                bootstrap: bootstrap.to_owned(),
+                source,
+            })?;
+        Ok(KafkaWriter { producer })
+    }
+
+    /// Writes one record and waits for the broker's acknowledgement.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), WriteError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(body)
+            .headers(owned);
+        self.producer
+            .send(record, QUEUE_TIMEOUT)
+            .await
+            .map(drop)
+            .map_err(|(source, _)| WriteError::Send {
+                topic: topic.to_owned(),
+                source,
+            })
+    }
+
+    /// Waits until every record handed to the producer is acknowledged (at most 30 s).
+    pub async fn flush(&self) {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "Kafka producer flush incomplete"),
+            Err(e) => warn!(error = %e, "Kafka producer flush did not run"),
+        }
+    }
+}
+
+impl fmt::Debug for KafkaWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaWriter").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KafkaSideConfig, SideKind};
+
+    fn side(properties: &[(&str, &str)]) -> SideConfig {
+        SideConfig {
+            name: "kafka".into(),
+            kind: SideKind::Kafka,
+            message_id: IdSource::Header("msg-id".into()),
+            business_id: IdSource::JsonPointer("/user_id".into()),
+            kafka: Some(KafkaSideConfig {
+                bootstrap_servers: "127.0.0.1:9".into(),
+                topics: vec!["reward".into()],
+                group_id: "g".into(),
+                properties: properties
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            }),
+            rocketmq: None,
+        }
+    }
+
+    fn refusal(properties: &[(&str, &str)]) -> String {
+        match KafkaSource::new(&side(properties)) {
+            Ok(s) => panic!("accepted: {s:?}"),
+            Err(SourceError::Start { reason, .. }) => reason,
+            Err(e) => panic!("wrong error: {e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_keep_the_offset_store_manual_and_read_from_the_start() {
+        let s = KafkaSource::new(&side(&[])).unwrap();
+        assert_eq!(s.config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(s.config.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(s.config.get("group.id"), Some("g"));
+        assert!(s.auto_commit);
+    }
+
+    #[test]
+    fn user_properties_win_over_defaults() {
+        let s = KafkaSource::new(&side(&[
+            ("auto.offset.reset", "latest"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(s.config.get("auto.offset.reset"), Some("latest"));
+        assert!(!s.auto_commit, "the source commits by itself then");
+    }
+
+    #[test]
+    fn turning_on_the_automatic_offset_store_is_refused() {
+        for value in ["true", "1"] {
+            let reason = refusal(&[("enable.auto.offset.store", value)]);
+            assert!(reason.contains("enable.auto.offset.store"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_or_malformed_property_is_refused_with_its_name() {
+        let reason = refusal(&[("no.such.property", "1")]);
+        assert!(reason.contains("no.such.property"), "{reason}");
+        let reason = refusal(&[("session.timeout.ms", "soon")]);
+        assert!(reason.contains("session.timeout.ms"), "{reason}");
+    }
+
+    #[test]
+    fn a_side_without_a_kafka_table_is_refused() {
+        let mut s = side(&[]);
+        s.kafka = None;
+        assert!(matches!(
+            KafkaSource::new(&s),
+            Err(SourceError::Start { .. })
+        ));
+    }
+
+    #[test]
+    fn the_last_header_of_a_name_wins_and_a_null_value_reads_empty() {
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: "msg-id",
+                value: Some("a"),
+            })
+            .insert(Header {
+                key: "other",
+                value: None::<&str>,
+            })
+            .insert(Header {
+                key: "msg-id",
+                value: Some("b"),
+            });
+        assert_eq!(last_header(&h, "msg-id"), Some(&b"b"[..]));
+        assert_eq!(last_header(&h, "other"), Some(&b""[..]));
+        assert_eq!(last_header(&h, "none"), None);
+    }
+}

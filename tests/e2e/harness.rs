@@ -1,0 +1,418 @@
+//! The end-to-end test bed of one test: fresh topics on the real Kafka and RocketMQ brokers, a
+//! key prefix of its own in Redis, the reward service on a free port, a config file, daemon
+//! processes (the real binary) that can be stopped, killed and restarted, and the producer.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mq_cutover::arbiter::{Arbiter, Record};
+use mq_cutover::config::{Config, RedisMode, Validated};
+use mq_cutover::produce::{produce, ProduceArgs, Sent};
+use mq_cutover::reward::{FaultPlan, RewardServer};
+use mq_cutover::store::Store;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::common;
+
+/// Knobs of one test's deployment.
+#[derive(Clone)]
+pub struct Setup {
+    pub policy: &'static str,
+    pub lease: &'static str,
+    pub sink_timeout: &'static str,
+    pub faults: FaultPlan,
+    pub redis_url: String,
+    pub initial_percent: u8,
+    pub drain_timeout: &'static str,
+    pub circuit_threshold: u32,
+    pub circuit_open_for: &'static str,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            policy: "at_least_once",
+            lease: "5s",
+            sink_timeout: "1s",
+            faults: FaultPlan::default(),
+            redis_url: common::redis_url(),
+            initial_percent: 0,
+            drain_timeout: "5s",
+            circuit_threshold: 100_000,
+            circuit_open_for: "10s",
+        }
+    }
+}
+
+pub struct Bed {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub config: Validated,
+    pub reward: RewardServer,
+    reward_stop: CancellationToken,
+    pub daemons: Vec<Daemon>,
+    pub arbiter: Arbiter,
+    pub store: Store,
+}
+
+pub fn kafka_bootstrap() -> String {
+    std::env::var("MQC_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn rocketmq_namesrv() -> String {
+    std::env::var("MQC_ROCKETMQ_NAMESRV").unwrap_or_else(|_| "127.0.0.1:19876".into())
+}
+
+async fn kafka_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("kafka admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "kafka at {} unreachable ({e}): run `scripts/testbed up`",
+                kafka_bootstrap()
+            )
+        });
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("creating kafka topic {t}: {e}"));
+    }
+}
+
+async fn rocketmq_topic(name: &str, queues: u32) {
+    let testbed = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
+    let out = tokio::process::Command::new(testbed)
+        .args(["topic", "rocketmq", name, &queues.to_string()])
+        .output()
+        .await
+        .expect("run scripts/testbed");
+    assert!(
+        out.status.success(),
+        "creating rocketmq topic {name} failed (is the test bed up? `scripts/testbed up`):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Bed {
+    pub async fn new(test: &str, setup: Setup) -> Bed {
+        let name = common::unique_prefix(test);
+        let prefix = name.clone();
+        let topic = format!("{name}-t");
+        let (_, _) = tokio::join!(kafka_topic(&topic, 4), rocketmq_topic(&topic, 4));
+        let reward_stop = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reward = mq_cutover::reward::serve(listener, setup.faults.clone(), reward_stop.clone())
+            .await
+            .expect("reward service");
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("mq-cutover.toml");
+        let text = format!(
+            r#"
+[redis]
+urls = ["{redis}"]
+key_prefix = "{prefix}"
+response_timeout = "1s"
+
+[arbiter]
+lease = "{lease}"
+retention = "30m"
+ambiguous = "{policy}"
+max_attempts = 30
+
+[switches]
+refresh_interval = "200ms"
+
+[switches.initial]
+consume = true
+percent = {percent}
+
+[cutover]
+from = "kafka"
+to = "rocketmq"
+
+[[side]]
+name = "kafka"
+kind = "kafka"
+message_id = {{ header = "msg-id" }}
+business_id = {{ json_pointer = "/user_id" }}
+[side.kafka]
+bootstrap_servers = "{kafka}"
+topics = ["{topic}"]
+group_id = "{name}-g"
+[side.kafka.properties]
+"session.timeout.ms" = "6000"
+
+[[side]]
+name = "rocketmq"
+kind = "rocketmq"
+message_id = {{ header = "msg-id" }}
+business_id = {{ json_pointer = "/user_id" }}
+[side.rocketmq]
+name_server = "{namesrv}"
+topic = "{topic}"
+group = "{name}-g"
+
+[sink]
+url = "{sink}"
+timeout = "{sink_timeout}"
+max_concurrency = 64
+[sink.retry]
+initial_backoff = "20ms"
+max_backoff = "300ms"
+[sink.circuit]
+failure_threshold = {threshold}
+open_for = "{open_for}"
+
+[pipeline]
+drain_timeout = "{drain}"
+
+[log]
+level = "info"
+"#,
+            redis = setup.redis_url,
+            lease = setup.lease,
+            policy = setup.policy,
+            percent = setup.initial_percent,
+            kafka = kafka_bootstrap(),
+            namesrv = rocketmq_namesrv(),
+            sink = reward.url("/grant"),
+            sink_timeout = setup.sink_timeout,
+            drain = setup.drain_timeout,
+            threshold = setup.circuit_threshold,
+            open_for = setup.circuit_open_for,
+        );
+        std::fs::write(&config_path, text).unwrap();
+        let config = Config::load_with_env(&config_path, Default::default())
+            .and_then(Config::validate)
+            .expect("e2e config is valid");
+        let store = Store::connect(&config.redis, false)
+            .await
+            .expect("redis reachable");
+        let arbiter = Arbiter::new(&store, &config.arbiter);
+        Bed {
+            prefix,
+            dir,
+            config_path,
+            config,
+            reward,
+            reward_stop,
+            daemons: Vec::new(),
+            arbiter,
+            store,
+        }
+    }
+
+    /// Starts one more daemon process; returns its index.
+    pub fn start_daemon(&mut self) -> usize {
+        let n = self.daemons.len();
+        let log = self.dir.path().join(format!("daemon-{n}.log"));
+        let d = Daemon::start(&self.config_path, log);
+        self.daemons.push(d);
+        n
+    }
+
+    /// Dual-writes `count` ids with this prefix and these options.
+    pub async fn produce(
+        &self,
+        id_prefix: &str,
+        count: u64,
+        tweak: impl FnOnce(&mut ProduceArgs),
+    ) -> (Sent, Sent) {
+        let mut args = ProduceArgs {
+            count,
+            id_prefix: Some(id_prefix.to_owned()),
+            users: 100_000,
+            duplicates_old: 0.0,
+            duplicates_new: 0.0,
+            missing_old: 0.0,
+            missing_new: 0.0,
+            lag_new: None,
+            lag_old: None,
+            malformed: 0,
+            rate: 0,
+            seed: 7,
+            manifest: None,
+        };
+        tweak(&mut args);
+        produce(&self.config, &args).await.expect("produce")
+    }
+
+    pub fn grants(&self) -> HashMap<String, u32> {
+        self.reward.state().grant_counts().into_iter().collect()
+    }
+
+    /// Waits until every id `{prefix}-0 .. {prefix}-{count-1}` has a grant (or is dead, when
+    /// `dead_ok`), then a little longer for stragglers. Panics with the daemons' logs on timeout.
+    pub async fn wait_all_settled(&self, prefix: &str, count: u64, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let grants = self.grants();
+            let missing: Vec<String> = (0..count)
+                .map(|i| format!("{prefix}-{i}"))
+                .filter(|id| grants.get(id).copied().unwrap_or(0) == 0)
+                .collect();
+            let mut unsettled = 0;
+            if !missing.is_empty() {
+                // Not granted: settled only if parked dead.
+                for id in missing.iter().take(2000) {
+                    match self.arbiter.inspect(id).await {
+                        Ok(Some(r)) if r.state == mq_cutover::arbiter::State::Dead => {}
+                        _ => unsettled += 1,
+                    }
+                }
+            }
+            if unsettled == 0 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "{unsettled} of {count} ids neither granted nor dead after {limit:?}, e.g. {:?}\n{}",
+                    &missing[..missing.len().min(5)],
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn record(&self, id: &str) -> Option<Record> {
+        self.arbiter.inspect(id).await.expect("inspect")
+    }
+
+    pub async fn dead_letters(&self) -> Vec<mq_cutover::dead::DeadLetter> {
+        mq_cutover::dead::DeadLetters::new(&self.store, 100_000)
+            .all()
+            .await
+            .unwrap()
+    }
+
+    /// `mq-cutover switch set …` through the real CLI.
+    pub fn switch(&self, args: &[&str]) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("switch")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "switch {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, d) in self.daemons.iter().enumerate() {
+            let text = std::fs::read_to_string(&d.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            s.push_str(&format!("--- daemon {i} (last 40 lines)\n"));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            d.kill();
+        }
+        self.reward_stop.cancel();
+        let urls = match self.config.redis.mode {
+            RedisMode::Standalone => self.config.redis.urls.clone(),
+            RedisMode::Cluster => common::cluster_urls(),
+        };
+        common::cleanup(&urls, &self.prefix);
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            log,
+            config: config.to_path_buf(),
+        };
+        d.restart();
+        d
+    }
+
+    /// Starts the process again (appending to the same log).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start mq-cutover run");
+        self.child = Some(child);
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// SIGKILL: as abrupt as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit; its exit code and how long it took, or None on timeout.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<(i32, Duration)> {
+        let start = Instant::now();
+        let child = self.child.as_mut()?;
+        while start.elapsed() < limit {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some((status.code().unwrap_or(-1), start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -1,0 +1,555 @@
+//! The RocketMQ source against the real broker of the test bed (`scripts/testbed up rocketmq`):
+//! every message arrives once with its identity and origin; only finished copies are committed,
+//! so a restart redelivers from the first unfinished offset of each queue and never skips one;
+//! unreadable messages come through as bad input and their ack moves the offset; pause, cancel
+//! and a rebalance between two instances of one group.
+//!
+//! Each test creates its own topic and consumer group (`scripts/testbed topic rocketmq …`). A
+//! test that cannot reach the broker fails and says how to start it; none is skipped.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use mq_cutover::config::{IdSource, RocketMqSideConfig, SideConfig, SideKind};
+use mq_cutover::message::{Ack, Message};
+use mq_cutover::source::rocketmq::{self, RocketMqWriter};
+use mq_cutover::source::{SourceContext, SourceError};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for messages it expects.
+const ARRIVAL: Duration = Duration::from_secs(60);
+/// How long a test listens for messages it must not get.
+const QUIET: Duration = Duration::from_secs(3);
+
+fn name_server() -> String {
+    std::env::var("MQC_ROCKETMQ_NAMESRV").unwrap_or_else(|_| "127.0.0.1:19876".into())
+}
+
+fn broker() -> String {
+    std::env::var("MQC_ROCKETMQ_BROKER").unwrap_or_else(|_| "127.0.0.1:20911".into())
+}
+
+/// Fails loudly unless both the name server and the broker accept connections.
+fn require_rocketmq() {
+    for (what, addr) in [("name server", name_server()), ("broker", broker())] {
+        let reachable = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+        assert!(
+            reachable,
+            "the test RocketMQ {what} at {addr} is not reachable. Start the test bed with \
+             `scripts/testbed up rocketmq` (the README's test command does it for you)."
+        );
+    }
+}
+
+/// A fresh topic with `queues` queues and a fresh group name, both unique to this run.
+async fn fresh_topic(test: &str, queues: u32) -> (String, String) {
+    require_rocketmq();
+    let tag = format!("{:08x}", rand::random::<u32>());
+    let topic = format!("mqc-t-{test}-{tag}");
+    let group = format!("mqc-g-{test}-{tag}");
+    let testbed = std::env::var("MQC_TESTBED")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").into());
+    let out = tokio::process::Command::new(&testbed)
+        .args(["topic", "rocketmq", &topic, &queues.to_string()])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {testbed}: {e}"));
+    assert!(
+        out.status.success(),
+        "`scripts/testbed topic rocketmq {topic} {queues}` failed (is rocketmq up? \
+         `scripts/testbed up rocketmq`):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (topic, group)
+}
+
+fn side(topic: &str, group: &str) -> SideConfig {
+    SideConfig {
+        name: "rocketmq".into(),
+        kind: SideKind::Rocketmq,
+        message_id: IdSource::Header("msg-id".into()),
+        business_id: IdSource::JsonPointer("/user_id".into()),
+        kafka: None,
+        rocketmq: Some(RocketMqSideConfig {
+            name_server: name_server(),
+            topic: topic.into(),
+            tag_expression: "*".into(),
+            group: group.into(),
+        }),
+    }
+}
+
+async fn writer(group: &str) -> RocketMqWriter {
+    RocketMqWriter::connect(&name_server(), &format!("{group}-producer"))
+        .await
+        .unwrap_or_else(|e| panic!("{e} (is rocketmq up? `scripts/testbed up rocketmq`)"))
+}
+
+/// Sends `m-N` with body `{"user_id": "u-N"}` for every N in `ids`.
+async fn send_range(w: &RocketMqWriter, topic: &str, ids: std::ops::Range<u32>) {
+    for n in ids {
+        let id = format!("m-{n}");
+        let body = format!(r#"{{"user_id": "u-{n}"}}"#);
+        w.send(topic, None, &id, &[("msg-id", &id)], body.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("send {id}: {e}"));
+    }
+}
+
+/// A source running in a task, with the daemon's side of its context.
+struct Running {
+    rx: mpsc::Receiver<Message>,
+    cancel: CancellationToken,
+    paused: watch::Sender<bool>,
+    task: JoinHandle<Result<(), SourceError>>,
+}
+
+/// Client and source logs in the test output, filtered by `RUST_LOG` (errors only by default).
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn start(side: &SideConfig, paused: bool) -> Running {
+    logs();
+    let source = rocketmq::build(side).expect("build");
+    let (out, rx) = mpsc::channel(64);
+    let cancel = CancellationToken::new();
+    let (paused_tx, paused_rx) = watch::channel(paused);
+    let cx = SourceContext {
+        side: side.name.as_str().into(),
+        out,
+        cancel: cancel.clone(),
+        paused: paused_rx,
+    };
+    let task = tokio::spawn(source.run(cx));
+    Running {
+        rx,
+        cancel,
+        paused: paused_tx,
+        task,
+    }
+}
+
+impl Running {
+    /// The next `n` messages; fails if they do not all arrive within `limit`.
+    async fn take(&mut self, n: usize, limit: Duration) -> Vec<Message> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.rx.recv()).await {
+                Ok(Some(m)) => got.push(m),
+                Ok(None) => panic!(
+                    "the source stopped after {} of {n} messages: {:?}",
+                    got.len(),
+                    (&mut self.task).await
+                ),
+                Err(_) => panic!(
+                    "only {} of {n} messages arrived within {limit:?}",
+                    got.len()
+                ),
+            }
+        }
+        got
+    }
+
+    /// Everything that arrives within `d`.
+    async fn quiet(&mut self, d: Duration) -> Vec<Message> {
+        let deadline = tokio::time::Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            got.push(m);
+        }
+        got
+    }
+
+    /// Cancels the source and waits for `run` to return; returns how long that took.
+    async fn stop(self) -> Duration {
+        let t = Instant::now();
+        self.cancel.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("run() returns after cancel")
+            .expect("the source task does not panic");
+        assert!(result.is_ok(), "run() after cancel: {result:?}");
+        t.elapsed()
+    }
+}
+
+fn id_of(m: &Message) -> String {
+    m.identity
+        .as_ref()
+        .unwrap_or_else(|e| panic!("no identity at {:?}: {e}", m.origin))
+        .id
+        .clone()
+}
+
+fn done(msgs: Vec<Message>) {
+    for m in msgs {
+        m.ack.done();
+    }
+}
+
+/// Restarts a source in `group`, sends one sentinel message and asserts that it is the only
+/// message delivered: everything before it was committed.
+async fn assert_nothing_redelivered(s: &SideConfig, w: &RocketMqWriter, topic: &str) {
+    let mut again = start(s, false);
+    w.send(
+        topic,
+        None,
+        "sentinel",
+        &[("msg-id", "sentinel")],
+        br#"{"user_id": "u-s"}"#,
+    )
+    .await
+    .expect("send sentinel");
+    let first = again.take(1, ARRIVAL).await;
+    let extra = again.quiet(QUIET).await;
+    let ids: Vec<String> = first.iter().chain(&extra).map(id_of).collect();
+    assert_eq!(ids, vec!["sentinel"], "redelivered after a restart");
+    done(first);
+    done(extra);
+    again.stop().await;
+}
+
+#[tokio::test]
+async fn every_message_arrives_once_with_identity_and_origin_and_none_after_restart() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("all", 4).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    send_range(&w, &topic, 0..200).await;
+
+    let mut src = start(&s, false);
+    let got = src.take(200, ARRIVAL).await;
+    let extra = src.quiet(Duration::from_secs(1)).await;
+    assert!(
+        extra.is_empty(),
+        "{} messages beyond the 200 sent",
+        extra.len()
+    );
+
+    let mut ids = BTreeSet::new();
+    let mut positions = BTreeSet::new();
+    for m in &got {
+        let identity = m.identity.as_ref().expect("identity");
+        let n = identity.id.strip_prefix("m-").expect("m-N");
+        assert_eq!(identity.business_id, format!("u-{n}"));
+        assert!(ids.insert(identity.id.clone()), "{} twice", identity.id);
+        assert_eq!(&*m.origin.side, "rocketmq");
+        assert_eq!(&*m.origin.topic, topic);
+        assert!((0..4).contains(&m.origin.partition), "{:?}", m.origin);
+        assert!(m.origin.offset >= 0);
+        assert!(positions.insert((m.origin.partition, m.origin.offset)));
+        assert_eq!(m.payload, format!(r#"{{"user_id": "u-{n}"}}"#).as_bytes());
+    }
+    assert_eq!(ids, (0..200).map(|n| format!("m-{n}")).collect());
+    done(got);
+    let stop = src.stop().await;
+
+    assert_nothing_redelivered(&s, &w, &topic).await;
+    w.shutdown().await;
+    eprintln!("all-once: stop {stop:?}, whole test {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn restart_redelivers_from_the_first_unfinished_offset_of_each_queue_never_below() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("gap", 2).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    send_range(&w, &topic, 0..200).await;
+
+    let mut src = start(&s, false);
+    let got = src.take(200, ARRIVAL).await;
+    // Finish offsets below 30, leave 30 unfinished (the gap), finish every 4th one above it
+    // and leave the rest unfinished (dropped acks hand the copy back).
+    let mut first_open: HashMap<i32, i64> = HashMap::new();
+    let mut by_position = BTreeMap::new();
+    for m in got {
+        let (q, o) = (m.origin.partition, m.origin.offset);
+        by_position.insert((q, o), id_of(&m));
+        if o < 30 || (o > 30 && o % 4 == 0) {
+            m.ack.done();
+        } else {
+            let e = first_open.entry(q).or_insert(o);
+            *e = (*e).min(o);
+        }
+    }
+    assert_eq!(
+        first_open.len(),
+        2,
+        "both queues got messages: {first_open:?}"
+    );
+    assert!(first_open.values().all(|&o| o == 30), "{first_open:?}");
+    let stop = src.stop().await;
+
+    let expected: BTreeMap<(i32, i64), String> = by_position
+        .iter()
+        .filter(|((q, o), _)| *o >= first_open[q])
+        .map(|(p, id)| (*p, id.clone()))
+        .collect();
+    let mut again = start(&s, false);
+    let redelivered = again.take(expected.len(), ARRIVAL).await;
+    let extra = again.quiet(QUIET).await;
+    let seen: BTreeMap<(i32, i64), String> = redelivered
+        .iter()
+        .chain(&extra)
+        .map(|m| ((m.origin.partition, m.origin.offset), id_of(m)))
+        .collect();
+    assert_eq!(
+        redelivered.len() + extra.len(),
+        seen.len(),
+        "a copy came twice after the restart"
+    );
+    assert_eq!(
+        seen, expected,
+        "after the restart: exactly the copies at and above the first unfinished offset"
+    );
+    done(redelivered);
+    done(extra);
+    again.stop().await;
+    w.shutdown().await;
+    eprintln!(
+        "gap: {} redelivered of 200, stop {stop:?}, whole test {:?}",
+        expected.len(),
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn unreadable_messages_come_as_bad_input_and_their_ack_moves_the_offset() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("bad", 1).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    w.send(&topic, None, "", &[], br#"{"user_id": "u-1"}"#)
+        .await
+        .expect("send without msg-id");
+    w.send(&topic, None, "m-2", &[("msg-id", "m-2")], b"not json")
+        .await
+        .expect("send non-JSON");
+    send_range(&w, &topic, 3..4).await;
+
+    let mut src = start(&s, false);
+    let got = src.take(3, ARRIVAL).await;
+    let reasons: Vec<String> = got
+        .iter()
+        .map(|m| match &m.identity {
+            Ok(id) => format!("ok {}", id.id),
+            Err(e) => e.0.clone(),
+        })
+        .collect();
+    assert_eq!(reasons[0], "message id: no header `msg-id`");
+    assert!(
+        reasons[1].starts_with("business id: body is not JSON"),
+        "{}",
+        reasons[1]
+    );
+    assert_eq!(reasons[2], "ok m-3");
+    assert_eq!(
+        got.iter().map(|m| m.origin.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    done(got);
+    src.stop().await;
+
+    assert_nothing_redelivered(&s, &w, &topic).await;
+    w.shutdown().await;
+    eprintln!("bad-input: whole test {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn pause_stops_delivery_and_resume_continues_it() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("pause", 2).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+
+    // Started paused: nothing arrives.
+    let mut src = start(&s, true);
+    send_range(&w, &topic, 0..10).await;
+    let early = src.quiet(QUIET).await;
+    assert!(early.is_empty(), "{} delivered while paused", early.len());
+    src.paused.send(false).unwrap();
+    let resumed_at = Instant::now();
+    done(src.take(10, ARRIVAL).await);
+    let resume = resumed_at.elapsed();
+
+    // Paused while running: nothing more until resumed.
+    src.paused.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_range(&w, &topic, 10..30).await;
+    let held = src.quiet(QUIET).await;
+    assert!(held.is_empty(), "{} delivered while paused", held.len());
+    src.paused.send(false).unwrap();
+    let got = src.take(20, ARRIVAL).await;
+    let ids: BTreeSet<String> = got.iter().map(id_of).collect();
+    assert_eq!(ids, (10..30).map(|n| format!("m-{n}")).collect());
+    done(got);
+    src.stop().await;
+    w.shutdown().await;
+    eprintln!(
+        "pause: first delivery {resume:?} after resume, whole test {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn cancel_returns_ok_within_seconds_and_an_unfinished_copy_stays_uncommitted() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("cancel", 1).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+
+    // Idle: nothing in flight.
+    let src = start(&s, false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = src.stop().await;
+    // The client waits for pulls held by the broker; those end 1-6 s after they were sent
+    // (docs/rocketmq.md, gap 2).
+    assert!(idle < Duration::from_secs(8), "idle stop took {idle:?}");
+
+    // One copy held (neither done nor dropped): run() waits for it, bounded, and does not
+    // commit it.
+    send_range(&w, &topic, 0..10).await;
+    let mut src = start(&s, false);
+    let mut got = src.take(10, ARRIVAL).await;
+    let held: Ack = got.remove(5).ack;
+    done(got);
+    let busy = src.stop().await;
+    assert!(
+        busy >= rocketmq::DRAIN_GRACE - Duration::from_millis(100),
+        "run() returned after {busy:?}, before the grace period for the held copy"
+    );
+    assert!(
+        busy < rocketmq::DRAIN_GRACE + Duration::from_secs(8),
+        "stop with a held copy took {busy:?}"
+    );
+    drop(held);
+
+    // The held copy (offset 5) and everything after it come again.
+    let mut again = start(&s, false);
+    let back = again.take(5, ARRIVAL).await;
+    assert_eq!(
+        back.iter().map(|m| m.origin.offset).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8, 9]
+    );
+    assert!(again.quiet(Duration::from_secs(1)).await.is_empty());
+    done(back);
+    let after = again.stop().await;
+    w.shutdown().await;
+    eprintln!(
+        "cancel: idle stop {idle:?}, stop with a held copy {busy:?}, stop {after:?}, whole test {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_second_instance_takes_over_queues_without_losing_a_message() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("rebalance", 4).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+
+    let mut a = start(&s, false);
+    send_range(&w, &topic, 0..40).await;
+    let first = a.take(40, ARRIVAL).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for m in &first {
+        *seen.entry(id_of(m)).or_default() += 1;
+    }
+    done(first);
+
+    // B joins: the group rebalances and each instance keeps some of the four queues.
+    let mut b = start(&s, false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    send_range(&w, &topic, 40..140).await;
+    let deadline = Instant::now() + ARRIVAL;
+    let (mut from_a, mut from_b) = (0, 0);
+    while (40..140).any(|n| !seen.contains_key(&format!("m-{n}"))) {
+        assert!(
+            Instant::now() < deadline,
+            "messages missing after the rebalance"
+        );
+        tokio::select! {
+            Some(m) = a.rx.recv() => { from_a += 1; *seen.entry(id_of(&m)).or_default() += 1; m.ack.done(); }
+            Some(m) = b.rx.recv() => { from_b += 1; *seen.entry(id_of(&m)).or_default() += 1; m.ack.done(); }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both instances consume: a {from_a}, b {from_b}"
+    );
+
+    // A leaves: B gets every queue, from A's last commit.
+    a.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send_range(&w, &topic, 140..160).await;
+    let deadline = Instant::now() + ARRIVAL;
+    while (140..160).any(|n| !seen.contains_key(&format!("m-{n}"))) {
+        assert!(Instant::now() < deadline, "messages missing after A left");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), b.rx.recv()).await {
+            *seen.entry(id_of(&m)).or_default() += 1;
+            m.ack.done();
+        }
+    }
+    b.stop().await;
+    w.shutdown().await;
+    assert_eq!(seen.len(), 160, "every message arrived at least once");
+    // RocketMQ's rebalance is not coordinated: B may read a queue's offset before A's last
+    // commit for it lands, so copies A finished just before B joined can come again (the
+    // arbiter answers DONE). Copies sent after the group settled must not.
+    let twice: Vec<u32> = seen
+        .iter()
+        .filter(|(_, &c)| c > 1)
+        .map(|(id, _)| id[2..].parse().unwrap())
+        .collect();
+    assert!(
+        twice.iter().all(|&n| n < 40),
+        "duplicates outside the hand-over window: {twice:?}"
+    );
+    eprintln!(
+        "rebalance: a {from_a}, b {from_b} of 100 while both ran; {} of the 40 copies finished \
+         just before B joined came again; whole test {:?}",
+        twice.len(),
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_topic_without_a_route_fails_to_start_and_says_so() {
+    require_rocketmq();
+    let tag = format!("{:08x}", rand::random::<u32>());
+    let topic = format!("mqc-t-missing-{tag}");
+    let s = side(&topic, &format!("mqc-g-missing-{tag}"));
+    let src = start(&s, false);
+    let result = tokio::time::timeout(Duration::from_secs(30), src.task)
+        .await
+        .expect("run() returns")
+        .expect("no panic");
+    match result {
+        Err(SourceError::Start { reason, .. }) => {
+            assert!(
+                reason.contains(&topic) && reason.contains("no route"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a start error, got {other:?}"),
+    }
+}
