@@ -501,3 +501,80 @@ async fn a_second_signal_exits_at_once_while_draining() {
     assert_eq!(code, 130, "{}", bed.logs());
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_answers_are_dead_lettered_and_a_replay_delivers_them_once() {
+    let setup = Setup {
+        faults: FaultPlan {
+            bad_request_rate: 1.0,
+            ..FaultPlan::default()
+        },
+        ..Setup::default()
+    };
+    let mut bed = Bed::new("e2e-replay", setup).await;
+    bed.switch(&["set", "--consume", "on", "--percent", "50"]);
+    bed.start_daemon();
+    let count = 50;
+    bed.produce("d", count, |_| {}).await;
+    // Every call answers 400: fatal, so every id is parked after one call.
+    let parked = common::eventually(Duration::from_secs(60), || async {
+        bed.dead_letters().await.len() as u64 >= count
+    })
+    .await;
+    assert!(
+        parked.is_some(),
+        "{} dead letters:\n{}",
+        bed.dead_letters().await.len(),
+        bed.logs()
+    );
+    let letters = bed.dead_letters().await;
+    assert_eq!(letters.len() as u64, count);
+    for l in &letters {
+        assert!(l.reason.starts_with("HTTP 400"), "{l:?}");
+        assert_eq!(l.attempts, 1);
+        assert!(l.message_id.is_some() && l.business_id.is_some());
+    }
+    assert!(bed.grants().is_empty());
+
+    // The downstream is fixed; an operator replays everything.
+    bed.reward.state().set_faults(FaultPlan::default()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+        .arg("--config")
+        .arg(&bed.config_path)
+        .args(["dead", "replay", "--all"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "replayed: {count} delivered, 0 parked again, 0 skipped"
+        )),
+        "{stdout}"
+    );
+    let grants = bed.grants();
+    for i in 0..count {
+        assert_eq!(grants.get(&format!("d-{i}")).copied(), Some(1), "d-{i}");
+        assert_eq!(
+            bed.record(&format!("d-{i}")).await.unwrap().state,
+            State::Done
+        );
+    }
+    assert!(
+        bed.dead_letters().await.is_empty(),
+        "replayed letters are removed"
+    );
+    // A second replay finds nothing to do, and the duplicates still in the brokers stay DONE.
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+        .arg("--config")
+        .arg(&bed.config_path)
+        .args(["audit", "--count", "100"])
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(audit.matches("replay").count() as u64, count, "{audit}");
+}
