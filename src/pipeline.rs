@@ -516,9 +516,12 @@ async fn deliver(
                 return msg.ack.done();
             }
             Completion::Fenced => {
-                // Another worker took the id over; it holds its own copy and decides.
+                // Another worker took the id over. Its copy may be this very broker message (after
+                // a rebalance), so do not ack: put the copy back through the pipeline, where the
+                // claim answers BUSY while that worker lives, and DONE / DEAD once it decided.
                 tracing::warn!(id = %ident.id, side = %side, "lease lost during the call; the current holder decides");
-                return msg.ack.done();
+                let _ = retry_tx.send(msg);
+                return;
             }
             Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead) => {
                 let reason = match shared.arbiter.inspect(&ident.id).await {

@@ -46,7 +46,8 @@ pub struct Rec {
 }
 
 impl Rec {
-    fn new(owner: &str) -> Rec {
+    /// A fresh record: owned by `owner`, pending, nothing else yet.
+    pub fn new(owner: &str) -> Rec {
         Rec {
             owner: owner.to_owned(),
             state: State::Pending,

@@ -2,7 +2,6 @@
 //! histories of claims, completions, renewals, releases and lease expiries, applied to both;
 //! every answer and the stored record after every step must match.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
@@ -49,17 +48,7 @@ async fn stored(store: &Store, prefix: &str, id: &str) -> Option<Rec> {
     if fields.is_empty() {
         return None;
     }
-    let mut r = Rec {
-        owner: String::new(),
-        state: State::Pending,
-        token: None,
-        expiry: None,
-        attempts: 0,
-        seen: BTreeSet::new(),
-        ambiguous: 0,
-        overlaps: 0,
-        reason: None,
-    };
+    let mut r = Rec::new("");
     for (k, v) in fields {
         match k.as_str() {
             "o" => r.owner = v,
