@@ -119,6 +119,9 @@ impl Store {
     /// daemon starts even while Redis is away, and reports not ready); without, the first
     /// connection is made now and its failure returned (the CLI says so and exits).
     pub async fn connect(cfg: &RedisConfig, lazy: bool) -> Result<Store, StoreError> {
+        // `rediss://` needs a rustls crypto provider; the crate set compiles in ring only, so
+        // install it (a no-op if something installed one already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let infos = cfg
             .urls
             .iter()

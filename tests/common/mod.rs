@@ -131,6 +131,7 @@ pub struct PrivateRedis {
     child: Option<Child>,
     dir: tempfile::TempDir,
     persistent: bool,
+    password: Option<String>,
 }
 
 impl PrivateRedis {
@@ -143,6 +144,22 @@ impl PrivateRedis {
             child: None,
             dir,
             persistent: false,
+            password: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Like [`PrivateRedis::start`], requiring this password (`requirepass`).
+    pub fn start_with_password(password: &str) -> PrivateRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            dir,
+            persistent: false,
+            password: Some(password.to_owned()),
         };
         r.restart();
         r
@@ -158,6 +175,7 @@ impl PrivateRedis {
             child: None,
             dir,
             persistent: true,
+            password: None,
         };
         r.restart();
         r
@@ -179,7 +197,11 @@ impl PrivateRedis {
     /// Starts the server again on the same port (empty unless persistent).
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -201,7 +223,11 @@ impl PrivateRedis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let up = redis::Client::open(self.url())
+            let url = match &self.password {
+                Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+                None => self.url(),
+            };
+            let up = redis::Client::open(url)
                 .and_then(|c| c.get_connection())
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
                 .is_ok();

@@ -317,3 +317,50 @@ async fn the_last_known_switches_stay_in_force_while_redis_is_away() {
         "the follower did not recover after redis came back"
     );
 }
+
+#[tokio::test]
+async fn a_password_from_the_config_authenticates_and_a_wrong_one_is_refused_without_echoing_it() {
+    let redis = common::PrivateRedis::start_with_password("s3cret-pw");
+    let mut cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "auth");
+    // No password: refused.
+    let refused = match Store::connect(&cfg, false).await {
+        Err(_) => true,
+        Ok(s) => s.ping().await.is_err(),
+    };
+    assert!(
+        refused,
+        "a server with requirepass answered without a password"
+    );
+    cfg.password = Some(serde_json::from_value(serde_json::json!("wrong-pw")).unwrap());
+    let err = match Store::connect(&cfg, false).await {
+        Err(e) => e.to_string(),
+        Ok(s) => s
+            .ping()
+            .await
+            .expect_err("a wrong password must not work")
+            .to_string(),
+    };
+    assert!(
+        !err.contains("wrong-pw"),
+        "the password leaked into an error: {err}"
+    );
+    cfg.password = Some(serde_json::from_value(serde_json::json!("s3cret-pw")).unwrap());
+    let store = Store::connect(&cfg, false)
+        .await
+        .expect("the right password connects");
+    let s = SwitchStore::new(&store);
+    s.set(
+        &SwitchChange {
+            percent: Some(percent(5)),
+            ..Default::default()
+        },
+        "t",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get().await.unwrap().percent.get(), 5);
+    assert!(
+        !format!("{cfg:?}").contains("s3cret-pw"),
+        "Debug shows the password"
+    );
+}
