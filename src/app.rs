@@ -2,6 +2,7 @@
 //! plane (switch following, Redis health, seeding the switches of a new deployment) and keeps it
 //! up until the root token is cancelled; the broker sources join it in the data-path work.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::message::Side;
 use crate::pipeline::{Pause, PauseReason, Replayed, Shared};
 use crate::source::SourceContext;
 use crate::store::Store;
+use crate::telemetry::metrics::Metrics;
 
 /// How long the sources get to commit and leave their groups after the pipelines drained.
 const SOURCE_GRACE: Duration = Duration::from_secs(10);
@@ -157,6 +159,8 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let store = Store::connect(&cfg.redis, true)
         .await
         .context("setting up the redis client")?;
+    let metrics = Arc::new(Metrics::default());
+    let redis_up = Arc::new(AtomicBool::new(false));
     let switch_store = SwitchStore::new(&store);
     let control = TaskTracker::new();
     control.spawn(seed_switches(
@@ -164,22 +168,53 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         cfg.clone(),
         root.child_token(),
     ));
-    control.spawn(watch_redis(store.clone(), root.child_token()));
+    control.spawn(watch_redis(
+        store.clone(),
+        redis_up.clone(),
+        metrics.clone(),
+        root.child_token(),
+    ));
     let (feed, _follower) = switches::follow(
         switch_store,
         cfg.switches.refresh_interval,
         root.child_token(),
     );
-    let pause = Arc::new(Pause::default());
+    control.spawn(switch_gauges(
+        feed.clone(),
+        metrics.clone(),
+        root.child_token(),
+    ));
+    let pause = Arc::new(Pause::counted(&metrics));
     let completer_stop = CancellationToken::new();
     let shared = Arc::new(Shared::build(
         &cfg,
         &store,
-        feed,
+        feed.clone(),
         pause.clone(),
         completer_stop.clone(),
+        metrics.clone(),
     )?);
     control.spawn(follow_circuit(shared.clone(), root.child_token()));
+    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
+    let admin = crate::admin::router(crate::admin::AdminState {
+        metrics: metrics.clone(),
+        redis_up,
+        switches: feed,
+        breaker: shared.breaker.clone(),
+    });
+    let admin_stop = root.child_token();
+    let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
+    tracing::info!(listen = %bound, "admin listener: /metrics /healthz /readyz");
+    control.spawn(async move {
+        let served = axum::serve(listener, admin)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
 
     let source_stop = CancellationToken::new();
     let calls = TaskTracker::new();
@@ -263,6 +298,7 @@ async fn follow_circuit(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut states = shared.breaker.subscribe();
     loop {
         let open = states.borrow_and_update().is_open();
+        shared.metrics.circuit_open.set(i64::from(open));
         shared.pause.set(PauseReason::CircuitOpen, open);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -336,6 +372,7 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                 feed,
                 Arc::new(Pause::default()),
                 stop.clone(),
+                Arc::new(Metrics::default()),
             )?);
             let audit = SwitchStore::new(&store);
             let by = switches::actor("cli");
@@ -399,8 +436,33 @@ async fn seed_switches(store: SwitchStore, cfg: Validated, cancel: CancellationT
     }
 }
 
-/// Logs each transition of Redis between reachable and unreachable.
-async fn watch_redis(store: Store, cancel: CancellationToken) {
+/// Keeps the switch gauges in step with the switches this instance follows.
+async fn switch_gauges(
+    mut feed: switches::SwitchFeed,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    loop {
+        if let Some(s) = feed.borrow_and_update().clone() {
+            metrics.switch_consume.set(i64::from(s.consume));
+            metrics.switch_percent.set(i64::from(s.percent.get()));
+            metrics.switch_whitelist.set(s.whitelist.len() as i64);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = feed.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Logs each transition of Redis between reachable and unreachable, and keeps the readiness
+/// flag and the gauge in step.
+async fn watch_redis(
+    store: Store,
+    redis_up: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     let mut up: Option<bool> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -418,5 +480,7 @@ async fn watch_redis(store: Store, cancel: CancellationToken) {
             _ => {}
         }
         up = Some(now_up.is_ok());
+        redis_up.store(now_up.is_ok(), Ordering::Relaxed);
+        metrics.redis_up.set(if now_up.is_ok() { 1.0 } else { 0.0 });
     }
 }

@@ -60,6 +60,30 @@ pub struct Config {
     /// Log format and filter.
     #[serde(default)]
     pub log: LogConfig,
+    /// The admin listener: metrics and health.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on, e.g. `0.0.0.0:9464` in a container.
+    #[serde(default = "default_admin_listen")]
+    pub listen: std::net::SocketAddr,
+}
+
+fn default_admin_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
 }
 
 /// `[redis]`: the server (or cluster) holding claims and switches.
@@ -1090,6 +1114,12 @@ url = "http://127.0.0.1:8080/grant"
         let text = GOOD.replace("[sink]\nurl = \"http://127.0.0.1:8080/grant\"\n", "");
         let e = err_of(&text);
         assert!(e.problem.contains("sink"), "{e}");
+    }
+
+    #[test]
+    fn bad_admin_address_is_named() {
+        let e = err_of(&format!("{GOOD}\n[admin]\nlisten = \"localhost\"\n"));
+        assert_eq!(e.key, "admin.listen");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! [`telemetry`] and [`shutdown`] beside them.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod arbiter;
 pub mod cli;

@@ -26,6 +26,7 @@ use crate::sink::breaker::CircuitBreaker;
 use crate::sink::retry::Backoff;
 use crate::sink::{Sink, SinkRequest};
 use crate::store::StoreError;
+use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
 
 /// Why the sources are paused; each reason is set and cleared on its own.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,7 @@ pub enum PauseReason {
 pub struct Pause {
     reasons: Mutex<u8>,
     tx: watch::Sender<bool>,
+    pauses: Option<prometheus::IntCounter>,
 }
 
 impl Default for Pause {
@@ -48,11 +50,20 @@ impl Default for Pause {
         Self {
             reasons: Mutex::new(0),
             tx: watch::channel(false).0,
+            pauses: None,
         }
     }
 }
 
 impl Pause {
+    /// A pause switch that counts its pauses in `metrics`.
+    pub fn counted(metrics: &Metrics) -> Pause {
+        Pause {
+            pauses: Some(metrics.pauses.clone()),
+            ..Pause::default()
+        }
+    }
+
     /// Sets or clears one reason; logs when the overall state changes.
     pub fn set(&self, reason: PauseReason, on: bool) {
         let mut r = self.reasons.lock().expect("pause lock");
@@ -66,6 +77,9 @@ impl Pause {
         drop(r);
         if before != after {
             if after {
+                if let Some(p) = &self.pauses {
+                    p.inc();
+                }
                 tracing::warn!(?reason, "pausing the sources");
             } else {
                 tracing::info!("resuming the sources");
@@ -115,6 +129,8 @@ pub struct Shared {
     pub completer: Completer,
     /// Settings.
     pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -126,6 +142,7 @@ impl Shared {
         switches: SwitchFeed,
         pause: Arc<Pause>,
         stop: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Shared> {
         let arbiter = Arbiter::new(store, &cfg.arbiter);
         let sink = crate::sink::http::HttpSink::new(&cfg.sink)
@@ -137,6 +154,7 @@ impl Shared {
             pause.clone(),
             cfg.pipeline.claim_batch,
             stop,
+            metrics.complete_seconds.clone(),
         );
         Ok(Shared {
             arbiter,
@@ -157,6 +175,7 @@ impl Shared {
                 max_in_flight: cfg.pipeline.max_in_flight,
                 busy_retry: cfg.pipeline.busy_retry,
             },
+            metrics,
         })
     }
 }
@@ -227,7 +246,11 @@ pub async fn replay(
         origin,
     };
     let (retry_tx, _retry_rx) = mpsc::unbounded_channel();
-    deliver(shared, &owner, msg, token, attempt, cancel, &retry_tx).await;
+    let metrics = shared.metrics.side(&owner);
+    deliver(
+        shared, &owner, &metrics, msg, token, attempt, cancel, &retry_tx,
+    )
+    .await;
     if ack_rx.try_recv().is_err() {
         return Ok(Replayed::Elsewhere(
             "interrupted before its fate was recorded".into(),
@@ -251,6 +274,7 @@ pub async fn run_side(
     tracker: TaskTracker,
 ) {
     let calls = Arc::new(Semaphore::new(shared.settings.max_in_flight));
+    let metrics = shared.metrics.side(&side);
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Message>();
     let mut batch = Vec::with_capacity(shared.settings.claim_batch);
     loop {
@@ -274,15 +298,20 @@ pub async fn run_side(
             }
         }
         let work = std::mem::take(&mut batch);
-        handle_batch(&shared, &side, work, &calls, &retry_tx, &cancel, &tracker).await;
+        handle_batch(
+            &shared, &side, &metrics, work, &calls, &retry_tx, &cancel, &tracker,
+        )
+        .await;
         batch = Vec::with_capacity(shared.settings.claim_batch);
     }
     tracing::info!(side = %side, "pipeline stopped taking copies");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_batch(
     shared: &Arc<Shared>,
     side: &Side,
+    metrics: &SideMetrics,
     batch: Vec<Message>,
     calls: &Arc<Semaphore>,
     retry_tx: &mpsc::UnboundedSender<Message>,
@@ -291,7 +320,11 @@ async fn handle_batch(
 ) {
     let (good, bad): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| m.identity.is_ok());
     if !bad.is_empty() {
-        park_bad_input(shared, bad, cancel).await;
+        let n = bad.len() as u64;
+        if park_bad_input(shared, bad, cancel).await {
+            metrics.message(Fate::BadInput, n);
+            metrics.dead_letters.inc_by(n);
+        }
     }
     if good.is_empty() {
         return;
@@ -314,15 +347,21 @@ async fn handle_batch(
                 }
             })
             .collect();
+        let timer = shared.metrics.claim_seconds.start_timer();
         match until_redis_answers(shared, cancel, || shared.arbiter.claim_batch(&reqs)).await {
-            Some(c) => c,
+            Some(c) => {
+                timer.observe_duration();
+                c
+            }
             None => return, // cancelled while Redis was away: hand back
         }
     };
     for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
         match claim {
             Ok(Claim::Proceed { attempt, takeover }) => {
+                metrics.message(Fate::Proceed, 1);
                 if takeover {
+                    metrics.ambiguous.inc();
                     tracing::warn!(id = %id_of(&msg), side = %side, attempt,
                         "took over an expired lease: the earlier call's outcome is unknown (counted as ambiguous)");
                 }
@@ -338,13 +377,29 @@ async fn handle_batch(
                 let side = side.clone();
                 let cancel = cancel.clone();
                 let retry_tx = retry_tx.clone();
+                let metrics = metrics.clone();
                 tracker.spawn(async move {
-                    deliver(&shared, &side, msg, token, attempt, &cancel, &retry_tx).await;
+                    deliver(
+                        &shared, &side, &metrics, msg, token, attempt, &cancel, &retry_tx,
+                    )
+                    .await;
                     drop(permit);
                 });
             }
-            Ok(Claim::NotMine { .. }) | Ok(Claim::Done) | Ok(Claim::Dead { .. }) => msg.ack.done(),
+            Ok(Claim::NotMine { .. }) => {
+                metrics.message(Fate::NotMine, 1);
+                msg.ack.done()
+            }
+            Ok(Claim::Done) => {
+                metrics.message(Fate::Duplicate, 1);
+                msg.ack.done()
+            }
+            Ok(Claim::Dead { .. }) => {
+                metrics.message(Fate::Dead, 1);
+                msg.ack.done()
+            }
             Ok(Claim::Busy { retry_in }) => {
+                metrics.message(Fate::Busy, 1);
                 later(shared, msg, retry_in, retry_tx, cancel, tracker);
             }
             Err(e) => {
@@ -434,7 +489,8 @@ where
     }
 }
 
-async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &CancellationToken) {
+/// Parks copies without identity; true when they were parked (and acknowledged).
+async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &CancellationToken) -> bool {
     let parked = {
         let letters: Vec<Parking> = bad
             .iter()
@@ -463,14 +519,18 @@ async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &Cancellatio
             );
             m.ack.done();
         }
+        return true;
     }
+    false
 }
 
 /// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is
 /// recorded: done, parked, or taken by another worker.
+#[allow(clippy::too_many_arguments)]
 async fn deliver(
     shared: &Arc<Shared>,
     side: &Side,
+    metrics: &SideMetrics,
     msg: Message,
     mut token: LeaseToken,
     mut attempt: u32,
@@ -496,7 +556,15 @@ async fn deliver(
             attempt,
             body: &msg.payload,
         };
+        metrics.in_flight.inc();
+        let timer = shared.metrics.sink_seconds.start_timer();
         let result = with_renewal(shared, &ident.id, &token, shared.sink.call(&req)).await;
+        timer.observe_duration();
+        metrics.in_flight.dec();
+        metrics.call(result.kind());
+        if matches!(result, crate::sink::CallResult::Ambiguous { .. }) {
+            metrics.ambiguous.inc();
+        }
         shared.breaker.record(&result);
         let retry_after = result.retry_after();
         let outcome = result.outcome();
@@ -512,6 +580,7 @@ async fn deliver(
                 return msg.ack.done();
             }
             Completion::Late => {
+                metrics.overlaps.inc();
                 tracing::warn!(id = %ident.id, side = %side, "call succeeded after its lease was lost: recorded, overlap counted");
                 return msg.ack.done();
             }
@@ -540,6 +609,7 @@ async fn deliver(
                     until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
                 };
                 if parked.is_some() {
+                    metrics.dead_letters.inc();
                     tracing::warn!(id = %ident.id, side = %side, %reason, "parked in dead letters");
                     msg.ack.done();
                 }
@@ -638,6 +708,7 @@ impl Completer {
         pause: Arc<Pause>,
         batch: usize,
         stop: CancellationToken,
+        seconds: prometheus::Histogram,
     ) -> Completer {
         let (tx, mut rx) = mpsc::channel::<Pending>(batch * 4);
         tokio::spawn(async move {
@@ -655,7 +726,12 @@ impl Completer {
                 let mut wait = Duration::from_millis(50);
                 let mut paused = false;
                 let results = loop {
-                    let failure = match arbiter.complete_batch(&reqs).await {
+                    let timer = seconds.start_timer();
+                    let failure = match arbiter
+                        .complete_batch(&reqs)
+                        .await
+                        .inspect(|_| timer.observe_duration())
+                    {
                         Ok(r) => match r.iter().find_map(|x| x.as_ref().err()) {
                             None => break Some(r),
                             Some(e) => e.to_string(),

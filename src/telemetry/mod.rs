@@ -1,3 +1,4 @@
-//! Telemetry: structured logs now; metrics and events join as the data path grows.
+//! Telemetry: structured logs and Prometheus metrics.
 
 pub mod logs;
+pub mod metrics;

@@ -27,6 +27,7 @@ fn mqc(redis_url: &str, prefix: &str) -> Command {
         .arg(example_config())
         .env("MQ_CUTOVER__REDIS__URLS", redis_url)
         .env("MQ_CUTOVER__REDIS__KEY_PREFIX", prefix)
+        .env("MQ_CUTOVER__ADMIN__LISTEN", "127.0.0.1:0")
         .env_remove("RUST_LOG");
     c
 }

@@ -350,11 +350,14 @@ pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
     config: PathBuf,
+    /// The admin listener's port (kept across restarts).
+    pub admin_port: u16,
 }
 
 impl Daemon {
     fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
         let mut d = Daemon {
+            admin_port: common::free_port(),
             child: None,
             log,
             config: config.to_path_buf(),
@@ -375,6 +378,10 @@ impl Daemon {
             .arg(&self.config)
             .arg("run")
             .env("RUST_LOG", "info")
+            .env(
+                "MQ_CUTOVER__ADMIN__LISTEN",
+                format!("127.0.0.1:{}", self.admin_port),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -410,6 +417,22 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// `GET /<path>` on the admin listener: status and body.
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/{path}", self.admin_port))
+            .await
+            .expect("admin listener answers");
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// The value of one sample of `/metrics` (0 when absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.admin("metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
     }
 
     pub fn log_text(&self) -> String {

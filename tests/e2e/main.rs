@@ -117,14 +117,32 @@ async fn every_id_is_granted_once_while_the_percentage_moves_with_two_daemons() 
     let grants = bed.grants();
     assert_eq!(grants.len() as u64, total, "unexpected ids granted");
     assert!(total_new > 0);
-    // Both daemons did work.
+    // Both daemons did work, and their metrics add up to what the reward service saw.
+    let (mut successes, mut proceeds) = (0.0, 0.0);
     for (i, d) in bed.daemons.iter().enumerate() {
         assert!(
             d.log_text().contains("mq-cutover running"),
             "daemon {i} did not start:\n{}",
             bed.logs()
         );
+        let (code, ready) = d.admin("readyz").await;
+        assert_eq!(code, 200, "daemon {i} not ready: {ready}");
+        for side in ["kafka", "rocketmq"] {
+            successes += d
+                .metric(&format!(
+                    "mqc_sink_calls_total{{class=\"success\",side=\"{side}\"}}"
+                ))
+                .await;
+            proceeds += d
+                .metric(&format!(
+                    "mqc_messages_total{{fate=\"proceed\",side=\"{side}\"}}"
+                ))
+                .await;
+        }
+        assert_eq!(d.metric("mqc_switch_percent").await, 100.0);
     }
+    assert_eq!(successes, total as f64, "sink successes in /metrics");
+    assert_eq!(proceeds, total as f64, "proceeds in /metrics");
 }
 
 async fn faults_scenario(policy: &'static str) {

@@ -1,0 +1,334 @@
+//! Prometheus metrics: names as constants, every handle registered once in one registry and
+//! looked up by label once per side, never per message.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// Copies by side and what the arbiter (or the identity check) said of them.
+pub const MESSAGES_TOTAL: &str = "mqc_messages_total";
+/// Sink calls by side and outcome class.
+pub const SINK_CALLS_TOTAL: &str = "mqc_sink_calls_total";
+/// Duration of one sink call.
+pub const SINK_CALL_SECONDS: &str = "mqc_sink_call_seconds";
+/// Duration of one arbiter round trip, by operation (claim, complete).
+pub const ARBITER_SECONDS: &str = "mqc_arbiter_seconds";
+/// Sink calls in flight, by side.
+pub const IN_FLIGHT: &str = "mqc_in_flight";
+/// Copies parked in dead letters, by side.
+pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
+/// Ambiguous outcomes (timeouts after sending, expired leases taken over), by side.
+pub const AMBIGUOUS_TOTAL: &str = "mqc_ambiguous_total";
+/// Successes recorded after their lease was lost, by side.
+pub const OVERLAPS_TOTAL: &str = "mqc_overlaps_total";
+/// The switches this instance follows.
+pub const SWITCH_CONSUME: &str = "mqc_switch_consume";
+/// The percentage routed to the new side.
+pub const SWITCH_PERCENT: &str = "mqc_switch_percent";
+/// Whitelisted business ids.
+pub const SWITCH_WHITELIST_SIZE: &str = "mqc_switch_whitelist_size";
+/// 1 while the sink's circuit is open.
+pub const CIRCUIT_OPEN: &str = "mqc_circuit_open";
+/// 1 while Redis answers.
+pub const REDIS_UP: &str = "mqc_redis_up";
+/// Times the sources were paused (Redis away, circuit open).
+pub const PAUSES_TOTAL: &str = "mqc_pauses_total";
+
+/// What a copy came to, for [`MESSAGES_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// This side owns it and called the sink.
+    Proceed,
+    /// The other side owns it.
+    NotMine,
+    /// Already delivered.
+    Duplicate,
+    /// Another worker holds the lease.
+    Busy,
+    /// Parked.
+    Dead,
+    /// No readable identity.
+    BadInput,
+}
+
+impl Fate {
+    const ALL: [Fate; 6] = [
+        Fate::Proceed,
+        Fate::NotMine,
+        Fate::Duplicate,
+        Fate::Busy,
+        Fate::Dead,
+        Fate::BadInput,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Fate::Proceed => "proceed",
+            Fate::NotMine => "not_mine",
+            Fate::Duplicate => "duplicate",
+            Fate::Busy => "busy",
+            Fate::Dead => "dead",
+            Fate::BadInput => "bad_input",
+        }
+    }
+}
+
+/// Sink outcome classes, for [`SINK_CALLS_TOTAL`].
+pub const CALL_CLASSES: [&str; 4] = ["success", "retryable", "fatal", "ambiguous"];
+
+/// The handles of one side, resolved once.
+#[derive(Clone)]
+pub struct SideMetrics {
+    messages: [IntCounter; 6],
+    calls: [IntCounter; 4],
+    /// Calls in flight.
+    pub in_flight: IntGauge,
+    /// Parked copies.
+    pub dead_letters: IntCounter,
+    /// Ambiguous outcomes.
+    pub ambiguous: IntCounter,
+    /// Late successes.
+    pub overlaps: IntCounter,
+}
+
+impl SideMetrics {
+    /// Counts `n` copies with this fate.
+    pub fn message(&self, fate: Fate, n: u64) {
+        let i = Fate::ALL.iter().position(|f| *f == fate).expect("listed");
+        self.messages[i].inc_by(n);
+    }
+
+    /// Counts one sink call of this class (`success`, `retryable`, `fatal`, `ambiguous`).
+    pub fn call(&self, class: &str) {
+        if let Some(i) = CALL_CLASSES.iter().position(|c| *c == class) {
+            self.calls[i].inc();
+        }
+    }
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    messages: IntCounterVec,
+    calls: IntCounterVec,
+    in_flight: prometheus::IntGaugeVec,
+    dead: IntCounterVec,
+    ambiguous: IntCounterVec,
+    overlaps: IntCounterVec,
+    /// Sink call durations.
+    pub sink_seconds: Histogram,
+    /// Claim round trips.
+    pub claim_seconds: Histogram,
+    /// Completion round trips.
+    pub complete_seconds: Histogram,
+    /// Consume switch, 0 / 1.
+    pub switch_consume: IntGauge,
+    /// Percentage.
+    pub switch_percent: IntGauge,
+    /// Whitelist size.
+    pub switch_whitelist: IntGauge,
+    /// Circuit open, 0 / 1.
+    pub circuit_open: IntGauge,
+    /// Redis answering, 0 / 1.
+    pub redis_up: Gauge,
+    /// Pauses of the sources.
+    pub pauses: IntCounter,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        let latency = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
+        let arbiter = HistogramVec::new(
+            HistogramOpts::new(
+                ARBITER_SECONDS,
+                "Duration of one arbiter round trip to Redis.",
+            )
+            .buckets(latency.clone()),
+            &["op"],
+        )
+        .expect("valid");
+        let arbiter = reg(&r, arbiter);
+        Metrics {
+            messages: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(MESSAGES_TOTAL, "Copies received, by side and fate."),
+                    &["side", "fate"],
+                )
+                .expect("valid"),
+            ),
+            calls: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(SINK_CALLS_TOTAL, "Sink calls, by side and outcome class."),
+                    &["side", "class"],
+                )
+                .expect("valid"),
+            ),
+            in_flight: reg(
+                &r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(IN_FLIGHT, "Sink calls in flight, by side."),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            dead: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        DEAD_LETTERS_TOTAL,
+                        "Copies parked in dead letters, by side.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            ambiguous: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(AMBIGUOUS_TOTAL, "Calls whose outcome is unknown, by side."),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            overlaps: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        OVERLAPS_TOTAL,
+                        "Successes recorded after their lease was lost.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            sink_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(SINK_CALL_SECONDS, "Duration of one sink call.")
+                        .buckets(latency),
+                )
+                .expect("valid"),
+            ),
+            claim_seconds: arbiter.with_label_values(&["claim"]),
+            complete_seconds: arbiter.with_label_values(&["complete"]),
+            switch_consume: reg(
+                &r,
+                IntGauge::new(
+                    SWITCH_CONSUME,
+                    "The consume switch this instance follows (1 on).",
+                )
+                .expect("valid"),
+            ),
+            switch_percent: reg(
+                &r,
+                IntGauge::new(
+                    SWITCH_PERCENT,
+                    "Percentage of buckets routed to the new side.",
+                )
+                .expect("valid"),
+            ),
+            switch_whitelist: reg(
+                &r,
+                IntGauge::new(SWITCH_WHITELIST_SIZE, "Business ids on the whitelist.")
+                    .expect("valid"),
+            ),
+            circuit_open: reg(
+                &r,
+                IntGauge::new(CIRCUIT_OPEN, "1 while the sink's circuit is open.").expect("valid"),
+            ),
+            redis_up: reg(
+                &r,
+                Gauge::new(REDIS_UP, "1 while Redis answers.").expect("valid"),
+            ),
+            pauses: reg(
+                &r,
+                IntCounter::new(PAUSES_TOTAL, "Times the sources were paused.").expect("valid"),
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Metrics {
+    /// The handles of one side (call once per side, keep the result).
+    pub fn side(&self, side: &str) -> SideMetrics {
+        SideMetrics {
+            messages: Fate::ALL.map(|f| self.messages.with_label_values(&[side, f.label()])),
+            calls: CALL_CLASSES.map(|c| self.calls.with_label_values(&[side, c])),
+            in_flight: self.in_flight.with_label_values(&[side]),
+            dead_letters: self.dead.with_label_values(&[side]),
+            ambiguous: self.ambiguous.with_label_values(&[side]),
+            overlaps: self.overlaps.with_label_values(&[side]),
+        }
+    }
+
+    /// The text exposition format, for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_handles_count_under_their_labels() {
+        let m = Metrics::default();
+        let k = m.side("kafka");
+        k.message(Fate::NotMine, 3);
+        k.call("ambiguous");
+        k.call("not-a-class");
+        m.claim_seconds.observe(0.0012);
+        let text = m.render();
+        assert!(
+            text.contains("mqc_messages_total{fate=\"not_mine\",side=\"kafka\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqc_sink_calls_total{class=\"ambiguous\",side=\"kafka\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqc_arbiter_seconds_count{op=\"claim\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for name in [
+            MESSAGES_TOTAL,
+            SINK_CALLS_TOTAL,
+            DEAD_LETTERS_TOTAL,
+            AMBIGUOUS_TOTAL,
+            OVERLAPS_TOTAL,
+            PAUSES_TOTAL,
+        ] {
+            assert!(
+                name.starts_with("mqc_") && name.ends_with("_total"),
+                "{name}"
+            );
+        }
+        for name in [SINK_CALL_SECONDS, ARBITER_SECONDS] {
+            assert!(name.ends_with("_seconds"), "{name}");
+        }
+    }
+}
