@@ -203,14 +203,21 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         redis_up,
         switches: feed,
         breaker: shared.breaker.clone(),
-    });
+    })
+    .merge(crate::admin::api::router(crate::admin::api::ApiState {
+        control: Arc::new(Control::new(&store, &cfg)),
+        token: cfg.admin.token.clone(),
+    }));
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
     tracing::info!(listen = %bound, "admin listener: /metrics /healthz /readyz");
     control.spawn(async move {
-        let served = axum::serve(listener, admin)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await;
+        let served = axum::serve(
+            listener,
+            admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+        .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "admin listener failed");
         }

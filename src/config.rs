@@ -72,6 +72,10 @@ pub struct AdminConfig {
     /// Address to listen on, e.g. `0.0.0.0:9464` in a container.
     #[serde(default = "default_admin_listen")]
     pub listen: std::net::SocketAddr,
+    /// Bearer token for the API's write routes; without one they are off. Prefer
+    /// `MQ_CUTOVER__ADMIN__TOKEN`. Never logged.
+    #[serde(default)]
+    pub token: Option<Secret>,
 }
 
 fn default_admin_listen() -> std::net::SocketAddr {
@@ -82,6 +86,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }

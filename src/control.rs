@@ -29,16 +29,31 @@ pub enum ControlError {
 pub struct Control {
     switches: SwitchStore,
     arbiter: Arbiter,
+    dead: crate::dead::DeadLetters,
 }
 
 impl Control {
     /// Connects now (fails fast when Redis is away).
     pub async fn connect(cfg: &Validated) -> Result<Control, ControlError> {
         let store = Store::connect(&cfg.redis, false).await?;
-        Ok(Control {
-            switches: SwitchStore::new(&store),
-            arbiter: Arbiter::new(&store, &cfg.arbiter),
-        })
+        Ok(Control::new(&store, cfg))
+    }
+
+    /// On an existing connection (the daemon's).
+    pub fn new(store: &Store, cfg: &Validated) -> Control {
+        Control {
+            switches: SwitchStore::new(store),
+            arbiter: Arbiter::new(store, &cfg.arbiter),
+            dead: crate::dead::DeadLetters::new(store, cfg.dead_letters.max_len),
+        }
+    }
+
+    /// The newest dead letters, newest first.
+    pub async fn dead_letters(
+        &self,
+        count: usize,
+    ) -> Result<Vec<crate::dead::DeadLetter>, ControlError> {
+        Ok(self.dead.list(count).await?)
     }
 
     /// The switches now.

@@ -1,6 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (ready to take
-//! messages: Redis answers, the switches are known, the sink's circuit is not open), each
-//! readiness problem named in the JSON body.
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready to take
+//! messages: Redis answers, the switches are known, the sink's circuit is not open; each problem
+//! named in the JSON body), and the operator API under `/api` ([`api`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,6 +10,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+
+pub mod api;
 
 use crate::arbiter::switches::SwitchFeed;
 use crate::sink::breaker::CircuitBreaker;

@@ -1,0 +1,301 @@
+//! The operator API under `/api`: the same actions as the CLI (both go through
+//! [`crate::control::Control`]), so validation and the audit trail are the same. Reads are open;
+//! writes need `Authorization: Bearer <admin.token>`, and are off when no token is configured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::arbiter::switches::{SwitchChange, WhitelistEdit};
+use crate::config::{Percent, Secret};
+use crate::control::{Control, ControlError};
+
+/// What the API needs.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The operator actions.
+    pub control: Arc<Control>,
+    /// The bearer token for writes; `None` turns the write routes off.
+    pub token: Option<Secret>,
+}
+
+/// The `/api` routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/switches", get(get_switches).put(put_switches))
+        .route("/api/switches/whitelist", post(edit_whitelist))
+        .route("/api/messages/{id}", get(get_message))
+        .route("/api/messages/{id}/release", post(release))
+        .route("/api/dead", get(dead))
+        .route("/api/audit", get(audit))
+        .with_state(state)
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn control_error(e: ControlError) -> Response {
+    let code = match &e {
+        ControlError::Store(s) if s.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ControlError::UnknownId(_) => StatusCode::NOT_FOUND,
+        ControlError::NotDead { .. } => StatusCode::CONFLICT,
+    };
+    error(code, e.to_string())
+}
+
+/// Checks the bearer token: `Some(refusal)` if the write may not go on.
+fn refuse(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.token else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "write routes are off: set admin.token to enable them",
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time so the token cannot be guessed byte by byte.
+    let ok = given.is_some_and(|g| {
+        let (a, b) = (g.as_bytes(), token.expose().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    });
+    (!ok).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+}
+
+/// The caller's address, when the listener records it (it does in the daemon).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| *a),
+        ))
+    }
+}
+
+fn actor(addr: Option<SocketAddr>) -> String {
+    format!(
+        "api:{}",
+        addr.map_or("unknown".into(), |a| a.ip().to_string())
+    )
+}
+
+async fn get_switches(State(s): State<ApiState>) -> Response {
+    match s.control.switches().await {
+        Ok(sw) => {
+            let mut wl: Vec<_> = sw.whitelist.into_iter().collect();
+            wl.sort();
+            Json(json!({
+                "consume": sw.consume,
+                "percent": sw.percent.get(),
+                "whitelist": wl,
+                "version": sw.version,
+            }))
+            .into_response()
+        }
+        Err(e) => control_error(e),
+    }
+}
+
+/// `PUT /api/switches` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    /// New consume switch.
+    pub consume: Option<bool>,
+    /// New percentage, 0-100.
+    pub percent: Option<i64>,
+}
+
+async fn put_switches(
+    State(s): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(r) = refuse(&s, &headers) {
+        return r;
+    }
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let percent = match body.percent.map(Percent::try_from).transpose() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if body.consume.is_none() && percent.is_none() {
+        return error(StatusCode::BAD_REQUEST, "give consume and/or percent");
+    }
+    let change = SwitchChange {
+        consume: body.consume,
+        percent,
+        whitelist: None,
+    };
+    write_switches(&s, &change, peer).await
+}
+
+async fn write_switches(s: &ApiState, change: &SwitchChange, peer: Peer) -> Response {
+    match s.control.set_switches(change, &actor(peer.0)).await {
+        Ok(v) => {
+            let after = get_switches(State(s.clone())).await;
+            if v.is_none() {
+                return (StatusCode::OK, after).into_response();
+            }
+            after
+        }
+        Err(e) => control_error(e),
+    }
+}
+
+/// `POST /api/switches/whitelist` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhitelistBody {
+    /// Business ids to add.
+    #[serde(default)]
+    pub add: Vec<String>,
+    /// Business ids to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+async fn edit_whitelist(
+    State(s): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Result<Json<WhitelistBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(r) = refuse(&s, &headers) {
+        return r;
+    }
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if body
+        .add
+        .iter()
+        .chain(&body.remove)
+        .any(|id| id.trim().is_empty())
+    {
+        return error(StatusCode::BAD_REQUEST, "business ids must not be empty");
+    }
+    for (ids, edit) in [
+        (
+            body.add,
+            WhitelistEdit::Add as fn(Vec<String>) -> WhitelistEdit,
+        ),
+        (body.remove, WhitelistEdit::Remove),
+    ] {
+        if ids.is_empty() {
+            continue;
+        }
+        let change = SwitchChange {
+            whitelist: Some(edit(ids)),
+            ..Default::default()
+        };
+        let r = write_switches(&s, &change, peer).await;
+        if !r.status().is_success() {
+            return r;
+        }
+    }
+    get_switches(State(s)).await
+}
+
+async fn get_message(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.control.inspect(&id).await {
+        Ok(r) => Json(json!({
+            "id": r.id,
+            "owner": r.owner,
+            "state": r.state.as_str(),
+            "attempts": r.attempts,
+            "lease": r.lease.map(|(t, left)| json!({ "token": t, "ms_left": left.as_millis() as u64 })),
+            "seen_by": r.seen,
+            "ambiguous": r.ambiguous,
+            "overlaps": r.overlaps,
+            "reason": r.reason,
+            "first_seen_ms": r.first_seen_ms,
+        }))
+        .into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn release(
+    State(s): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&s, &headers) {
+        return r;
+    }
+    match s.control.release(&id, &actor(peer.0)).await {
+        Ok(reason) => Json(json!({ "released": id, "was": reason })).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+/// `?count=N`.
+#[derive(Debug, Deserialize)]
+pub struct Count {
+    /// How many entries (default 50, at most 1000).
+    pub count: Option<usize>,
+}
+
+async fn dead(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
+    match s
+        .control
+        .dead_letters(q.count.unwrap_or(50).min(1000))
+        .await
+    {
+        Ok(letters) => Json(
+            letters
+                .into_iter()
+                .map(|l| {
+                    json!({
+                        "entry": l.entry, "message_id": l.message_id, "business_id": l.business_id,
+                        "reason": l.reason, "side": l.side, "topic": l.topic,
+                        "partition": l.partition, "offset": l.offset, "attempts": l.attempts,
+                        "payload": String::from_utf8_lossy(&l.payload),
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn audit(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
+    match s.control.audit(q.count.unwrap_or(50).min(1000)).await {
+        Ok(entries) => Json(
+            entries
+                .into_iter()
+                .map(|e| json!({ "at_ms": e.at_ms, "by": e.by, "action": e.action, "detail": e.detail }))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => control_error(e),
+    }
+}
