@@ -92,6 +92,19 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     }
 }
 
+/// The preamble of every write with a body: the token, then the JSON.
+fn write_body<T>(
+    s: &ApiState,
+    headers: &HeaderMap,
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, Box<Response>> {
+    if let Some(r) = refuse(s, headers) {
+        return Err(Box::new(r));
+    }
+    body.map(|Json(b)| b)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.body_text())))
+}
+
 fn actor(addr: Option<SocketAddr>) -> String {
     format!(
         "api:{}",
@@ -132,12 +145,9 @@ async fn put_switches(
     headers: HeaderMap,
     body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
-        return r;
-    }
-    let Json(body) = match body {
+    let body = match write_body(&s, &headers, body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return *r,
     };
     let percent = match body.percent.map(Percent::try_from).transpose() {
         Ok(p) => p,
@@ -185,12 +195,9 @@ async fn edit_whitelist(
     headers: HeaderMap,
     body: Result<Json<WhitelistBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
-        return r;
-    }
-    let Json(body) = match body {
+    let body = match write_body(&s, &headers, body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(r) => return *r,
     };
     if body
         .add

@@ -270,8 +270,10 @@ fn run_seeds_the_switches_and_stops_cleanly_on_sigterm() {
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(status.success(), "exit {status:?}: {err}");
+    // The drain deadline (15 s by default) bounds the stop; the consumers leaving their
+    // groups take a few seconds of it.
     assert!(
-        sent.elapsed() < Duration::from_secs(5),
+        sent.elapsed() < Duration::from_secs(15),
         "slow stop: {:?}",
         sent.elapsed()
     );

@@ -137,45 +137,27 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     /// Starts one and waits until it answers PING.
     pub fn start() -> PrivateRedis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = PrivateRedis {
-            port,
-            child: None,
-            dir,
-            persistent: false,
-            password: None,
-        };
-        r.restart();
-        r
+        Self::launch(false, None)
     }
 
     /// Like [`PrivateRedis::start`], requiring this password (`requirepass`).
     pub fn start_with_password(password: &str) -> PrivateRedis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = PrivateRedis {
-            port,
-            child: None,
-            dir,
-            persistent: false,
-            password: Some(password.to_owned()),
-        };
-        r.restart();
-        r
+        Self::launch(false, Some(password.to_owned()))
     }
 
     /// Like [`PrivateRedis::start`], with an append-only file fsynced every write, so a restart
     /// keeps the data (as a production Redis would).
     pub fn start_persistent() -> PrivateRedis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::launch(true, None)
+    }
+
+    fn launch(persistent: bool, password: Option<String>) -> PrivateRedis {
         let mut r = PrivateRedis {
-            port,
+            port: free_port(),
             child: None,
-            dir,
-            persistent: true,
-            password: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            persistent,
+            password,
         };
         r.restart();
         r
