@@ -369,7 +369,7 @@ async fn handle_batch(
                     p = calls.clone().acquire_owned() => p.expect("semaphore open"),
                     _ = cancel.cancelled() => {
                         // Shutting down before the call: give the lease back unused.
-                        let _ = shared.completer.complete(id_of(&msg), side, &token, Outcome::NotCalled).await;
+                        let _ = shared.completer.complete(id_of(&msg), side, token, Outcome::NotCalled).await;
                         continue;
                     }
                 };
@@ -537,16 +537,17 @@ async fn deliver(
     cancel: &CancellationToken,
     retry_tx: &mpsc::UnboundedSender<Message>,
 ) {
-    let ident: Identity = msg
+    // Borrowed, not cloned: the copy keeps its identity for as long as this worker holds it.
+    let ident: &Identity = msg
         .identity
-        .clone()
+        .as_ref()
         .expect("only good copies are delivered");
     loop {
         // Wait for the circuit to let calls through; hand the lease back if shutting down.
         if !wait_for_circuit(shared, cancel).await {
             let _ = shared
                 .completer
-                .complete(&ident.id, side, &token, Outcome::NotCalled)
+                .complete(&ident.id, side, token, Outcome::NotCalled)
                 .await;
             return;
         }
@@ -570,7 +571,7 @@ async fn deliver(
         let outcome = result.outcome();
         let Some(completion) = shared
             .completer
-            .complete(&ident.id, side, &token, outcome.clone())
+            .complete(&ident.id, side, token, outcome.clone())
             .await
         else {
             return; // cancelled while Redis was away: the copy is handed back unacked
@@ -773,14 +774,14 @@ impl Completer {
         &self,
         id: &str,
         side: &Side,
-        token: &LeaseToken,
+        token: LeaseToken,
         outcome: Outcome,
     ) -> Option<Completion> {
         let (reply, rx) = oneshot::channel();
         let p = Pending {
             id: id.to_owned(),
             side: side.clone(),
-            token: token.clone(),
+            token,
             outcome,
             reply,
         };
