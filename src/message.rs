@@ -35,6 +35,10 @@ pub struct Origin {
     pub partition: i32,
     /// Kafka offset / RocketMQ queue offset.
     pub offset: i64,
+    /// When the producer (or the broker, per the topic's timestamp type) stamped the message, ms
+    /// since the epoch; 0 when unknown. Parity counts by this time, so that the two copies of one
+    /// dual-written message fall in the same bucket however far apart the sides consume them.
+    pub born_ms: i64,
 }
 
 /// One copy of a message, as received by one side.

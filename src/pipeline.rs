@@ -228,6 +228,7 @@ pub async fn replay(
         topic: letter.topic.as_str().into(),
         partition: letter.partition,
         offset: letter.offset,
+        born_ms: 0,
     };
     let msg = Message {
         identity: Ok(Identity {

@@ -430,6 +430,7 @@ impl Intake {
                 topic: topic.clone(),
                 partition,
                 offset,
+                born_ms: record.timestamp().to_millis().unwrap_or(0),
             },
             ack: Ack::new(
                 self.acks.clone(),

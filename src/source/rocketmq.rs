@@ -401,6 +401,7 @@ impl Consuming {
                 topic: self.topic.clone(),
                 partition: ext.queue_id(),
                 offset: ext.queue_offset(),
+                born_ms: ext.born_timestamp(),
             },
             ack: Ack::new(
                 acks_tx,

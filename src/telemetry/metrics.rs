@@ -3,7 +3,7 @@
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Copies by side and what the arbiter (or the identity check) said of them.
@@ -34,6 +34,42 @@ pub const CIRCUIT_OPEN: &str = "mqc_circuit_open";
 pub const REDIS_UP: &str = "mqc_redis_up";
 /// Times the sources were paused (Redis away, circuit open).
 pub const PAUSES_TOTAL: &str = "mqc_pauses_total";
+/// Messages behind the end of the log, by side and partition (Kafka) or queue (RocketMQ).
+pub const CONSUMER_LAG: &str = "mqc_consumer_lag_messages";
+/// Partitions or queues assigned to this instance, by side.
+pub const ASSIGNED_QUEUES: &str = "mqc_assigned_queues";
+/// Rebalances (assignment changes) seen, by side.
+pub const REBALANCES_TOTAL: &str = "mqc_rebalances_total";
+/// Ids first observed by this instance, by side (the parity counts, as this instance saw them).
+pub const PARITY_OBSERVED_TOTAL: &str = "mqc_parity_observed_total";
+/// Ids seen by this side only, for longer than the grace period (the parity gap), by side.
+pub const PARITY_ONE_SIDED: &str = "mqc_parity_one_sided_ids";
+/// One-sided ids past the tracking cap, counted but not listed, by side.
+pub const PARITY_UNTRACKED: &str = "mqc_parity_untracked_ids";
+
+/// Every metric family the daemon exports (histograms add `_bucket`, `_sum`, `_count`).
+pub const NAMES: &[&str] = &[
+    MESSAGES_TOTAL,
+    SINK_CALLS_TOTAL,
+    SINK_CALL_SECONDS,
+    ARBITER_SECONDS,
+    IN_FLIGHT,
+    DEAD_LETTERS_TOTAL,
+    AMBIGUOUS_TOTAL,
+    OVERLAPS_TOTAL,
+    SWITCH_CONSUME,
+    SWITCH_PERCENT,
+    SWITCH_WHITELIST_SIZE,
+    CIRCUIT_OPEN,
+    REDIS_UP,
+    PAUSES_TOTAL,
+    CONSUMER_LAG,
+    ASSIGNED_QUEUES,
+    REBALANCES_TOTAL,
+    PARITY_OBSERVED_TOTAL,
+    PARITY_ONE_SIDED,
+    PARITY_UNTRACKED,
+];
 
 /// What a copy came to, for [`MESSAGES_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +170,18 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// Pauses of the sources.
     pub pauses: IntCounter,
+    /// Lag by side and partition / queue.
+    pub consumer_lag: IntGaugeVec,
+    /// Assigned partitions / queues by side.
+    pub assigned: IntGaugeVec,
+    /// Rebalances by side.
+    pub rebalances: IntCounterVec,
+    /// Ids newly observed by side.
+    pub parity_observed: IntCounterVec,
+    /// One-sided ids past the grace period, by side.
+    pub parity_one_sided: IntGaugeVec,
+    /// One-sided ids past the tracking cap, by side.
+    pub parity_untracked: IntGaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -257,6 +305,70 @@ impl Default for Metrics {
                 &r,
                 IntCounter::new(PAUSES_TOTAL, "Times the sources were paused.").expect("valid"),
             ),
+            consumer_lag: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        CONSUMER_LAG,
+                        "Messages between the committed position and the end of the log, by side \
+                         and partition (Kafka topic/partition) or queue (RocketMQ broker/topic/queue).",
+                    ),
+                    &["side", "queue"],
+                )
+                .expect("valid"),
+            ),
+            assigned: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        ASSIGNED_QUEUES,
+                        "Partitions (Kafka) or queues (RocketMQ) assigned to this instance.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            rebalances: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(REBALANCES_TOTAL, "Assignment changes seen, by side."),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            parity_observed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        PARITY_OBSERVED_TOTAL,
+                        "Ids this instance saw a side observe for the first time.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            parity_one_sided: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        PARITY_ONE_SIDED,
+                        "Ids seen by this side only for longer than the parity grace period.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            parity_untracked: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        PARITY_UNTRACKED,
+                        "One-sided ids beyond the tracking cap: counted, not listed.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
             registry: r,
         }
     }
@@ -313,6 +425,39 @@ mod tests {
     }
 
     #[test]
+    fn every_exported_family_is_listed_in_names() {
+        let m = Metrics::default();
+        let k = m.side("kafka");
+        for f in Fate::ALL {
+            k.message(f, 1);
+        }
+        k.call("success");
+        k.in_flight.inc();
+        k.dead_letters.inc();
+        k.ambiguous.inc();
+        k.overlaps.inc();
+        m.sink_seconds.observe(0.1);
+        m.claim_seconds.observe(0.1);
+        m.consumer_lag.with_label_values(&["kafka", "t/0"]).set(1);
+        m.assigned.with_label_values(&["kafka"]).set(1);
+        m.rebalances.with_label_values(&["kafka"]).inc();
+        m.parity_observed.with_label_values(&["kafka"]).inc();
+        m.parity_one_sided.with_label_values(&["kafka"]).set(1);
+        m.parity_untracked.with_label_values(&["kafka"]).set(1);
+        let families: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        let mut listed: Vec<&str> = NAMES.to_vec();
+        listed.sort();
+        let mut got: Vec<&str> = families.iter().map(String::as_str).collect();
+        got.sort();
+        assert_eq!(got, listed);
+    }
+
+    #[test]
     fn names_follow_prometheus_conventions() {
         for name in [
             MESSAGES_TOTAL,
@@ -321,6 +466,8 @@ mod tests {
             AMBIGUOUS_TOTAL,
             OVERLAPS_TOTAL,
             PAUSES_TOTAL,
+            REBALANCES_TOTAL,
+            PARITY_OBSERVED_TOTAL,
         ] {
             assert!(
                 name.starts_with("mqc_") && name.ends_with("_total"),
