@@ -66,6 +66,24 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dead(dc) => dead(dc, &cfg).await,
+        Command::Parity {
+            since,
+            limit,
+            json,
+            fail_on_gap,
+        } => {
+            let control = Control::connect(&cfg).await?;
+            let report = control.parity(since, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if fail_on_gap && !report.is_clean() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Produce(args) => {
             let (old, new) = crate::produce::produce(&cfg, &args).await?;
             println!(
@@ -195,6 +213,14 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         metrics.clone(),
     )?);
     control.spawn(follow_circuit(shared.clone(), root.child_token()));
+    if let Some(parity) = shared.parity.clone() {
+        control.spawn(parity_gauges(
+            parity,
+            metrics.clone(),
+            cfg.parity.refresh,
+            root.child_token(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
@@ -458,6 +484,47 @@ async fn switch_gauges(
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = feed.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Keeps the parity gap gauges in step with Redis, and logs when a side's gap opens or closes.
+async fn parity_gauges(
+    parity: crate::parity::Parity,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut open: std::collections::HashMap<String, bool> = Default::default();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Redis away is reported by the Redis watch; the gauges keep their last values.
+        let Ok(gaps) = parity.gaps().await else {
+            continue;
+        };
+        for g in gaps {
+            metrics
+                .parity_one_sided
+                .with_label_values(&[&g.side])
+                .set(g.one_sided as i64);
+            metrics
+                .parity_untracked
+                .with_label_values(&[&g.side])
+                .set(g.untracked as i64);
+            let now_open = g.one_sided > 0;
+            match (open.insert(g.side.clone(), now_open), now_open) {
+                (Some(false) | None, true) => tracing::warn!(side = %g.side, ids = g.one_sided,
+                    grace = ?parity.grace(),
+                    "parity gap: ids seen by this side only for longer than the grace period (see `mq-cutover parity`)"),
+                (Some(true), false) => {
+                    tracing::info!(side = %g.side, "parity gap closed")
+                }
+                _ => {}
+            }
         }
     }
 }

@@ -62,6 +62,22 @@ pub enum Command {
     /// Read or replay the dead letters.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// The dual-read check: per-side counts per minute / day and the ids seen by one side only
+    /// for longer than `parity.grace`. Exits 0 either way; `--fail-on-gap` exits 2 on a gap.
+    Parity {
+        /// How far back to look, e.g. `30m`, `6h`, `7d`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Most one-sided ids listed per side.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the report as JSON (the same document as `GET /api/parity`).
+        #[arg(long)]
+        json: bool,
+        /// Exit 2 when some id was seen by one side only (for scripts gating a cut-over step).
+        #[arg(long)]
+        fail_on_gap: bool,
+    },
     /// Dual-write test traffic to both brokers, the way a migrating producer does.
     Produce(crate::produce::ProduceArgs),
     /// Run the demo reward service: a real HTTP endpoint that records every call and injects

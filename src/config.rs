@@ -57,6 +57,9 @@ pub struct Config {
     /// Where parked messages are kept.
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
+    /// The dual-read check: per-side counts and one-sided ids.
+    #[serde(default)]
+    pub parity: crate::parity::ParityConfig,
     /// Log format and filter.
     #[serde(default)]
     pub log: LogConfig,
@@ -630,6 +633,7 @@ impl Config {
         self.validate_sides()?;
         self.validate_pipeline()?;
         self.sink.validate()?;
+        self.parity.validate()?;
         if self.log.level.trim().is_empty()
             || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
         {

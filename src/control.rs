@@ -30,6 +30,7 @@ pub struct Control {
     switches: SwitchStore,
     arbiter: Arbiter,
     dead: crate::dead::DeadLetters,
+    parity: crate::parity::Parity,
 }
 
 impl Control {
@@ -45,7 +46,21 @@ impl Control {
             switches: SwitchStore::new(store),
             arbiter: Arbiter::new(store, &cfg.arbiter),
             dead: crate::dead::DeadLetters::new(store, cfg.dead_letters.max_len),
+            parity: crate::parity::Parity::new(store, cfg),
         }
+    }
+
+    /// The parity report for the last `span`, listing at most `limit` one-sided ids per side.
+    pub async fn parity(
+        &self,
+        span: std::time::Duration,
+        limit: usize,
+    ) -> Result<crate::parity::ParityReport, ControlError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let since = now.saturating_sub(span).as_millis() as u64;
+        Ok(self.parity.report(since, limit).await?)
     }
 
     /// The newest dead letters, newest first.

@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod dead;
 pub mod message;
+pub mod parity;
 pub mod pipeline;
 pub mod produce;
 pub mod reward;

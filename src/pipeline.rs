@@ -18,7 +18,7 @@ use crate::arbiter::routing::{route, Route};
 use crate::arbiter::switches::{SwitchFeed, Switches};
 use crate::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
-    State,
+    Sighting, State,
 };
 use crate::dead::{DeadLetters, Parking};
 use crate::message::{Identity, Message, Side};
@@ -127,6 +127,8 @@ pub struct Shared {
     pub pause: Arc<Pause>,
     /// Batches completions.
     pub completer: Completer,
+    /// Records first sights for the dual-read check (`None` when `parity.enabled` is off).
+    pub parity: Option<crate::parity::Parity>,
     /// Settings.
     pub settings: Settings,
     /// Metrics.
@@ -170,6 +172,10 @@ impl Shared {
             ),
             pause,
             completer,
+            parity: cfg
+                .parity
+                .enabled
+                .then(|| crate::parity::Parity::new(store, cfg)),
             settings: Settings {
                 claim_batch: cfg.pipeline.claim_batch,
                 max_in_flight: cfg.pipeline.max_in_flight,
@@ -349,7 +355,9 @@ async fn handle_batch(
             })
             .collect();
         let timer = shared.metrics.claim_seconds.start_timer();
-        match until_redis_answers(shared, cancel, || shared.arbiter.claim_batch(&reqs)).await {
+        match until_redis_answers(shared, cancel, || shared.arbiter.claim_batch_sighted(&reqs))
+            .await
+        {
             Some(c) => {
                 timer.observe_duration();
                 c
@@ -357,8 +365,11 @@ async fn handle_batch(
             None => return, // cancelled while Redis was away: hand back
         }
     };
+    if let Some(parity) = &shared.parity {
+        record_sights(parity, side, metrics, &good, &claims).await;
+    }
     for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
-        match claim {
+        match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
                 metrics.message(Fate::Proceed, 1);
                 if takeover {
@@ -408,6 +419,37 @@ async fn handle_batch(
                 later(shared, msg, Duration::ZERO, retry_tx, cancel, tracker);
             }
         }
+    }
+}
+
+/// Sends this batch's first sights to the parity records. Parity is an observation, not part
+/// of the protocol: a failure is logged and the batch goes on.
+async fn record_sights(
+    parity: &crate::parity::Parity,
+    side: &Side,
+    metrics: &SideMetrics,
+    good: &[Message],
+    claims: &[Result<(Claim, Sighting), StoreError>],
+) {
+    let sights: Vec<crate::parity::Sight> = good
+        .iter()
+        .zip(claims)
+        .filter_map(|(m, c)| match c {
+            Ok((_, Sighting::Again)) | Err(_) => None,
+            Ok((_, s)) => Some(crate::parity::Sight {
+                id: &m.identity.as_ref().expect("partitioned on is_ok").id,
+                born_ms: m.origin.born_ms,
+                pair: *s == Sighting::Pair,
+            }),
+        })
+        .collect();
+    if sights.is_empty() {
+        return;
+    }
+    metrics.parity_observed.inc_by(sights.len() as u64);
+    if let Err(e) = parity.record(side, &sights).await {
+        tracing::warn!(side = %side, ids = sights.len(), error = %e,
+            "parity: could not record first sights; the parity report may show these ids as one-sided");
     }
 }
 

@@ -35,6 +35,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/messages/{id}/release", post(release))
         .route("/api/dead", get(dead))
         .route("/api/audit", get(audit))
+        .route("/api/parity", get(parity))
         .with_state(state)
 }
 
@@ -303,6 +304,34 @@ async fn audit(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+/// `?since=30m&limit=100` for `GET /api/parity`.
+#[derive(Debug, Deserialize)]
+struct ParityQuery {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn parity(State(s): State<ApiState>, Query(q): Query<ParityQuery>) -> Response {
+    let span = match q.since.as_deref().map(humantime::parse_duration) {
+        None => std::time::Duration::from_secs(3_600),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("since: {e}; give a duration such as `30m` or `6h`"),
+            )
+        }
+    };
+    match s
+        .control
+        .parity(span, q.limit.unwrap_or(100).min(10_000))
+        .await
+    {
+        Ok(report) => Json(report).into_response(),
         Err(e) => control_error(e),
     }
 }

@@ -194,6 +194,17 @@ pub enum Claim {
     },
 }
 
+/// What a claim learned about who has observed the id, for parity ([`crate::parity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighting {
+    /// This side had observed the id before (a redelivered copy): nothing new for parity.
+    Again,
+    /// This side is the first to observe the id: it is one-sided until the other side sees it.
+    First,
+    /// This side is new to the id and another side had observed it: the pair is complete.
+    Pair,
+}
+
 /// What came of a sink call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -375,6 +386,20 @@ impl Arbiter {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<Result<Claim, StoreError>>, StoreError> {
+        Ok(self
+            .claim_batch_sighted(reqs)
+            .await?
+            .into_iter()
+            .map(|r| r.map(|(claim, _)| claim))
+            .collect())
+    }
+
+    /// [`Arbiter::claim_batch`], also telling for each id whether this side's copy is its first
+    /// sight of it and whether another side had seen it (what parity records).
+    pub async fn claim_batch_sighted(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<Result<(Claim, Sighting), StoreError>>, StoreError> {
         let ops: Vec<Op> = reqs.iter().map(Op::Claim).collect();
         let replies = self.exec(&ops).await?;
         Ok(replies
@@ -579,12 +604,18 @@ fn text(v: &Value) -> Option<String> {
 }
 
 fn triple(v: Value, what: &str) -> Result<(i64, Value, Value), StoreError> {
+    let (code, a, b, _) = quad(v, what)?;
+    Ok((code, a, b))
+}
+
+/// A `{code, a, b}` or `{code, a, b, c}` script reply.
+fn quad(v: Value, what: &str) -> Result<(i64, Value, Value, Option<Value>), StoreError> {
     match v {
-        Value::Array(items) if items.len() == 3 => {
+        Value::Array(items) if items.len() == 3 || items.len() == 4 => {
             let mut it = items.into_iter();
             let code = it.next().as_ref().and_then(int);
             match (code, it.next(), it.next()) {
-                (Some(code), Some(a), Some(b)) => Ok((code, a, b)),
+                (Some(code), Some(a), Some(b)) => Ok((code, a, b, it.next())),
                 _ => Err(StoreError::Reply(format!("{what}: malformed reply"))),
             }
         }
@@ -592,10 +623,15 @@ fn triple(v: Value, what: &str) -> Result<(i64, Value, Value), StoreError> {
     }
 }
 
-fn parse_claim(v: Value) -> Result<Claim, StoreError> {
-    let (code, attempts, extra) = triple(v, "claim")?;
+fn parse_claim(v: Value) -> Result<(Claim, Sighting), StoreError> {
+    let (code, attempts, extra, sighting) = quad(v, "claim")?;
     let attempts = int(&attempts).unwrap_or(0) as u32;
-    Ok(match code {
+    let sighting = match sighting.as_ref().and_then(int) {
+        Some(1) => Sighting::First,
+        Some(2) => Sighting::Pair,
+        _ => Sighting::Again,
+    };
+    let claim = match code {
         1 => Claim::Proceed {
             attempt: attempts,
             takeover: int(&extra) == Some(1),
@@ -611,7 +647,8 @@ fn parse_claim(v: Value) -> Result<Claim, StoreError> {
             reason: text(&extra).unwrap_or_default(),
         },
         other => return Err(StoreError::Reply(format!("claim: unknown code {other}"))),
-    })
+    };
+    Ok((claim, sighting))
 }
 
 fn parse_completion(v: Value) -> Result<Completion, StoreError> {
@@ -689,22 +726,43 @@ mod tests {
 
     #[test]
     fn claim_replies_decode() {
-        let p = parse_claim(arr(vec![Value::Int(1), Value::Int(3), Value::Int(1)])).unwrap();
+        let p = parse_claim(arr(vec![
+            Value::Int(1),
+            Value::Int(3),
+            Value::Int(1),
+            Value::Int(1),
+        ]))
+        .unwrap();
         assert_eq!(
             p,
-            Claim::Proceed {
-                attempt: 3,
-                takeover: true
-            }
+            (
+                Claim::Proceed {
+                    attempt: 3,
+                    takeover: true
+                },
+                Sighting::First
+            )
         );
-        let n = parse_claim(arr(vec![Value::Int(2), Value::Int(0), bulk("kafka")])).unwrap();
+        let n = parse_claim(arr(vec![
+            Value::Int(2),
+            Value::Int(0),
+            bulk("kafka"),
+            Value::Int(2),
+        ]))
+        .unwrap();
         assert_eq!(
             n,
-            Claim::NotMine {
-                owner: "kafka".into()
-            }
+            (
+                Claim::NotMine {
+                    owner: "kafka".into()
+                },
+                Sighting::Pair
+            )
         );
-        let b = parse_claim(arr(vec![Value::Int(4), Value::Int(1), Value::Int(250)])).unwrap();
+        // A three-element reply (no sighting) reads as a copy seen before.
+        let (b, sighting) =
+            parse_claim(arr(vec![Value::Int(4), Value::Int(1), Value::Int(250)])).unwrap();
+        assert_eq!(sighting, Sighting::Again);
         assert_eq!(
             b,
             Claim::Busy {

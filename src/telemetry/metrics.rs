@@ -126,6 +126,8 @@ pub struct SideMetrics {
     pub ambiguous: IntCounter,
     /// Late successes.
     pub overlaps: IntCounter,
+    /// Ids this side observed for the first time.
+    pub parity_observed: IntCounter,
 }
 
 impl SideMetrics {
@@ -384,6 +386,7 @@ impl Metrics {
             dead_letters: self.dead.with_label_values(&[side]),
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),
+            parity_observed: self.parity_observed.with_label_values(&[side]),
         }
     }
 

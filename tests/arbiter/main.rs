@@ -5,6 +5,7 @@ mod common;
 mod invariants;
 mod memory;
 mod model;
+mod parity;
 mod transitions;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};

@@ -180,6 +180,10 @@ open_for = "{open_for}"
 [pipeline]
 drain_timeout = "{drain}"
 
+[parity]
+grace = "2s"
+refresh = "500ms"
+
 [log]
 level = "info"
 "#,

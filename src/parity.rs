@@ -1,0 +1,609 @@
+//! Parity: the dual-read check an operator runs before each cut-over step (DESIGN.md, "Parity").
+//!
+//! While both brokers carry the same messages, every id reaches both sides. The claim script
+//! tells each side whether its copy is its first sight of an id and whether the other side had
+//! seen it ([`Sighting`]); after each claim batch the pipeline sends those sights here in one
+//! script call. Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
+//!
+//! - `min:<minute>` and `day:<day>`: hashes side → ids first seen by that side whose message was
+//!   stamped in that minute / day (the broker timestamp, so that both copies of a dual-written
+//!   message count in the same bucket however far apart the sides consume them). Minute buckets
+//!   live `minute_retention`, day buckets `day_retention`.
+//! - `open:<side>`: ids seen by this side only, scored by when they were first seen. The other
+//!   side's first sight removes the id. An id still there after `grace` is a parity gap.
+//! - `paired:<side>`: ids whose pair completed before this side's first sight was recorded (the
+//!   two record calls raced); this side's record then skips them.
+//! - `untracked:<side>`: ids left unlisted because `open:<side>` held `max_open_ids` already.
+//!
+//! Memory is bounded: at most `max_open_ids` members per side in each sorted set, members older
+//! than the id retention trimmed on every write, and a fixed number of bucket hashes (one per
+//! minute of `minute_retention`, one per day of `day_retention`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::store::{Conn, Store, StoreError};
+
+pub use crate::arbiter::Sighting;
+
+const MINUTE_MS: u64 = 60_000;
+const DAY_MS: u64 = 86_400_000;
+/// The most minute buckets one report reads (a day); longer reports use the day buckets.
+const MAX_REPORT_MINUTES: u64 = 1_440;
+
+/// `[parity]`: how the dual-read check counts and how long it remembers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParityConfig {
+    /// Record sights at all (one extra Redis call per claim batch).
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// How long an id may be seen by one side only before it counts as a gap: longer than the
+    /// usual lag between the two sides' consumers.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+    /// Most one-sided ids listed per side; beyond it they are counted, not listed.
+    #[serde(default = "default_max_open_ids")]
+    pub max_open_ids: u64,
+    /// How long the per-minute counts are kept.
+    #[serde(default = "default_minute_retention", with = "humantime_serde")]
+    pub minute_retention: Duration,
+    /// How long the per-day counts are kept.
+    #[serde(default = "default_day_retention", with = "humantime_serde")]
+    pub day_retention: Duration,
+    /// How often the gap metrics are read from Redis.
+    #[serde(default = "default_refresh", with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+fn default_enabled() -> bool {
+    true
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_open_ids() -> u64 {
+    100_000
+}
+fn default_minute_retention() -> Duration {
+    Duration::from_secs(2 * 86_400)
+}
+fn default_day_retention() -> Duration {
+    Duration::from_secs(35 * 86_400)
+}
+fn default_refresh() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl Default for ParityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_enabled(),
+            grace: default_grace(),
+            max_open_ids: default_max_open_ids(),
+            minute_retention: default_minute_retention(),
+            day_retention: default_day_retention(),
+            refresh: default_refresh(),
+        }
+    }
+}
+
+impl ParityConfig {
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problem = |key: &str, p: &str| ConfigError {
+            key: format!("parity.{key}"),
+            problem: p.to_owned(),
+        };
+        if self.grace.is_zero() {
+            return Err(problem("grace", "must be more than zero, e.g. `5m`"));
+        }
+        if self.max_open_ids == 0 || self.max_open_ids > 10_000_000 {
+            return Err(problem(
+                "max_open_ids",
+                "must be within 1..=10000000, e.g. `100000`",
+            ));
+        }
+        if self.minute_retention < Duration::from_secs(3_600) {
+            return Err(problem("minute_retention", "must be at least `1h`"));
+        }
+        if self.day_retention < Duration::from_secs(86_400) {
+            return Err(problem("day_retention", "must be at least `1d`"));
+        }
+        if self.refresh.is_zero() {
+            return Err(problem("refresh", "must be more than zero, e.g. `15s`"));
+        }
+        Ok(())
+    }
+}
+
+/// One side's first sight of an id, as the claim reported it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sight<'a> {
+    /// The cross-broker message id.
+    pub id: &'a str,
+    /// The message's broker timestamp, ms since the epoch (0: unknown, the current time is used).
+    pub born_ms: i64,
+    /// True when the other side had seen the id already ([`Sighting::Pair`]).
+    pub pair: bool,
+}
+
+/// The parity records of one deployment (both sides).
+#[derive(Clone)]
+pub struct Parity {
+    conn: Conn,
+    base: String,
+    sides: [String; 2],
+    cfg: ParityConfig,
+    retention_ms: u64,
+    record: std::sync::Arc<redis::Script>,
+}
+
+impl Parity {
+    /// The records under `store`'s prefix for the two sides of `cfg.cutover`.
+    pub fn new(store: &Store, cfg: &crate::config::Validated) -> Parity {
+        Parity::with(
+            store,
+            [cfg.cutover.from.clone(), cfg.cutover.to.clone()],
+            cfg.parity.clone(),
+            cfg.arbiter.retention,
+        )
+    }
+
+    /// The records of `sides` (old first), keeping one-sided ids as long as id records
+    /// (`retention`).
+    pub fn with(
+        store: &Store,
+        sides: [String; 2],
+        cfg: ParityConfig,
+        retention: Duration,
+    ) -> Parity {
+        Parity {
+            conn: store.conn(),
+            base: format!("{}:{{parity}}", store.prefix()),
+            sides,
+            cfg,
+            retention_ms: retention.as_millis() as u64,
+            record: std::sync::Arc::new(redis::Script::new(include_str!(
+                "arbiter/scripts/parity_record.lua"
+            ))),
+        }
+    }
+
+    /// The two sides, old first.
+    pub fn sides(&self) -> &[String; 2] {
+        &self.sides
+    }
+
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        self.cfg.grace
+    }
+
+    fn other(&self, side: &str) -> &str {
+        if side == self.sides[0] {
+            &self.sides[1]
+        } else {
+            &self.sides[0]
+        }
+    }
+
+    /// Records what one claim batch of `side` saw first, in one Redis call.
+    pub async fn record(&self, side: &str, sights: &[Sight<'_>]) -> Result<(), StoreError> {
+        if sights.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        // Count per bucket here, so that the script gets one increment per bucket, not per id.
+        let mut minutes: Vec<(u64, u64)> = Vec::new();
+        let mut days: Vec<(u64, u64)> = Vec::new();
+        for s in sights {
+            let born = if s.born_ms > 0 { s.born_ms as u64 } else { now };
+            bump(&mut minutes, born / MINUTE_MS);
+            bump(&mut days, born / DAY_MS);
+        }
+        let other = self.other(side);
+        let mut inv = self.record.prepare_invoke();
+        inv.key(format!("{}:open:{side}", self.base))
+            .key(format!("{}:open:{other}", self.base))
+            .key(format!("{}:paired:{side}", self.base))
+            .key(format!("{}:paired:{other}", self.base))
+            .key(format!("{}:untracked:{side}", self.base));
+        for (m, _) in &minutes {
+            inv.key(format!("{}:min:{m}", self.base));
+        }
+        for (d, _) in &days {
+            inv.key(format!("{}:day:{d}", self.base));
+        }
+        inv.arg(side)
+            .arg(self.cfg.max_open_ids)
+            .arg(self.retention_ms)
+            .arg(self.cfg.minute_retention.as_millis() as u64)
+            .arg(self.cfg.day_retention.as_millis() as u64)
+            .arg(minutes.len());
+        for (_, n) in minutes.iter().chain(&days) {
+            inv.arg(*n);
+        }
+        let mut arg = Vec::with_capacity(64);
+        for s in sights {
+            arg.clear();
+            arg.push(if s.pair { b'p' } else { b'f' });
+            arg.extend_from_slice(s.id.as_bytes());
+            inv.arg(&arg[..]);
+        }
+        let mut conn = self.conn.clone();
+        let _unlisted: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Ids seen by one side only for longer than the grace period, and ids left unlisted, per
+    /// side (for the gap metrics).
+    pub async fn gaps(&self) -> Result<Vec<SideGap>, StoreError> {
+        let cutoff = now_ms().saturating_sub(self.cfg.grace.as_millis() as u64);
+        let mut pipe = redis::pipe();
+        for side in &self.sides {
+            pipe.zcount(format!("{}:open:{side}", self.base), "-inf", cutoff)
+                .get(format!("{}:untracked:{side}", self.base));
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(self
+            .sides
+            .iter()
+            .enumerate()
+            .map(|(i, side)| SideGap {
+                side: side.clone(),
+                one_sided: replies[2 * i].unwrap_or(0),
+                untracked: replies[2 * i + 1].unwrap_or(0),
+            })
+            .collect())
+    }
+
+    /// The report since `since_ms`: counts per minute (when the span is a day or less and the
+    /// minute buckets still exist) and per day, and the one-sided ids first seen since then,
+    /// listing at most `limit` per side.
+    pub async fn report(&self, since_ms: u64, limit: usize) -> Result<ParityReport, StoreError> {
+        let now = now_ms();
+        let since_ms = since_ms.min(now);
+        let minute_floor = now.saturating_sub(self.cfg.minute_retention.as_millis() as u64);
+        let by_minute =
+            since_ms >= minute_floor && (now - since_ms) / MINUTE_MS <= MAX_REPORT_MINUTES;
+        let minute_ids: Vec<u64> = if by_minute {
+            (since_ms / MINUTE_MS..=now / MINUTE_MS).collect()
+        } else {
+            Vec::new()
+        };
+        let day_ids: Vec<u64> = (since_ms / DAY_MS..=now / DAY_MS).collect();
+        let cutoff = now.saturating_sub(self.cfg.grace.as_millis() as u64);
+
+        let mut pipe = redis::pipe();
+        for m in &minute_ids {
+            pipe.hgetall(format!("{}:min:{m}", self.base));
+        }
+        for d in &day_ids {
+            pipe.hgetall(format!("{}:day:{d}", self.base));
+        }
+        for side in &self.sides {
+            let key = format!("{}:open:{side}", self.base);
+            pipe.cmd("ZRANGE")
+                .arg(&key)
+                .arg(since_ms)
+                .arg(cutoff)
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .arg("WITHSCORES");
+            pipe.zcount(&key, since_ms, cutoff);
+            pipe.get(format!("{}:untracked:{side}", self.base));
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut replies = replies.into_iter();
+        let mut counts = |n: usize| -> Result<Vec<BTreeMap<String, u64>>, StoreError> {
+            (0..n)
+                .map(|_| decode::<BTreeMap<String, u64>>(replies.next()))
+                .collect()
+        };
+        let minute_counts = counts(minute_ids.len())?;
+        let day_counts = counts(day_ids.len())?;
+        let mut report = ParityReport {
+            since_ms,
+            until_ms: now,
+            grace_ms: self.cfg.grace.as_millis() as u64,
+            sides: self.sides.to_vec(),
+            totals_from: if by_minute { "minutes" } else { "days" }.to_owned(),
+            totals: BTreeMap::new(),
+            minutes: minute_ids
+                .iter()
+                .zip(minute_counts)
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(m, counts)| Bucket {
+                    start_ms: m * MINUTE_MS,
+                    counts,
+                })
+                .collect(),
+            days: day_ids
+                .iter()
+                .zip(day_counts)
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(d, counts)| Bucket {
+                    start_ms: d * DAY_MS,
+                    counts,
+                })
+                .collect(),
+            one_sided: Vec::new(),
+            one_sided_total: BTreeMap::new(),
+            untracked: BTreeMap::new(),
+            truncated: false,
+        };
+        for side in &self.sides {
+            let listed: Vec<(String, f64)> = decode(replies.next())?;
+            let total: u64 = decode(replies.next())?;
+            let untracked: Option<u64> = decode(replies.next())?;
+            report.truncated |= (listed.len() as u64) < total;
+            report
+                .one_sided
+                .extend(listed.into_iter().map(|(id, score)| OneSided {
+                    side: side.clone(),
+                    id,
+                    first_seen_ms: score as u64,
+                }));
+            report.one_sided_total.insert(side.clone(), total);
+            report
+                .untracked
+                .insert(side.clone(), untracked.unwrap_or(0));
+            let source = if by_minute {
+                &report.minutes
+            } else {
+                &report.days
+            };
+            let sum = source
+                .iter()
+                .map(|b| b.counts.get(side).copied().unwrap_or(0))
+                .sum();
+            report.totals.insert(side.clone(), sum);
+        }
+        Ok(report)
+    }
+}
+
+fn decode<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, StoreError> {
+    redis::from_redis_value(v.unwrap_or(redis::Value::Nil))
+        .map_err(|e| StoreError::Reply(format!("parity: {e}")))
+}
+
+fn bump(buckets: &mut Vec<(u64, u64)>, bucket: u64) {
+    match buckets.iter_mut().find(|(b, _)| *b == bucket) {
+        Some((_, n)) => *n += 1,
+        None => buckets.push((bucket, 1)),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One side's gap, for the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideGap {
+    /// The side.
+    pub side: String,
+    /// Ids seen by this side only for longer than the grace period.
+    pub one_sided: u64,
+    /// Ids left unlisted because the list was full.
+    pub untracked: u64,
+}
+
+/// Counts of one time bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Start of the bucket, ms since the epoch.
+    pub start_ms: u64,
+    /// Side → ids first seen by that side whose message was stamped in this bucket.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// An id seen by one side only for longer than the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OneSided {
+    /// The side that saw it.
+    pub side: String,
+    /// The cross-broker message id.
+    pub id: String,
+    /// When that side first saw it, ms since the epoch.
+    pub first_seen_ms: u64,
+}
+
+/// What `mq-cutover parity` prints and `GET /api/parity` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParityReport {
+    /// Start of the span, ms since the epoch.
+    pub since_ms: u64,
+    /// End of the span (when the report was made).
+    pub until_ms: u64,
+    /// The grace period, ms.
+    pub grace_ms: u64,
+    /// The two sides, old first.
+    pub sides: Vec<String>,
+    /// `minutes` or `days`: which buckets the totals are summed from.
+    pub totals_from: String,
+    /// Side → ids first seen in the span.
+    pub totals: BTreeMap<String, u64>,
+    /// Per-minute counts (empty buckets left out).
+    pub minutes: Vec<Bucket>,
+    /// Per-day counts (empty buckets left out).
+    pub days: Vec<Bucket>,
+    /// One-sided ids, listed up to the limit per side.
+    pub one_sided: Vec<OneSided>,
+    /// Side → one-sided ids in the span (listed or not).
+    pub one_sided_total: BTreeMap<String, u64>,
+    /// Side → ids left unlisted because the list was full (whenever that was).
+    pub untracked: BTreeMap<String, u64>,
+    /// True when `one_sided` does not list every one-sided id.
+    pub truncated: bool,
+}
+
+impl ParityReport {
+    /// No one-sided id and nothing unlisted.
+    pub fn is_clean(&self) -> bool {
+        self.one_sided_total.values().all(|n| *n == 0) && self.untracked.values().all(|n| *n == 0)
+    }
+}
+
+fn clock(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl fmt::Display for ParityReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b] = [&self.sides[0], &self.sides[1]];
+        writeln!(
+            f,
+            "parity from {} to {} (grace {})",
+            clock(self.since_ms),
+            clock(self.until_ms),
+            humantime::format_duration(Duration::from_millis(self.grace_ms))
+        )?;
+        let row = |f: &mut fmt::Formatter<'_>, label: &str, c: &BTreeMap<String, u64>| {
+            let (x, y) = (
+                c.get(a).copied().unwrap_or(0),
+                c.get(b).copied().unwrap_or(0),
+            );
+            writeln!(
+                f,
+                "  {label:<22} {x:>10} {y:>10} {:>+10}",
+                y as i64 - x as i64
+            )
+        };
+        writeln!(f, "  {:<22} {a:>10} {b:>10} {:>10}", "bucket (UTC)", "diff")?;
+        let buckets = if self.totals_from == "minutes" {
+            &self.minutes
+        } else {
+            &self.days
+        };
+        for bucket in buckets {
+            let label = clock(bucket.start_ms);
+            let label = if self.totals_from == "minutes" {
+                &label[..16]
+            } else {
+                &label[..10]
+            };
+            row(f, label, &bucket.counts)?;
+        }
+        row(f, "total", &self.totals)?;
+        let total: u64 = self.one_sided_total.values().sum();
+        if total == 0 {
+            writeln!(
+                f,
+                "no id seen by one side only for longer than the grace period"
+            )?;
+        } else {
+            writeln!(
+                f,
+                "{total} id(s) seen by one side only for longer than the grace period:"
+            )?;
+            for side in &self.sides {
+                let n = self.one_sided_total.get(side).copied().unwrap_or(0);
+                writeln!(f, "  only on {side}: {n}")?;
+                for o in self.one_sided.iter().filter(|o| &o.side == side) {
+                    writeln!(f, "    {}  first seen {}", o.id, clock(o.first_seen_ms))?;
+                }
+            }
+            if self.truncated {
+                writeln!(f, "  (list truncated: raise --limit to see more)")?;
+            }
+        }
+        for (side, n) in &self.untracked {
+            if *n > 0 {
+                writeln!(
+                    f,
+                    "{n} one-sided id(s) on {side} were not listed: the list was full (parity.max_open_ids)"
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> ParityReport {
+        let counts = |x: u64, y: u64| BTreeMap::from([("kafka".into(), x), ("rocketmq".into(), y)]);
+        ParityReport {
+            since_ms: 1_700_000_000_000,
+            until_ms: 1_700_000_120_000,
+            grace_ms: 300_000,
+            sides: vec!["kafka".into(), "rocketmq".into()],
+            totals_from: "minutes".into(),
+            totals: counts(200, 198),
+            minutes: vec![
+                Bucket {
+                    start_ms: 1_699_999_980_000,
+                    counts: counts(100, 100),
+                },
+                Bucket {
+                    start_ms: 1_700_000_040_000,
+                    counts: counts(100, 98),
+                },
+            ],
+            days: vec![],
+            one_sided: vec![OneSided {
+                side: "kafka".into(),
+                id: "order-7".into(),
+                first_seen_ms: 1_700_000_050_000,
+            }],
+            one_sided_total: counts(2, 0),
+            untracked: counts(0, 0),
+            truncated: true,
+        }
+    }
+
+    #[test]
+    fn the_text_report_names_the_one_sided_ids_and_the_differences() {
+        let text = report().to_string();
+        assert!(text.contains("2023-11-14T22:14"), "{text}");
+        assert!(text.contains("       100         98         -2"), "{text}");
+        assert!(text.contains("total"), "{text}");
+        assert!(text.contains("only on kafka: 2"), "{text}");
+        assert!(
+            text.contains("order-7  first seen 2023-11-14T22:14:10Z"),
+            "{text}"
+        );
+        assert!(text.contains("list truncated"), "{text}");
+        assert!(!report().is_clean());
+    }
+
+    #[test]
+    fn buckets_count_per_bucket() {
+        let mut b = Vec::new();
+        for m in [5, 5, 6, 5] {
+            bump(&mut b, m);
+        }
+        assert_eq!(b, vec![(5, 3), (6, 1)]);
+    }
+
+    #[test]
+    fn config_defaults_validate_and_bad_values_name_the_key() {
+        assert!(ParityConfig::default().validate().is_ok());
+        let bad = ParityConfig {
+            max_open_ids: 0,
+            ..ParityConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().key, "parity.max_open_ids");
+        let bad = ParityConfig {
+            grace: Duration::ZERO,
+            ..ParityConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().key, "parity.grace");
+    }
+}

@@ -1,0 +1,195 @@
+//! The parity records on real Redis: what the claim script reports as first sights, and what the
+//! record script keeps (pairs cancel, in either order; redeliveries do not count; the list is
+//! capped and the rest counted).
+
+use std::time::Duration;
+
+use mq_cutover::arbiter::{Arbiter, ClaimRequest, LeaseTokens, Sighting};
+use mq_cutover::config::{AmbiguousPolicy, RedisMode};
+use mq_cutover::parity::{Parity, ParityConfig, Sight};
+
+use crate::common;
+
+fn sides() -> [String; 2] {
+    ["kafka".into(), "rocketmq".into()]
+}
+
+fn parity(store: &mq_cutover::store::Store, cap: u64) -> Parity {
+    let cfg = ParityConfig {
+        // Everything counts as past the grace period at once.
+        grace: Duration::from_millis(1),
+        max_open_ids: cap,
+        ..ParityConfig::default()
+    };
+    Parity::with(store, sides(), cfg, Duration::from_secs(600))
+}
+
+fn first(id: &str) -> Sight<'_> {
+    Sight {
+        id,
+        born_ms: 0,
+        pair: false,
+    }
+}
+
+fn pair(id: &str) -> Sight<'_> {
+    Sight {
+        id,
+        born_ms: 0,
+        pair: true,
+    }
+}
+
+async fn one_sided(p: &Parity) -> Vec<(String, String)> {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = p.report(0, 1000).await.expect("report");
+    let mut v: Vec<(String, String)> = r.one_sided.into_iter().map(|o| (o.side, o.id)).collect();
+    v.sort();
+    v
+}
+
+async fn claims_report_first_sights(mode: RedisMode) {
+    let prefix = common::unique_prefix("parity-sight");
+    let store = common::connect(mode, &prefix).await;
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(5), AmbiguousPolicy::AtLeastOnce, 5),
+    );
+    let tokens = LeaseTokens::default();
+    let sighting = |side: &'static str| {
+        let arbiter = arbiter.clone();
+        let token = tokens.next();
+        async move {
+            let req = ClaimRequest {
+                id: "p-1",
+                side,
+                routed_owner: "kafka",
+                token: &token,
+            };
+            let mut r = arbiter.claim_batch_sighted(&[req]).await.expect("claim");
+            r.pop().unwrap().expect("claim").1
+        }
+    };
+    assert_eq!(sighting("kafka").await, Sighting::First);
+    assert_eq!(sighting("kafka").await, Sighting::Again, "a redelivery");
+    assert_eq!(sighting("rocketmq").await, Sighting::Pair);
+    assert_eq!(sighting("rocketmq").await, Sighting::Again);
+    common::cleanup(&store_urls(mode), &prefix);
+}
+
+fn store_urls(mode: RedisMode) -> Vec<String> {
+    match mode {
+        RedisMode::Standalone => vec![common::redis_url()],
+        RedisMode::Cluster => common::cluster_urls(),
+    }
+}
+
+async fn pairs_cancel_in_either_order_and_the_list_is_capped(mode: RedisMode) {
+    let prefix = common::unique_prefix("parity-record");
+    let store = common::connect(mode, &prefix).await;
+    let p = parity(&store, 3);
+
+    // In order: kafka first, then rocketmq completes the pair.
+    p.record("kafka", &[first("a"), first("b")]).await.unwrap();
+    p.record("rocketmq", &[pair("a")]).await.unwrap();
+    assert_eq!(one_sided(&p).await, vec![("kafka".into(), "b".into())]);
+
+    // The race: rocketmq's "pair" record lands before kafka's "first" record of the same id.
+    p.record("rocketmq", &[pair("c")]).await.unwrap();
+    p.record("kafka", &[first("c")]).await.unwrap();
+    assert_eq!(one_sided(&p).await, vec![("kafka".into(), "b".into())]);
+
+    // The other direction.
+    p.record("rocketmq", &[first("d")]).await.unwrap();
+    assert_eq!(
+        one_sided(&p).await,
+        vec![
+            ("kafka".into(), "b".into()),
+            ("rocketmq".into(), "d".into())
+        ]
+    );
+
+    // The cap: kafka already lists "b"; three more fit up to 3, the rest is counted.
+    p.record("kafka", &[first("e"), first("f"), first("g"), first("h")])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await; // past the 1 ms grace
+    let r = p.report(0, 1000).await.unwrap();
+    assert_eq!(r.one_sided_total["kafka"], 3);
+    assert_eq!(r.untracked["kafka"], 2);
+    assert_eq!(r.untracked["rocketmq"], 0);
+    let gaps = p.gaps().await.unwrap();
+    assert_eq!((gaps[0].one_sided, gaps[0].untracked), (3, 2));
+    assert_eq!((gaps[1].one_sided, gaps[1].untracked), (1, 0));
+
+    // Counts: kafka first-saw a, b, c, e, f, g, h (7), rocketmq a, c, d (3), all this minute.
+    assert_eq!(r.totals["kafka"], 7);
+    assert_eq!(r.totals["rocketmq"], 3);
+    assert!(!r.is_clean());
+    common::cleanup(&store_urls(mode), &prefix);
+}
+
+async fn counts_fall_in_the_buckets_of_the_broker_timestamp(mode: RedisMode) {
+    let prefix = common::unique_prefix("parity-buckets");
+    let store = common::connect(mode, &prefix).await;
+    let p = parity(&store, 100);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let minute = now - now % 60_000;
+    let sights = [
+        Sight {
+            id: "x",
+            born_ms: minute - 120_000 + 5,
+            pair: false,
+        },
+        Sight {
+            id: "y",
+            born_ms: minute - 120_000 + 50_000,
+            pair: false,
+        },
+        Sight {
+            id: "z",
+            born_ms: minute - 60_000,
+            pair: false,
+        },
+    ];
+    p.record("kafka", &sights).await.unwrap();
+    p.record("rocketmq", &[pair("x"), pair("y"), pair("z")])
+        .await
+        .unwrap();
+    let r = p.report((minute - 180_000) as u64, 10).await.unwrap();
+    let kafka: Vec<(u64, u64)> = r
+        .minutes
+        .iter()
+        .map(|b| (b.start_ms, b.counts.get("kafka").copied().unwrap_or(0)))
+        .collect();
+    let m = minute as u64;
+    // rocketmq's pairs carry no timestamp here, so they count in the current minute.
+    assert_eq!(kafka, vec![(m - 120_000, 2), (m - 60_000, 1), (m, 0)]);
+    assert!(r.is_clean(), "{r}");
+    common::cleanup(&store_urls(mode), &prefix);
+}
+
+#[tokio::test]
+async fn claims_report_first_sights_standalone() {
+    claims_report_first_sights(RedisMode::Standalone).await;
+}
+
+#[tokio::test]
+async fn claims_report_first_sights_cluster() {
+    claims_report_first_sights(RedisMode::Cluster).await;
+}
+
+#[tokio::test]
+async fn parity_records_standalone() {
+    pairs_cancel_in_either_order_and_the_list_is_capped(RedisMode::Standalone).await;
+    counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Standalone).await;
+}
+
+#[tokio::test]
+async fn parity_records_cluster() {
+    pairs_cancel_in_either_order_and_the_list_is_capped(RedisMode::Cluster).await;
+    counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Cluster).await;
+}

@@ -1,0 +1,162 @@
+//! Parity end to end: dual-written traffic with 1% of the ids missing from the new side (and
+//! 0.5% from the old side); once both sides have consumed everything and the grace period has
+//! passed, `mq-cutover parity`, `GET /api/parity` and the gap metric name exactly those ids.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mq_cutover::parity::ParityReport;
+
+use crate::harness::{Bed, Setup};
+
+fn parity_cli(bed: &Bed, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mq-cutover"))
+        .arg("--config")
+        .arg(&bed.config_path)
+        .args(["parity", "--since", "30m"])
+        .args(extra)
+        .output()
+        .expect("run mq-cutover parity");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn one_sided(report: &ParityReport) -> BTreeSet<(String, String)> {
+    report
+        .one_sided
+        .iter()
+        .map(|o| (o.side.clone(), o.id.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
+    let mut bed = Bed::new("parity", Setup::default()).await;
+    let d = bed.start_daemon();
+    let prefix = format!("{}-p", bed.prefix);
+    let manifest = bed.dir.path().join("manifest.jsonl");
+    let count = 2_000u64;
+    bed.produce(&prefix, count, |a| {
+        a.missing_new = 0.01;
+        a.missing_old = 0.005;
+        a.duplicates_new = 0.02;
+        a.seed = 11;
+        a.manifest = Some(manifest.clone());
+    })
+    .await;
+
+    // What the producer did: ids with no copy on one side, and how many ids each side got.
+    let mut expected = BTreeSet::new();
+    let (mut on_old, mut on_new) = (0u64, 0u64);
+    for line in std::fs::read_to_string(&manifest).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = v["id"].as_str().unwrap().to_owned();
+        let (old, new) = (v["old"].as_u64().unwrap(), v["new"].as_u64().unwrap());
+        on_old += u64::from(old > 0);
+        on_new += u64::from(new > 0);
+        match (old > 0, new > 0) {
+            (true, false) => expected.insert(("kafka".to_owned(), id)),
+            (false, true) => expected.insert(("rocketmq".to_owned(), id)),
+            _ => false,
+        };
+    }
+    let only_old = expected.iter().filter(|(s, _)| s == "kafka").count();
+    let only_new = expected.len() - only_old;
+    assert!(
+        (10..=35).contains(&only_old) && (3..=20).contains(&only_new),
+        "the seed should leave about 1% and 0.5% one-sided: {only_old}, {only_new}"
+    );
+
+    // Both sides have seen every id they will ever get (each side counts an id once, its
+    // duplicates and redeliveries not).
+    let daemon = &bed.daemons[d];
+    let start = Instant::now();
+    let healthz = format!("http://127.0.0.1:{}/healthz", daemon.admin_port);
+    while reqwest::get(&healthz).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "admin listener never came up\n{}",
+            bed.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    loop {
+        let k = daemon
+            .metric("mqc_parity_observed_total{side=\"kafka\"}")
+            .await as u64;
+        let r = daemon
+            .metric("mqc_parity_observed_total{side=\"rocketmq\"}")
+            .await as u64;
+        if k == on_old && r == on_new {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "sides observed kafka {k} of {on_old}, rocketmq {r} of {on_new}\n{}",
+            bed.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Past the grace period (2 s in the test config).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (code, json) = parity_cli(&bed, &["--json", "--limit", "1000"]);
+    assert_eq!(code, 0, "{json}");
+    let report: ParityReport = serde_json::from_str(&json).expect("parity --json parses");
+    assert_eq!(one_sided(&report), expected, "{report}");
+    assert!(!report.truncated);
+    assert_eq!(report.one_sided_total["kafka"], only_old as u64);
+    assert_eq!(report.one_sided_total["rocketmq"], only_new as u64);
+    assert_eq!(report.totals["kafka"], on_old, "{report}");
+    assert_eq!(report.totals["rocketmq"], on_new, "{report}");
+    assert_eq!(report.untracked["kafka"] + report.untracked["rocketmq"], 0);
+
+    // The text report lists the same ids; --fail-on-gap turns the gap into exit code 2.
+    let (code, text) = parity_cli(&bed, &["--limit", "1000", "--fail-on-gap"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains(&format!("only on kafka: {only_old}")),
+        "{text}"
+    );
+    for (_, id) in &expected {
+        assert!(text.contains(id.as_str()), "{id} missing from\n{text}");
+    }
+
+    // The API returns the same report.
+    let (status, body) = daemon.admin("api/parity?since=30m&limit=1000").await;
+    assert_eq!(status, 200, "{body}");
+    let api: ParityReport = serde_json::from_str(&body).unwrap();
+    assert_eq!(one_sided(&api), expected);
+
+    // The gap metric, refreshed every 500 ms.
+    let start = Instant::now();
+    loop {
+        let k = daemon
+            .metric("mqc_parity_one_sided_ids{side=\"kafka\"}")
+            .await as usize;
+        let r = daemon
+            .metric("mqc_parity_one_sided_ids{side=\"rocketmq\"}")
+            .await as usize;
+        if (k, r) == (only_old, only_new) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "gap metric kafka {k} rocketmq {r}, expected {only_old} {only_new}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        daemon.log_text().contains("parity gap"),
+        "a log line says the gap opened"
+    );
+
+    // The ids both sides got were delivered once each; the ones only the new side got are owned
+    // by the old side (the percentage is 0) and wait for it: parity is how an operator finds them.
+    let grants = bed.grants();
+    assert!(grants.values().all(|n| *n == 1), "a duplicate grant");
+    assert_eq!(grants.len() as u64, on_old);
+}
