@@ -133,6 +133,12 @@ fn k8s_pods(docs: &[(String, Value)]) -> Vec<(String, String, Value, Value)> {
         .collect()
 }
 
+/// Whether a Kubernetes container runs the daemon (`mq-cutover run …`).
+fn runs_daemon(container: &Value) -> bool {
+    is_our_image(&text(&container["image"]).unwrap_or_default())
+        && strings(&container["args"]).first().map(String::as_str) == Some("run")
+}
+
 fn containers(pod: &Value) -> Vec<Value> {
     ["containers", "initContainers"]
         .iter()
@@ -594,9 +600,7 @@ fn admin_port_agrees_everywhere() {
         let origin = format!("{file} `{workload}`");
         let mut has_daemon = false;
         for c in containers(&pod) {
-            if !strings(&c["args"]).first().is_some_and(|a| a == "run")
-                || !is_our_image(&text(&c["image"]).unwrap_or_default())
-            {
+            if !runs_daemon(&c) {
                 continue;
             }
             has_daemon = true;
@@ -685,13 +689,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
     for (file, workload, pod, annotations) in k8s_pods(&docs) {
         let origin = format!("{file} `{workload}`");
         let all = containers(&pod);
-        let daemons: Vec<&Value> = all
-            .iter()
-            .filter(|c| {
-                strings(&c["args"]).first().is_some_and(|a| a == "run")
-                    && is_our_image(&text(&c["image"]).unwrap_or_default())
-            })
-            .collect();
+        let daemons: Vec<&Value> = all.iter().filter(|c| runs_daemon(c)).collect();
         for c in &daemons {
             let live = text(&c["livenessProbe"]["httpGet"]["path"]);
             assert_eq!(
