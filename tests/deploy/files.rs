@@ -1,0 +1,332 @@
+//! Reading the deploy files into the few facts the checks compare: the Dockerfile's
+//! instructions, the compose services, the Kubernetes objects, the URLs in healthchecks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+/// The repository root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file's text; panics naming the file when it cannot be read.
+pub fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: cannot read: {e}"))
+}
+
+/// Every document of a YAML file; panics naming the file and the problem when one does not parse.
+pub fn yaml_documents(rel: &str) -> Vec<Value> {
+    let text = read(rel);
+    serde_yaml::Deserializer::from_str(&text)
+        .enumerate()
+        .map(|(i, doc)| {
+            Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{rel}: document {} is not valid YAML: {e}", i + 1))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A single-document YAML file.
+pub fn yaml(rel: &str) -> Value {
+    let mut docs = yaml_documents(rel);
+    assert_eq!(docs.len(), 1, "{rel}: expected one YAML document");
+    docs.remove(0)
+}
+
+/// Files under `dir` (relative to the root) whose name ends with one of `exts`, as relative
+/// paths, sorted.
+pub fn files_under(dir: &str, exts: &[&str]) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(&root().join(dir), &mut found);
+    let mut rel: Vec<String> = found
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            exts.iter().any(|e| name.ends_with(e))
+        })
+        .map(|p| {
+            p.strip_prefix(root())
+                .expect("under the root")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    rel.sort();
+    rel
+}
+
+/// `v[key]` as a string, if it is one (numbers and booleans as their text).
+pub fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A YAML sequence of scalars as strings (a missing value is an empty list).
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(text).collect())
+        .unwrap_or_default()
+}
+
+/// `http://host:port/path` somewhere in `s`: the port and the path.
+pub fn http_port_and_path(s: &str) -> Option<(u16, String)> {
+    let start = s.find("http://")? + "http://".len();
+    let rest = &s[start..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+        .unwrap_or(rest.len());
+    let url = &rest[..end];
+    let (authority, path) = match url.find('/') {
+        Some(i) => (&url[..i], &url[i..]),
+        None => (url, "/"),
+    };
+    let port = authority.rsplit_once(':')?.1.parse().ok()?;
+    Some((port, path.to_owned()))
+}
+
+/// Whether an image reference names an explicit version: a digest, or a tag that is not
+/// `latest` and carries a version number. `Err` says what is wrong.
+pub fn pinned(image: &str) -> Result<(), String> {
+    if image.contains("@sha256:") {
+        return Ok(());
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.split_once(':') {
+        None => Err("has no tag (it means `latest`)".into()),
+        Some((_, "latest")) => Err("is tagged `latest`".into()),
+        Some((_, tag)) if !tag.chars().any(|c| c.is_ascii_digit()) => {
+            Err(format!("tag `{tag}` names no version"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Resolves compose variable interpolation the way `docker compose` does with no variables set:
+/// `${NAME:-default}` and `${NAME-default}` give the default, `${NAME}` / `$NAME` the
+/// placeholder `placeholder-NAME`, `$$` a `$`.
+pub fn interpolate(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let close = body
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed ${{ in `{s}`"));
+            let inner = &body[..close];
+            match inner.find(":-").or_else(|| inner.find('-')) {
+                Some(j) => {
+                    let skip = if inner[j..].starts_with(":-") { 2 } else { 1 };
+                    out.push_str(&inner[j + skip..]);
+                }
+                None => out.push_str(&format!("placeholder-{inner}")),
+            }
+            rest = &body[close + 1..];
+        } else {
+            let n = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            out.push_str(&format!("placeholder-{}", &after[..n]));
+            rest = &after[n..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One instruction of a Dockerfile: its keyword (upper case) and the rest of its line, with
+/// continuation lines joined.
+#[derive(Debug, Clone)]
+pub struct Instruction {
+    /// `FROM`, `RUN`, `HEALTHCHECK`, …
+    pub keyword: String,
+    /// Everything after the keyword.
+    pub args: String,
+}
+
+/// The instructions of a Dockerfile, comments dropped.
+pub fn dockerfile(rel: &str) -> Vec<Instruction> {
+    let mut logical = Vec::new();
+    let mut current = String::new();
+    for line in read(rel).lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') {
+            continue;
+        }
+        if let Some(part) = trimmed.strip_suffix('\\') {
+            current.push_str(part);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(trimmed);
+        if !current.trim().is_empty() {
+            logical.push(std::mem::take(&mut current));
+        }
+        current.clear();
+    }
+    logical
+        .into_iter()
+        .map(|l| {
+            let (k, a) = l.trim().split_once(char::is_whitespace).unwrap_or((&l, ""));
+            Instruction {
+                keyword: k.to_ascii_uppercase(),
+                args: a.trim().to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// A Dockerfile's exec-form argument (`["a", "b"]`) as a list.
+pub fn exec_form(rel: &str, keyword: &str, args: &str) -> Vec<String> {
+    serde_json::from_str(args).unwrap_or_else(|e| {
+        panic!("{rel}: {keyword} {args} is not in exec form (a JSON array of strings): {e}")
+    })
+}
+
+/// The compose file's services by name.
+pub fn compose_services(compose: &Value) -> BTreeMap<String, Value> {
+    compose["services"]
+        .as_mapping()
+        .expect("docker-compose.yml: no `services` mapping")
+        .iter()
+        .map(|(k, v)| (text(k).expect("service name"), v.clone()))
+        .collect()
+}
+
+/// A compose service's environment (map or `KEY=VALUE` list form), interpolated.
+pub fn compose_environment(service: &Value) -> BTreeMap<String, String> {
+    let env = &service["environment"];
+    let mut out = BTreeMap::new();
+    if let Some(map) = env.as_mapping() {
+        for (k, v) in map {
+            out.insert(
+                text(k).expect("variable name"),
+                interpolate(&text(v).unwrap_or_default()),
+            );
+        }
+    } else {
+        for item in strings(env) {
+            let (k, v) = item.split_once('=').unwrap_or((&item, ""));
+            out.insert(k.to_owned(), interpolate(v));
+        }
+    }
+    out
+}
+
+/// A compose service's bind mounts: container path -> host path (relative to the root).
+pub fn compose_mounts(service: &Value) -> BTreeMap<String, String> {
+    strings(&service["volumes"])
+        .into_iter()
+        .filter_map(|v| {
+            let mut parts = v.split(':');
+            let host = parts.next()?;
+            let container = parts.next()?;
+            host.starts_with("./").then(|| {
+                (
+                    container.to_owned(),
+                    host.trim_start_matches("./").to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A compose service's command (list or string form) as a list of arguments.
+pub fn compose_command(service: &Value) -> Vec<String> {
+    match &service["command"] {
+        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+        v => strings(v),
+    }
+}
+
+/// The container side of a compose service's published ports.
+pub fn compose_container_ports(service: &Value) -> Vec<u16> {
+    service["ports"]
+        .as_sequence()
+        .map(|ports| {
+            ports
+                .iter()
+                .filter_map(|p| match p {
+                    Value::Mapping(_) => text(&p["target"])?.parse().ok(),
+                    other => {
+                        let s = text(other)?;
+                        let last = s.rsplit(':').next()?;
+                        last.split('/').next()?.parse().ok()
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value after `flag` in an argument list.
+pub fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The `host` part of `scheme://host:port/…` or `host:port`.
+pub fn host_of(address: &str) -> &str {
+    let no_scheme = address.split_once("://").map_or(address, |(_, r)| r);
+    let authority = no_scheme.split('/').next().unwrap_or(no_scheme);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_takes_defaults_and_placeholders() {
+        assert_eq!(
+            interpolate("${A:-x}/${B-y}/${C}/$D/$$E"),
+            "x/y/placeholder-C/placeholder-D/$E"
+        );
+    }
+
+    #[test]
+    fn pinning_rules() {
+        assert!(pinned("redis:7.4.2").is_ok());
+        assert!(pinned("prom/prometheus:v3.5.0").is_ok());
+        assert!(pinned("localhost:5000/x@sha256:abc").is_ok());
+        assert!(pinned("redis").is_err());
+        assert!(pinned("redis:latest").is_err());
+        assert!(pinned("debian:bookworm-slim").is_err());
+        assert!(pinned("localhost:5000/redis").is_err());
+    }
+
+    #[test]
+    fn urls_and_hosts() {
+        assert_eq!(
+            http_port_and_path("curl -fsS http://127.0.0.1:9464/healthz || exit 1"),
+            Some((9464, "/healthz".into()))
+        );
+        assert_eq!(host_of("redis://:pw@redis:6379/0"), "redis");
+        assert_eq!(host_of("kafka:9092"), "kafka");
+    }
+}

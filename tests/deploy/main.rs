@@ -1,0 +1,1100 @@
+//! Static checks of the deploy files (Dockerfile, docker-compose.yml, deploy/): no Docker engine
+//! or cluster is needed, so they run with every `cargo test`.
+//!
+//! They prove that the files parse; that every config file they hand to the daemon passes the
+//! real binary's `check-config` with the environment overrides the file sets; that the admin
+//! port agrees between the configs, the port mappings, the scrape target, EXPOSE, HEALTHCHECK
+//! and the Kubernetes ports and probes; that the probe paths are routes of the real admin router;
+//! that every PromQL expression uses only metric names the daemon exports; that every image is
+//! pinned; and that every command line handed to the image parses with the real CLI. A failure
+//! names the file and the offending item.
+
+mod files;
+mod promql;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use mq_cutover::admin::{router, AdminState};
+use mq_cutover::cli::Cli;
+use mq_cutover::config::{Config, Validated};
+use mq_cutover::sink::breaker::CircuitBreaker;
+use mq_cutover::telemetry::metrics::{Metrics, NAMES};
+use serde_yaml::Value;
+use tower::ServiceExt;
+
+use files::*;
+
+const COMPOSE: &str = "docker-compose.yml";
+const DOCKERFILE: &str = "Dockerfile";
+const PROMETHEUS: &str = "deploy/prometheus/prometheus.yml";
+const ALERTS: &str = "deploy/prometheus/alerts.yml";
+const K8S: &str = "deploy/k8s";
+const DASHBOARDS: &str = "deploy/grafana/dashboards";
+const RUNBOOK: &str = "docs/operations.md";
+/// The image built from the Dockerfile, by name (its tag is the crate's version).
+const IMAGE: &str = "mq-cutover";
+
+/// A config file the deploy files hand to the daemon, with what comes with it.
+struct HandedConfig {
+    /// Where it is handed over, e.g. "docker-compose.yml service `mq-cutover`".
+    origin: String,
+    /// The file on disk (a temporary copy for a ConfigMap's key).
+    file: PathBuf,
+    /// The `MQ_CUTOVER…` variables set for that container (secrets as placeholders).
+    env: BTreeMap<String, String>,
+    /// Whether the container runs the daemon (`run`), which serves the admin port.
+    daemon: bool,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl HandedConfig {
+    fn load(&self) -> Validated {
+        Config::load_with_env(&self.file, self.env.clone())
+            .and_then(Config::validate)
+            .unwrap_or_else(|e| panic!("{}: {}: {e}", self.origin, self.file.display()))
+    }
+}
+
+fn is_our_image(image: &str) -> bool {
+    image.rsplit('/').next().unwrap_or(image).split(':').next() == Some(IMAGE)
+}
+
+/// The compose services running the image with a `--config`.
+fn compose_configs() -> Vec<HandedConfig> {
+    let compose = yaml(COMPOSE);
+    let mut out = Vec::new();
+    for (name, svc) in compose_services(&compose) {
+        let image = text(&svc["image"]).unwrap_or_default();
+        let args = compose_command(&svc);
+        let Some(path) = flag_value(&args, "--config") else {
+            continue;
+        };
+        if !is_our_image(&image) {
+            continue;
+        }
+        let origin = format!("{COMPOSE} service `{name}`");
+        let mounts = compose_mounts(&svc);
+        let host = mounts.get(path).unwrap_or_else(|| {
+            panic!("{origin}: --config {path} is not a bind mount of the service (volumes: {mounts:?})")
+        });
+        out.push(HandedConfig {
+            origin,
+            file: root().join(host),
+            env: compose_environment(&svc)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("MQ_CUTOVER"))
+                .collect(),
+            daemon: args.first().map(String::as_str) == Some("run"),
+            _dir: None,
+        });
+    }
+    out
+}
+
+/// Every Kubernetes document under deploy/k8s, with the file it came from.
+fn k8s_documents() -> Vec<(String, Value)> {
+    files_under(K8S, &[".yaml", ".yml"])
+        .into_iter()
+        .flat_map(|f| yaml_documents(&f).into_iter().map(move |d| (f.clone(), d)))
+        .filter(|(_, d)| d["kind"].is_string())
+        .collect()
+}
+
+fn k8s_named<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+}
+
+/// The pod templates of the workloads: (file, workload name, pod spec, pod annotations).
+fn k8s_pods(docs: &[(String, Value)]) -> Vec<(String, String, Value, Value)> {
+    docs.iter()
+        .filter(|(_, d)| {
+            matches!(
+                d["kind"].as_str(),
+                Some("Deployment" | "StatefulSet" | "DaemonSet" | "Job")
+            )
+        })
+        .map(|(f, d)| {
+            (
+                f.clone(),
+                text(&d["metadata"]["name"]).unwrap_or_default(),
+                d["spec"]["template"]["spec"].clone(),
+                d["spec"]["template"]["metadata"]["annotations"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Whether a Kubernetes container runs the daemon (`mq-cutover run …`).
+fn runs_daemon(container: &Value) -> bool {
+    is_our_image(&text(&container["image"]).unwrap_or_default())
+        && strings(&container["args"]).first().map(String::as_str) == Some("run")
+}
+
+fn containers(pod: &Value) -> Vec<Value> {
+    ["containers", "initContainers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_sequence().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The Kubernetes containers running the image with a `--config`.
+fn k8s_configs() -> Vec<HandedConfig> {
+    let docs = k8s_documents();
+    let mut out = Vec::new();
+    for (file, workload, pod, _) in k8s_pods(&docs) {
+        for c in containers(&pod) {
+            let image = text(&c["image"]).unwrap_or_default();
+            let args = strings(&c["args"]);
+            let Some(path) = flag_value(&args, "--config") else {
+                continue;
+            };
+            if !is_our_image(&image) {
+                continue;
+            }
+            let cname = text(&c["name"]).unwrap_or_default();
+            let origin = format!("{file} `{workload}` container `{cname}`");
+            // The mount that holds the file, and the ConfigMap key behind it.
+            let mount = c["volumeMounts"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|m| {
+                    m["mountPath"]
+                        .as_str()
+                        .is_some_and(|p| path.starts_with(&format!("{}/", p.trim_end_matches('/'))))
+                })
+                .unwrap_or_else(|| panic!("{origin}: no volumeMount holds --config {path}"));
+            let mount_path = mount["mountPath"]
+                .as_str()
+                .expect("mountPath")
+                .trim_end_matches('/');
+            let in_volume = &path[mount_path.len() + 1..];
+            let vname = mount["name"].as_str().expect("volumeMount name");
+            let volume = pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"].as_str() == Some(vname))
+                .unwrap_or_else(|| panic!("{origin}: no volume `{vname}`"));
+            let cm_name = volume["configMap"]["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{origin}: volume `{vname}` is not a ConfigMap"));
+            let key = match volume["configMap"]["items"].as_sequence() {
+                Some(items) => items
+                    .iter()
+                    .find(|i| i["path"].as_str() == Some(in_volume))
+                    .and_then(|i| text(&i["key"]))
+                    .unwrap_or_else(|| {
+                        panic!("{origin}: ConfigMap volume `{vname}` has no item at {in_volume}")
+                    }),
+                None => in_volume.to_owned(),
+            };
+            let cm = k8s_named(&docs, "ConfigMap", cm_name)
+                .unwrap_or_else(|| panic!("{origin}: ConfigMap `{cm_name}` is not under {K8S}"));
+            let toml = text(&cm["data"][key.as_str()])
+                .unwrap_or_else(|| panic!("{origin}: ConfigMap `{cm_name}` has no key `{key}`"));
+            let dir = tempfile::tempdir().expect("temp dir");
+            let tmp = dir.path().join(&key);
+            std::fs::write(&tmp, toml).expect("write the ConfigMap's TOML");
+            // Literal values as they are; secrets from the Secret under deploy/k8s (placeholders).
+            let mut env = BTreeMap::new();
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                let name = text(&e["name"]).expect("env name");
+                if !name.starts_with("MQ_CUTOVER") {
+                    continue;
+                }
+                let value = if let Some(v) = text(&e["value"]) {
+                    v
+                } else if e["valueFrom"]["secretKeyRef"].is_mapping() {
+                    let r = &e["valueFrom"]["secretKeyRef"];
+                    let (sname, skey) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
+                    let secret = k8s_named(&docs, "Secret", sname).unwrap_or_else(|| {
+                        panic!("{origin}: env {name}: Secret `{sname}` is not under {K8S}")
+                    });
+                    text(&secret["stringData"][skey]).unwrap_or_else(|| {
+                        panic!("{origin}: env {name}: Secret `{sname}` has no stringData `{skey}`")
+                    })
+                } else {
+                    panic!("{origin}: env {name}: neither a value nor a secretKeyRef")
+                };
+                env.insert(name, value);
+            }
+            out.push(HandedConfig {
+                origin: format!("{origin} (ConfigMap `{cm_name}` key `{key}`)"),
+                file: tmp,
+                env,
+                daemon: args.first().map(String::as_str) == Some("run"),
+                _dir: Some(dir),
+            });
+        }
+    }
+    out
+}
+
+fn handed_configs() -> Vec<HandedConfig> {
+    let mut all = compose_configs();
+    let k8s = k8s_configs();
+    assert!(
+        all.iter().any(|c| c.daemon),
+        "{COMPOSE}: no service runs `{IMAGE} run --config …`"
+    );
+    assert!(
+        k8s.iter().filter(|c| c.daemon).count() >= 2,
+        "{K8S}: expected the Deployment and the sidecar example to run `{IMAGE} run --config …`"
+    );
+    all.extend(k8s);
+    all
+}
+
+fn final_stage(instructions: &[Instruction]) -> &[Instruction] {
+    let last_from = instructions
+        .iter()
+        .rposition(|i| i.keyword == "FROM")
+        .expect("Dockerfile: no FROM");
+    &instructions[last_from..]
+}
+
+/// The Dockerfile HEALTHCHECK's port and path.
+fn dockerfile_healthcheck() -> (u16, String) {
+    let ins = dockerfile(DOCKERFILE);
+    let hc = final_stage(&ins)
+        .iter()
+        .find(|i| i.keyword == "HEALTHCHECK")
+        .unwrap_or_else(|| panic!("{DOCKERFILE}: the runtime stage has no HEALTHCHECK"));
+    http_port_and_path(&hc.args).unwrap_or_else(|| {
+        panic!(
+            "{DOCKERFILE}: HEALTHCHECK {} calls no http://host:port/path",
+            hc.args
+        )
+    })
+}
+
+/// The Kubernetes port a probe or Service names (a number, or a containerPort's name).
+fn resolve_port(origin: &str, port: &Value, container: &Value) -> u16 {
+    if let Some(n) = port.as_u64() {
+        return n as u16;
+    }
+    let name = port
+        .as_str()
+        .unwrap_or_else(|| panic!("{origin}: port {port:?} is neither a number nor a name"));
+    container["ports"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"].as_str() == Some(name))
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("{origin}: no containerPort named `{name}`")) as u16
+}
+
+fn alert_rules() -> Vec<Value> {
+    yaml(ALERTS)["groups"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{ALERTS}: no `groups`"))
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// Every PromQL expression of a dashboard: (panel title or variable name, expression).
+fn dashboard_queries(dash: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(v: &serde_json::Value, title: &str, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let title = map
+                    .get("title")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or(title)
+                    .to_owned();
+                for (k, child) in map {
+                    match (k.as_str(), child) {
+                        ("expr", serde_json::Value::String(e)) => {
+                            out.push((title.clone(), e.clone()))
+                        }
+                        _ => walk(child, &title, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, title, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dash["panels"], "", &mut out);
+    for var in dash["templating"]["list"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().unwrap_or_default();
+        let query = var["query"]
+            .as_str()
+            .or_else(|| var["query"]["query"].as_str());
+        if var["type"] == "query" {
+            if let Some(q) = query {
+                out.push((format!("variable ${name}"), q.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Metric names the daemon exports, with the histogram series, and Prometheus' own `up`.
+fn known_metric_names() -> BTreeSet<String> {
+    let m = Metrics::default();
+    // The histograms are exported with no observation too, but observe to be sure.
+    m.sink_seconds.observe(0.1);
+    m.claim_seconds.observe(0.1);
+    let rendered = m.render();
+    let histograms: BTreeSet<&str> = rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" histogram"))
+        .collect();
+    assert!(!histograms.is_empty(), "the daemon exports no histogram?");
+    let mut names: BTreeSet<String> = NAMES.iter().map(|s| (*s).to_owned()).collect();
+    for h in histograms {
+        assert!(NAMES.contains(&h), "histogram {h} is not listed in NAMES");
+        for suffix in ["_bucket", "_sum", "_count"] {
+            names.insert(format!("{h}{suffix}"));
+        }
+    }
+    names.insert("up".into());
+    names
+}
+
+// ---- the checks ------------------------------------------------------------------------------
+
+#[test]
+fn deploy_files_parse() {
+    yaml(COMPOSE);
+    let yamls = files_under("deploy", &[".yml", ".yaml"]);
+    assert!(
+        yamls.len() >= 8,
+        "expected the YAML files under deploy/, found {yamls:?}"
+    );
+    for f in &yamls {
+        assert!(!yaml_documents(f).is_empty(), "{f}: empty");
+    }
+    let jsons = files_under("deploy", &[".json"]);
+    assert!(!jsons.is_empty(), "no dashboard JSON under deploy/");
+    for f in jsons {
+        serde_json::from_str::<serde_json::Value>(&read(&f))
+            .unwrap_or_else(|e| panic!("{f}: not valid JSON: {e}"));
+    }
+    assert!(
+        dockerfile(DOCKERFILE)
+            .iter()
+            .filter(|i| i.keyword == "FROM")
+            .count()
+            >= 2,
+        "{DOCKERFILE}: expected a multi-stage build (a builder and a runtime stage)"
+    );
+}
+
+#[test]
+fn handed_over_configs_pass_check_config() {
+    let bin = env!("CARGO_BIN_EXE_mq-cutover");
+    for c in handed_configs() {
+        let mut cmd = Command::new(bin);
+        // Only the overrides the deploy file sets: none from the environment running the test.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MQ_CUTOVER")) {
+            cmd.env_remove(k);
+        }
+        let out = cmd
+            .arg("--config")
+            .arg(&c.file)
+            .arg("check-config")
+            .envs(&c.env)
+            .output()
+            .expect("run mq-cutover check-config");
+        assert!(
+            out.status.success(),
+            "{}: `mq-cutover check-config` refused its config ({}) with overrides {:?}: {}{}",
+            c.origin,
+            c.file.display(),
+            c.env.keys().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The overrides must have taken: a secret given to the container ends up in the config.
+        let cfg = c.load();
+        if let Some(pw) = c.env.get("MQ_CUTOVER__REDIS__PASSWORD") {
+            assert_eq!(
+                cfg.redis.password.as_ref().map(|p| p.expose()),
+                Some(pw.as_str()),
+                "{}: MQ_CUTOVER__REDIS__PASSWORD did not reach redis.password",
+                c.origin
+            );
+        }
+    }
+}
+
+#[test]
+fn command_lines_parse_with_the_real_cli() {
+    let mut lines: Vec<(String, Vec<String>)> = Vec::new();
+    let ins = dockerfile(DOCKERFILE);
+    let stage = final_stage(&ins);
+    let get = |k: &str| {
+        stage
+            .iter()
+            .rfind(|i| i.keyword == k)
+            .map(|i| exec_form(DOCKERFILE, k, &i.args))
+            .unwrap_or_else(|| panic!("{DOCKERFILE}: the runtime stage has no {k}"))
+    };
+    let entrypoint = get("ENTRYPOINT");
+    assert_eq!(
+        entrypoint,
+        [IMAGE],
+        "{DOCKERFILE}: ENTRYPOINT must be [\"{IMAGE}\"]"
+    );
+    lines.push((format!("{DOCKERFILE} CMD"), get("CMD")));
+    for (name, svc) in compose_services(&yaml(COMPOSE)) {
+        if is_our_image(&text(&svc["image"]).unwrap_or_default()) {
+            lines.push((
+                format!("{COMPOSE} service `{name}` command"),
+                compose_command(&svc),
+            ));
+        }
+    }
+    let docs = k8s_documents();
+    for (file, workload, pod, _) in k8s_pods(&docs) {
+        for c in containers(&pod) {
+            if is_our_image(&text(&c["image"]).unwrap_or_default()) {
+                assert!(
+                    c["command"].is_null(),
+                    "{file} `{workload}`: set `args`, not `command`, so the image's entrypoint stays"
+                );
+                lines.push((
+                    format!(
+                        "{file} `{workload}` container `{}` args",
+                        text(&c["name"]).unwrap_or_default()
+                    ),
+                    strings(&c["args"]),
+                ));
+            }
+        }
+    }
+    for (origin, args) in lines {
+        let argv = std::iter::once(IMAGE.to_owned()).chain(args.iter().cloned());
+        if let Err(e) = Cli::try_parse_from(argv) {
+            panic!(
+                "{origin}: `{IMAGE} {}` is not a valid command line: {e}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn admin_port_agrees_everywhere() {
+    let configs = handed_configs();
+    let mut ports = BTreeSet::new();
+    for c in configs.iter().filter(|c| c.daemon) {
+        let listen = c.load().admin.listen;
+        assert!(
+            listen.ip().is_unspecified(),
+            "{}: admin.listen = {listen} is not reachable from outside the container; use 0.0.0.0:{}",
+            c.origin,
+            listen.port()
+        );
+        ports.insert(listen.port());
+    }
+    assert_eq!(
+        ports.len(),
+        1,
+        "the deploy configs disagree on the admin port: {ports:?}"
+    );
+    let port = *ports.first().unwrap();
+
+    // Dockerfile: EXPOSE and HEALTHCHECK.
+    let ins = dockerfile(DOCKERFILE);
+    let exposed: Vec<u16> = final_stage(&ins)
+        .iter()
+        .filter(|i| i.keyword == "EXPOSE")
+        .flat_map(|i| {
+            i.args
+                .split_whitespace()
+                .filter_map(|p| p.split('/').next()?.parse().ok())
+                .collect::<Vec<u16>>()
+        })
+        .collect();
+    assert!(
+        exposed.contains(&port),
+        "{DOCKERFILE}: EXPOSE {exposed:?} lacks the admin port {port}"
+    );
+    let (hc_port, _) = dockerfile_healthcheck();
+    assert_eq!(
+        hc_port, port,
+        "{DOCKERFILE}: HEALTHCHECK calls port {hc_port}, the admin port is {port}"
+    );
+
+    // Compose: the daemon's port mapping and healthcheck, the scrape target.
+    let compose = yaml(COMPOSE);
+    let services = compose_services(&compose);
+    let mut daemons = Vec::new();
+    for c in compose_configs().iter().filter(|c| c.daemon) {
+        let name = c.origin.split('`').nth(1).unwrap().to_owned();
+        let svc = &services[&name];
+        let published = compose_container_ports(svc);
+        assert!(
+            published.contains(&port),
+            "{}: ports {published:?} do not publish the admin port {port}",
+            c.origin
+        );
+        let hc = strings(&svc["healthcheck"]["test"]).join(" ");
+        let (p, _) = http_port_and_path(&hc).unwrap_or_else(|| {
+            panic!(
+                "{}: healthcheck `{hc}` calls no http://host:port/path",
+                c.origin
+            )
+        });
+        assert_eq!(
+            p, port,
+            "{}: healthcheck calls port {p}, the admin port is {port}",
+            c.origin
+        );
+        daemons.push(name);
+    }
+    let prom = yaml(PROMETHEUS);
+    let job = prom["scrape_configs"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|j| j["job_name"].as_str() == Some(IMAGE))
+        .unwrap_or_else(|| {
+            panic!("{PROMETHEUS}: no scrape job `{IMAGE}` (the alerts select on it)")
+        });
+    let targets: Vec<String> = job["static_configs"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| strings(&s["targets"]))
+        .collect();
+    assert!(
+        !targets.is_empty(),
+        "{PROMETHEUS}: job `{IMAGE}` has no targets"
+    );
+    for t in &targets {
+        let (host, p) = t
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("{PROMETHEUS}: target {t} has no port"));
+        assert_eq!(
+            p.parse::<u16>().ok(),
+            Some(port),
+            "{PROMETHEUS}: target {t} is not on the admin port {port}"
+        );
+        assert!(
+            daemons.iter().any(|d| d == host),
+            "{PROMETHEUS}: target {t} is not a compose service running the daemon ({daemons:?})"
+        );
+    }
+
+    // Kubernetes: containerPort, probes, annotations, Services.
+    let docs = k8s_documents();
+    for (file, workload, pod, annotations) in k8s_pods(&docs) {
+        let origin = format!("{file} `{workload}`");
+        let mut has_daemon = false;
+        for c in containers(&pod) {
+            if !runs_daemon(&c) {
+                continue;
+            }
+            has_daemon = true;
+            let declared = resolve_port(&origin, &Value::String("admin".into()), &c);
+            assert_eq!(
+                declared, port,
+                "{origin}: containerPort `admin` is {declared}, the admin port is {port}"
+            );
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                let p = &c[probe]["httpGet"]["port"];
+                if !p.is_null() {
+                    let n = resolve_port(&origin, p, &c);
+                    assert_eq!(
+                        n, port,
+                        "{origin}: {probe} probes port {n}, the admin port is {port}"
+                    );
+                }
+            }
+        }
+        if has_daemon {
+            let a = text(&annotations["prometheus.io/port"]);
+            assert_eq!(
+                a.as_deref(),
+                Some(port.to_string().as_str()),
+                "{origin}: annotation prometheus.io/port"
+            );
+        }
+    }
+    let services: Vec<&(String, Value)> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"] == "Service")
+        .collect();
+    assert!(!services.is_empty(), "{K8S}: no Service for the metrics");
+    for (file, svc) in services {
+        let origin = format!(
+            "{file} Service `{}`",
+            text(&svc["metadata"]["name"]).unwrap_or_default()
+        );
+        for p in svc["spec"]["ports"].as_sequence().into_iter().flatten() {
+            let target = &p["targetPort"];
+            let is_admin = target.as_str() == Some("admin") || target.as_u64() == Some(port.into());
+            assert!(
+                is_admin,
+                "{origin}: port {p:?} does not target the admin port"
+            );
+            assert_eq!(
+                p["port"].as_u64(),
+                Some(port.into()),
+                "{origin}: Service port is not the admin port {port}"
+            );
+        }
+        let a = text(&svc["metadata"]["annotations"]["prometheus.io/port"]);
+        assert_eq!(
+            a.as_deref(),
+            Some(port.to_string().as_str()),
+            "{origin}: annotation prometheus.io/port"
+        );
+    }
+}
+
+#[tokio::test]
+async fn probe_paths_are_routes_of_the_daemon() {
+    let mut paths: Vec<(String, String)> = Vec::new();
+    let (_, hc_path) = dockerfile_healthcheck();
+    assert_eq!(
+        hc_path, "/healthz",
+        "{DOCKERFILE}: HEALTHCHECK should probe liveness, /healthz"
+    );
+    paths.push((format!("{DOCKERFILE} HEALTHCHECK"), hc_path));
+
+    let services = compose_services(&yaml(COMPOSE));
+    for c in compose_configs().iter().filter(|c| c.daemon) {
+        let name = c.origin.split('`').nth(1).unwrap();
+        let hc = strings(&services[name]["healthcheck"]["test"]).join(" ");
+        let (_, path) = http_port_and_path(&hc).expect("checked by admin_port_agrees_everywhere");
+        paths.push((format!("{} healthcheck", c.origin), path));
+    }
+    let prom = yaml(PROMETHEUS);
+    for job in prom["scrape_configs"].as_sequence().into_iter().flatten() {
+        if job["job_name"].as_str() == Some(IMAGE) {
+            let path = text(&job["metrics_path"]).unwrap_or_else(|| "/metrics".into());
+            paths.push((format!("{PROMETHEUS} job `{IMAGE}` metrics_path"), path));
+        }
+    }
+    let docs = k8s_documents();
+    for (file, workload, pod, annotations) in k8s_pods(&docs) {
+        let origin = format!("{file} `{workload}`");
+        let all = containers(&pod);
+        let daemons: Vec<&Value> = all.iter().filter(|c| runs_daemon(c)).collect();
+        for c in &daemons {
+            let live = text(&c["livenessProbe"]["httpGet"]["path"]);
+            assert_eq!(
+                live.as_deref(),
+                Some("/healthz"),
+                "{origin}: the daemon's livenessProbe must GET /healthz"
+            );
+            // Alone in its pod, the daemon reports readiness; as a sidecar it must not, or it
+            // would take the application out of its Services (see deploy/k8s/sidecar.yaml).
+            if all.len() == 1 {
+                let ready = text(&c["readinessProbe"]["httpGet"]["path"]);
+                assert_eq!(
+                    ready.as_deref(),
+                    Some("/readyz"),
+                    "{origin}: the daemon's readinessProbe must GET /readyz"
+                );
+            }
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                if let Some(p) = text(&c[probe]["httpGet"]["path"]) {
+                    paths.push((format!("{origin} {probe}"), p));
+                }
+            }
+        }
+        if !daemons.is_empty() {
+            if let Some(p) = text(&annotations["prometheus.io/path"]) {
+                paths.push((format!("{origin} annotation prometheus.io/path"), p));
+            }
+        }
+    }
+    for (file, svc) in docs.iter().filter(|(_, d)| d["kind"] == "Service") {
+        if let Some(p) = text(&svc["metadata"]["annotations"]["prometheus.io/path"]) {
+            paths.push((format!("{file} Service annotation prometheus.io/path"), p));
+        }
+    }
+
+    let (_tx, rx) = tokio::sync::watch::channel(None);
+    let state = AdminState {
+        metrics: Arc::new(Metrics::default()),
+        redis_up: Arc::new(AtomicBool::new(false)),
+        switches: rx,
+        breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+    };
+    for (origin, path) in paths {
+        let resp = router(state.clone())
+            .oneshot(Request::get(path.as_str()).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_ne!(
+            resp.status(),
+            StatusCode::NOT_FOUND,
+            "{origin}: the daemon's admin router does not serve {path}"
+        );
+    }
+}
+
+#[test]
+fn promql_uses_only_exported_metric_names() {
+    let known = known_metric_names();
+    let mut exprs: Vec<(String, String)> = Vec::new();
+    for rule in alert_rules() {
+        let name = text(&rule["alert"])
+            .or_else(|| text(&rule["record"]))
+            .unwrap_or_default();
+        let expr =
+            text(&rule["expr"]).unwrap_or_else(|| panic!("{ALERTS}: rule `{name}` has no expr"));
+        exprs.push((format!("{ALERTS} rule `{name}`"), expr));
+    }
+    for f in files_under(DASHBOARDS, &[".json"]) {
+        let dash: serde_json::Value =
+            serde_json::from_str(&read(&f)).expect("checked by deploy_files_parse");
+        let queries = dashboard_queries(&dash);
+        assert!(
+            queries.len() >= 10,
+            "{f}: only {} queries found; is the dashboard complete?",
+            queries.len()
+        );
+        exprs.extend(
+            queries
+                .into_iter()
+                .map(|(title, e)| (format!("{f} panel `{title}`"), e)),
+        );
+    }
+    for (origin, expr) in exprs {
+        let names = promql::metric_names(&expr);
+        assert!(
+            !names.is_empty(),
+            "{origin}: no metric name found in `{expr}`"
+        );
+        for n in names {
+            assert!(
+                known.contains(&n),
+                "{origin}: `{n}` is not a metric the daemon exports (telemetry::metrics::NAMES, \
+                 histograms with _bucket/_sum/_count, or `up`), in `{expr}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_alert_points_to_its_runbook_entry() {
+    let runbook = read(RUNBOOK);
+    let section = runbook
+        .split_once("\n## Alerts")
+        .map(|(_, s)| s.split("\n## ").next().unwrap_or(s))
+        .unwrap_or_else(|| panic!("{RUNBOOK}: no `## Alerts` section"));
+    let rules = alert_rules();
+    assert!(
+        rules.len() >= 8,
+        "{ALERTS}: expected the alerts of docs/deploy.md, found {}",
+        rules.len()
+    );
+    for rule in rules {
+        let Some(alert) = text(&rule["alert"]) else {
+            continue;
+        };
+        let origin = format!("{ALERTS} alert `{alert}`");
+        assert!(
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
+            "{origin}: labels.severity must be critical, warning or info"
+        );
+        assert!(
+            text(&rule["annotations"]["summary"]).is_some(),
+            "{origin}: no annotations.summary"
+        );
+        let want = format!("{RUNBOOK}#{}", alert.to_lowercase());
+        assert_eq!(
+            text(&rule["annotations"]["runbook_url"]).as_deref(),
+            Some(want.as_str()),
+            "{origin}: annotations.runbook_url"
+        );
+        assert!(
+            section.contains(&format!("\n### {alert}\n")),
+            "{origin}: {RUNBOOK} has no `### {alert}` entry under `## Alerts`"
+        );
+    }
+}
+
+#[test]
+fn every_image_is_pinned() {
+    let mut images: Vec<(String, String)> = Vec::new();
+    let ins = dockerfile(DOCKERFILE);
+    let mut stages = BTreeSet::new();
+    for i in ins.iter().filter(|i| i.keyword == "FROM") {
+        let words: Vec<&str> = i
+            .args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        let image = words[0];
+        if !stages.contains(image) {
+            images.push((format!("{DOCKERFILE} FROM"), image.to_owned()));
+        }
+        if let (Some(as_), Some(name)) = (words.get(1), words.get(2)) {
+            if as_.eq_ignore_ascii_case("as") {
+                stages.insert(name.to_string());
+            }
+        }
+    }
+    for (name, svc) in compose_services(&yaml(COMPOSE)) {
+        let image =
+            text(&svc["image"]).unwrap_or_else(|| panic!("{COMPOSE} service `{name}`: no `image`"));
+        images.push((format!("{COMPOSE} service `{name}`"), image));
+    }
+    let docs = k8s_documents();
+    for (file, workload, pod, _) in k8s_pods(&docs) {
+        for c in containers(&pod) {
+            let cname = text(&c["name"]).unwrap_or_default();
+            let image = text(&c["image"])
+                .unwrap_or_else(|| panic!("{file} `{workload}` container `{cname}`: no image"));
+            images.push((format!("{file} `{workload}` container `{cname}`"), image));
+        }
+    }
+    for (origin, image) in images {
+        if let Err(why) = pinned(&image) {
+            panic!("{origin}: image `{image}` {why}; pin an explicit version");
+        }
+        if is_our_image(&image) {
+            let tag = image.rsplit(':').next().unwrap();
+            assert_eq!(
+                tag,
+                env!("CARGO_PKG_VERSION"),
+                "{origin}: image `{image}` should carry the crate's version"
+            );
+        }
+    }
+}
+
+#[test]
+fn dockerfile_builds_a_non_root_image_with_a_healthcheck() {
+    let ins = dockerfile(DOCKERFILE);
+    let stage = final_stage(&ins);
+    let user = stage
+        .iter()
+        .rfind(|i| i.keyword == "USER")
+        .unwrap_or_else(|| {
+            panic!("{DOCKERFILE}: the runtime stage sets no USER (it would run as root)")
+        });
+    let uid = user.args.split(':').next().unwrap_or_default();
+    assert!(
+        uid != "root" && uid != "0",
+        "{DOCKERFILE}: USER {} is root",
+        user.args
+    );
+    // A numeric user lets Kubernetes' runAsNonRoot verify it; the manifests use the same id.
+    let docs = k8s_documents();
+    for (file, workload, pod, _) in k8s_pods(&docs) {
+        let run_as = text(&pod["securityContext"]["runAsUser"]);
+        assert_eq!(
+            run_as.as_deref(),
+            Some(uid),
+            "{file} `{workload}`: securityContext.runAsUser should be the image's USER"
+        );
+    }
+    assert!(
+        stage
+            .iter()
+            .any(|i| i.keyword == "COPY" && i.args.starts_with("--from=")),
+        "{DOCKERFILE}: the runtime stage copies nothing from the builder"
+    );
+    // Every path copied from the build context must survive .dockerignore's allow-list.
+    let ignore = read(".dockerignore");
+    let allowed: Vec<&str> = ignore
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .map(|l| l.trim_end_matches('/'))
+        .collect();
+    let excludes_all = ignore.lines().any(|l| l.trim() == "*");
+    for i in ins
+        .iter()
+        .filter(|i| i.keyword == "COPY" && !i.args.starts_with("--from="))
+    {
+        let words: Vec<&str> = i
+            .args
+            .split_whitespace()
+            .filter(|w| !w.starts_with("--"))
+            .collect();
+        for src in &words[..words.len() - 1] {
+            let src = src.trim_end_matches('/');
+            assert!(
+                !excludes_all
+                    || allowed
+                        .iter()
+                        .any(|a| src == *a || src.starts_with(&format!("{a}/"))),
+                "{DOCKERFILE}: COPY {src} is excluded from the build context by .dockerignore"
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_daemon_starts_after_what_its_config_names() {
+    let compose = yaml(COMPOSE);
+    let services = compose_services(&compose);
+    for c in compose_configs().iter().filter(|c| c.daemon) {
+        let name = c.origin.split('`').nth(1).unwrap();
+        let cfg = c.load();
+        let mut hosts: Vec<String> = cfg
+            .redis
+            .urls
+            .iter()
+            .map(|u| host_of(u).to_owned())
+            .collect();
+        for side in &cfg.sides {
+            if let Some(k) = &side.kafka {
+                hosts.extend(
+                    k.bootstrap_servers
+                        .split(',')
+                        .map(|s| host_of(s.trim()).to_owned()),
+                );
+            }
+            if let Some(r) = &side.rocketmq {
+                hosts.extend(
+                    r.name_server
+                        .split(';')
+                        .map(|s| host_of(s.trim()).to_owned()),
+                );
+            }
+        }
+        hosts.push(host_of(&cfg.sink.url).to_owned());
+        // Everything the daemon waits for, directly or through another service (an init job
+        // that waits for its broker), with a condition stronger than "started".
+        let mut waits: BTreeSet<String> = BTreeSet::new();
+        let mut todo = vec![name.to_owned()];
+        while let Some(s) = todo.pop() {
+            let deps = services[&s]["depends_on"]
+                .as_mapping()
+                .cloned()
+                .unwrap_or_default();
+            for (dep, how) in deps {
+                let dep = text(&dep).unwrap();
+                let cond = how["condition"].as_str().unwrap_or("service_started");
+                assert!(
+                    services.contains_key(&dep),
+                    "{COMPOSE} service `{s}`: depends_on an unknown service `{dep}`"
+                );
+                match cond {
+                    "service_healthy" => {
+                        let hc = &services[&dep]["healthcheck"];
+                        assert!(
+                            hc["test"].is_sequence() || hc["test"].is_string(),
+                            "{COMPOSE} service `{s}`: waits for `{dep}` to be healthy, but `{dep}` has no healthcheck"
+                        );
+                    }
+                    "service_completed_successfully" => {}
+                    other => panic!("{COMPOSE} service `{s}`: depends_on `{dep}` with condition {other}; wait for healthy or completed"),
+                }
+                if waits.insert(dep.clone()) {
+                    todo.push(dep);
+                }
+            }
+        }
+        for h in hosts {
+            assert!(
+                services.contains_key(&h),
+                "{}: its config names host `{h}`, which is no compose service",
+                c.origin
+            );
+            assert!(
+                waits.contains(&h),
+                "{}: its config names `{h}`, but the service does not wait for it (depends_on)",
+                c.origin
+            );
+        }
+    }
+    // The image's HEALTHCHECK probes the daemon's admin port: every other use of the image must
+    // bring its own healthcheck or disable it, or it is reported unhealthy forever.
+    for (name, svc) in &services {
+        let image = text(&svc["image"]).unwrap_or_default();
+        let args = compose_command(svc);
+        if is_our_image(&image) && args.first().map(String::as_str) != Some("run") {
+            let hc = &svc["healthcheck"];
+            assert!(
+                hc["test"].is_sequence() || hc["disable"].as_bool() == Some(true),
+                "{COMPOSE} service `{name}`: runs `{}`, not the daemon, so the image's healthcheck does not fit; set or disable one",
+                args.first().map(String::as_str).unwrap_or("")
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_mounts_exist_and_provisioning_agrees() {
+    let compose = yaml(COMPOSE);
+    let services = compose_services(&compose);
+    for (name, svc) in &services {
+        for (target, host) in compose_mounts(svc) {
+            assert!(
+                root().join(&host).exists(),
+                "{COMPOSE} service `{name}`: mounts ./{host} at {target}, which does not exist"
+            );
+        }
+    }
+    // Prometheus loads its rules from a path that the compose file mounts from deploy/.
+    let prom = yaml(PROMETHEUS);
+    let prom_mounts = compose_mounts(&services["prometheus"]);
+    for rule_file in strings(&prom["rule_files"]) {
+        assert_eq!(
+            prom_mounts.get(&rule_file).map(String::as_str),
+            Some(ALERTS),
+            "{PROMETHEUS}: rule file {rule_file} is not {ALERTS} mounted by {COMPOSE}"
+        );
+    }
+    // The dashboards name the provisioned datasource by uid.
+    let uids: BTreeSet<String> = files_under(
+        "deploy/grafana/provisioning/datasources",
+        &[".yml", ".yaml"],
+    )
+    .iter()
+    .flat_map(|f| {
+        yaml(f)["datasources"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default()
+    })
+    .filter_map(|d| text(&d["uid"]))
+    .collect();
+    for f in files_under(DASHBOARDS, &[".json"]) {
+        let text = read(&f);
+        let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+        fn walk(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(uid) = m
+                        .get("datasource")
+                        .and_then(|d| d.get("uid"))
+                        .and_then(|u| u.as_str())
+                    {
+                        out.insert(uid.to_owned());
+                    }
+                    m.values().for_each(|c| walk(c, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|c| walk(c, out)),
+                _ => {}
+            }
+        }
+        let mut used = BTreeSet::new();
+        walk(&dash, &mut used);
+        for uid in used {
+            assert!(
+                uids.contains(&uid),
+                "{f}: datasource uid `{uid}` is not provisioned ({uids:?})"
+            );
+        }
+    }
+}
