@@ -3,6 +3,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod replay;
 
 use std::sync::Arc;
 use std::time::Duration;
