@@ -198,22 +198,26 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
-    // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
-    let admin = crate::admin::router(crate::admin::AdminState {
+    let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
         redis_up,
         switches: feed,
         breaker: shared.breaker.clone(),
-    })
-    .merge(crate::admin::api::router(crate::admin::api::ApiState {
-        control: Arc::new(
-            Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()),
-        ),
-        token: cfg.admin.token.clone(),
-    }));
+    };
+    // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
+    let operator =
+        Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
+    let admin = crate::admin::router(admin_state.clone())
+        .merge(crate::admin::api::router(crate::admin::api::ApiState {
+            control: operator.clone(),
+            token: cfg.admin.token.clone(),
+        }))
+        .merge(crate::admin::page::router(
+            crate::admin::page::StatusState::new(admin_state, operator, &cfg),
+        ));
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
-    tracing::info!(listen = %bound, "admin listener: /metrics /healthz /readyz");
+    tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
     control.spawn(async move {
         let served = axum::serve(
             listener,

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+mod page;
 
 use std::collections::HashSet;
 use std::time::Duration;
