@@ -14,9 +14,9 @@ use tokio_util::task::TaskTracker;
 use crate::arbiter::switches::{self, SwitchChange, SwitchStore, WhitelistEdit};
 use crate::cli::{Command, DeadCommand, OnOff, SwitchCommand, WhitelistCommand};
 use crate::config::Validated;
-use crate::control::Control;
+use crate::control::{Control, ReplayOutcome};
 use crate::message::Side;
-use crate::pipeline::{Pause, PauseReason, Replayed, Shared};
+use crate::pipeline::{Pause, PauseReason, Shared};
 use crate::source::SourceContext;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
@@ -224,19 +224,26 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
-    let admin = crate::admin::router(crate::admin::AdminState {
+    let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
         redis_up,
         switches: feed,
         breaker: shared.breaker.clone(),
-    })
-    .merge(crate::admin::api::router(crate::admin::api::ApiState {
-        control: Arc::new(Control::new(&store, &cfg)),
-        token: cfg.admin.token.clone(),
-    }));
+    };
+    // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
+    let operator =
+        Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
+    let admin = crate::admin::router(admin_state.clone())
+        .merge(crate::admin::api::router(crate::admin::api::ApiState {
+            control: operator.clone(),
+            token: cfg.admin.token.clone(),
+        }))
+        .merge(crate::admin::page::router(
+            crate::admin::page::StatusState::new(admin_state, operator, &cfg),
+        ));
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
-    tracing::info!(listen = %bound, "admin listener: /metrics /healthz /readyz");
+    tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
     control.spawn(async move {
         let served = axum::serve(
             listener,
@@ -407,37 +414,18 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                 stop.clone(),
                 Arc::new(Metrics::default()),
             )?);
-            let audit = SwitchStore::new(&store);
+            let control = Control::new(&store, cfg).with_replay(shared, stop);
             let by = switches::actor("cli");
             let (mut done, mut again, mut skipped) = (0, 0, 0);
             for l in todo {
-                if l.message_id.is_none() {
-                    println!("{}: skipped: no message id ({})", l.entry, l.reason);
-                    skipped += 1;
-                    continue;
+                let outcome = control.replay(&l, &by).await?;
+                match outcome {
+                    ReplayOutcome::Delivered => done += 1,
+                    ReplayOutcome::ParkedAgain(_) => again += 1,
+                    ReplayOutcome::Skipped(_) => skipped += 1,
                 }
-                let r = crate::pipeline::replay(&shared, &l, &stop).await?;
-                let id = l.message_id.as_deref().unwrap_or("");
-                let what = match &r {
-                    Replayed::Done => {
-                        done += 1;
-                        letters.remove(&l.entry).await?;
-                        "delivered".to_owned()
-                    }
-                    Replayed::DeadAgain(reason) => {
-                        again += 1;
-                        letters.remove(&l.entry).await?;
-                        format!("parked again: {reason}")
-                    }
-                    Replayed::Elsewhere(why) => {
-                        skipped += 1;
-                        format!("not replayed: {why}")
-                    }
-                };
-                audit
-                    .audit(&by, "replay", &format!("{id} ({}): {what}", l.entry))
-                    .await?;
-                println!("{}: {id}: {what}", l.entry);
+                let id = l.message_id.as_deref().unwrap_or("-");
+                println!("{}: {id}: {outcome}", l.entry);
             }
             println!("replayed: {done} delivered, {again} parked again, {skipped} skipped");
         }

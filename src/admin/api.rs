@@ -34,6 +34,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/messages/{id}", get(get_message))
         .route("/api/messages/{id}/release", post(release))
         .route("/api/dead", get(dead))
+        .route("/api/dead/{entry}/replay", post(replay))
         .route("/api/audit", get(audit))
         .route("/api/parity", get(parity))
         .with_state(state)
@@ -49,6 +50,8 @@ fn control_error(e: ControlError) -> Response {
         ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ControlError::UnknownId(_) => StatusCode::NOT_FOUND,
         ControlError::NotDead { .. } => StatusCode::CONFLICT,
+        ControlError::UnknownDeadLetter(_) => StatusCode::NOT_FOUND,
+        ControlError::NoReplay => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, e.to_string())
 }
@@ -292,6 +295,42 @@ async fn dead(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
         )
         .into_response(),
         Err(e) => control_error(e),
+    }
+}
+
+/// `POST /api/dead/{entry}/replay`: the CLI's `dead replay ENTRY`. Answers 200 with what the
+/// replay came to (`delivered`, `parked_again`, `skipped` and why), 404 for an unknown entry.
+async fn replay(
+    State(s): State<ApiState>,
+    peer: Peer,
+    headers: HeaderMap,
+    Path(entry): Path<String>,
+) -> Response {
+    if let Some(r) = refuse(&s, &headers) {
+        return r;
+    }
+    // On a task of its own: a caller that hangs up does not cut a sink call off halfway.
+    let control = s.control.clone();
+    let by = actor(peer.0);
+    let replayed = tokio::spawn(async move {
+        let letter = control.dead_letter(&entry).await?;
+        let outcome = control.replay(&letter, &by).await?;
+        Ok::<_, ControlError>((letter, outcome))
+    })
+    .await;
+    match replayed {
+        Ok(Ok((letter, outcome))) => Json(json!({
+            "entry": letter.entry,
+            "message_id": letter.message_id,
+            "outcome": outcome.as_str(),
+            "detail": outcome.to_string(),
+        }))
+        .into_response(),
+        Ok(Err(e)) => control_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("replay failed: {e}"),
+        ),
     }
 }
 

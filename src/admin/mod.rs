@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready to take
 //! messages: Redis answers, the switches are known, the sink's circuit is not open; each problem
-//! named in the JSON body), and the operator API under `/api` ([`api`]).
+//! named in the JSON body), the operator API under `/api` ([`api`]), and the status page with the
+//! `/api/status` document it reads ([`page`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub mod api;
+pub mod page;
 
 use crate::arbiter::switches::SwitchFeed;
 use crate::sink::breaker::CircuitBreaker;

@@ -400,6 +400,39 @@ impl Metrics {
     }
 }
 
+/// One side's counters as they are now: what `/metrics` renders for that side, read from the
+/// same handles (for `/api/status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideSnapshot {
+    /// Copies by fate, labelled as in [`MESSAGES_TOTAL`].
+    pub messages: [(&'static str, u64); 6],
+    /// Sink calls by class, labelled as in [`SINK_CALLS_TOTAL`].
+    pub calls: [(&'static str, u64); 4],
+    /// Calls in flight.
+    pub in_flight: i64,
+    /// Copies parked.
+    pub dead_letters: u64,
+    /// Ambiguous outcomes.
+    pub ambiguous: u64,
+    /// Late successes.
+    pub overlaps: u64,
+}
+
+impl Metrics {
+    /// The counters of one side now. Not for the hot path: it resolves the labels on each call.
+    pub fn snapshot(&self, side: &str) -> SideSnapshot {
+        let h = self.side(side);
+        SideSnapshot {
+            messages: std::array::from_fn(|i| (Fate::ALL[i].label(), h.messages[i].get())),
+            calls: std::array::from_fn(|i| (CALL_CLASSES[i], h.calls[i].get())),
+            in_flight: h.in_flight.get(),
+            dead_letters: h.dead_letters.get(),
+            ambiguous: h.ambiguous.get(),
+            overlaps: h.overlaps.get(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,5 +513,20 @@ mod tests {
         for name in [SINK_CALL_SECONDS, ARBITER_SECONDS] {
             assert!(name.ends_with("_seconds"), "{name}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_reads_what_the_side_counted() {
+        let m = Metrics::default();
+        let k = m.side("kafka");
+        k.message(Fate::Duplicate, 4);
+        k.call("fatal");
+        k.in_flight.inc();
+        let s = m.snapshot("kafka");
+        assert_eq!(s.messages[2], ("duplicate", 4));
+        assert_eq!(s.messages.iter().map(|(_, n)| n).sum::<u64>(), 4);
+        assert_eq!(s.calls[2], ("fatal", 1));
+        assert_eq!(s.in_flight, 1);
+        assert_eq!(m.snapshot("rocketmq").messages[0], ("proceed", 0));
     }
 }

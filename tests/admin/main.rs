@@ -3,6 +3,8 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod replay;
+mod status;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+mod page;
 mod parity;
 
 use std::collections::HashSet;
