@@ -17,7 +17,7 @@ use crate::config::Validated;
 use crate::control::{Control, ReplayOutcome};
 use crate::message::Side;
 use crate::pipeline::{Pause, PauseReason, Shared};
-use crate::source::SourceContext;
+use crate::source::{Membership, SourceContext, LAG_INTERVAL};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
@@ -224,11 +224,18 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
+    // One per side, in config order: the sources report into them, /readyz reads them.
+    let memberships: Arc<[Membership]> = cfg
+        .sides
+        .iter()
+        .map(|side| Membership::new(side.name.as_str().into(), &metrics, LAG_INTERVAL))
+        .collect();
     let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
         redis_up,
         switches: feed,
         breaker: shared.breaker.clone(),
+        sources: memberships.clone(),
     };
     // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
     let operator =
@@ -260,7 +267,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let calls = TaskTracker::new();
     let mut sources = tokio::task::JoinSet::new();
     let mut pipelines = Vec::new();
-    for side in &cfg.sides {
+    for (side, membership) in cfg.sides.iter().zip(memberships.iter()) {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
         let source = crate::source::build(side)?;
@@ -269,6 +276,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             out: tx,
             cancel: source_stop.clone(),
             paused: pause.subscribe(),
+            membership: membership.clone(),
         }));
         pipelines.push(tokio::spawn(crate::pipeline::run_side(
             shared.clone(),

@@ -1,7 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready to take
-//! messages: Redis answers, the switches are known, the sink's circuit is not open; each problem
-//! named in the JSON body), the operator API under `/api` ([`api`]), and the status page with the
-//! `/api/status` document it reads ([`page`]).
+//! messages: every source has joined its consumer group, Redis answers, the switches are known,
+//! the sink's circuit is not open; each problem named in the JSON body), the operator API under
+//! `/api` ([`api`]), and the status page with the `/api/status` document it reads ([`page`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +17,7 @@ pub mod page;
 
 use crate::arbiter::switches::SwitchFeed;
 use crate::sink::breaker::CircuitBreaker;
+use crate::source::Membership;
 use crate::telemetry::metrics::Metrics;
 
 /// What the admin routes read.
@@ -30,6 +31,8 @@ pub struct AdminState {
     pub switches: SwitchFeed,
     /// The sink's circuit.
     pub breaker: Arc<CircuitBreaker>,
+    /// The group membership of each configured source: not ready until every one has joined.
+    pub sources: Arc<[Membership]>,
 }
 
 /// The admin routes.
@@ -52,15 +55,21 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    for source in s.sources.iter().filter(|m| !m.has_joined()) {
+        problems.push(format!(
+            "side {} has not joined its consumer group yet",
+            source.side()
+        ));
+    }
     if !s.redis_up.load(Ordering::Relaxed) {
-        problems.push("redis unreachable: no message can be claimed");
+        problems.push("redis unreachable: no message can be claimed".into());
     }
     if s.switches.borrow().is_none() {
-        problems.push("switches not read yet");
+        problems.push("switches not read yet".into());
     }
     if s.breaker.state().is_open() {
-        problems.push("sink circuit open: the sources are paused");
+        problems.push("sink circuit open: the sources are paused".into());
     }
     let ready = problems.is_empty();
     let code = if ready {
@@ -80,6 +89,7 @@ mod tests {
     use crate::arbiter::switches::Switches;
     use axum::body::Body;
     use axum::http::Request;
+    use std::time::Duration;
     use tower::ServiceExt;
 
     fn state(
@@ -95,6 +105,7 @@ mod tests {
             redis_up: Arc::new(AtomicBool::new(redis)),
             switches: rx,
             breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+            sources: Arc::from([]),
         };
         (s, tx)
     }
@@ -120,6 +131,30 @@ mod tests {
             body.contains("redis unreachable") && body.contains("switches not read yet"),
             "{body}"
         );
+    }
+
+    #[tokio::test]
+    async fn not_ready_until_every_source_has_joined_naming_the_side() {
+        let (mut s, _tx) = state(true, true);
+        let side = |name: &str| Membership::new(name.into(), &s.metrics, Duration::from_secs(5));
+        let (kafka, rocketmq) = (side("kafka"), side("rocketmq"));
+        s.sources = Arc::from([kafka.clone(), rocketmq.clone()]);
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("side kafka has not joined its consumer group yet")
+                && body.contains("side rocketmq has not joined"),
+            "{body}"
+        );
+        kafka.rebalanced(&[]);
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            !body.contains("side kafka") && body.contains("side rocketmq"),
+            "{body}"
+        );
+        rocketmq.rebalanced(&["broker-a/t/0".into()]);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
     }
 
     #[tokio::test]

@@ -10,6 +10,11 @@
 //! the partitions are forgotten, so a crash or a rebalance can only cause a redelivery, never a
 //! skip. Backpressure pauses the assigned partitions instead of not polling, so the consumer keeps
 //! its group membership and takes part in rebalances while the pipeline is busy or halted.
+//!
+//! The rebalance callbacks keep the source's [`Membership`] (joined, partitions held,
+//! rebalances); a task beside the consume loop measures each held partition's lag every
+//! [`Membership::lag_interval`] on the blocking pool: the group's committed offset against the
+//! end of the log (docs/kafka.md, "Lag").
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -29,9 +34,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{OffsetTracker, Source, SourceContext, SourceError};
+use super::{Membership, OffsetTracker, Source, SourceContext, SourceError};
 use crate::config::{IdSource, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
 
@@ -49,6 +55,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// While paused for backpressure, how often to look whether the pipeline has room again.
 const ROOM_RECHECK: Duration = Duration::from_millis(20);
+
+/// How long each request of a lag measurement may wait for a broker.
+const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Set before the user's properties, which may change them.
 const DEFAULTS: &[(&str, &str)] = &[
@@ -73,6 +82,9 @@ pub struct KafkaSource {
     /// librdkafka commits stored offsets by itself; if the user turned that off, the source
     /// commits them on every [`COMMIT_INTERVAL`].
     auto_commit: bool,
+    /// Where a partition without a committed offset starts (`auto.offset.reset`): at the
+    /// beginning (true) or at the end; the lag of such a partition is measured from there.
+    reset_to_start: bool,
 }
 
 /// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
@@ -123,6 +135,10 @@ impl KafkaSource {
             ));
         }
         let auto_commit = effective("enable.auto.commit")? == "true";
+        let reset_to_start = matches!(
+            effective("auto.offset.reset")?.as_str(),
+            "smallest" | "earliest" | "beginning"
+        );
         Ok(KafkaSource {
             side: name,
             bootstrap: config
@@ -135,6 +151,7 @@ impl KafkaSource {
             message_id: side.message_id.clone(),
             business_id: side.business_id.clone(),
             auto_commit,
+            reset_to_start,
         })
     }
 }
@@ -167,6 +184,7 @@ impl KafkaSource {
             out,
             cancel,
             mut paused,
+            membership,
         } = cx;
         let start_error = |reason: String| SourceError::Start {
             side: side.clone(),
@@ -175,7 +193,7 @@ impl KafkaSource {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let consumer: Arc<KafkaConsumer> = Arc::new(
             self.config
-                .create_with_context(KafkaContext::new(side.clone(), ack_rx))
+                .create_with_context(KafkaContext::new(side.clone(), ack_rx, membership.clone()))
                 .map_err(|e| start_error(format!("cannot create the Kafka consumer: {e}")))?,
         );
 
@@ -212,6 +230,13 @@ impl KafkaSource {
             return Err(start_error(format!("cannot subscribe to {topics:?}: {e}")));
         }
         info!(side = %side, group = %self.group, topics = ?self.topics, "Kafka consumer subscribed");
+        let lag_stop = CancellationToken::new();
+        let lag = tokio::spawn(follow_lag(
+            consumer.clone(),
+            membership.clone(),
+            self.reset_to_start,
+            lag_stop.clone(),
+        ));
 
         let mut intake = Intake {
             side: side.clone(),
@@ -293,8 +318,12 @@ impl KafkaSource {
             }
         };
 
-        // Shutdown. Stop taking records; copies not handed over stay uncommitted (their offsets
-        // are open in the tracker), so the next owner reads them again.
+        // Shutdown. The lag task holds the consumer too: it must be gone before `close`, which
+        // destroys the consumer by dropping the last reference.
+        lag_stop.cancel();
+        let _ = lag.await;
+        // Stop taking records; copies not handed over stay uncommitted (their offsets are open
+        // in the tracker), so the next owner reads them again.
         drop(pending);
         if !fetch.paused {
             fetch.set(&consumer, &side, true);
@@ -321,6 +350,7 @@ impl KafkaSource {
         consumer.context().hand_back(&*consumer, None);
         consumer.unsubscribe();
         close(consumer, &side).await;
+        membership.left();
         info!(side = %side, "Kafka consumer stopped");
         outcome
     }
@@ -469,6 +499,10 @@ fn last_header<'a, H: Headers>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
 struct KafkaContext {
     side: Side,
     books: Mutex<Books>,
+    /// Joined, partitions held, rebalances and lag, as the daemon reports them.
+    membership: Membership,
+    /// `queue` labels revoked since the last assignment, for the one log line per rebalance.
+    revoked_labels: Mutex<Vec<String>>,
     /// Set while the loop wants fetching paused: newly assigned partitions get paused too.
     paused: AtomicBool,
     /// Set by a revocation: the loop drops held copies of revoked partitions.
@@ -514,9 +548,15 @@ impl Books {
 }
 
 impl KafkaContext {
-    fn new(side: Side, acks: mpsc::UnboundedReceiver<Finished>) -> KafkaContext {
+    fn new(
+        side: Side,
+        acks: mpsc::UnboundedReceiver<Finished>,
+        membership: Membership,
+    ) -> KafkaContext {
         KafkaContext {
             side,
+            membership,
+            revoked_labels: Mutex::new(Vec::new()),
             books: Mutex::new(Books {
                 tracker: OffsetTracker::default(),
                 acks,
@@ -619,6 +659,107 @@ fn describe(offsets: &[(Arc<str>, i32, i64)]) -> String {
         .join(", ")
 }
 
+/// The `queue` label of a partition in the lag metric: `topic/partition`.
+fn queue_label(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+fn queue_labels(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| queue_label(e.topic(), e.partition()))
+        .collect()
+}
+
+/// Measures the lag of every assigned partition every [`Membership::lag_interval`], on the
+/// blocking pool (librdkafka's queries block), until `stop`. A failed measurement keeps the
+/// last values; the next one replaces them.
+async fn follow_lag(
+    consumer: Arc<KafkaConsumer>,
+    membership: Membership,
+    reset_to_start: bool,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(membership.lag_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = consumer.clone();
+        match tokio::task::spawn_blocking(move || measure_lag(&*c, reset_to_start)).await {
+            Ok(Ok(lags)) => {
+                for (queue, messages) in lags {
+                    membership.record_lag(&queue, messages);
+                }
+            }
+            Ok(Err(e)) => {
+                debug!(side = %membership.side(), error = %e, "cannot measure the Kafka lag now")
+            }
+            Err(e) => warn!(side = %membership.side(), error = %e, "Kafka lag measurement failed"),
+        }
+    }
+}
+
+/// The lag of each assigned partition: messages between the group's committed offset and the
+/// end of the log. Two kinds of request, batched: one OffsetFetch to the group coordinator for
+/// the committed offsets, one ListOffsets per partition leader for the ends. A partition with no
+/// committed offset yet is measured from where `auto.offset.reset` starts it. Blocks.
+fn measure_lag<C: Consumer<KafkaContext>>(
+    consumer: &C,
+    reset_to_start: bool,
+) -> KafkaResult<Vec<(String, i64)>> {
+    let assigned = consumer.assignment()?;
+    if assigned.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let committed = consumer.committed_offsets(assigned.clone(), LAG_TIMEOUT)?;
+    // ListOffsets with the "timestamp" -1 (`Offset::End`) answers the end of the log the way
+    // this consumer reads it: the high watermark, or the last stable offset under
+    // `isolation.level = read_committed` (librdkafka's default). Unlike the statistics'
+    // `hi_offset`, it is fresh even while the partition is paused for backpressure.
+    let mut ends = assigned;
+    ends.set_all_offsets(Offset::End)?;
+    let ends = consumer.offsets_for_times(ends, LAG_TIMEOUT)?;
+    let mut unstarted = TopicPartitionList::new();
+    for e in committed.elements() {
+        if !matches!(e.offset(), Offset::Offset(_)) {
+            unstarted.add_partition_offset(e.topic(), e.partition(), Offset::Beginning)?;
+        }
+    }
+    let starts = if reset_to_start && unstarted.count() > 0 {
+        Some(consumer.offsets_for_times(unstarted, LAG_TIMEOUT)?)
+    } else {
+        None
+    };
+    let offset_in = |tpl: Option<&TopicPartitionList>, topic: &str, partition: i32| match tpl
+        .and_then(|t| t.find_partition(topic, partition))
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    };
+    let mut lags = Vec::with_capacity(ends.count());
+    for end in ends.elements() {
+        let (topic, partition) = (end.topic(), end.partition());
+        let (Offset::Offset(end_at), Ok(())) = (end.offset(), end.error()) else {
+            continue;
+        };
+        let from = match offset_in(Some(&committed), topic, partition) {
+            Some(o) => o,
+            // Never committed: the consumer starts at the beginning, or at the end.
+            None if reset_to_start => match offset_in(starts.as_ref(), topic, partition) {
+                Some(o) => o,
+                None => continue,
+            },
+            None => end_at,
+        };
+        lags.push((queue_label(topic, partition), end_at - from));
+    }
+    Ok(lags)
+}
+
 fn describe_list(tpl: &TopicPartitionList) -> String {
     tpl.elements()
         .iter()
@@ -653,7 +794,13 @@ impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                info!(side = %self.side, partitions = %describe_list(tpl), "Kafka partitions revoked");
+                debug!(side = %self.side, partitions = %describe_list(tpl), "Kafka partitions revoked");
+                let lost = queue_labels(tpl);
+                self.membership.revoked(&lost);
+                self.revoked_labels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(lost);
                 self.hand_back(consumer, Some(tpl));
             }
             Rebalance::Assign(_) => {}
@@ -665,12 +812,17 @@ impl ConsumerContext for KafkaContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                info!(side = %self.side, partitions = %describe_list(tpl), "Kafka partitions assigned");
-            } else {
-                // An incremental round that only revoked.
-                debug!(side = %self.side, "Kafka rebalance assigned nothing new");
-            }
+            // One line per rebalance round: what came, what went (an incremental round may
+            // only revoke; an eager one revokes everything and assigns again).
+            let gained = queue_labels(tpl);
+            let held = self.membership.rebalanced(&gained);
+            let lost = std::mem::take(
+                &mut *self
+                    .revoked_labels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            info!(side = %self.side, assigned = ?gained, revoked = ?lost, held, "Kafka rebalance");
             if self.paused.load(Ordering::Acquire) && tpl.count() > 0 {
                 if let Err(e) = consumer.pause(tpl) {
                     warn!(side = %self.side, error = %e, "cannot pause newly assigned Kafka partitions");

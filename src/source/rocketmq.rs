@@ -8,17 +8,22 @@
 //! the committable offsets of [`OffsetTracker`] go to the broker. Auto-commit is off: the client's
 //! own notion of "consumed" (everything `poll` returned) is never written. docs/rocketmq.md
 //! explains the commit rule, rebalances, restarts and the client gaps worked around here.
+//!
+//! The rebalance listener keeps the source's [`Membership`] (joined, queues held, rebalances);
+//! beside the consume loop, on the same thread, a second future measures each held queue's lag
+//! every [`Membership::lag_interval`]: the broker's max offset against the committed offset
+//! (docs/rocketmq.md, "Lag").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rocketmq_client_rust::{
     ClientRuntime, ClientRuntimeConfig, DefaultLitePullConsumer, DefaultMQProducer,
-    MessageQueueListener, TelemetryHandle,
+    MessageQueueListener, ReadOffsetType, TelemetryHandle,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -34,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IdSource, RocketMqSideConfig, SideConfig};
 use crate::message::{read_identity, Ack, Finished, Message, Origin, Side};
-use crate::source::{OffsetTracker, Source, SourceContext, SourceError};
+use crate::source::{Membership, OffsetTracker, Source, SourceContext, SourceError};
 
 /// How long one `poll` waits for messages; also the loop's worst-case reaction time to a cancel
 /// or a pause while no message arrives.
@@ -121,8 +126,13 @@ impl RocketMqSource {
 
     async fn consume(&self, home: &ClientHome, cx: SourceContext) -> Result<(), SourceError> {
         let (reassigned_tx, reassigned_rx) = mpsc::unbounded_channel();
+        let membership = cx.membership.clone();
+        let listener = Reassigned {
+            tx: reassigned_tx,
+            membership: membership.clone(),
+        };
         let consumer = self
-            .start_consumer(home, reassigned_tx)
+            .start_consumer(home, listener.clone())
             .await
             .map_err(|reason| SourceError::Start {
                 side: self.side.clone(),
@@ -135,9 +145,32 @@ impl RocketMqSource {
             name_server = %self.rocketmq.name_server,
             "rocketmq consumer started"
         );
+        // `start` ran the first rebalance (after registering with the broker), so what is
+        // assigned now is this instance's first assignment, even if it is empty: joined.
+        match consumer.assignment().await {
+            Ok(queues) => listener.apply(&queues),
+            Err(e) => {
+                tracing::warn!(side = %self.side, error = %e, "cannot read the first rocketmq assignment; waiting for the next rebalance")
+            }
+        }
         let mut run = Consuming::new(self, consumer, reassigned_rx);
-        let result = run.consume(cx).await;
+        let lag_stop = CancellationToken::new();
+        let lag = follow_lag(
+            run.consumer.clone(),
+            membership.clone(),
+            run.committed.clone(),
+            lag_stop.clone(),
+        );
+        let consume = async {
+            let result = run.consume(cx).await;
+            lag_stop.cancel();
+            result
+        };
+        // Both on this thread: the lag future never holds the consume loop up (its requests
+        // are awaited, not blocked on), and it ends as soon as the loop has.
+        let (result, ()) = tokio::join!(consume, lag);
         run.consumer.shutdown().await;
+        membership.left();
         result
     }
 
@@ -145,7 +178,7 @@ impl RocketMqSource {
     async fn start_consumer(
         &self,
         home: &ClientHome,
-        reassigned: mpsc::UnboundedSender<HashSet<MessageQueue>>,
+        reassigned: Reassigned,
     ) -> Result<DefaultLitePullConsumer, String> {
         let cfg = &self.rocketmq;
         let consumer = DefaultLitePullConsumer::builder(home.runtime.clone())
@@ -170,11 +203,7 @@ impl RocketMqSource {
             .map_err(|e| format!("bad consumer settings: {e}"))?;
         let started = async {
             consumer
-                .subscribe_with_listener(
-                    &cfg.topic,
-                    &cfg.tag_expression,
-                    Reassigned { tx: reassigned },
-                )
+                .subscribe_with_listener(&cfg.topic, &cfg.tag_expression, reassigned)
                 .await
                 .map_err(|e| {
                     format!(
@@ -215,8 +244,29 @@ impl RocketMqSource {
 }
 
 /// Receives the client's rebalance results (the queues now assigned to this instance).
+#[derive(Clone)]
 struct Reassigned {
     tx: mpsc::UnboundedSender<HashSet<MessageQueue>>,
+    membership: Membership,
+}
+
+impl Reassigned {
+    /// Reports a (possibly unchanged) assignment: the membership at once, so that the lag of a
+    /// queue that left is gone before the next measurement, and one log line per change; the
+    /// offset books through the consume loop.
+    fn apply(&self, assigned: &HashSet<MessageQueue>) {
+        let labels: BTreeSet<String> = assigned.iter().map(queue_label).collect();
+        if let Some((gained, lost)) = self.membership.reassigned(&labels) {
+            tracing::info!(
+                side = %self.membership.side(),
+                assigned = ?gained,
+                revoked = ?lost,
+                held = labels.len(),
+                "rocketmq rebalance"
+            );
+        }
+        let _ = self.tx.send(assigned.clone());
+    }
 }
 
 impl MessageQueueListener for Reassigned {
@@ -227,7 +277,103 @@ impl MessageQueueListener for Reassigned {
         assigned: &HashSet<MessageQueue>,
     ) {
         // Runs on a client task; the consume loop applies it between two polls.
-        let _ = self.tx.send(assigned.clone());
+        self.apply(assigned);
+    }
+}
+
+/// The `queue` label of a queue in the lag metric: `broker/topic/queueId`.
+fn queue_label(mq: &MessageQueue) -> String {
+    format!("{}/{}/{}", mq.broker_name(), mq.topic(), mq.queue_id())
+}
+
+/// The offsets the source committed last, per queue, shared with the lag measurement.
+type Committed = Arc<Mutex<HashMap<MessageQueue, i64>>>;
+
+/// Measures the lag of every assigned queue every [`Membership::lag_interval`] until `stop`.
+/// A failed request leaves that queue's last value; the next measurement replaces it.
+async fn follow_lag(
+    consumer: DefaultLitePullConsumer,
+    membership: Membership,
+    committed: Committed,
+    stop: CancellationToken,
+) {
+    // The broker's committed offset of queues this source has committed nothing for since they
+    // were assigned; constant while this instance holds them (no one else commits them).
+    let mut resting: HashMap<MessageQueue, i64> = HashMap::new();
+    let mut tick = tokio::time::interval(membership.lag_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // The requests are plain queries: dropping them half-way on `stop` loses nothing.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = measure_lag(&consumer, &membership, &committed, &mut resting) => {}
+        }
+    }
+}
+
+/// One measurement: for each assigned queue, the broker's max offset (the next offset it will
+/// write: one request per queue) minus the committed offset (local, see below).
+async fn measure_lag(
+    consumer: &DefaultLitePullConsumer,
+    membership: &Membership,
+    committed: &Committed,
+    resting: &mut HashMap<MessageQueue, i64>,
+) {
+    let Ok(queues) = consumer.assignment().await else {
+        return;
+    };
+    resting.retain(|mq, _| queues.contains(mq));
+    let store = consumer.offset_store().await;
+    for mq in queues {
+        let end = match consumer.max_offset(&mq).await {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::debug!(side = %membership.side(), queue = %mq, error = %e, "cannot read the rocketmq max offset now");
+                continue;
+            }
+        };
+        let ours = committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&mq)
+            .copied();
+        let from = match ours {
+            // What this source committed last (the copies below it are finished).
+            Some(offset) => offset,
+            None => match resting.get(&mq) {
+                Some(offset) => *offset,
+                None => {
+                    // Nothing committed here since the queue was assigned: the offset the client
+                    // loaded from the broker on assignment, from its memory, else from the broker
+                    // (read once per assignment: the client keeps only queues it was last told
+                    // to commit). -1: the group never committed this queue.
+                    let Some(store) = &store else { continue };
+                    let mut offset = store.read_offset(&mq, ReadOffsetType::ReadFromMemory).await;
+                    if offset < 0 {
+                        offset = store.read_offset(&mq, ReadOffsetType::ReadFromStore).await;
+                    }
+                    if offset == -2 {
+                        continue; // the broker did not answer; try again next time
+                    }
+                    resting.insert(mq.clone(), offset);
+                    offset
+                }
+            },
+        };
+        let from = if from >= 0 {
+            from
+        } else {
+            // Never committed: a new group starts at the oldest stored message.
+            match consumer.min_offset(&mq).await {
+                Ok(min) => min,
+                Err(_) => continue,
+            }
+        };
+        membership.record_lag(&queue_label(&mq), end - from);
     }
 }
 
@@ -251,6 +397,8 @@ struct Consuming {
     acks: mpsc::UnboundedReceiver<Finished>,
     reassigned: mpsc::UnboundedReceiver<HashSet<MessageQueue>>,
     next_commit: Instant,
+    /// What the last commit sent, for the lag measurement.
+    committed: Committed,
 }
 
 impl Consuming {
@@ -271,6 +419,7 @@ impl Consuming {
             acks,
             reassigned,
             next_commit: Instant::now() + COMMIT_INTERVAL,
+            committed: Committed::default(),
         }
     }
 
@@ -418,10 +567,14 @@ impl Consuming {
     /// A rebalance moved queues: forget the ones that left, so that no commit is made for them
     /// from this instance (their unfinished copies go to the new owner from the last commit).
     fn reassign(&mut self, assigned: &HashSet<MessageQueue>) {
+        // The listener logged the rebalance; this is the books' side of it.
         for mq in self.positions.reassign(assigned) {
-            tracing::info!(side = %self.side, queue = %mq, "rocketmq queue moved to another consumer");
+            tracing::debug!(side = %self.side, queue = %mq, "rocketmq queue moved away: its offsets are forgotten");
         }
-        tracing::info!(side = %self.side, queues = assigned.len(), "rocketmq queues assigned");
+        self.committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|mq, _| assigned.contains(mq));
     }
 
     /// Commits what is finished (see [`Positions::commits`]).
@@ -432,6 +585,10 @@ impl Consuming {
         }
         if let Some(offsets) = self.positions.commits() {
             tracing::debug!(side = %self.side, ?offsets, "rocketmq commit");
+            self.committed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone_from(&offsets);
             self.consumer.commit_with_map(offsets, true).await;
         }
     }

@@ -1,5 +1,7 @@
 //! The operator API on real Redis, through `Router::oneshot` (no socket): reads open, writes
-//! behind the bearer token (off without one), the same validation and audit as the CLI.
+//! behind the bearer token (off without one), the same validation and audit as the CLI. And
+//! `/readyz` against the real brokers: not ready, naming the side, until each source has joined
+//! its consumer group.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -235,4 +237,159 @@ async fn one_message_is_shown_and_a_dead_one_released() {
     assert_eq!(body["was"], "HTTP 400");
     let (_, body) = call(&a, "GET", "/api/messages/m1", None, None).await;
     assert_eq!(body["state"], "pending");
+}
+
+/// Runs `scripts/testbed ARGS` (`MQC_TESTBED` points elsewhere), failing the test if it fails.
+async fn testbed(args: &[&str]) {
+    let script = std::env::var("MQC_TESTBED")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").into());
+    let out = tokio::process::Command::new(&script)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "`scripts/testbed {}` failed (is the test bed up? `scripts/testbed up`):\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn readyz(router: &Router) -> (StatusCode, Value) {
+    let r = router
+        .clone()
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let code = r.status();
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    (code, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
+    use mq_cutover::admin::AdminState;
+    use mq_cutover::arbiter::switches::Switches;
+    use mq_cutover::config::{IdSource, KafkaSideConfig, RocketMqSideConfig, SideConfig, SideKind};
+    use mq_cutover::sink::breaker::CircuitBreaker;
+    use mq_cutover::source::{Membership, SourceContext};
+    use mq_cutover::telemetry::metrics::Metrics;
+    use std::sync::atomic::AtomicBool;
+    use tokio_util::sync::CancellationToken;
+
+    let name = common::unique_prefix("ready");
+    testbed(&["topic", "kafka", &name, "2"]).await;
+    testbed(&["topic", "rocketmq", &name, "2"]).await;
+    let side = |kind: SideKind| SideConfig {
+        name: match kind {
+            SideKind::Kafka => "kafka".into(),
+            SideKind::Rocketmq => "rocketmq".into(),
+        },
+        kind,
+        message_id: IdSource::Header("msg-id".into()),
+        business_id: IdSource::JsonPointer("/user_id".into()),
+        kafka: (kind == SideKind::Kafka).then(|| KafkaSideConfig {
+            bootstrap_servers: std::env::var("MQC_KAFKA_BOOTSTRAP")
+                .unwrap_or_else(|_| "127.0.0.1:19092".into()),
+            topics: vec![name.clone()],
+            group_id: format!("{name}-group"),
+            properties: Default::default(),
+        }),
+        rocketmq: (kind == SideKind::Rocketmq).then(|| RocketMqSideConfig {
+            name_server: std::env::var("MQC_ROCKETMQ_NAMESRV")
+                .unwrap_or_else(|_| "127.0.0.1:19876".into()),
+            topic: name.clone(),
+            tag_expression: "*".into(),
+            group: format!("{name}-group"),
+        }),
+    };
+    let sides = [side(SideKind::Kafka), side(SideKind::Rocketmq)];
+    let metrics = Arc::new(Metrics::default());
+    let memberships: Arc<[Membership]> = sides
+        .iter()
+        .map(|s| Membership::new(s.name.as_str().into(), &metrics, Duration::from_secs(1)))
+        .collect();
+    let (_switches, feed) = tokio::sync::watch::channel(Some(Arc::new(Switches::default())));
+    let router = mq_cutover::admin::router(AdminState {
+        metrics,
+        redis_up: Arc::new(AtomicBool::new(true)),
+        switches: feed,
+        breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+        sources: memberships.clone(),
+    });
+
+    let (code, body) = readyz(&router).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        body["problems"],
+        json!([
+            "side kafka has not joined its consumer group yet",
+            "side rocketmq has not joined its consumer group yet"
+        ])
+    );
+
+    let cancel = CancellationToken::new();
+    let (_paused, paused) = tokio::sync::watch::channel(false);
+    let mut outs = Vec::new();
+    let mut tasks = Vec::new();
+    let started = std::time::Instant::now();
+    for (s, m) in sides.iter().zip(memberships.iter()) {
+        let (out, rx) = tokio::sync::mpsc::channel(16);
+        outs.push(rx);
+        let source = mq_cutover::source::build(s).unwrap();
+        tasks.push(tokio::spawn(source.run(SourceContext {
+            side: s.name.as_str().into(),
+            out,
+            cancel: cancel.clone(),
+            paused: paused.clone(),
+            membership: m.clone(),
+        })));
+    }
+    let mut joined_at = std::collections::BTreeMap::new();
+    loop {
+        let (code, body) = readyz(&router).await;
+        for side in ["kafka", "rocketmq"] {
+            let waiting = body["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_str().unwrap().starts_with(&format!("side {side} ")));
+            if !waiting {
+                joined_at.entry(side).or_insert_with(|| started.elapsed());
+            }
+        }
+        if code == StatusCode::OK {
+            assert_eq!(body, json!({"ready": true, "problems": []}));
+            break;
+        }
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not ready after 60 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("sides joined after {joined_at:?}");
+    cancel.cancel();
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(30), t).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "{r:?}");
+    }
+    drop(outs);
+    // The Kafka topic and group go; RocketMQ keeps its (empty) topic, as in its own tests.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set(
+                "bootstrap.servers",
+                std::env::var("MQC_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into()),
+            )
+            .create()
+            .unwrap();
+    let opts = rdkafka::admin::AdminOptions::new();
+    let _ = admin
+        .delete_groups(&[&format!("{name}-group")], &opts)
+        .await;
+    let _ = admin.delete_topics(&[&name], &opts).await;
 }

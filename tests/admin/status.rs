@@ -62,6 +62,7 @@ async fn the_status_document_carries_the_counts_switches_readiness_and_dead_lett
         redis_up: Arc::new(AtomicBool::new(false)),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+        sources: Arc::from([]),
     };
     let origin = Origin {
         side: "kafka".into(),
@@ -147,6 +148,7 @@ async fn the_page_is_served_at_the_root_and_at_status_and_loads_nothing_from_els
         redis_up: Arc::new(AtomicBool::new(true)),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+        sources: Arc::from([]),
     };
     let control = Arc::new(Control::new(&a.store, &a.cfg));
     let router = page::router(StatusState::new(admin, control, &a.cfg));

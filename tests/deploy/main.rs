@@ -731,6 +731,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
         redis_up: Arc::new(AtomicBool::new(false)),
         switches: rx,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
+        sources: Arc::from([]),
     };
     for (origin, path) in paths {
         let resp = router(state.clone())

@@ -2,7 +2,9 @@
 //! kafka`, 127.0.0.1:19092 or `MQC_KAFKA_BOOTSTRAP`). Each test creates its own topic and consumer
 //! group, plays the pipeline itself (receives copies, acknowledges some, drops others) and checks
 //! what the broker ends up with: the committed offset never passes an unfinished copy, and a
-//! restart or a rebalance delivers again exactly what was not finished.
+//! restart or a rebalance delivers again exactly what was not finished. The source's
+//! membership: lag per partition, partitions held, rebalances, joining with or without
+//! partitions.
 //!
 //! An unreachable broker fails the tests with a hint; they never skip.
 
@@ -10,12 +12,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mq_cutover::config::{IdSource, KafkaSideConfig, SideConfig, SideKind};
 use mq_cutover::message::Message;
 use mq_cutover::source::kafka::{self, KafkaWriter};
-use mq_cutover::source::{SourceContext, SourceError};
+use mq_cutover::source::{Membership, SourceContext, SourceError};
+use mq_cutover::telemetry::metrics::Metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -177,7 +181,13 @@ struct Running {
     paused: watch::Sender<bool>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), SourceError>>,
+    /// This source's own metrics (one registry per source, as one daemon per instance).
+    metrics: Arc<Metrics>,
+    membership: Membership,
 }
+
+/// How often the tests' sources measure lag (the daemon: every 5 s).
+const TEST_LAG_INTERVAL: Duration = Duration::from_millis(250);
 
 fn start(side: &SideConfig, capacity: usize) -> Running {
     let source = match kafka::build(side) {
@@ -187,21 +197,63 @@ fn start(side: &SideConfig, capacity: usize) -> Running {
     let (out, rx) = mpsc::channel(capacity);
     let (paused, paused_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL);
     let cx = SourceContext {
         side: side.name.as_str().into(),
         out,
         cancel: cancel.clone(),
         paused: paused_rx,
+        membership: membership.clone(),
     };
     Running {
         rx,
         paused,
         cancel,
         task: tokio::spawn(source.run(cx)),
+        metrics,
+        membership,
     }
 }
 
 impl Running {
+    /// The lag series of this source as `/metrics` shows them: `queue` label → messages.
+    fn lags(&self) -> BTreeMap<String, i64> {
+        let text = self.metrics.render();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("mqc_consumer_lag_messages{queue=\""))
+            .map(|l| {
+                let (queue, rest) = l.split_once('"').unwrap();
+                (
+                    queue.to_owned(),
+                    rest.rsplit(' ').next().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn assigned(&self) -> i64 {
+        self.metrics.assigned.with_label_values(&["kafka"]).get()
+    }
+
+    fn rebalances(&self) -> u64 {
+        self.metrics.rebalances.with_label_values(&["kafka"]).get()
+    }
+
+    /// Waits until the lag series are exactly `want`; fails with the last ones seen.
+    async fn lags_become(&self, want: &BTreeMap<String, i64>, limit: Duration) -> Duration {
+        let started = Instant::now();
+        while self.lags() != *want {
+            assert!(
+                started.elapsed() < limit,
+                "lag stayed {:?}, expected {want:?}",
+                self.lags()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+
     /// The next `n` copies, failing the test if they do not all come within `limit`.
     async fn take(&mut self, n: usize, limit: Duration) -> Vec<Message> {
         let deadline = tokio::time::Instant::now() + limit;
@@ -858,5 +910,140 @@ async fn refused_properties_fail_the_build() {
         }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("accepted enable.auto.offset.store=true"),
+    }
+}
+
+/// The lag series `topic/partition` → messages for partitions `0..` of `topic`.
+fn lag_map(topic: &str, per_partition: &[i64]) -> BTreeMap<String, i64> {
+    per_partition
+        .iter()
+        .enumerate()
+        .map(|(p, n)| (format!("{topic}/{p}"), *n))
+        .collect()
+}
+
+/// Waits until the source has received its first assignment.
+async fn joined(src: &Running) {
+    let mut joined = src.membership.joined();
+    tokio::time::timeout(TAKE, joined.wait_for(|j| *j))
+        .await
+        .expect("the source joins its group")
+        .expect("membership alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_unfinished_records_per_partition_and_falls_to_zero_once_they_are_acked() {
+    let (t, g, _cleanup) = topic("kafka_lag", 3).await;
+    let p = Producer::new();
+    for i in 0..4 {
+        p.good(&t, 0, &format!("l-0-{i}")).await;
+    }
+    for i in 0..6 {
+        p.good(&t, 1, &format!("l-1-{i}")).await;
+    }
+    let started = Instant::now();
+    let mut src = start(&side(&t, &g), 100);
+    joined(&src).await;
+    eprintln!("joined after {:?}", started.elapsed());
+    assert_eq!(src.assigned(), 3, "every partition of the topic");
+    assert_eq!(src.rebalances(), 1);
+
+    // The pipeline holds everything unacknowledged: the committed offsets stay at 0.
+    let mut held = src.take(10, TAKE).await;
+    src.lags_become(&lag_map(&t, &[4, 6, 0]), Duration::from_secs(10))
+        .await;
+    for i in 0..2 {
+        p.good(&t, 2, &format!("l-2-{i}")).await;
+    }
+    held.extend(src.take(2, TAKE).await);
+    let took = src
+        .lags_become(&lag_map(&t, &[4, 6, 2]), Duration::from_secs(10))
+        .await;
+    eprintln!("new records shown as lag within {took:?}");
+
+    // Half of partition 1 finished (offsets 0-2): its committed offset moves to 3.
+    let (done, rest): (Vec<Message>, Vec<Message>) = held
+        .into_iter()
+        .partition(|m| m.origin.partition == 1 && m.origin.offset < 3);
+    done.into_iter().for_each(|m| m.ack.done());
+    src.lags_become(&lag_map(&t, &[4, 3, 2]), Duration::from_secs(10))
+        .await;
+    rest.into_iter().for_each(|m| m.ack.done());
+    let took = src
+        .lags_become(&lag_map(&t, &[0, 0, 0]), Duration::from_secs(10))
+        .await;
+    eprintln!("lag 0 within {took:?} of the last ack (auto-commit every second)");
+
+    let metrics = src.metrics.clone();
+    src.stop().await;
+    assert!(
+        !metrics.render().contains("mqc_consumer_lag_messages{"),
+        "a stopped source shows no lag"
+    );
+    assert_eq!(metrics.assigned.with_label_values(&["kafka"]).get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_moves_the_lag_series_with_the_partitions_and_a_member_without_any_has_joined()
+{
+    let (t, g, _cleanup) = topic("kafka_lag_rebalance", 2).await;
+    let p = Producer::new();
+    for i in 0..3 {
+        p.good(&t, 0, &format!("r-0-{i}")).await;
+    }
+    for i in 0..5 {
+        p.good(&t, 1, &format!("r-1-{i}")).await;
+    }
+    let s = side(&t, &g);
+    let mut a = start(&s, 100);
+    let held = a.take(8, TAKE).await; // never acked while the group changes
+    a.lags_become(&lag_map(&t, &[3, 5]), Duration::from_secs(10))
+        .await;
+    assert_eq!(a.assigned(), 2);
+
+    // Two more members for two partitions: one of the three holds none, and has joined.
+    let started = Instant::now();
+    let members = [a, start(&s, 100), start(&s, 100)];
+    for m in &members[1..] {
+        joined(m).await;
+    }
+    let want = lag_map(&t, &[3, 5]);
+    loop {
+        let assigned: Vec<i64> = members.iter().map(Running::assigned).collect();
+        let series: Vec<BTreeMap<String, i64>> = members.iter().map(Running::lags).collect();
+        let union: BTreeMap<String, i64> = series
+            .iter()
+            .flatten()
+            .map(|(q, n)| (q.clone(), *n))
+            .collect();
+        let settled = assigned.iter().sum::<i64>() == 2
+            && series.iter().map(BTreeMap::len).sum::<usize>() == 2
+            && union == want
+            && members
+                .iter()
+                .all(|m| m.lags().keys().cloned().collect::<Vec<_>>() == m.membership.held());
+        if settled {
+            eprintln!(
+                "settled within {:?}: assigned {assigned:?}, rebalances {:?}",
+                started.elapsed(),
+                members.iter().map(Running::rebalances).collect::<Vec<_>>()
+            );
+            assert!(assigned.contains(&0), "{assigned:?}");
+            assert_eq!(
+                members[0].rebalances(),
+                2,
+                "the join and the one the newcomers caused"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "assigned {assigned:?}, lag series {series:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.into_iter().for_each(|m| m.ack.done());
+    for m in members {
+        m.stop().await;
     }
 }

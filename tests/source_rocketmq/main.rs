@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use mq_cutover::config::{IdSource, RocketMqSideConfig, SideConfig, SideKind};
 use mq_cutover::message::{Ack, Message};
 use mq_cutover::source::rocketmq::{self, RocketMqWriter};
-use mq_cutover::source::{SourceContext, SourceError};
+use mq_cutover::source::{Membership, SourceContext, SourceError};
+use mq_cutover::telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,13 @@ struct Running {
     cancel: CancellationToken,
     paused: watch::Sender<bool>,
     task: JoinHandle<Result<(), SourceError>>,
+    /// This source's own metrics (one registry per source, as one daemon per instance).
+    metrics: std::sync::Arc<Metrics>,
+    membership: Membership,
 }
+
+/// How often the tests' sources measure lag (the daemon: every 5 s).
+const TEST_LAG_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Client and source logs in the test output, filtered by `RUST_LOG` (errors only by default).
 fn logs() {
@@ -129,11 +136,14 @@ fn start(side: &SideConfig, paused: bool) -> Running {
     let (out, rx) = mpsc::channel(64);
     let cancel = CancellationToken::new();
     let (paused_tx, paused_rx) = watch::channel(paused);
+    let metrics = std::sync::Arc::new(Metrics::default());
+    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL);
     let cx = SourceContext {
         side: side.name.as_str().into(),
         out,
         cancel: cancel.clone(),
         paused: paused_rx,
+        membership: membership.clone(),
     };
     let task = tokio::spawn(source.run(cx));
     Running {
@@ -141,10 +151,45 @@ fn start(side: &SideConfig, paused: bool) -> Running {
         cancel,
         paused: paused_tx,
         task,
+        metrics,
+        membership,
     }
 }
 
 impl Running {
+    /// The lag series of this source as `/metrics` shows them: `queue` label → messages.
+    fn lags(&self) -> BTreeMap<String, i64> {
+        let text = self.metrics.render();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("mqc_consumer_lag_messages{queue=\""))
+            .map(|l| {
+                let (queue, rest) = l.split_once('"').unwrap();
+                (
+                    queue.to_owned(),
+                    rest.rsplit(' ').next().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn assigned(&self) -> i64 {
+        self.metrics.assigned.with_label_values(&["rocketmq"]).get()
+    }
+
+    /// Waits until the lag series are exactly `want`; fails with the last ones seen.
+    async fn lags_become(&self, want: &BTreeMap<String, i64>, limit: Duration) -> Duration {
+        let started = Instant::now();
+        while self.lags() != *want {
+            assert!(
+                started.elapsed() < limit,
+                "lag stayed {:?}, expected {want:?}",
+                self.lags()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed()
+    }
+
     /// The next `n` messages; fails if they do not all arrive within `limit`.
     async fn take(&mut self, n: usize, limit: Duration) -> Vec<Message> {
         let deadline = Instant::now() + limit;
@@ -496,9 +541,35 @@ async fn a_second_instance_takes_over_queues_without_losing_a_message() {
         from_a > 0 && from_b > 0,
         "both instances consume: a {from_a}, b {from_b}"
     );
+    // Each queue's lag series is shown by the instance that holds it, and only by it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (la, lb) = (a.lags(), b.lags());
+        let both: BTreeSet<&String> = la.keys().chain(lb.keys()).collect();
+        if a.assigned() + b.assigned() == 4
+            && la.len() + lb.len() == 4
+            && both.len() == 4
+            && la.keys().cloned().collect::<Vec<_>>() == a.membership.held()
+            && lb.keys().cloned().collect::<Vec<_>>() == b.membership.held()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "assigned {} + {}, lag series {la:?} {lb:?}",
+            a.assigned(),
+            b.assigned()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A leaves: B gets every queue, from A's last commit.
+    let a_metrics = a.metrics.clone();
     a.stop().await;
+    assert!(
+        !a_metrics.render().contains("mqc_consumer_lag_messages{"),
+        "an instance that left shows no lag"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     send_range(&w, &topic, 140..160).await;
     let deadline = Instant::now() + ARRIVAL;
@@ -509,6 +580,7 @@ async fn a_second_instance_takes_over_queues_without_losing_a_message() {
             m.ack.done();
         }
     }
+    assert_eq!(b.assigned(), 4, "B holds every queue once A left");
     b.stop().await;
     w.shutdown().await;
     assert_eq!(seen.len(), 160, "every message arrived at least once");
@@ -552,4 +624,120 @@ async fn a_topic_without_a_route_fails_to_start_and_says_so() {
         }
         other => panic!("expected a start error, got {other:?}"),
     }
+}
+
+/// Waits until the source has received its first assignment.
+async fn joined(src: &Running) {
+    let mut joined = src.membership.joined();
+    tokio::time::timeout(ARRIVAL, joined.wait_for(|j| *j))
+        .await
+        .expect("the source joins its group")
+        .expect("membership alive");
+}
+
+/// The lag series `broker/topic/queueId` of the queues `held`, from messages per queue id.
+fn lag_map(held: &[String], per_queue: &BTreeMap<i32, i64>) -> BTreeMap<String, i64> {
+    held.iter()
+        .map(|label| {
+            let q: i32 = label.rsplit('/').next().unwrap().parse().unwrap();
+            (label.clone(), per_queue.get(&q).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn lag_counts_unfinished_messages_per_queue_and_falls_to_zero_once_they_are_acked() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("lag", 2).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    send_range(&w, &topic, 0..12).await;
+
+    let mut src = start(&s, false);
+    joined(&src).await;
+    let joined_after = t0.elapsed();
+    let held_queues = src.membership.held();
+    assert_eq!(
+        src.assigned(),
+        2,
+        "every queue of the topic: {held_queues:?}"
+    );
+    assert!(
+        held_queues
+            .iter()
+            .all(|q| q.contains(&format!("/{topic}/"))),
+        "{held_queues:?}"
+    );
+    // Everything held unacknowledged: each queue's lag is what it has.
+    let got = src.take(12, ARRIVAL).await;
+    let mut per_queue: BTreeMap<i32, i64> = BTreeMap::new();
+    for m in &got {
+        *per_queue.entry(m.origin.partition).or_default() += 1;
+    }
+    src.lags_become(&lag_map(&held_queues, &per_queue), Duration::from_secs(10))
+        .await;
+    // Finish the lowest two offsets of one queue: its lag drops by two.
+    let q = *per_queue.keys().next().unwrap();
+    let (done_now, rest): (Vec<Message>, Vec<Message>) = got
+        .into_iter()
+        .partition(|m| m.origin.partition == q && m.origin.offset < 2);
+    done(done_now);
+    *per_queue.get_mut(&q).unwrap() -= 2;
+    src.lags_become(&lag_map(&held_queues, &per_queue), Duration::from_secs(10))
+        .await;
+    done(rest);
+    let zero = src
+        .lags_become(
+            &lag_map(&held_queues, &BTreeMap::new()),
+            Duration::from_secs(10),
+        )
+        .await;
+    let metrics = src.metrics.clone();
+    src.stop().await;
+    assert!(
+        !metrics.render().contains("mqc_consumer_lag_messages{"),
+        "a stopped source shows no lag"
+    );
+    w.shutdown().await;
+    eprintln!(
+        "lag: joined after {joined_after:?}, lag 0 within {zero:?} of the last ack, whole test {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_instance_left_without_queues_has_joined_and_shows_no_lag() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("lag-empty", 1).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    send_range(&w, &topic, 0..3).await;
+    let mut a = start(&s, false);
+    joined(&a).await;
+    let held = a.take(3, ARRIVAL).await; // unacknowledged: lag 3 wherever the queue goes
+    let b = start(&s, false);
+    joined(&b).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (la, lb) = (a.lags(), b.lags());
+        let assigned = (a.assigned(), b.assigned());
+        let settled = assigned.0 + assigned.1 == 1
+            && la.len() + lb.len() == 1
+            && la.values().chain(lb.values()).all(|n| *n == 3)
+            && la.keys().cloned().collect::<Vec<_>>() == a.membership.held()
+            && lb.keys().cloned().collect::<Vec<_>>() == b.membership.held();
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "assigned {assigned:?}, lag series {la:?} {lb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done(held);
+    a.stop().await;
+    b.stop().await;
+    w.shutdown().await;
+    eprintln!("lag-empty: whole test {:?}", t0.elapsed());
 }
