@@ -254,3 +254,39 @@ where
     }
     None
 }
+
+/// The consumer lag series `metrics` shows: `queue` label → messages.
+pub fn lag_series(
+    metrics: &mq_cutover::telemetry::metrics::Metrics,
+) -> std::collections::BTreeMap<String, i64> {
+    metrics
+        .render()
+        .lines()
+        .filter_map(|l| l.strip_prefix("mqc_consumer_lag_messages{queue=\""))
+        .map(|l| {
+            let (queue, rest) = l.split_once('"').unwrap();
+            (
+                queue.to_owned(),
+                rest.rsplit(' ').next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the lag series are exactly `want`; fails with the last ones seen.
+pub async fn lags_become(
+    metrics: &mq_cutover::telemetry::metrics::Metrics,
+    want: &std::collections::BTreeMap<String, i64>,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    while lag_series(metrics) != *want {
+        assert!(
+            started.elapsed() < limit,
+            "lag stayed {:?}, expected {want:?}",
+            lag_series(metrics)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}

@@ -32,10 +32,32 @@ fn one_sided(report: &ParityReport) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// Waits until the first daemon's `metric{side="kafka"}` and `{side="rocketmq"}` read `want`.
+async fn per_side_becomes(bed: &Bed, metric: &str, want: (u64, u64), limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let mut got = (0, 0);
+        for (side, slot) in [("kafka", &mut got.0), ("rocketmq", &mut got.1)] {
+            *slot = bed.daemons[0]
+                .metric(&format!("{metric}{{side=\"{side}\"}}"))
+                .await as u64;
+        }
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{metric}: kafka, rocketmq = {got:?}, expected {want:?}\n{}",
+            bed.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
     let mut bed = Bed::new("parity", Setup::default()).await;
-    let d = bed.start_daemon();
+    bed.start_daemon();
     let prefix = format!("{}-p", bed.prefix);
     let manifest = bed.dir.path().join("manifest.jsonl");
     let count = 2_000u64;
@@ -72,7 +94,7 @@ async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
 
     // Both sides have seen every id they will ever get (each side counts an id once, its
     // duplicates and redeliveries not).
-    let daemon = &bed.daemons[d];
+    let daemon = &bed.daemons[0];
     let start = Instant::now();
     let healthz = format!("http://127.0.0.1:{}/healthz", daemon.admin_port);
     while reqwest::get(&healthz).await.is_err() {
@@ -83,23 +105,13 @@ async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    loop {
-        let k = daemon
-            .metric("mqc_parity_observed_total{side=\"kafka\"}")
-            .await as u64;
-        let r = daemon
-            .metric("mqc_parity_observed_total{side=\"rocketmq\"}")
-            .await as u64;
-        if k == on_old && r == on_new {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "sides observed kafka {k} of {on_old}, rocketmq {r} of {on_new}\n{}",
-            bed.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    per_side_becomes(
+        &bed,
+        "mqc_parity_observed_total",
+        (on_old, on_new),
+        Duration::from_secs(180),
+    )
+    .await;
     // Past the grace period (2 s in the test config).
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -132,23 +144,13 @@ async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
     assert_eq!(one_sided(&api), expected);
 
     // The gap metric, refreshed every 500 ms.
-    let start = Instant::now();
-    loop {
-        let k = daemon
-            .metric("mqc_parity_one_sided_ids{side=\"kafka\"}")
-            .await as usize;
-        let r = daemon
-            .metric("mqc_parity_one_sided_ids{side=\"rocketmq\"}")
-            .await as usize;
-        if (k, r) == (only_old, only_new) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "gap metric kafka {k} rocketmq {r}, expected {only_old} {only_new}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    per_side_becomes(
+        &bed,
+        "mqc_parity_one_sided_ids",
+        (only_old as u64, only_new as u64),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(
         daemon.log_text().contains("parity gap"),
         "a log line says the gap opened"

@@ -159,17 +159,7 @@ fn start(side: &SideConfig, paused: bool) -> Running {
 impl Running {
     /// The lag series of this source as `/metrics` shows them: `queue` label → messages.
     fn lags(&self) -> BTreeMap<String, i64> {
-        let text = self.metrics.render();
-        text.lines()
-            .filter_map(|l| l.strip_prefix("mqc_consumer_lag_messages{queue=\""))
-            .map(|l| {
-                let (queue, rest) = l.split_once('"').unwrap();
-                (
-                    queue.to_owned(),
-                    rest.rsplit(' ').next().unwrap().parse().unwrap(),
-                )
-            })
-            .collect()
+        common::lag_series(&self.metrics)
     }
 
     fn assigned(&self) -> i64 {
@@ -178,16 +168,7 @@ impl Running {
 
     /// Waits until the lag series are exactly `want`; fails with the last ones seen.
     async fn lags_become(&self, want: &BTreeMap<String, i64>, limit: Duration) -> Duration {
-        let started = Instant::now();
-        while self.lags() != *want {
-            assert!(
-                started.elapsed() < limit,
-                "lag stayed {:?}, expected {want:?}",
-                self.lags()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        started.elapsed()
+        common::lags_become(&self.metrics, want, limit).await
     }
 
     /// The next `n` messages; fails if they do not all arrive within `limit`.
