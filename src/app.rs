@@ -49,6 +49,12 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.redis.urls.join(","),
                 cfg.redis.key_prefix
             );
+            if let Some(pt) = &cfg.pipeline.pass_through {
+                println!(
+                    "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",
+                    pt.side
+                );
+            }
             Ok(())
         }
         Command::Switch(sc) => switch(sc, &cfg).await,
@@ -223,6 +229,13 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         }
     });
 
+    if let Some(pt) = &cfg.pipeline.pass_through {
+        tracing::warn!(
+            side = %pt.side,
+            "PASS-THROUGH MODE, FOR MEASUREMENT ONLY: this side forwards every copy WITHOUT a claim \
+             and the other sides forward nothing; duplicates WILL be delivered; never run it on real traffic"
+        );
+    }
     let source_stop = CancellationToken::new();
     let calls = TaskTracker::new();
     let mut sources = tokio::task::JoinSet::new();
