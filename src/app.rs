@@ -31,6 +31,13 @@ pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<(
     crate::reward::run(args, root).await
 }
 
+/// `grant-counter`: the benchmark's downstream, until SIGTERM / SIGINT.
+pub async fn grant_counter(args: crate::grant_counter::GrantCounterArgs) -> anyhow::Result<()> {
+    let root = crate::shutdown::root_token().context("installing signal handlers")?;
+    crate::telemetry::logs::init(&crate::config::LogConfig::default());
+    crate::grant_counter::run(args, root).await
+}
+
 /// Runs `command`. Output meant for the user goes to stdout; logs go to stderr.
 pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
     match command {
@@ -82,6 +89,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             Ok(())
         }
         Command::RewardService(args) => reward_service(args).await,
+        Command::GrantCounter(args) => grant_counter(args).await,
         Command::Audit { count } => {
             let control = Control::connect(&cfg).await?;
             for e in control.audit(count).await? {
