@@ -31,6 +31,13 @@ pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<(
     crate::reward::run(args, root).await
 }
 
+/// `grant-counter`: the benchmark's downstream, until SIGTERM / SIGINT.
+pub async fn grant_counter(args: crate::grant_counter::GrantCounterArgs) -> anyhow::Result<()> {
+    let root = crate::shutdown::root_token().context("installing signal handlers")?;
+    crate::telemetry::logs::init(&crate::config::LogConfig::default());
+    crate::grant_counter::run(args, root).await
+}
+
 /// Runs `command`. Output meant for the user goes to stdout; logs go to stderr.
 pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
     match command {
@@ -49,6 +56,12 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.redis.urls.join(","),
                 cfg.redis.key_prefix
             );
+            if let Some(pt) = &cfg.pipeline.pass_through {
+                println!(
+                    "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",
+                    pt.side
+                );
+            }
             Ok(())
         }
         Command::Switch(sc) => switch(sc, &cfg).await,
@@ -94,6 +107,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             Ok(())
         }
         Command::RewardService(args) => reward_service(args).await,
+        Command::GrantCounter(args) => grant_counter(args).await,
         Command::Audit { count } => {
             let control = Control::connect(&cfg).await?;
             for e in control.audit(count).await? {
@@ -263,6 +277,13 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         }
     });
 
+    if let Some(pt) = &cfg.pipeline.pass_through {
+        tracing::warn!(
+            side = %pt.side,
+            "PASS-THROUGH MODE, FOR MEASUREMENT ONLY: this side forwards every copy WITHOUT a claim \
+             and the other sides forward nothing; duplicates WILL be delivered; never run it on real traffic"
+        );
+    }
     let source_stop = CancellationToken::new();
     let calls = TaskTracker::new();
     let mut sources = tokio::task::JoinSet::new();

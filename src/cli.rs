@@ -83,6 +83,9 @@ pub enum Command {
     /// Run the demo reward service: a real HTTP endpoint that records every call and injects
     /// faults (no config file needed).
     RewardService(crate::reward::RewardArgs),
+    /// Run the benchmark's downstream: answers 200 at once and only counts grants per id and
+    /// end-to-end times (no config file needed).
+    GrantCounter(crate::grant_counter::GrantCounterArgs),
 }
 
 /// `dead …`.

@@ -448,6 +448,23 @@ pub struct PipelineConfig {
     /// On SIGTERM: how long in-flight calls may take to finish before the daemon exits anyway.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// For measurement only: one side forwards every copy with no claim, the other acks every
+    /// copy unread. No arbitration, no deduplication. Absent: normal operation.
+    #[serde(default)]
+    pub pass_through: Option<PassThroughConfig>,
+}
+
+/// `[pipeline.pass_through]`: the baseline the benchmark compares arbitration against. Every copy
+/// of `side` goes to the sink without a Redis claim (duplicates included); the other sides
+/// acknowledge theirs without calling. Never for production traffic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassThroughConfig {
+    /// The side whose copies are all forwarded.
+    pub side: String,
+    /// Must be `true`: the explicit request for a mode that delivers without arbitration.
+    #[serde(default)]
+    pub measurement_only: bool,
 }
 
 fn default_claim_batch() -> usize {
@@ -457,7 +474,9 @@ fn default_max_in_flight() -> usize {
     256
 }
 fn default_channel() -> usize {
-    1024
+    // Deep enough to outlast a Kafka resume after backpressure paused the fetch (measured at about
+    // half a second): 1024 capped the Kafka side near 2,000 copies/s (docs/benchmarks.md).
+    16_384
 }
 fn default_busy_retry() -> Duration {
     Duration::from_millis(100)
@@ -474,6 +493,7 @@ impl Default for PipelineConfig {
             channel: default_channel(),
             busy_retry: default_busy_retry(),
             drain_timeout: default_drain_timeout(),
+            pass_through: None,
         }
     }
 }
@@ -743,6 +763,21 @@ impl Config {
         }
         positive("pipeline.busy_retry", p.busy_retry)?;
         positive("pipeline.drain_timeout", p.drain_timeout)?;
+        if let Some(pt) = &p.pass_through {
+            if !self.sides.iter().any(|s| s.name == pt.side) {
+                return Err(ConfigError::new(
+                    "pipeline.pass_through.side",
+                    format!("`{}` is not a configured side name, e.g. `kafka`", pt.side),
+                ));
+            }
+            if !pt.measurement_only {
+                return Err(ConfigError::new(
+                    "pipeline.pass_through.measurement_only",
+                    "pass-through forwards every copy without arbitration (duplicates included): \
+                     it is for benchmarks only; set `measurement_only = true` to ask for it",
+                ));
+            }
+        }
         if self.dead_letters.max_len < 100 {
             return Err(ConfigError::new(
                 "dead_letters.max_len",
@@ -1116,6 +1151,29 @@ url = "http://127.0.0.1:8080/grant"
     fn tiny_dead_letter_stream_is_rejected() {
         let e = err_of(&format!("{GOOD}\n[dead_letters]\nmax_len = 3\n"));
         assert_eq!(e.key, "dead_letters.max_len");
+    }
+
+    #[test]
+    fn pass_through_needs_the_explicit_measurement_flag() {
+        let e = err_of(&format!(
+            "{GOOD}\n[pipeline.pass_through]\nside = \"kafka\"\n"
+        ));
+        assert_eq!(e.key, "pipeline.pass_through.measurement_only");
+        let c = Config::from_toml_str(&format!(
+            "{GOOD}\n[pipeline.pass_through]\nside = \"kafka\"\nmeasurement_only = true\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.pipeline.pass_through.as_ref().unwrap().side, "kafka");
+    }
+
+    #[test]
+    fn pass_through_side_must_exist() {
+        let e = err_of(&format!(
+            "{GOOD}\n[pipeline.pass_through]\nside = \"kafak\"\nmeasurement_only = true\n"
+        ));
+        assert_eq!(e.key, "pipeline.pass_through.side");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dead;
+pub mod grant_counter;
 pub mod message;
 pub mod parity;
 pub mod pipeline;

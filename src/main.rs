@@ -18,6 +18,9 @@ async fn main() {
         // The demo reward service needs no config file.
         return exit_on(mq_cutover::app::reward_service(args).await);
     }
+    if let Command::GrantCounter(args) = cli.command {
+        return exit_on(mq_cutover::app::grant_counter(args).await);
+    }
     let cfg = match Config::load(&cli.config).and_then(Config::validate) {
         Ok(cfg) => cfg,
         Err(e) => {

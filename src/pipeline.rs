@@ -103,6 +103,9 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Shortest wait before re-claiming a BUSY copy.
     pub busy_retry: Duration,
+    /// Measurement only (`[pipeline.pass_through]`): the side that forwards every copy with no
+    /// claim; `None` in normal operation.
+    pub pass_through: Option<Side>,
 }
 
 /// Everything the pipelines of all sides share.
@@ -180,6 +183,11 @@ impl Shared {
                 claim_batch: cfg.pipeline.claim_batch,
                 max_in_flight: cfg.pipeline.max_in_flight,
                 busy_retry: cfg.pipeline.busy_retry,
+                pass_through: cfg
+                    .pipeline
+                    .pass_through
+                    .as_ref()
+                    .map(|p| p.side.as_str().into()),
             },
             metrics,
         })
@@ -280,6 +288,9 @@ pub async fn run_side(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    if let Some(forwarding) = shared.settings.pass_through.clone() {
+        return pass_through(shared, side, forwarding, rx, cancel, tracker).await;
+    }
     let calls = Arc::new(Semaphore::new(shared.settings.max_in_flight));
     let metrics = shared.metrics.side(&side);
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Message>();
@@ -728,6 +739,108 @@ async fn with_renewal<F: std::future::Future>(
             },
         }
     }
+}
+
+/// Pass-through, for measurement only (`[pipeline.pass_through]`): the forwarding side calls the
+/// sink for every copy with no claim and acknowledges it once the sink accepted it; every other
+/// side acknowledges its copies without calling. The arbiter, the completer and the dead letters
+/// are never used, so this is the baseline that shows what arbitration costs. It gives none of
+/// DESIGN.md's guarantees: duplicates are delivered, bad input and fatal answers are only logged.
+async fn pass_through(
+    shared: Arc<Shared>,
+    side: Side,
+    forwarding: Side,
+    mut rx: mpsc::Receiver<Message>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let calls = Arc::new(Semaphore::new(shared.settings.max_in_flight));
+    let metrics = shared.metrics.side(&side);
+    let forwards = side == forwarding;
+    let mut batch = Vec::with_capacity(shared.settings.claim_batch);
+    'take: loop {
+        let n = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            n = rx.recv_many(&mut batch, shared.settings.claim_batch) => n,
+        };
+        if n == 0 {
+            break; // the source is gone
+        }
+        for msg in batch.drain(..) {
+            if !forwards {
+                metrics.message(Fate::NotMine, 1);
+                msg.ack.done();
+                continue;
+            }
+            if let Err(e) = &msg.identity {
+                tracing::warn!(side = %side, reason = %e, "pass-through: bad input acknowledged unparked");
+                metrics.message(Fate::BadInput, 1);
+                msg.ack.done();
+                continue;
+            }
+            let permit = tokio::select! {
+                p = calls.clone().acquire_owned() => p.expect("semaphore open"),
+                // Shutting down: the rest of the batch is handed back unacknowledged.
+                _ = cancel.cancelled() => break 'take,
+            };
+            metrics.message(Fate::Proceed, 1);
+            let shared = shared.clone();
+            let side = side.clone();
+            let cancel = cancel.clone();
+            let metrics = metrics.clone();
+            tracker.spawn(async move {
+                forward_unclaimed(&shared, &side, &metrics, msg, &cancel).await;
+                drop(permit);
+            });
+        }
+    }
+    tracing::info!(side = %side, "pipeline (pass-through) stopped taking copies");
+}
+
+/// Calls the sink for one copy until it is accepted (or a fatal answer), with the usual backoff
+/// and circuit breaker but no lease and no record; acks it then. Pass-through only.
+async fn forward_unclaimed(
+    shared: &Shared,
+    side: &Side,
+    metrics: &SideMetrics,
+    msg: Message,
+    cancel: &CancellationToken,
+) {
+    let id = id_of(&msg);
+    for attempt in 1.. {
+        if !wait_for_circuit(shared, cancel).await {
+            return;
+        }
+        let req = SinkRequest {
+            message_id: id,
+            side,
+            attempt,
+            body: &msg.payload,
+        };
+        metrics.in_flight.inc();
+        let timer = shared.metrics.sink_seconds.start_timer();
+        let result = shared.sink.call(&req).await;
+        timer.observe_duration();
+        metrics.in_flight.dec();
+        metrics.call(result.kind());
+        shared.breaker.record(&result);
+        match result {
+            crate::sink::CallResult::Success => break,
+            crate::sink::CallResult::Fatal { reason } => {
+                tracing::warn!(%id, side = %side, %reason, "pass-through: fatal answer, copy dropped");
+                break;
+            }
+            other => {
+                let delay = shared.backoff.delay(attempt, other.retry_after());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+    msg.ack.done();
 }
 
 /// Batches completions from all calls in flight into one round trip each.

@@ -56,6 +56,10 @@ pub struct ProduceArgs {
     /// Seed of the fault decisions, for reproducible runs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Put the send time in each body as `"sent_us"` (microseconds since the Unix epoch), for
+    /// end-to-end times at the receiving end (`mq-cutover grant-counter`).
+    #[arg(long)]
+    pub stamp: bool,
     /// Write one JSON line per id here: `{"id", "user", "old": copies, "new": copies}`.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
@@ -186,7 +190,7 @@ async fn send_side(
                 let at = start + Duration::from_secs_f64(i as f64 / rate as f64);
                 tokio::time::sleep_until(at).await;
             }
-            let (headers, body) = encode(cfg, &p.id, &p.user, 10);
+            let (headers, body) = encode(cfg, &p.id, &p.user, 10, args.stamp);
             let h: Vec<(&str, &str)> = headers
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -236,9 +240,17 @@ fn encode(
     id: &str,
     user: &str,
     amount: u64,
+    stamp: bool,
 ) -> (Vec<(String, String)>, Vec<u8>) {
     let mut headers = Vec::new();
     let mut body = json!({ "amount": amount });
+    if stamp {
+        let sent_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        body["sent_us"] = json!(sent_us);
+    }
     for (src, v) in [(&side.message_id, id), (&side.business_id, user)] {
         match src {
             IdSource::Header(h) => headers.push((h.clone(), v.to_owned())),

@@ -249,6 +249,7 @@ level = "info"
             malformed: 0,
             rate: 0,
             seed: 7,
+            stamp: false,
             manifest: None,
         };
         tweak(&mut args);
