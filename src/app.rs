@@ -507,7 +507,7 @@ async fn switch_gauges(
 
 /// Keeps the parity gap gauges in step with Redis, and logs when a side's gap opens or closes.
 async fn parity_gauges(
-    parity: crate::parity::Parity,
+    parity: Arc<crate::parity::Parity>,
     metrics: Arc<Metrics>,
     every: Duration,
     cancel: CancellationToken,
