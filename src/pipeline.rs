@@ -434,9 +434,9 @@ async fn handle_batch(
 }
 
 /// Sends this batch's first sights to the parity records, beside the batch rather than before it:
-/// parity is an observation, not part of the protocol, so its round trip must not hold up the
-/// next claim (measured: done inline it doubled the end-to-end p50). A failure is logged. The
-/// task is tracked, so a drain at shutdown waits for it like for a call.
+/// parity is an observation, not part of the protocol, so its round trip need not hold up the
+/// next claim of this side. A failure is logged. The task is tracked, so a drain at shutdown
+/// waits for it like for a call.
 fn record_sights(
     parity: &Arc<crate::parity::Parity>,
     side: &Side,
