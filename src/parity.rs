@@ -304,13 +304,22 @@ impl Parity {
         let mut conn = self.conn.clone();
         let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let mut replies = replies.into_iter();
-        let mut counts = |n: usize| -> Result<Vec<BTreeMap<String, u64>>, StoreError> {
-            (0..n)
-                .map(|_| decode::<BTreeMap<String, u64>>(replies.next()))
-                .collect()
+        // The next replies, one per bucket, as the non-empty buckets of `unit` ms.
+        let mut buckets = |ids: &[u64], unit: u64| -> Result<Vec<Bucket>, StoreError> {
+            let mut out = Vec::new();
+            for id in ids {
+                let counts: BTreeMap<String, u64> = decode(replies.next())?;
+                if !counts.is_empty() {
+                    out.push(Bucket {
+                        start_ms: id * unit,
+                        counts,
+                    });
+                }
+            }
+            Ok(out)
         };
-        let minute_counts = counts(minute_ids.len())?;
-        let day_counts = counts(day_ids.len())?;
+        let minutes = buckets(&minute_ids, MINUTE_MS)?;
+        let days = buckets(&day_ids, DAY_MS)?;
         let mut report = ParityReport {
             since_ms,
             until_ms: now,
@@ -318,24 +327,8 @@ impl Parity {
             sides: self.sides.to_vec(),
             totals_from: if by_minute { "minutes" } else { "days" }.to_owned(),
             totals: BTreeMap::new(),
-            minutes: minute_ids
-                .iter()
-                .zip(minute_counts)
-                .filter(|(_, c)| !c.is_empty())
-                .map(|(m, counts)| Bucket {
-                    start_ms: m * MINUTE_MS,
-                    counts,
-                })
-                .collect(),
-            days: day_ids
-                .iter()
-                .zip(day_counts)
-                .filter(|(_, c)| !c.is_empty())
-                .map(|(d, counts)| Bucket {
-                    start_ms: d * DAY_MS,
-                    counts,
-                })
-                .collect(),
+            minutes,
+            days,
             one_sided: Vec::new(),
             one_sided_total: BTreeMap::new(),
             untracked: BTreeMap::new(),
