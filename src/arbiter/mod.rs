@@ -3,8 +3,9 @@
 //!
 //! `claim` → [`Claim`] (PROCEED, NOT_MINE, DONE, BUSY, DEAD); `complete` records an [`Outcome`]
 //! under the lease token; `renew` keeps a lease alive while a call is in flight. Each has a
-//! batched form that sends many ids in one pipelined round trip (per cluster node). The keys, the
-//! states and the memory per id are described in `docs/arbiter.md`.
+//! batched form that sends many ids in one round trip: on standalone Redis a batch of claims or
+//! completions is one script call, renewals are one pipeline; on Cluster every id is its own call.
+//! The keys, the states and the memory per id are described in `docs/arbiter.md`.
 
 pub mod model;
 pub mod routing;
@@ -37,6 +38,13 @@ impl LuaScript {
 
     /// `EVALSHA sha 1 key` (or `EVAL code 1 key`), ready for the script's arguments.
     fn cmd(&self, key: &str, whole: bool) -> Cmd {
+        let mut c = self.head(1, whole);
+        c.arg(key);
+        c
+    }
+
+    /// `EVALSHA sha <keys>` (or `EVAL code <keys>`), ready for the keys and then the arguments.
+    fn head(&self, keys: usize, whole: bool) -> Cmd {
         let mut c = if whole {
             let mut c = redis::cmd("EVAL");
             c.arg(self.code);
@@ -46,7 +54,7 @@ impl LuaScript {
             c.arg(&self.sha);
             c
         };
-        c.arg(1).arg(key);
+        c.arg(keys);
         c
     }
 }
@@ -348,12 +356,6 @@ pub fn record_key(prefix: &str, id: &str) -> String {
     format!("{prefix}:m:{{{id}}}")
 }
 
-enum Op<'a> {
-    Claim(&'a ClaimRequest<'a>),
-    Complete(&'a CompleteRequest<'a>),
-    Renew(&'a str, &'a LeaseToken),
-}
-
 impl Arbiter {
     /// An arbiter over `store` with the protocol settings of `cfg`.
     pub fn new(store: &Store, cfg: &ArbiterConfig) -> Self {
@@ -400,8 +402,9 @@ impl Arbiter {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<Result<(Claim, Sighting), StoreError>>, StoreError> {
-        let ops: Vec<Op> = reqs.iter().map(Op::Claim).collect();
-        let replies = self.exec(&ops).await?;
+        let replies = self
+            .run_many(&self.scripts.claim, reqs, Arbiter::claim_args)
+            .await?;
         Ok(replies
             .into_iter()
             .map(|r| r.and_then(parse_claim))
@@ -418,8 +421,9 @@ impl Arbiter {
         &self,
         reqs: &[CompleteRequest<'_>],
     ) -> Result<Vec<Result<Completion, StoreError>>, StoreError> {
-        let ops: Vec<Op> = reqs.iter().map(Op::Complete).collect();
-        let replies = self.exec(&ops).await?;
+        let replies = self
+            .run_many(&self.scripts.complete, reqs, Arbiter::complete_args)
+            .await?;
         Ok(replies
             .into_iter()
             .map(|r| r.and_then(parse_completion))
@@ -436,8 +440,7 @@ impl Arbiter {
         &self,
         leases: &[(&str, &LeaseToken)],
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
-        let ops: Vec<Op> = leases.iter().map(|(id, t)| Op::Renew(id, t)).collect();
-        let replies = self.exec(&ops).await?;
+        let replies = self.exec(leases).await?;
         Ok(replies
             .into_iter()
             .map(|r| {
@@ -486,52 +489,125 @@ impl Arbiter {
         Ok((released == 1).then_some(reason))
     }
 
-    fn command(&self, op: &Op<'_>, whole: bool) -> Cmd {
-        match op {
-            Op::Claim(r) => {
-                let mut c = self
-                    .scripts
-                    .claim
-                    .cmd(&record_key(&self.prefix, r.id), whole);
-                c.arg(r.side)
-                    .arg(r.routed_owner)
-                    .arg(r.token.as_str())
-                    .arg(self.lease_ms)
-                    .arg(self.retention_ms)
-                    .arg(self.policy);
-                c
-            }
-            Op::Complete(r) => {
-                let (code, reason) = r.outcome.code();
-                let mut c = self
-                    .scripts
-                    .complete
-                    .cmd(&record_key(&self.prefix, r.id), whole);
-                c.arg(r.token.as_str())
-                    .arg(code)
-                    .arg(r.side)
-                    .arg(self.policy)
-                    .arg(self.max_attempts)
-                    .arg(reason)
-                    .arg(self.retention_ms);
-                c
-            }
-            Op::Renew(id, token) => {
-                let mut c = self.scripts.renew.cmd(&record_key(&self.prefix, id), whole);
-                c.arg(token.as_str()).arg(self.lease_ms);
-                c
+    /// The keys and arguments of `claim.lua` for `reqs`.
+    fn claim_args(&self, reqs: &[ClaimRequest<'_>], c: &mut Cmd) {
+        for r in reqs {
+            c.arg(record_key(&self.prefix, r.id));
+        }
+        c.arg(self.lease_ms).arg(self.retention_ms).arg(self.policy);
+        for r in reqs {
+            c.arg(r.side).arg(r.routed_owner).arg(r.token.as_str());
+        }
+    }
+
+    /// The keys and arguments of `complete.lua` for `reqs`.
+    fn complete_args(&self, reqs: &[CompleteRequest<'_>], c: &mut Cmd) {
+        for r in reqs {
+            c.arg(record_key(&self.prefix, r.id));
+        }
+        c.arg(self.policy)
+            .arg(self.max_attempts)
+            .arg(self.retention_ms);
+        for r in reqs {
+            let (code, reason) = r.outcome.code();
+            c.arg(r.token.as_str()).arg(code).arg(r.side).arg(reason);
+        }
+    }
+
+    /// Runs a many-id script (`claim.lua`, `complete.lua`) over `items` and returns one answer per
+    /// item, in order. A failure of the whole round trip comes back as the outer error.
+    ///
+    /// Standalone: one script call for the whole batch — one round trip, one script invocation,
+    /// one clock read. Cluster: a script's keys must share a slot and every id has its own, so
+    /// each id is its own call, sent concurrently (the multiplexed connection to each node writes
+    /// them back to back). Either way NOSCRIPT is answered by re-sending the script whole.
+    async fn run_many<T: Sync>(
+        &self,
+        script: &LuaScript,
+        items: &[T],
+        args: fn(&Arbiter, &[T], &mut Cmd),
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Conn::Cluster(_) = &self.conn {
+            let each = futures::future::join_all(
+                items
+                    .chunks(1)
+                    .map(|one| self.run_script(script, one, args)),
+            )
+            .await;
+            return Ok(each
+                .into_iter()
+                .map(|r| r.and_then(|mut one| one.pop().expect("one answer per call")))
+                .collect());
+        }
+        match self.run_script(script, items, args).await {
+            Ok(answers) => Ok(answers),
+            // Redis away: nothing was decided, the caller tries the whole batch again.
+            Err(e) if e.is_retryable() => Err(e),
+            // Redis refused the script (out of memory, a foreign key of the wrong type) or
+            // answered nonsense: every id of the batch gets that answer.
+            Err(e) => {
+                let text = e.to_string();
+                let mut out = Vec::with_capacity(items.len());
+                out.push(Err(e));
+                out.extend((1..items.len()).map(|_| Err(StoreError::Reply(text.clone()))));
+                Ok(out)
             }
         }
     }
 
-    /// Sends `ops` in one round trip and returns one answer per op, in order. A failure of the
+    /// One call of a many-id script over `part`: its answers, in order.
+    async fn run_script<T>(
+        &self,
+        script: &LuaScript,
+        part: &[T],
+        args: fn(&Arbiter, &[T], &mut Cmd),
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        let call = |whole: bool| {
+            let mut c = script.head(part.len(), whole);
+            args(self, part, &mut c);
+            c
+        };
+        let mut conn = self.conn.clone();
+        let reply: RedisResult<Value> = match call(false).query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => call(true).query_async(&mut conn).await,
+            other => other,
+        };
+        match reply? {
+            Value::Array(answers) if answers.len() == part.len() => Ok(answers
+                .into_iter()
+                .map(|a| match a {
+                    Value::ServerError(e) => Err(StoreError::from(redis::RedisError::from(e))),
+                    a => Ok(a),
+                })
+                .collect()),
+            other => Err(StoreError::Reply(format!(
+                "{} answers expected, got {other:?}",
+                part.len()
+            ))),
+        }
+    }
+
+    /// `renew.lua` for one lease.
+    fn command(&self, (id, token): &(&str, &LeaseToken), whole: bool) -> Cmd {
+        let mut c = self.scripts.renew.cmd(&record_key(&self.prefix, id), whole);
+        c.arg(token.as_str()).arg(self.lease_ms);
+        c
+    }
+
+    /// Sends the renewals `ops` in one round trip and returns one answer per op, in order. A failure of the
     /// whole round trip comes back as the outer error.
     ///
     /// Standalone: one pipeline. Cluster: a pipeline must stay within one slot and every id has
     /// its own, so the ops go out as concurrent requests, which the multiplexed connection to
     /// each node writes back to back. Either way NOSCRIPT (Redis restarted, or a failover to a
     /// node that never saw the script) is answered by re-sending the script whole, which caches it.
-    async fn exec(&self, ops: &[Op<'_>]) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+    async fn exec(
+        &self,
+        ops: &[(&str, &LeaseToken)],
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
@@ -568,7 +644,7 @@ impl Arbiter {
             .collect())
     }
 
-    async fn exec_one(&self, op: &Op<'_>) -> Result<Value, StoreError> {
+    async fn exec_one(&self, op: &(&str, &LeaseToken)) -> Result<Value, StoreError> {
         let mut conn = self.conn.clone();
         match self.command(op, false).query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => Ok(self.command(op, true).query_async(&mut conn).await?),

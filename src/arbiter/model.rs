@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Claim, Completion, Outcome, State};
+use super::{Claim, Completion, Outcome, Sighting, State};
 use crate::config::AmbiguousPolicy;
 
 /// The protocol settings the scripts receive.
@@ -65,6 +65,15 @@ impl Rec {
         self.state = State::Dead;
         self.reason = Some(reason);
         self.expiry = None;
+    }
+}
+
+/// The parity sighting `claim.lua` reports for `side`'s copy: read before [`claim`] applies it.
+pub fn sighting(rec: &Option<Rec>, side: &str) -> Sighting {
+    match rec {
+        Some(r) if r.seen.contains(side) => Sighting::Again,
+        Some(r) if !r.seen.is_empty() => Sighting::Pair,
+        _ => Sighting::First,
     }
 }
 

@@ -120,15 +120,19 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                     Some((t, s)) if *s == side && rng.random_bool(0.1) => t.clone(),
                     _ => tokens.next(),
                 };
-                let got = arbiter
-                    .claim(&ClaimRequest {
+                let (got, seen) = arbiter
+                    .claim_batch_sighted(&[ClaimRequest {
                         id: &id,
                         side,
                         routed_owner: routed,
                         token: &token,
-                    })
+                    }])
                     .await
+                    .unwrap()
+                    .pop()
+                    .unwrap()
                     .unwrap();
+                assert_eq!(seen, model::sighting(&rec, side), "sighting: {context}");
                 let want = model::claim(&mut rec, side, routed, token.as_str(), now_ms(), p);
                 assert_eq!(normalise(got.clone()), normalise(want), "claim: {context}");
                 if matches!(got, Claim::Proceed { .. }) {
@@ -198,6 +202,148 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
         RedisMode::Cluster => common::cluster_urls(),
     };
     common::cleanup(&urls, &prefix);
+}
+
+/// Batches as the pipeline sends them — one script call for many claims or many completions, the
+/// same id possibly more than once in a batch — against the model applied one request at a time.
+async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
+    let prefix = common::unique_prefix(&format!("model-batch-{seed}"));
+    let store = common::connect(mode, &prefix).await;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let policy = if seed.is_multiple_of(2) {
+        AmbiguousPolicy::AtMostOnce
+    } else {
+        AmbiguousPolicy::AtLeastOnce
+    };
+    let max_attempts = 3;
+    let arbiter = Arbiter::new(&store, &common::arbiter_config(LEASE, policy, max_attempts));
+    let p = Params {
+        lease_ms: LEASE.as_millis() as u64,
+        policy,
+        max_attempts,
+    };
+    let tokens = LeaseTokens::default();
+    let ids: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+    let mut recs: Vec<Option<Rec>> = vec![None; ids.len()];
+    // Leases granted and not yet completed: (id index, side, token).
+    let mut held: Vec<(usize, &str, LeaseToken)> = Vec::new();
+    for round in 0..rounds {
+        let context = format!("seed {seed} round {round} ({policy:?})");
+        if held.is_empty() || rng.random_bool(0.5) {
+            let n = rng.random_range(1..=12);
+            let picks: Vec<(usize, &str, &str, LeaseToken)> = (0..n)
+                .map(|_| {
+                    let i = rng.random_range(0..ids.len());
+                    let side = SIDES[rng.random_range(0..2)];
+                    let token = match held.iter().find(|(h, s, _)| *h == i && *s == side) {
+                        Some((_, _, t)) if rng.random_bool(0.2) => t.clone(),
+                        _ => tokens.next(),
+                    };
+                    (i, side, SIDES[rng.random_range(0..2)], token)
+                })
+                .collect();
+            let reqs: Vec<ClaimRequest> = picks
+                .iter()
+                .map(|(i, side, routed, token)| ClaimRequest {
+                    id: &ids[*i],
+                    side,
+                    routed_owner: routed,
+                    token,
+                })
+                .collect();
+            let got = arbiter.claim_batch_sighted(&reqs).await.unwrap();
+            assert_eq!(got.len(), picks.len(), "{context}");
+            for (k, ((i, side, routed, token), answer)) in picks.iter().zip(got).enumerate() {
+                let (claim, seen) = answer.unwrap();
+                assert_eq!(
+                    seen,
+                    model::sighting(&recs[*i], side),
+                    "sighting {k}: {context}"
+                );
+                let want = model::claim(&mut recs[*i], side, routed, token.as_str(), now_ms(), p);
+                assert_eq!(
+                    normalise(claim.clone()),
+                    normalise(want),
+                    "claim {k}: {context}"
+                );
+                if matches!(claim, Claim::Proceed { .. })
+                    && !held.iter().any(|(_, _, t)| t == token)
+                {
+                    held.push((*i, side, token.clone()));
+                }
+            }
+        } else {
+            let n = rng.random_range(1..=held.len().min(8));
+            // Mostly leases still held; now and then one completed twice or a lost one.
+            let picks: Vec<(usize, &str, LeaseToken, Outcome)> = (0..n)
+                .map(|_| {
+                    let (i, side, token) = held[rng.random_range(0..held.len())].clone();
+                    let outcome = match rng.random_range(0..5) {
+                        0 | 1 => Outcome::Success,
+                        2 => Outcome::Retryable("HTTP 503".into()),
+                        3 => Outcome::Fatal("HTTP 400".into()),
+                        _ => Outcome::Ambiguous("timeout".into()),
+                    };
+                    (i, side, token, outcome)
+                })
+                .collect();
+            let reqs: Vec<CompleteRequest> = picks
+                .iter()
+                .map(|(i, side, token, outcome)| CompleteRequest {
+                    id: &ids[*i],
+                    side,
+                    token,
+                    outcome,
+                })
+                .collect();
+            let got = arbiter.complete_batch(&reqs).await.unwrap();
+            for (k, ((i, side, token, outcome), answer)) in picks.iter().zip(got).enumerate() {
+                let want = model::complete(&mut recs[*i], side, token.as_str(), outcome, p);
+                assert_eq!(answer.unwrap(), want, "complete {k} {outcome:?}: {context}");
+            }
+            held.retain(|(_, _, t)| !picks.iter().any(|(_, _, done, _)| done == t));
+        }
+        if rng.random_bool(0.1) {
+            // A lease runs out: its expiry moves into the past on both.
+            if let Some(i) = (0..ids.len())
+                .find(|&i| recs[i].as_ref().is_some_and(|r| r.state == State::InFlight))
+            {
+                recs[i].as_mut().unwrap().expiry = Some(0);
+                let mut conn = store.conn();
+                let _: () = redis::cmd("HSET")
+                    .arg(record_key(&prefix, &ids[i]))
+                    .arg("e")
+                    .arg(0)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                comparable(stored(&store, &prefix, id).await),
+                comparable(recs[i].clone()),
+                "stored record of {id}: {context}"
+            );
+        }
+    }
+    let urls = match mode {
+        RedisMode::Standalone => vec![common::redis_url()],
+        RedisMode::Cluster => common::cluster_urls(),
+    };
+    common::cleanup(&urls, &prefix);
+}
+
+#[tokio::test]
+async fn batched_scripts_match_the_model_applied_one_by_one() {
+    for seed in 21..=24 {
+        replay_batches(RedisMode::Standalone, seed, 300).await;
+    }
+}
+
+#[tokio::test]
+async fn batched_scripts_match_the_model_on_redis_cluster() {
+    replay_batches(RedisMode::Cluster, 25, 150).await;
 }
 
 #[tokio::test]

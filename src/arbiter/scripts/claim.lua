@@ -1,56 +1,88 @@
--- claim(id) for one side: decides the owner once, then hands out at most one live lease.
--- KEYS[1]  the id's record (a hash; every field of one id lives in this one key)
--- ARGV[1]  side making the claim          ARGV[2]  owner the claiming side's switches route to
--- ARGV[3]  lease token of this attempt    ARGV[4]  lease length, ms
--- ARGV[5]  retention, ms                  ARGV[6]  ambiguous policy: 'l' at least once, 'm' at most once
--- Returns {code, attempts, extra, sighting}:
+-- claim(ids): for each id, decides the owner once, then hands out at most one live lease.
+-- One call claims a whole batch (standalone Redis) or one id (Cluster: each id has its own slot);
+-- the ids are taken in order, exactly as if each had been claimed by its own call.
+-- KEYS[i]  id i's record (a hash; every field of one id lives in this one key)
+-- ARGV[1]  lease length, ms      ARGV[2]  retention, ms
+-- ARGV[3]  ambiguous policy: 'l' at least once, 'm' at most once
+-- ARGV[4 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
+--          the id to, and the lease token of this attempt
+-- Returns one {code, attempts, extra, sighting} per id, in order:
 --   1 PROCEED  extra = 1 when an expired lease was taken over (the earlier call's fate is unknown)
 --   2 NOT_MINE extra = owner     3 DONE     4 BUSY extra = ms until the live lease runs out
 --   5 DEAD     extra = reason
 -- sighting (for parity): 0 this side had observed the id before, 1 this side is the first to
 --   observe it, 2 this side is new to it and another side had observed it already.
-local key = KEYS[1]
-local side, token = ARGV[1], ARGV[3]
-local lease_ms, retention_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Every record has its owner field `o` (no script writes a record without it, none deletes it),
+-- so a record without `o` does not exist yet.
+local lease_ms, retention_ms, policy = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local rec = redis.call('HMGET', key, 'o', 's', 't', 'e', 'a')
-local owner, state, held, expiry, attempts = rec[1], rec[2], rec[3], tonumber(rec[4]), tonumber(rec[5]) or 0
-if not owner then
-  -- First observer: its routing decision is stored and binds every later copy, on every side.
-  owner, state = ARGV[2], 'p'
-  redis.call('HSET', key, 'o', owner, 's', 'p', 'a', 0, 'f', now)
-end
-local sighting = 0
-if redis.call('HSETNX', key, '@' .. side, 1) == 1 then
-  sighting = 1
-  -- Only on a side's first sight of the id: a look at the other sides' marks (a handful of fields).
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if string.byte(f, 1) == 64 and f ~= '@' .. side then sighting = 2 break end
+local function claim(key, side, routed, token)
+  local mark = '@' .. side
+  local rec = redis.call('HMGET', key, 'o', 's', 't', 'e', 'a', mark)
+  local owner, state, held, expiry, attempts = rec[1], rec[2], rec[3], tonumber(rec[4]), tonumber(rec[5]) or 0
+  local sighting = 0
+  -- Fields to write, gathered so that a first claim is one HSET.
+  local set = {}
+  if not owner then
+    -- First observer: its routing decision is stored and binds every later copy, on every side.
+    owner, state, sighting = routed, 'p', 1
+    set = {'o', owner, 's', 'p', 'a', 0, 'f', now, mark, 1}
+  elseif not rec[6] then
+    -- This side's first sight of a known id: a look at the other sides' marks (a handful of fields).
+    sighting = 1
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      if string.byte(f, 1) == 64 and f ~= mark then sighting = 2 break end
+    end
+    set = {mark, 1}
   end
-end
-redis.call('PEXPIRE', key, retention_ms)
 
-if state == 'd' then return {3, attempts, '', sighting} end
-if state == 'x' then return {5, attempts, redis.call('HGET', key, 'r') or '', sighting} end
-if owner ~= side then return {2, attempts, owner, sighting} end
-
-local takeover = 0
-if state == 'i' then
-  -- The same token asking again (a resent batch) gets the same answer.
-  if held == token then return {1, attempts, 0, sighting} end
-  if expiry and expiry > now then return {4, attempts, expiry - now, sighting} end
-  -- The lease ran out with the call's outcome unknown: the worker crashed or stalled.
-  redis.call('HINCRBY', key, 'm', 1)
-  if ARGV[6] == 'm' then
-    local reason = 'in doubt: lease of attempt ' .. attempts .. ' expired before its outcome was recorded'
-    redis.call('HSET', key, 's', 'x', 'r', reason)
-    redis.call('HDEL', key, 'e')
-    return {5, attempts, reason, sighting}
+  local answer
+  if state == 'd' then
+    answer = {3, attempts, '', sighting}
+  elseif state == 'x' then
+    answer = {5, attempts, redis.call('HGET', key, 'r') or '', sighting}
+  elseif owner ~= side then
+    answer = {2, attempts, owner, sighting}
+  else
+    local takeover, proceed = 0, true
+    if state == 'i' then
+      if held == token then
+        -- The same token asking again (a resent batch) gets the same answer.
+        answer, proceed = {1, attempts, 0, sighting}, false
+      elseif expiry and expiry > now then
+        answer, proceed = {4, attempts, expiry - now, sighting}, false
+      else
+        -- The lease ran out with the call's outcome unknown: the worker crashed or stalled.
+        redis.call('HINCRBY', key, 'm', 1)
+        if policy == 'm' then
+          local reason = 'in doubt: lease of attempt ' .. attempts .. ' expired before its outcome was recorded'
+          table.insert(set, 's') table.insert(set, 'x')
+          table.insert(set, 'r') table.insert(set, reason)
+          redis.call('HDEL', key, 'e')
+          answer, proceed = {5, attempts, reason, sighting}, false
+        else
+          takeover = 1
+        end
+      end
+    end
+    if proceed then
+      attempts = attempts + 1
+      for _, v in ipairs({'s', 'i', 't', token, 'e', now + lease_ms, 'a', attempts}) do
+        table.insert(set, v)
+      end
+      answer = {1, attempts, takeover, sighting}
+    end
   end
-  takeover = 1
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  redis.call('PEXPIRE', key, retention_ms)
+  return answer
 end
-attempts = attempts + 1
-redis.call('HSET', key, 's', 'i', 't', token, 'e', now + lease_ms, 'a', attempts)
-return {1, attempts, takeover, sighting}
+
+local out = {}
+for i = 1, #KEYS do
+  local a = 4 + 3 * (i - 1)
+  out[i] = claim(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+end
+return out
