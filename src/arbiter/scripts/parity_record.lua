@@ -23,6 +23,8 @@ end
 
 local open, other_open, paired, other_paired = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local size, other_paired_size = redis.call('ZCARD', open), nil
+-- paired:<side> is empty but for the rare race it covers: no need to look in it then.
+local paired_size = redis.call('ZCARD', paired)
 local unlisted = 0
 for i = 7 + buckets, #ARGV do
   local kind, id = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
@@ -35,7 +37,7 @@ for i = 7 + buckets, #ARGV do
         other_paired_size = other_paired_size + redis.call('ZADD', other_paired, 'NX', now, id)
       end
     end
-  elseif redis.call('ZREM', paired, id) == 0 then
+  elseif paired_size == 0 or redis.call('ZREM', paired, id) == 0 then
     if size < cap then
       size = size + redis.call('ZADD', open, 'NX', now, id)
     else
