@@ -4,6 +4,12 @@ use clap::Parser;
 use mq_cutover::cli::{Cli, Command, EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
 use mq_cutover::config::Config;
 
+/// mimalloc instead of the system allocator: the claim and call path allocates many small,
+/// short-lived buffers, and glibc's `malloc`/`free` were about a sixth of the daemon's CPU time
+/// in the benchmark's profile (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = match Cli::try_parse() {
