@@ -52,6 +52,8 @@ pub struct Message {
     pub origin: Origin,
     /// Acknowledges the copy to its source once its fate is recorded.
     pub ack: Ack,
+    /// When the source handed the copy to its pipeline (for `mqc_decision_seconds`).
+    pub received: std::time::Instant,
 }
 
 /// A position whose message is finished, sent back to the source that owns it.

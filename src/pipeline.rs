@@ -250,6 +250,7 @@ pub async fn replay(
             business_id: letter.business_id.clone().unwrap_or_default(),
         }),
         payload: letter.payload.clone(),
+        received: std::time::Instant::now(),
         ack: crate::message::Ack::new(
             ack_tx,
             crate::message::Finished {
@@ -396,6 +397,7 @@ async fn handle_batch(
                         continue;
                     }
                 };
+                metrics.decided(msg.received);
                 let shared = shared.clone();
                 let side = side.clone();
                 let cancel = cancel.clone();
@@ -411,14 +413,17 @@ async fn handle_batch(
             }
             Ok(Claim::NotMine { .. }) => {
                 metrics.message(Fate::NotMine, 1);
+                metrics.decided(msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Done) => {
                 metrics.message(Fate::Duplicate, 1);
+                metrics.decided(msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Dead { .. }) => {
                 metrics.message(Fate::Dead, 1);
+                metrics.decided(msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Busy { retry_in }) => {
@@ -789,6 +794,7 @@ async fn pass_through(
         for msg in batch.drain(..) {
             if !forwards {
                 metrics.message(Fate::NotMine, 1);
+                metrics.decided(msg.received);
                 msg.ack.done();
                 continue;
             }
@@ -803,6 +809,7 @@ async fn pass_through(
                 // Shutting down: the rest of the batch is handed back unacknowledged.
                 _ = cancel.cancelled() => break 'take,
             };
+            metrics.decided(msg.received);
             metrics.message(Fate::Proceed, 1);
             let shared = shared.clone();
             let side = side.clone();

@@ -462,6 +462,7 @@ impl Intake {
                 offset,
                 born_ms: record.timestamp().to_millis().unwrap_or(0),
             },
+            received: std::time::Instant::now(),
             ack: Ack::new(
                 self.acks.clone(),
                 Finished {

@@ -552,6 +552,7 @@ impl Consuming {
                 offset: ext.queue_offset(),
                 born_ms: ext.born_timestamp(),
             },
+            received: std::time::Instant::now(),
             ack: Ack::new(
                 acks_tx,
                 Finished {

@@ -14,6 +14,9 @@ pub const SINK_CALLS_TOTAL: &str = "mqc_sink_calls_total";
 pub const SINK_CALL_SECONDS: &str = "mqc_sink_call_seconds";
 /// Duration of one arbiter round trip, by operation (claim, complete).
 pub const ARBITER_SECONDS: &str = "mqc_arbiter_seconds";
+/// Time from a copy's hand-off by its source to the pipeline's decision on it (its call starts, or
+/// it is acknowledged without one), by side: what arbitration adds in front of the call.
+pub const DECISION_SECONDS: &str = "mqc_decision_seconds";
 /// Sink calls in flight, by side.
 pub const IN_FLIGHT: &str = "mqc_in_flight";
 /// Copies parked in dead letters, by side.
@@ -53,6 +56,7 @@ pub const NAMES: &[&str] = &[
     SINK_CALLS_TOTAL,
     SINK_CALL_SECONDS,
     ARBITER_SECONDS,
+    DECISION_SECONDS,
     IN_FLIGHT,
     DEAD_LETTERS_TOTAL,
     AMBIGUOUS_TOTAL,
@@ -128,6 +132,7 @@ pub struct SideMetrics {
     pub overlaps: IntCounter,
     /// Ids this side observed for the first time.
     pub parity_observed: IntCounter,
+    decision_seconds: Histogram,
 }
 
 impl SideMetrics {
@@ -135,6 +140,12 @@ impl SideMetrics {
     pub fn message(&self, fate: Fate, n: u64) {
         let i = Fate::ALL.iter().position(|f| *f == fate).expect("listed");
         self.messages[i].inc_by(n);
+    }
+
+    /// Observes the hand-off-to-decision time of a copy the source handed over at `received`.
+    pub fn decided(&self, received: std::time::Instant) {
+        self.decision_seconds
+            .observe(received.elapsed().as_secs_f64());
     }
 
     /// Counts one sink call of this class (`success`, `retryable`, `fatal`, `ambiguous`).
@@ -160,6 +171,7 @@ pub struct Metrics {
     pub claim_seconds: Histogram,
     /// Completion round trips.
     pub complete_seconds: Histogram,
+    decision: HistogramVec,
     /// Consume switch, 0 / 1.
     pub switch_consume: IntGauge,
     /// Percentage.
@@ -209,6 +221,20 @@ impl Default for Metrics {
         )
         .expect("valid");
         let arbiter = reg(&r, arbiter);
+        let decision = HistogramVec::new(
+            HistogramOpts::new(
+                DECISION_SECONDS,
+                "Time from a copy's hand-off by its source to the pipeline's decision on it \
+                 (its call starts, or it is acknowledged without one), by side.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+                0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["side"],
+        )
+        .expect("valid");
+        let decision = reg(&r, decision);
         Metrics {
             messages: reg(
                 &r,
@@ -274,6 +300,7 @@ impl Default for Metrics {
             ),
             claim_seconds: arbiter.with_label_values(&["claim"]),
             complete_seconds: arbiter.with_label_values(&["complete"]),
+            decision,
             switch_consume: reg(
                 &r,
                 IntGauge::new(
@@ -387,6 +414,7 @@ impl Metrics {
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),
             parity_observed: self.parity_observed.with_label_values(&[side]),
+            decision_seconds: self.decision.with_label_values(&[side]),
         }
     }
 

@@ -92,6 +92,7 @@ fn copy(side: &Side, n: i64, id: Option<&str>, acks: &mpsc::UnboundedSender<Fini
             offset: n,
             born_ms: 0,
         },
+        received: std::time::Instant::now(),
         ack: Ack::new(
             acks.clone(),
             Finished {
