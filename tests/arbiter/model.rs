@@ -85,6 +85,26 @@ fn comparable(r: Option<Rec>) -> Option<Rec> {
     })
 }
 
+/// Moves the lease expiry of `id` into the past, as if the lease had run out.
+async fn expire_lease(store: &Store, prefix: &str, id: &str) {
+    let mut conn = store.conn();
+    let _: () = redis::cmd("HSET")
+        .arg(record_key(prefix, id))
+        .arg("e")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn clean_up(mode: RedisMode, prefix: &str) {
+    let urls = match mode {
+        RedisMode::Standalone => vec![common::redis_url()],
+        RedisMode::Cluster => common::cluster_urls(),
+    };
+    common::cleanup(&urls, prefix);
+}
+
 async fn replay(mode: RedisMode, seed: u64, histories: usize) {
     let prefix = common::unique_prefix(&format!("model-{seed}"));
     let store = common::connect(mode, &prefix).await;
@@ -176,14 +196,7 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                 // The lease runs out: move the expiry into the past on both.
                 if let Some(r) = rec.as_mut().filter(|r| r.state == State::InFlight) {
                     r.expiry = Some(0);
-                    let mut conn = store.conn();
-                    let _: () = redis::cmd("HSET")
-                        .arg(record_key(&prefix, &id))
-                        .arg("e")
-                        .arg(0)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
+                    expire_lease(&store, &prefix, &id).await;
                 }
             } else {
                 let got = arbiter.release(&id).await.unwrap();
@@ -197,11 +210,7 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
             );
         }
     }
-    let urls = match mode {
-        RedisMode::Standalone => vec![common::redis_url()],
-        RedisMode::Cluster => common::cluster_urls(),
-    };
-    common::cleanup(&urls, &prefix);
+    clean_up(mode, &prefix);
 }
 
 /// Batches as the pipeline sends them — one script call for many claims or many completions, the
@@ -309,14 +318,7 @@ async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
                 .find(|&i| recs[i].as_ref().is_some_and(|r| r.state == State::InFlight))
             {
                 recs[i].as_mut().unwrap().expiry = Some(0);
-                let mut conn = store.conn();
-                let _: () = redis::cmd("HSET")
-                    .arg(record_key(&prefix, &ids[i]))
-                    .arg("e")
-                    .arg(0)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
+                expire_lease(&store, &prefix, &ids[i]).await;
             }
         }
         for (i, id) in ids.iter().enumerate() {
@@ -327,11 +329,7 @@ async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
             );
         }
     }
-    let urls = match mode {
-        RedisMode::Standalone => vec![common::redis_url()],
-        RedisMode::Cluster => common::cluster_urls(),
-    };
-    common::cleanup(&urls, &prefix);
+    clean_up(mode, &prefix);
 }
 
 #[tokio::test]
