@@ -349,6 +349,8 @@ fn known_metric_names() -> BTreeSet<String> {
     // The histograms are exported with no observation too, but observe to be sure.
     m.sink_seconds.observe(0.1);
     m.claim_seconds.observe(0.1);
+    // Labelled histograms show only once a series exists.
+    m.side("kafka").decided(std::time::Instant::now());
     let rendered = m.render();
     let histograms: BTreeSet<&str> = rendered
         .lines()
