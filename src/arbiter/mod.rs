@@ -579,7 +579,15 @@ impl Arbiter {
             Value::Array(answers) if answers.len() == part.len() => Ok(answers
                 .into_iter()
                 .map(|a| match a {
-                    Value::ServerError(e) => Err(StoreError::from(redis::RedisError::from(e))),
+                    // `{0, error}`: this id's own failure (an error reply nested in the array
+                    // would make the client fail the whole batch).
+                    Value::Array(e) if e.len() == 2 && e[0] == Value::Int(0) => {
+                        Err(StoreError::Rejected(redis::RedisError::from((
+                            redis::ErrorKind::Extension,
+                            "script error",
+                            text(&e[1]).unwrap_or_default(),
+                        ))))
+                    }
                     a => Ok(a),
                 })
                 .collect()),

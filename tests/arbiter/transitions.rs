@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mq_cutover::arbiter::{
-    Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
-    State,
+    record_key, Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens,
+    Outcome, State,
 };
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};
 use mq_cutover::store::StoreError;
@@ -17,6 +17,7 @@ const NEW: &str = "rocketmq";
 
 struct Bed {
     arbiter: Arbiter,
+    store: mq_cutover::store::Store,
     tokens: LeaseTokens,
     prefix: String,
     mode: RedisMode,
@@ -35,6 +36,7 @@ impl Bed {
         let cfg = common::arbiter_config(lease, policy, max_attempts);
         Bed {
             arbiter: Arbiter::new(&store, &cfg),
+            store,
             tokens: LeaseTokens::default(),
             prefix,
             mode,
@@ -497,6 +499,63 @@ async fn batch_claims_answer_each_id_in_order(mode: RedisMode) {
     );
 }
 
+/// A key of the wrong type under the prefix (nothing of ours writes one) fails its own id in a
+/// batch, never its neighbours: they are claimed and completed as if alone.
+async fn a_foreign_key_fails_only_its_own_id_in_a_batch(mode: RedisMode) {
+    let b = Bed::standard(mode, "foreign").await;
+    let mut conn = b.store.conn();
+    let _: () = redis::cmd("SET")
+        .arg(record_key(&b.prefix, "poison"))
+        .arg("not a record")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids = ["before", "poison", "after"];
+    let tokens: Vec<LeaseToken> = ids.iter().map(|_| b.tokens.next()).collect();
+    let claims: Vec<ClaimRequest> = ids
+        .iter()
+        .zip(&tokens)
+        .map(|(id, token)| ClaimRequest {
+            id,
+            side: OLD,
+            routed_owner: OLD,
+            token,
+        })
+        .collect();
+    let got = b.arbiter.claim_batch(&claims).await.unwrap();
+    let first = Claim::Proceed {
+        attempt: 1,
+        takeover: false,
+    };
+    assert_eq!(got[0].as_ref().unwrap(), &first);
+    assert!(
+        matches!(&got[1], Err(StoreError::Rejected(e)) if e.to_string().contains("WRONGTYPE")),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[2].as_ref().unwrap(), &first);
+
+    let outcome = Outcome::Success;
+    let completions: Vec<CompleteRequest> = ids
+        .iter()
+        .zip(&tokens)
+        .map(|(id, token)| CompleteRequest {
+            id,
+            side: OLD,
+            token,
+            outcome: &outcome,
+        })
+        .collect();
+    let got = b.arbiter.complete_batch(&completions).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap(), &Completion::Recorded(State::Done));
+    assert!(
+        matches!(&got[1], Err(StoreError::Rejected(_))),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[2].as_ref().unwrap(), &Completion::Recorded(State::Done));
+}
+
 /// Runs each named scenario once per topology, as its own test.
 macro_rules! on_both_topologies {
     ($($name:ident),+ $(,)?) => {
@@ -535,6 +594,7 @@ on_both_topologies!(
     release_hands_a_dead_id_back_to_pending_with_its_owner,
     records_expire_after_the_retention,
     batch_claims_answer_each_id_in_order,
+    a_foreign_key_fails_only_its_own_id_in_a_batch,
 );
 
 #[tokio::test]

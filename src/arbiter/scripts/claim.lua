@@ -6,7 +6,8 @@
 -- ARGV[3]  ambiguous policy: 'l' at least once, 'm' at most once
 -- ARGV[4 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
--- Returns one {code, attempts, extra, sighting} per id, in order:
+-- Returns one {code, attempts, extra, sighting} per id, in order, or {0, error} for an id whose
+-- own handling failed:
 --   1 PROCEED  extra = 1 when an expired lease was taken over (the earlier call's fate is unknown)
 --   2 NOT_MINE extra = owner     3 DONE     4 BUSY extra = ms until the live lease runs out
 --   5 DEAD     extra = reason
@@ -83,6 +84,9 @@ end
 local out = {}
 for i = 1, #KEYS do
   local a = 4 + 3 * (i - 1)
-  out[i] = claim(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+  -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
+  -- the batch's: the other ids are answered as if each had had its own call.
+  local ok, answer = pcall(claim, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+  out[i] = ok and answer or {0, type(answer) == 'table' and answer.err or tostring(answer)}
 end
 return out

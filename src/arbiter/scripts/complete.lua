@@ -6,7 +6,8 @@
 -- ARGV[4 + 4(i-1) ..]  for id i: the lease token; the outcome ('s' success, 'r' retryable,
 --          'f' fatal, 'a' ambiguous, 'n' not called: the lease is handed back unused); the side;
 --          the reason (failures)
--- Returns one {code, state, attempts} per id, in order:
+-- Returns one {code, state, attempts} per id, in order, or {0, error} for an id whose own
+-- handling failed:
 --   1 RECORDED   the lease was ours; state is the new state
 --   2 LATE       the lease was lost, but the call succeeded: recorded as done, overlap counted
 --   3 FENCED     the lease was lost and the call failed: nothing changed
@@ -62,12 +63,15 @@ local function complete(key, token, outcome, side, why)
     if policy == 'm' then return park('in doubt: ' .. why) end
     return retry_or_park('ambiguous: ' .. why)
   end
-  return {err = 'unknown outcome ' .. tostring(outcome)}
+  return {0, 'unknown outcome ' .. tostring(outcome)}
 end
 
 local out = {}
 for i = 1, #KEYS do
   local a = 4 + 4 * (i - 1)
-  out[i] = complete(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+  -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
+  -- the batch's: the other ids are answered as if each had had its own call.
+  local ok, answer = pcall(complete, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+  out[i] = ok and answer or {0, type(answer) == 'table' and answer.err or tostring(answer)}
 end
 return out
