@@ -383,7 +383,6 @@ async fn handle_batch(
     for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
         match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
-                metrics.message(Fate::Proceed, 1);
                 if takeover {
                     metrics.ambiguous.inc();
                     tracing::warn!(id = %id_of(&msg), side = %side, attempt,
@@ -397,7 +396,8 @@ async fn handle_batch(
                         continue;
                     }
                 };
-                metrics.decided(msg.received);
+                // Counted once the call is sure to start (not when handed back at shutdown).
+                metrics.decided(Fate::Proceed, msg.received);
                 let shared = shared.clone();
                 let side = side.clone();
                 let cancel = cancel.clone();
@@ -412,18 +412,15 @@ async fn handle_batch(
                 });
             }
             Ok(Claim::NotMine { .. }) => {
-                metrics.message(Fate::NotMine, 1);
-                metrics.decided(msg.received);
+                metrics.decided(Fate::NotMine, msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Done) => {
-                metrics.message(Fate::Duplicate, 1);
-                metrics.decided(msg.received);
+                metrics.decided(Fate::Duplicate, msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Dead { .. }) => {
-                metrics.message(Fate::Dead, 1);
-                metrics.decided(msg.received);
+                metrics.decided(Fate::Dead, msg.received);
                 msg.ack.done()
             }
             Ok(Claim::Busy { retry_in }) => {
@@ -793,8 +790,7 @@ async fn pass_through(
         }
         for msg in batch.drain(..) {
             if !forwards {
-                metrics.message(Fate::NotMine, 1);
-                metrics.decided(msg.received);
+                metrics.decided(Fate::NotMine, msg.received);
                 msg.ack.done();
                 continue;
             }
@@ -809,8 +805,7 @@ async fn pass_through(
                 // Shutting down: the rest of the batch is handed back unacknowledged.
                 _ = cancel.cancelled() => break 'take,
             };
-            metrics.decided(msg.received);
-            metrics.message(Fate::Proceed, 1);
+            metrics.decided(Fate::Proceed, msg.received);
             let shared = shared.clone();
             let side = side.clone();
             let cancel = cancel.clone();

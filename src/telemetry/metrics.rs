@@ -142,8 +142,10 @@ impl SideMetrics {
         self.messages[i].inc_by(n);
     }
 
-    /// Observes the hand-off-to-decision time of a copy the source handed over at `received`.
-    pub fn decided(&self, received: std::time::Instant) {
+    /// Counts one copy with this fate and observes its hand-off-to-decision time
+    /// ([`DECISION_SECONDS`]); `received` is when its source handed it over.
+    pub fn decided(&self, fate: Fate, received: std::time::Instant) {
+        self.message(fate, 1);
         self.decision_seconds
             .observe(received.elapsed().as_secs_f64());
     }
@@ -470,12 +472,13 @@ mod tests {
         let m = Metrics::default();
         let k = m.side("kafka");
         k.message(Fate::NotMine, 3);
+        k.decided(Fate::NotMine, std::time::Instant::now());
         k.call("ambiguous");
         k.call("not-a-class");
         m.claim_seconds.observe(0.0012);
         let text = m.render();
         assert!(
-            text.contains("mqc_messages_total{fate=\"not_mine\",side=\"kafka\"} 3"),
+            text.contains("mqc_messages_total{fate=\"not_mine\",side=\"kafka\"} 4"),
             "{text}"
         );
         assert!(
@@ -484,6 +487,10 @@ mod tests {
         );
         assert!(
             text.contains("mqc_arbiter_seconds_count{op=\"claim\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mqc_decision_seconds_count{side=\"kafka\"} 1"),
             "{text}"
         );
     }

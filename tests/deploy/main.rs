@@ -350,7 +350,10 @@ fn known_metric_names() -> BTreeSet<String> {
     m.sink_seconds.observe(0.1);
     m.claim_seconds.observe(0.1);
     // Labelled histograms show only once a series exists.
-    m.side("kafka").decided(std::time::Instant::now());
+    m.side("kafka").decided(
+        mq_cutover::telemetry::metrics::Fate::NotMine,
+        std::time::Instant::now(),
+    );
     let rendered = m.render();
     let histograms: BTreeSet<&str> = rendered
         .lines()
