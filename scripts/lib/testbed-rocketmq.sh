@@ -23,8 +23,54 @@
 #   stops its service threads one after the other), the name server ~6 s;
 # - after a crash (SIGKILL) the restarted broker may not route its old topics at once: `up`
 #   then falls back to clusterList + updateTopic.
+# - the broker refuses every write (SERVICE_NOT_AVAILABLE, code 14) while the disk holding its
+#   commit log is above diskSpaceWarningLevelRatio, and the store clamps that ratio to at most
+#   90 %: no setting lets it write on a fuller disk. On a shared build machine a release build
+#   can push the disk past 90 % mid-run, so the store lives on tmpfs (/dev/shm) when there is
+#   one: see rmq_store_dir.
 
 rmq_dir() { echo "$TB_DIR/rocketmq"; }
+# rmq_store_dir : where the broker keeps its commit log, consume queues and config
+# (topics.json, consumer offsets). MQC_ROCKETMQ_STORE picks it; otherwise a writable tmpfs at
+# /dev/shm with at least 2 GiB free, in a directory named after this test bed (so two clones do
+# not share a store); otherwise the test bed's own directory on disk. The choice is recorded on
+# first use and kept while the recorded directory's parent exists, so the store does not move
+# between runs.
+rmq_store_dir() {
+  local record chosen shm_free
+  if [[ -n ${MQC_ROCKETMQ_STORE:-} ]]; then
+    printf '%s\n' "$MQC_ROCKETMQ_STORE"
+    return 0
+  fi
+  record="$(rmq_dir)/store-dir"
+  if [[ -s $record ]]; then
+    chosen=$(cat "$record")
+    if [[ -d $(dirname "$chosen") ]]; then
+      printf '%s\n' "$chosen"
+      return 0
+    fi
+  fi
+  chosen="$(rmq_dir)/broker/store"
+  if [[ $(stat -f -c %T /dev/shm 2>/dev/null) == tmpfs && -w /dev/shm ]]; then
+    shm_free=$(df -P -k /dev/shm | awk 'NR==2 {print $4}')
+    if [[ $shm_free =~ ^[0-9]+$ ]] && ((shm_free >= 2 * 1024 * 1024)); then
+      chosen="/dev/shm/mq-cutover-$(printf '%s' "$TB_DIR" | cksum | cut -d' ' -f1)/rocketmq-store"
+    fi
+  fi
+  mkdir -p "$(rmq_dir)" "$(dirname "$chosen")"
+  printf '%s\n' "$chosen" >"$record"
+  printf '%s\n' "$chosen"
+}
+# rmq_purge : delete all RocketMQ data, the store too when it lives outside rmq_dir.
+rmq_purge() {
+  local store
+  if [[ -z ${MQC_ROCKETMQ_STORE:-} && -s $(rmq_dir)/store-dir ]]; then
+    store=$(cat "$(rmq_dir)/store-dir")
+    rm -rf "$store"
+    [[ $store != /dev/shm/mq-cutover-* ]] || rmdir "$(dirname "$store")" 2>/dev/null || true
+  fi
+  rm -rf "$(rmq_dir)"
+}
 rmq_namesrv_addr() { echo "127.0.0.1:$ROCKETMQ_NAMESRV_PORT"; }
 rmq_broker_addr() { echo "127.0.0.1:$ROCKETMQ_BROKER_PORT"; }
 rmq_namesrv_pidfile() { echo "$(rmq_dir)/namesrv.pid"; }
@@ -66,15 +112,20 @@ rmq_namesrv_pid() { our_pid "$(rmq_namesrv_pidfile)" "$(rmq_namesrv_conf)" "$ROC
 rmq_broker_pid() { our_pid "$(rmq_broker_pidfile)" "$(rmq_broker_conf)" "$ROCKETMQ_BROKER_PORT"; }
 
 rmq_render_configs() {
-  local dir
+  local dir store
   dir=$(rmq_dir)
-  mkdir -p "$dir/home" "$dir/logs" "$dir/namesrv" "$dir/broker/store" "$dir/tools"
+  store=$(rmq_store_dir)
+  mkdir -p "$dir/home" "$dir/logs" "$dir/namesrv" "$dir/broker" "$dir/tools" "$store"
+  if [[ $store != "$dir/broker/store" && -d $dir/broker/store ]]; then
+    warn "rocketmq: the broker store now lives at $store: deleting the old one at $dir/broker/store"
+    rm -rf "$dir/broker/store"
+  fi
   render "$TB_TEMPLATES/rocketmq-namesrv.conf.in" "$(rmq_namesrv_conf)" \
     "NAMESRV_PORT=$ROCKETMQ_NAMESRV_PORT"
   render "$TB_TEMPLATES/rocketmq-broker.conf.in" "$(rmq_broker_conf)" \
     "CLUSTER=$ROCKETMQ_CLUSTER" "BROKER_NAME=$ROCKETMQ_BROKER_NAME" \
     "NAMESRV_PORT=$ROCKETMQ_NAMESRV_PORT" "BROKER_PORT=$ROCKETMQ_BROKER_PORT" \
-    "STORE_DIR=$dir/broker/store"
+    "STORE_DIR=$store"
 }
 
 # rmq_wait_line FILE PATTERN PID_FUNC WHAT LOGS... : wait for a ready line in FILE.
@@ -112,7 +163,7 @@ rmq_start_broker() {
   dir=$(rmq_dir)
   lib=$(rmq_lib) || exit 1
   java=$(java_bin)
-  disk_check "$dir/broker/store"
+  disk_check "$(rmq_store_dir)"
   rotate_log "$(rmq_broker_out)"
   offset=$(stat -c %s "$(rmq_broker_log)" 2>/dev/null || echo 0)
   log "rocketmq: starting broker $ROCKETMQ_BROKER_NAME on $(rmq_broker_addr)"
@@ -235,7 +286,7 @@ rmq_up() {
   # - a broker just started (and seen registering, above) on a store without the topic cannot
   #   have it: create it at once, then check the route;
   # - otherwise wait for clusterList to show the broker, then create the topic.
-  if ((started)) && ! grep -qF "\"$SMOKE_TOPIC\"" "$(rmq_dir)/broker/store/config/topics.json" 2>/dev/null; then
+  if ((started)) && ! grep -qF "\"$SMOKE_TOPIC\"" "$(rmq_store_dir)/config/topics.json" 2>/dev/null; then
     rmq_ensure_topic "$SMOKE_TOPIC" "$SMOKE_ROCKETMQ_QUEUES" "$TB_TIMEOUT" 1
   elif rmq_topic_routed "$SMOKE_TOPIC" "$SMOKE_ROCKETMQ_QUEUES"; then
     log "rocketmq: broker registered, topic $SMOKE_TOPIC routed to it"
@@ -243,7 +294,7 @@ rmq_up() {
     rmq_wait_registered
     rmq_ensure_topic "$SMOKE_TOPIC" "$SMOKE_ROCKETMQ_QUEUES" "$TB_TIMEOUT" 1
   fi
-  if ! grep -qF "\"$EXAMPLE_TOPIC\"" "$(rmq_dir)/broker/store/config/topics.json" 2>/dev/null; then
+  if ! grep -qF "\"$EXAMPLE_TOPIC\"" "$(rmq_store_dir)/config/topics.json" 2>/dev/null; then
     rmq_ensure_topic "$EXAMPLE_TOPIC" 4 "$TB_TIMEOUT" 1
   fi
   log "rocketmq: ready (name server $(rmq_namesrv_addr), broker $ROCKETMQ_BROKER_NAME at $(rmq_broker_addr) registered, $SMOKE_TOPIC and $EXAMPLE_TOPIC exist)"
