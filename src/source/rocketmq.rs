@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rocketmq_client_rust::{
-    ClientRuntime, ClientRuntimeConfig, DefaultLitePullConsumer, DefaultMQProducer,
+    ClientError, ClientRuntime, ClientRuntimeConfig, DefaultLitePullConsumer, DefaultMQProducer,
     MessageQueueListener, ReadOffsetType, TelemetryHandle,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
@@ -207,14 +207,18 @@ impl RocketMqSource {
                 .await
                 .map_err(|e| {
                     format!(
-                        "cannot subscribe to `{}` with `{}`: {e}",
-                        cfg.topic, cfg.tag_expression
+                        "cannot subscribe to `{}` with `{}`: {}",
+                        cfg.topic,
+                        cfg.tag_expression,
+                        explain(&e)
                     )
                 })?;
             consumer.start().await.map_err(|e| {
                 format!(
-                    "cannot start group `{}` via name server {}: {e}",
-                    cfg.group, cfg.name_server
+                    "cannot start group `{}` via name server {}: {}",
+                    cfg.group,
+                    cfg.name_server,
+                    explain(&e)
                 )
             })?;
             // start() succeeds even when the topic does not exist: say so now rather than
@@ -224,8 +228,10 @@ impl RocketMqSource {
                 .await
                 .map_err(|e| {
                     format!(
-                        "topic `{}` has no route on name server {}: {e}",
-                        cfg.topic, cfg.name_server
+                        "topic `{}` has no route on name server {}: {}",
+                        cfg.topic,
+                        cfg.name_server,
+                        explain(&e)
                     )
                 })?;
             if queues.is_empty() {
@@ -803,7 +809,8 @@ impl RocketMqWriter {
         if let Err(e) = boxed(producer.start()).await {
             boxed(home.shutdown()).await;
             return Err(WriterError::Start(format!(
-                "group `{group}` via name server {name_server}: {e}"
+                "group `{group}` via name server {name_server}: {}",
+                explain(&e)
             )));
         }
         Ok(RocketMqWriter { home, producer })
@@ -843,7 +850,10 @@ impl RocketMqWriter {
             Ok(None) => Err(WriterError::Send(format!(
                 "topic `{topic}`: no send result"
             ))),
-            Err(e) => Err(WriterError::Send(format!("topic `{topic}`: {e}"))),
+            Err(e) => Err(WriterError::Send(format!(
+                "topic `{topic}`: {}",
+                explain(&e)
+            ))),
         }
     }
 
@@ -857,6 +867,40 @@ impl RocketMqWriter {
 /// Erases the type of one of the client's futures. They nest so deeply that a caller's future
 /// holding one overflows the compiler's default query depth (`recursion_limit`) when its layout
 /// is computed; behind a `dyn Future` the caller's layout no longer contains them.
+/// A client error with the broker's response code spelled out. The client keeps the code but
+/// drops the broker's remark, so "Broker operation failed" alone would not say why.
+fn explain(e: &ClientError) -> String {
+    match e.broker_response_code() {
+        Some(code) => format!("{e} (broker response code {code}: {})", response_code(code)),
+        None => e.to_string(),
+    }
+}
+
+/// What a RocketMQ remoting response code means (org.apache.rocketmq.remoting.protocol.ResponseCode).
+fn response_code(code: i32) -> &'static str {
+    match code {
+        1 => "SYSTEM_ERROR",
+        2 => "SYSTEM_BUSY: the broker's send queue or page cache is busy; try again",
+        3 => "REQUEST_CODE_NOT_SUPPORTED",
+        10 => "FLUSH_DISK_TIMEOUT",
+        11 => "SLAVE_NOT_AVAILABLE",
+        12 => "FLUSH_SLAVE_TIMEOUT",
+        13 => "MESSAGE_ILLEGAL",
+        14 => {
+            "SERVICE_NOT_AVAILABLE: the broker is not writable (its store's disk is over \
+             diskSpaceWarningLevelRatio, at most 90 %; or it is a slave or shutting down)"
+        }
+        15 => "VERSION_NOT_SUPPORTED",
+        16 => "NO_PERMISSION: the broker or topic does not allow this (brokerPermission, perm)",
+        17 => "TOPIC_NOT_EXIST",
+        24 => "SUBSCRIPTION_PARSE_FAILED",
+        25 => "SUBSCRIPTION_NOT_EXIST",
+        26 => "SUBSCRIPTION_NOT_LATEST",
+        27 => "SUBSCRIPTION_GROUP_NOT_EXIST",
+        _ => "see ResponseCode in the RocketMQ sources",
+    }
+}
+
 fn boxed<'a, T>(
     f: impl Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
@@ -866,6 +910,19 @@ fn boxed<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_failure_names_its_response_code() {
+        let e = ClientError::broker_operation_failed("SEND", 14, "service not available now");
+        let text = explain(&e);
+        assert!(
+            text.contains("broker response code 14: SERVICE_NOT_AVAILABLE"),
+            "{text}"
+        );
+        assert!(text.contains("diskSpaceWarningLevelRatio"), "{text}");
+        let other = ClientError::not_started();
+        assert_eq!(explain(&other), other.to_string());
+    }
 
     fn mq(broker: &str, queue_id: i32) -> MessageQueue {
         MessageQueue::from_parts("t", broker, queue_id)
