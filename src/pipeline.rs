@@ -380,6 +380,9 @@ async fn handle_batch(
     if let Some(parity) = &shared.parity {
         record_sights(parity, side, metrics, &good, &claims, tracker);
     }
+    // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
+    // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
+    let mut refused: Vec<(Message, String)> = Vec::new();
     for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
         match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
@@ -427,11 +430,54 @@ async fn handle_batch(
                 metrics.message(Fate::Busy, 1);
                 later(shared, msg, retry_in, retry_tx, cancel, tracker);
             }
+            Err(e) if !e.is_retryable() => {
+                refused.push((msg, format!("claim refused by redis: {e}")));
+            }
             Err(e) => {
                 tracing::warn!(id = %id_of(&msg), error = %e, "claim failed for one copy; retrying it");
                 later(shared, msg, Duration::ZERO, retry_tx, cancel, tracker);
             }
         }
+    }
+    if !refused.is_empty() {
+        park_refused(shared, metrics, refused, cancel).await;
+    }
+}
+
+/// Parks copies whose claim Redis refused for good; they are acknowledged once parked. A replay
+/// (`mq-cutover dead replay`) claims them again once the offending key is gone.
+async fn park_refused(
+    shared: &Shared,
+    metrics: &SideMetrics,
+    refused: Vec<(Message, String)>,
+    cancel: &CancellationToken,
+) {
+    let parked = {
+        let letters: Vec<Parking> = refused
+            .iter()
+            .map(|(m, reason)| {
+                let ident = m.identity.as_ref().expect("partitioned on is_ok");
+                Parking {
+                    message_id: Some(&ident.id),
+                    business_id: Some(&ident.business_id),
+                    reason,
+                    origin: &m.origin,
+                    attempts: 0,
+                    payload: &m.payload,
+                }
+            })
+            .collect();
+        until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await
+    };
+    if parked.is_none() {
+        return; // cancelled while Redis was away: handed back, redelivered after a restart
+    }
+    metrics.dead_letters.inc_by(refused.len() as u64);
+    for (m, reason) in refused {
+        tracing::error!(id = %id_of(&m), side = %m.origin.side, %reason,
+            "claim refused by redis: parked in dead letters");
+        metrics.decided(Fate::Dead, m.received);
+        m.ack.done();
     }
 }
 

@@ -40,18 +40,40 @@ impl StoreError {
     }
 }
 
+/// Error codes that Redis answers while it cannot serve for now (loading, failing over, a script
+/// running long, out of memory until keys expire or the limit is raised): trying later can work.
+const TRANSIENT_CODES: &[&str] = &[
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "BUSY",
+    "MOVED",
+    "ASK",
+    "OOM",
+];
+
+impl StoreError {
+    /// One id's own failure inside a batch script (`{0, error}`), sorted like a whole reply:
+    /// a transient code (`OOM …`, `READONLY …`) is unavailability, anything else (`WRONGTYPE …`
+    /// from a foreign key under the prefix) a rejection.
+    pub fn of_script(text: String) -> StoreError {
+        let transient = text
+            .split_whitespace()
+            .next()
+            .is_some_and(|code| TRANSIENT_CODES.contains(&code));
+        let e = RedisError::from((redis::ErrorKind::Extension, "script error", text));
+        if transient {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Rejected(e)
+        }
+    }
+}
+
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
-        const TRANSIENT_CODES: &[&str] = &[
-            "LOADING",
-            "MASTERDOWN",
-            "READONLY",
-            "TRYAGAIN",
-            "CLUSTERDOWN",
-            "BUSY",
-            "MOVED",
-            "ASK",
-        ];
         let transient = e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()

@@ -582,11 +582,7 @@ impl Arbiter {
                     // `{0, error}`: this id's own failure (an error reply nested in the array
                     // would make the client fail the whole batch).
                     Value::Array(e) if e.len() == 2 && e[0] == Value::Int(0) => {
-                        Err(StoreError::Rejected(redis::RedisError::from((
-                            redis::ErrorKind::Extension,
-                            "script error",
-                            text(&e[1]).unwrap_or_default(),
-                        ))))
+                        Err(StoreError::of_script(text(&e[1]).unwrap_or_default()))
                     }
                     a => Ok(a),
                 })

@@ -633,6 +633,61 @@ async fn scripts_are_reloaded_after_redis_forgets_them() {
 }
 
 #[tokio::test]
+async fn a_redis_out_of_memory_fails_claims_as_retryable_not_refused() {
+    let redis = common::PrivateRedis::start();
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "oom");
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
+    );
+    let tokens = LeaseTokens::default();
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut raw)
+        .unwrap();
+    let ids = ["x", "y"];
+    let batch: Vec<LeaseToken> = ids.iter().map(|_| tokens.next()).collect();
+    let reqs: Vec<ClaimRequest> = ids
+        .iter()
+        .zip(&batch)
+        .map(|(id, token)| ClaimRequest {
+            id,
+            side: OLD,
+            routed_owner: OLD,
+            token,
+        })
+        .collect();
+    // Each id's own write fails inside the batch script: a full Redis is a wait, not a refusal
+    // (a refusal parks the copy in the dead letters).
+    for got in arbiter.claim_batch(&reqs).await.unwrap() {
+        match got {
+            Err(e @ StoreError::Unavailable(_)) => {
+                assert!(e.to_string().contains("OOM"), "{e}")
+            }
+            other => panic!("expected unavailable (OOM), got {other:?}"),
+        }
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut raw)
+        .unwrap();
+    for got in arbiter.claim_batch(&reqs).await.unwrap() {
+        assert!(proceeds(&got.unwrap()));
+    }
+}
+
+#[tokio::test]
 async fn unreachable_redis_fails_the_claim_as_retryable_and_never_proceeds() {
     let mut redis = common::PrivateRedis::start();
     let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "down");

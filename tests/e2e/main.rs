@@ -342,23 +342,51 @@ async fn redis_stopped_mid_run_pauses_the_daemon_which_recovers_without_loss_or_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_dead_lettered_with_reasons_and_the_rest_flows() {
     let mut bed = Bed::new("e2e-malformed", Setup::default()).await;
+    // A key of another type where the record of id `poison-0` belongs: Redis refuses that id's
+    // claims for good, so each side parks its copy (nothing is called, nothing lost).
+    let mut conn = bed.store.conn();
+    let _: () = redis::cmd("SET")
+        .arg(mq_cutover::arbiter::record_key(&bed.prefix, "poison-0"))
+        .arg("not a record")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     bed.switch(&["set", "--consume", "on", "--percent", "50"]);
     bed.start_daemon();
     let count = 1000;
     bed.produce("g", count, |a| a.malformed = 10).await;
+    bed.produce("poison", 1, |_| {}).await;
     bed.wait_all_settled("g", count, SETTLE).await;
     let grants = bed.grants();
     for i in 0..count {
         assert_eq!(grants.get(&format!("g-{i}")).copied(), Some(1), "g-{i}");
     }
-    // 10 malformed per side; the dead letters are written before the offsets move, so wait a little.
+    // 10 malformed per side and the poisoned id's two copies; the dead letters are written
+    // before the offsets move, so wait a little.
     let letters = common::eventually(Duration::from_secs(20), || async {
-        bed.dead_letters().await.len() >= 20
+        bed.dead_letters().await.len() >= 22
     })
     .await;
-    let letters_now = bed.dead_letters().await;
-    assert!(letters.is_some(), "{} dead letters", letters_now.len());
-    assert_eq!(letters_now.len(), 20);
+    let all_letters = bed.dead_letters().await;
+    assert!(letters.is_some(), "{} dead letters", all_letters.len());
+    assert_eq!(all_letters.len(), 22, "{all_letters:?}");
+    assert_eq!(
+        grants.get("poison-0"),
+        None,
+        "a refused claim is never called"
+    );
+    let (refused, letters_now): (Vec<_>, Vec<_>) = all_letters
+        .into_iter()
+        .partition(|l| l.message_id.as_deref() == Some("poison-0"));
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for l in &refused {
+        assert!(
+            l.reason.starts_with("claim refused by redis:") && l.reason.contains("WRONGTYPE"),
+            "{l:?}"
+        );
+    }
+    let refused_sides: HashSet<_> = refused.iter().map(|l| l.side.clone()).collect();
+    assert_eq!(refused_sides.len(), 2, "each side parks its own copy");
     for l in &letters_now {
         assert_eq!(l.reason, "message id: no header `msg-id`", "{l:?}");
         assert!(l.message_id.is_none());
