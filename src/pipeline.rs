@@ -452,24 +452,8 @@ async fn park_refused(
     refused: Vec<(Message, String)>,
     cancel: &CancellationToken,
 ) {
-    let parked = {
-        let letters: Vec<Parking> = refused
-            .iter()
-            .map(|(m, reason)| {
-                let ident = m.identity.as_ref().expect("partitioned on is_ok");
-                Parking {
-                    message_id: Some(&ident.id),
-                    business_id: Some(&ident.business_id),
-                    reason,
-                    origin: &m.origin,
-                    attempts: 0,
-                    payload: &m.payload,
-                }
-            })
-            .collect();
-        until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await
-    };
-    if parked.is_none() {
+    let reasons: Vec<(&Message, &str)> = refused.iter().map(|(m, r)| (m, r.as_str())).collect();
+    if !park_copies(shared, &reasons, cancel).await {
         return; // cancelled while Redis was away: handed back, redelivered after a restart
     }
     metrics.dead_letters.inc_by(refused.len() as u64);
@@ -479,6 +463,32 @@ async fn park_refused(
         metrics.decided(Fate::Dead, m.received);
         m.ack.done();
     }
+}
+
+/// Writes one dead letter per copy (with its identity when it has one), waiting for Redis; false
+/// if cancelled first.
+async fn park_copies(
+    shared: &Shared,
+    copies: &[(&Message, &str)],
+    cancel: &CancellationToken,
+) -> bool {
+    let letters: Vec<Parking> = copies
+        .iter()
+        .map(|(m, reason)| {
+            let ident = m.identity.as_ref().ok();
+            Parking {
+                message_id: ident.map(|i| i.id.as_str()),
+                business_id: ident.map(|i| i.business_id.as_str()),
+                reason,
+                origin: &m.origin,
+                attempts: 0,
+                payload: &m.payload,
+            }
+        })
+        .collect();
+    until_redis_answers(shared, cancel, || shared.dead.park(&letters))
+        .await
+        .is_some()
 }
 
 /// Sends this batch's first sights to the parity records, beside the batch rather than before it:
@@ -612,37 +622,30 @@ where
 
 /// Parks copies without identity; true when they were parked (and acknowledged).
 async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &CancellationToken) -> bool {
-    let parked = {
-        let letters: Vec<Parking> = bad
-            .iter()
-            .map(|m| Parking {
-                message_id: None,
-                business_id: None,
-                reason: m
-                    .identity
-                    .as_ref()
-                    .err()
-                    .map(|e| e.0.as_str())
-                    .unwrap_or("bad input"),
-                origin: &m.origin,
-                attempts: 0,
-                payload: &m.payload,
-            })
-            .collect();
-        until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await
+    let reason = |m: &Message| -> String {
+        m.identity
+            .as_ref()
+            .err()
+            .map(|e| e.0.clone())
+            .unwrap_or_else(|| "bad input".into())
     };
-    if parked.is_some() {
-        for m in bad {
-            tracing::warn!(
-                side = %m.origin.side, topic = %m.origin.topic, partition = m.origin.partition,
-                offset = m.origin.offset, reason = %m.identity.as_ref().err().map(|e| e.0.as_str()).unwrap_or(""),
-                "bad input parked in dead letters"
-            );
-            m.ack.done();
-        }
-        return true;
+    let reasons: Vec<String> = bad.iter().map(reason).collect();
+    let copies: Vec<(&Message, &str)> = bad
+        .iter()
+        .zip(&reasons)
+        .map(|(m, r)| (m, r.as_str()))
+        .collect();
+    if !park_copies(shared, &copies, cancel).await {
+        return false;
     }
-    false
+    for (m, reason) in bad.into_iter().zip(reasons) {
+        tracing::warn!(
+            side = %m.origin.side, topic = %m.origin.topic, partition = m.origin.partition,
+            offset = m.origin.offset, %reason, "bad input parked in dead letters"
+        );
+        m.ack.done();
+    }
+    true
 }
 
 /// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is

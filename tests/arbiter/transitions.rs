@@ -597,10 +597,10 @@ on_both_topologies!(
     a_foreign_key_fails_only_its_own_id_in_a_batch,
 );
 
-#[tokio::test]
-async fn scripts_are_reloaded_after_redis_forgets_them() {
+/// An arbiter on a Redis of the test's own (to flush its scripts, fill it, or stop it).
+async fn private_arbiter(prefix: &str) -> (common::PrivateRedis, Arbiter) {
     let redis = common::PrivateRedis::start();
-    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "noscript");
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], prefix);
     let store = mq_cutover::store::Store::connect(&cfg, false)
         .await
         .unwrap();
@@ -608,6 +608,12 @@ async fn scripts_are_reloaded_after_redis_forgets_them() {
         &store,
         &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
     );
+    (redis, arbiter)
+}
+
+#[tokio::test]
+async fn scripts_are_reloaded_after_redis_forgets_them() {
+    let (redis, arbiter) = private_arbiter("noscript").await;
     let tokens = LeaseTokens::default();
     let claim = |id: &'static str, token: LeaseToken| {
         let arbiter = arbiter.clone();
@@ -634,15 +640,7 @@ async fn scripts_are_reloaded_after_redis_forgets_them() {
 
 #[tokio::test]
 async fn a_redis_out_of_memory_fails_claims_as_retryable_not_refused() {
-    let redis = common::PrivateRedis::start();
-    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "oom");
-    let store = mq_cutover::store::Store::connect(&cfg, false)
-        .await
-        .unwrap();
-    let arbiter = Arbiter::new(
-        &store,
-        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
-    );
+    let (redis, arbiter) = private_arbiter("oom").await;
     let tokens = LeaseTokens::default();
     let mut raw = redis::Client::open(redis.url())
         .unwrap()
@@ -689,15 +687,7 @@ async fn a_redis_out_of_memory_fails_claims_as_retryable_not_refused() {
 
 #[tokio::test]
 async fn unreachable_redis_fails_the_claim_as_retryable_and_never_proceeds() {
-    let mut redis = common::PrivateRedis::start();
-    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], "down");
-    let store = mq_cutover::store::Store::connect(&cfg, false)
-        .await
-        .unwrap();
-    let arbiter = Arbiter::new(
-        &store,
-        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
-    );
+    let (mut redis, arbiter) = private_arbiter("down").await;
     let tokens = LeaseTokens::default();
     redis.stop();
     for i in 0..3 {
