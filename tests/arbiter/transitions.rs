@@ -512,16 +512,7 @@ async fn a_foreign_key_fails_only_its_own_id_in_a_batch(mode: RedisMode) {
         .unwrap();
     let ids = ["before", "poison", "after"];
     let tokens: Vec<LeaseToken> = ids.iter().map(|_| b.tokens.next()).collect();
-    let claims: Vec<ClaimRequest> = ids
-        .iter()
-        .zip(&tokens)
-        .map(|(id, token)| ClaimRequest {
-            id,
-            side: OLD,
-            routed_owner: OLD,
-            token,
-        })
-        .collect();
+    let claims = claims_by_old(&ids, &tokens);
     let got = b.arbiter.claim_batch(&claims).await.unwrap();
     let first = Claim::Proceed {
         attempt: 1,
@@ -597,6 +588,19 @@ on_both_topologies!(
     a_foreign_key_fails_only_its_own_id_in_a_batch,
 );
 
+/// One claim per id by the old side, which the switches route every id to.
+fn claims_by_old<'a>(ids: &'a [&'a str], tokens: &'a [LeaseToken]) -> Vec<ClaimRequest<'a>> {
+    ids.iter()
+        .zip(tokens)
+        .map(|(id, token)| ClaimRequest {
+            id,
+            side: OLD,
+            routed_owner: OLD,
+            token,
+        })
+        .collect()
+}
+
 /// An arbiter on a Redis of the test's own (to flush its scripts, fill it, or stop it).
 async fn private_arbiter(prefix: &str) -> (common::PrivateRedis, Arbiter) {
     let redis = common::PrivateRedis::start();
@@ -654,16 +658,7 @@ async fn a_redis_out_of_memory_fails_claims_as_retryable_not_refused() {
         .unwrap();
     let ids = ["x", "y"];
     let batch: Vec<LeaseToken> = ids.iter().map(|_| tokens.next()).collect();
-    let reqs: Vec<ClaimRequest> = ids
-        .iter()
-        .zip(&batch)
-        .map(|(id, token)| ClaimRequest {
-            id,
-            side: OLD,
-            routed_owner: OLD,
-            token,
-        })
-        .collect();
+    let reqs = claims_by_old(&ids, &batch);
     // Each id's own write fails inside the batch script: a full Redis is a wait, not a refusal
     // (a refusal parks the copy in the dead letters).
     for got in arbiter.claim_batch(&reqs).await.unwrap() {
