@@ -864,9 +864,6 @@ impl RocketMqWriter {
     }
 }
 
-/// Erases the type of one of the client's futures. They nest so deeply that a caller's future
-/// holding one overflows the compiler's default query depth (`recursion_limit`) when its layout
-/// is computed; behind a `dyn Future` the caller's layout no longer contains them.
 /// A client error with the broker's response code spelled out. The client keeps the code but
 /// drops the broker's remark, so "Broker operation failed" alone would not say why.
 fn explain(e: &ClientError) -> String {
@@ -901,6 +898,9 @@ fn response_code(code: i32) -> &'static str {
     }
 }
 
+/// Erases the type of one of the client's futures. They nest so deeply that a caller's future
+/// holding one overflows the compiler's default query depth (`recursion_limit`) when its layout
+/// is computed; behind a `dyn Future` the caller's layout no longer contains them.
 fn boxed<'a, T>(
     f: impl Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
