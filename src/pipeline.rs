@@ -452,8 +452,8 @@ async fn park_refused(
     refused: Vec<(Message, String)>,
     cancel: &CancellationToken,
 ) {
-    let reasons: Vec<(&Message, &str)> = refused.iter().map(|(m, r)| (m, r.as_str())).collect();
-    if !park_copies(shared, &reasons, cancel).await {
+    let copies: Vec<(&Message, &str)> = refused.iter().map(|(m, r)| (m, r.as_str())).collect();
+    if !park_copies(shared, &copies, cancel).await {
         return; // cancelled while Redis was away: handed back, redelivered after a restart
     }
     metrics.dead_letters.inc_by(refused.len() as u64);
@@ -622,26 +622,21 @@ where
 
 /// Parks copies without identity; true when they were parked (and acknowledged).
 async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &CancellationToken) -> bool {
-    let reason = |m: &Message| -> String {
+    fn reason(m: &Message) -> &str {
         m.identity
             .as_ref()
             .err()
-            .map(|e| e.0.clone())
-            .unwrap_or_else(|| "bad input".into())
-    };
-    let reasons: Vec<String> = bad.iter().map(reason).collect();
-    let copies: Vec<(&Message, &str)> = bad
-        .iter()
-        .zip(&reasons)
-        .map(|(m, r)| (m, r.as_str()))
-        .collect();
+            .map(|e| e.0.as_str())
+            .unwrap_or("bad input")
+    }
+    let copies: Vec<(&Message, &str)> = bad.iter().map(|m| (m, reason(m))).collect();
     if !park_copies(shared, &copies, cancel).await {
         return false;
     }
-    for (m, reason) in bad.into_iter().zip(reasons) {
+    for m in bad {
         tracing::warn!(
             side = %m.origin.side, topic = %m.origin.topic, partition = m.origin.partition,
-            offset = m.origin.offset, %reason, "bad input parked in dead letters"
+            offset = m.origin.offset, reason = %reason(&m), "bad input parked in dead letters"
         );
         m.ack.done();
     }

@@ -116,7 +116,8 @@ rmq_render_configs() {
   dir=$(rmq_dir)
   store=$(rmq_store_dir)
   mkdir -p "$dir/home" "$dir/logs" "$dir/namesrv" "$dir/broker" "$dir/tools" "$store"
-  if [[ $store != "$dir/broker/store" && -d $dir/broker/store ]]; then
+  # Moved to tmpfs by the automatic choice (not by an override, which may be temporary).
+  if [[ -z ${MQC_ROCKETMQ_STORE:-} && $store != "$dir/broker/store" && -d $dir/broker/store ]]; then
     warn "rocketmq: the broker store now lives at $store: deleting the old one at $dir/broker/store"
     rm -rf "$dir/broker/store"
   fi
