@@ -191,7 +191,7 @@ pub struct ArbiterConfig {
     /// How long a claim holds an id without renewal; a crashed worker's id is free after this.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
-    /// How long an id's state is kept after its last change (keep it ≥ the brokers' retention).
+    /// How long an id's state is kept after its last claim (keep it ≥ the brokers' retention).
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
     /// What to do when a call's outcome is unknown (timeout after sending, expired lease).
@@ -342,6 +342,13 @@ pub struct CutoverConfig {
     pub from: String,
     /// The new side: it gets the whitelist and the percentage.
     pub to: String,
+}
+
+impl CutoverConfig {
+    /// Both sides, old first.
+    pub fn sides(&self) -> [&str; 2] {
+        [&self.from, &self.to]
+    }
 }
 
 /// One `[[side]]`: a broker consumer and how to read message identity from its messages.

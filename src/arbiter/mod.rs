@@ -349,6 +349,8 @@ pub struct Arbiter {
     retention_ms: u64,
     policy: &'static str,
     max_attempts: u32,
+    /// The deployment's two sides: a claim reads both marks to tell a first sight from a pair.
+    sides: Arc<[String; 2]>,
 }
 
 /// The key of an id's record: `<prefix>:m:{<id>}` (the braces keep it in one cluster slot).
@@ -357,9 +359,10 @@ pub fn record_key(prefix: &str, id: &str) -> String {
 }
 
 impl Arbiter {
-    /// An arbiter over `store` with the protocol settings of `cfg`.
-    pub fn new(store: &Store, cfg: &ArbiterConfig) -> Self {
+    /// An arbiter over `store` with the protocol settings of `cfg`, for a deployment of `sides`.
+    pub fn new(store: &Store, cfg: &ArbiterConfig, sides: [&str; 2]) -> Self {
         Self {
+            sides: Arc::new(sides.map(str::to_owned)),
             conn: store.conn(),
             prefix: store.prefix().into(),
             scripts: Arc::new(Scripts::load()),
@@ -494,7 +497,11 @@ impl Arbiter {
         for r in reqs {
             c.arg(record_key(&self.prefix, r.id));
         }
-        c.arg(self.lease_ms).arg(self.retention_ms).arg(self.policy);
+        c.arg(self.lease_ms)
+            .arg(self.retention_ms)
+            .arg(self.policy)
+            .arg(&self.sides[0])
+            .arg(&self.sides[1]);
         for r in reqs {
             c.arg(r.side).arg(r.routed_owner).arg(r.token.as_str());
         }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common;
 
-const SIDES: [&str; 2] = ["kafka", "rocketmq"];
+use crate::common::SIDES;
 const WORKERS_PER_SIDE: usize = 4;
 const LEASE: Duration = Duration::from_millis(1500);
 const MAX_ATTEMPTS: u32 = 3;
@@ -76,7 +76,11 @@ fn id_name(i: u32) -> String {
 pub async fn run(mode: RedisMode, policy: AmbiguousPolicy, seed: u64, ids: u32) -> String {
     let prefix = common::unique_prefix(&format!("inv-{seed}"));
     let store = common::connect(mode, &prefix).await;
-    let arbiter = Arbiter::new(&store, &common::arbiter_config(LEASE, policy, MAX_ATTEMPTS));
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(LEASE, policy, MAX_ATTEMPTS),
+        common::SIDES,
+    );
     let mut rng = StdRng::seed_from_u64(seed);
 
     // 1-3 copies of every id on each side, shuffled independently.

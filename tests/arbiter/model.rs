@@ -18,7 +18,7 @@ use mq_cutover::store::Store;
 use crate::common;
 
 const LEASE: Duration = Duration::from_secs(60);
-const SIDES: [&str; 2] = ["kafka", "rocketmq"];
+use crate::common::SIDES;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -116,7 +116,11 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
             AmbiguousPolicy::AtMostOnce
         };
         let max_attempts = rng.random_range(1..=4);
-        let arbiter = Arbiter::new(&store, &common::arbiter_config(LEASE, policy, max_attempts));
+        let arbiter = Arbiter::new(
+            &store,
+            &common::arbiter_config(LEASE, policy, max_attempts),
+            common::SIDES,
+        );
         let p = Params {
             lease_ms: LEASE.as_millis() as u64,
             policy,
@@ -225,7 +229,11 @@ async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
         AmbiguousPolicy::AtLeastOnce
     };
     let max_attempts = 3;
-    let arbiter = Arbiter::new(&store, &common::arbiter_config(LEASE, policy, max_attempts));
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(LEASE, policy, max_attempts),
+        common::SIDES,
+    );
     let p = Params {
         lease_ms: LEASE.as_millis() as u64,
         policy,

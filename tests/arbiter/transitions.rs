@@ -35,7 +35,7 @@ impl Bed {
         let store = common::connect(mode, &prefix).await;
         let cfg = common::arbiter_config(lease, policy, max_attempts);
         Bed {
-            arbiter: Arbiter::new(&store, &cfg),
+            arbiter: Arbiter::new(&store, &cfg, common::SIDES),
             store,
             tokens: LeaseTokens::default(),
             prefix,
@@ -441,15 +441,51 @@ async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode)
     assert_eq!(b.arbiter.release("m1").await.unwrap(), None);
 }
 
-async fn records_expire_after_the_retention(mode: RedisMode) {
+async fn records_outlive_their_last_claim_by_the_retention(mode: RedisMode) {
     let b = Bed::standard(mode, "retention").await;
+    let ttl = |r: mq_cutover::arbiter::Record| r.expires_in.expect("a record always has a TTL");
+    // The retention is 600 s; the first claim adds the 60 s within which later claims leave the
+    // expiry alone.
+    let full = |t: Duration| t > Duration::from_secs(650) && t <= Duration::from_secs(660);
     let _ = b.claim("m1", OLD, OLD).await;
-    let r = b.state("m1").await;
-    let ttl = r.expires_in.expect("a record always has a TTL");
+    let first = ttl(b.state("m1").await);
+    assert!(full(first), "first claim: {first:?}");
+
+    // The other side's copy a moment later: the first claim's expiry covers it and stays.
+    let key = record_key(&b.prefix, "m1");
+    let mut conn = b.store.conn();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&key)
+        .arg(100_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (c, _) = b.claim("m1", NEW, NEW).await;
+    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    let kept = ttl(b.state("m1").await);
     assert!(
-        ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(600),
-        "{ttl:?}"
+        kept <= Duration::from_secs(100),
+        "within the slack: {kept:?}"
     );
+
+    // A claim a minute or more after the first sets the expiry again.
+    let at: u64 = redis::cmd("HGET")
+        .arg(&key)
+        .arg("f")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("f")
+        .arg(at - 61_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (c, _) = b.claim("m1", NEW, NEW).await;
+    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    let again = ttl(b.state("m1").await);
+    assert!(full(again), "after the slack: {again:?}");
 }
 
 async fn batch_claims_answer_each_id_in_order(mode: RedisMode) {
@@ -583,7 +619,7 @@ on_both_topologies!(
     repeated_completion_changes_nothing,
     renew_extends_a_live_lease_and_reports_a_lost_one,
     release_hands_a_dead_id_back_to_pending_with_its_owner,
-    records_expire_after_the_retention,
+    records_outlive_their_last_claim_by_the_retention,
     batch_claims_answer_each_id_in_order,
     a_foreign_key_fails_only_its_own_id_in_a_batch,
 );
@@ -611,6 +647,7 @@ async fn private_arbiter(prefix: &str) -> (common::PrivateRedis, Arbiter) {
     let arbiter = Arbiter::new(
         &store,
         &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
+        common::SIDES,
     );
     (redis, arbiter)
 }

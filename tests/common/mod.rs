@@ -68,6 +68,9 @@ fn toml_section<T: serde::de::DeserializeOwned>(text: &str) -> T {
     serde_json::from_value(v).expect("test config fits")
 }
 
+/// The two sides the arbiter tests' records are marked by, old first.
+pub const SIDES: [&str; 2] = ["kafka", "rocketmq"];
+
 /// Arbiter settings for tests: explicit lease and policy, short retention so leftovers vanish.
 pub fn arbiter_config(
     lease: Duration,

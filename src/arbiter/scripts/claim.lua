@@ -4,7 +4,8 @@
 -- KEYS[i]  id i's record (a hash; every field of one id lives in this one key)
 -- ARGV[1]  lease length, ms      ARGV[2]  retention, ms
 -- ARGV[3]  ambiguous policy: 'l' at least once, 'm' at most once
--- ARGV[4 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
+-- ARGV[4], ARGV[5]  the deployment's two sides (whose marks tell a first sight from a pair)
+-- ARGV[6 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
 -- Returns one {code, attempts, extra, sighting} per id, in order, or {0, error} for an id whose
 -- own handling failed:
@@ -15,28 +16,50 @@
 --   observe it, 2 this side is new to it and another side had observed it already.
 -- Every record has its owner field `o` (no script writes a record without it, none deletes it),
 -- so a record without `o` does not exist yet.
+-- Expiry: a record outlives its last claim by at least the retention. The first claim sets it to
+-- retention + SLACK_MS; a claim within SLACK_MS of the first (the other side's copy, nearly
+-- always) is covered by that and leaves it be; a later claim sets it again.
+local SLACK_MS = 60000
 local lease_ms, retention_ms, policy = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local sides = {ARGV[4], ARGV[5]}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- The fields a claim by `side` reads: the record's own, `side`'s mark, then the other sides' marks.
+local reads = {}
+local function fields(side)
+  local f = reads[side]
+  if not f then
+    f = {'o', 's', 't', 'e', 'a', 'f', '@' .. side}
+    for _, s in ipairs(sides) do
+      if s ~= side then f[#f + 1] = '@' .. s end
+    end
+    reads[side] = f
+  end
+  return f
+end
+
 local function claim(key, side, routed, token)
-  local mark = '@' .. side
-  local rec = redis.call('HMGET', key, 'o', 's', 't', 'e', 'a', mark)
+  local f = fields(side)
+  local rec = redis.call('HMGET', key, unpack(f))
   local owner, state, held, expiry, attempts = rec[1], rec[2], rec[3], tonumber(rec[4]), tonumber(rec[5]) or 0
+  -- The first claim's time, when the expiry was set to retention + SLACK_MS (nil: this claim is
+  -- the first). A record a late completion wrote has no `f`: every claim sets its expiry.
+  local first = tonumber(rec[6]) or 0
   local sighting = 0
   -- Fields to write, gathered so that a first claim is one HSET.
   local set = {}
   if not owner then
     -- First observer: its routing decision is stored and binds every later copy, on every side.
-    owner, state, sighting = routed, 'p', 1
-    set = {'o', owner, 's', 'p', 'a', 0, 'f', now, mark, 1}
-  elseif not rec[6] then
-    -- This side's first sight of a known id: a look at the other sides' marks (a handful of fields).
+    owner, state, sighting, first = routed, 'p', 1, nil
+    set = {'o', owner, 's', 'p', 'a', 0, 'f', now, f[7], 1}
+  elseif not rec[7] then
+    -- This side's first sight of a known id: had another side seen it?
     sighting = 1
-    for _, f in ipairs(redis.call('HKEYS', key)) do
-      if string.byte(f, 1) == 64 and f ~= mark then sighting = 2 break end
+    for i = 8, #f do
+      if rec[i] then sighting = 2 break end
     end
-    set = {mark, 1}
+    set = {f[7], 1}
   end
 
   local answer
@@ -77,13 +100,15 @@ local function claim(key, side, routed, token)
     end
   end
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
-  redis.call('PEXPIRE', key, retention_ms)
+  if not first or now - first >= SLACK_MS then
+    redis.call('PEXPIRE', key, retention_ms + SLACK_MS)
+  end
   return answer
 end
 
 local out = {}
 for i = 1, #KEYS do
-  local a = 4 + 3 * (i - 1)
+  local a = 6 + 3 * (i - 1)
   -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
   -- the batch's: the other ids are answered as if each had had its own call.
   local ok, answer = pcall(claim, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
