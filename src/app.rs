@@ -227,9 +227,9 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         metrics.clone(),
     )?);
     control.spawn(follow_circuit(shared.clone(), root.child_token()));
-    if let Some(parity) = shared.parity.clone() {
+    if let Some(recorder) = &shared.parity {
         control.spawn(parity_gauges(
-            parity,
+            recorder.parity().clone(),
             metrics.clone(),
             cfg.parity.refresh,
             root.child_token(),
@@ -342,6 +342,9 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     }
     completer_stop.cancel();
     source_stop.cancel();
+    if let Some(recorder) = &shared.parity {
+        recorder.finish(Duration::from_secs(2)).await;
+    }
     let drained = tokio::time::timeout(SOURCE_GRACE, async {
         while let Some(r) = sources.join_next().await {
             if let Ok(Err(e)) = r {

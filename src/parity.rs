@@ -30,6 +30,9 @@ use crate::store::{Conn, Store, StoreError};
 
 pub use crate::arbiter::Sighting;
 
+mod recorder;
+pub use recorder::{Recorder, HOLD};
+
 const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 86_400_000;
 /// The most minute buckets one report reads (a day); longer reports use the day buckets.
@@ -184,6 +187,11 @@ impl Parity {
         self.cfg.grace
     }
 
+    /// 0 for the old side, 1 for the new one.
+    fn index(&self, side: &str) -> usize {
+        usize::from(side != self.sides[0])
+    }
+
     fn other(&self, side: &str) -> &str {
         if side == self.sides[0] {
             &self.sides[1]
@@ -194,17 +202,26 @@ impl Parity {
 
     /// Records what one claim batch of `side` saw first, in one Redis call.
     pub async fn record(&self, side: &str, sights: &[Sight<'_>]) -> Result<(), StoreError> {
-        if sights.is_empty() {
-            return Ok(());
-        }
+        let mut counts = Counts::default();
         let now = now_ms();
-        // Count per bucket here, so that the script gets one increment per bucket, not per id.
-        let mut minutes: Vec<(u64, u64)> = Vec::new();
-        let mut days: Vec<(u64, u64)> = Vec::new();
         for s in sights {
-            let born = if s.born_ms > 0 { s.born_ms as u64 } else { now };
-            bump(&mut minutes, born / MINUTE_MS);
-            bump(&mut days, born / DAY_MS);
+            counts.add(s.born_ms, now);
+        }
+        let marks: Vec<(&str, bool)> = sights.iter().map(|s| (s.id, s.pair)).collect();
+        self.send(side, &counts, &marks, Duration::ZERO).await
+    }
+
+    /// One call of the record script for `side`: the counts to add, and the ids it saw first
+    /// (`pair` false) or completed the pair of (`pair` true) at least `held` ago.
+    async fn send(
+        &self,
+        side: &str,
+        counts: &Counts,
+        marks: &[(&str, bool)],
+        held: Duration,
+    ) -> Result<(), StoreError> {
+        if counts.is_empty() && marks.is_empty() {
+            return Ok(());
         }
         let other = self.other(side);
         let mut inv = self.record.prepare_invoke();
@@ -213,10 +230,10 @@ impl Parity {
             .key(format!("{}:paired:{side}", self.base))
             .key(format!("{}:paired:{other}", self.base))
             .key(format!("{}:untracked:{side}", self.base));
-        for (m, _) in &minutes {
+        for (m, _) in &counts.minutes {
             inv.key(format!("{}:min:{m}", self.base));
         }
-        for (d, _) in &days {
+        for (d, _) in &counts.days {
             inv.key(format!("{}:day:{d}", self.base));
         }
         inv.arg(side)
@@ -224,15 +241,16 @@ impl Parity {
             .arg(self.retention_ms)
             .arg(self.cfg.minute_retention.as_millis() as u64)
             .arg(self.cfg.day_retention.as_millis() as u64)
-            .arg(minutes.len());
-        for (_, n) in minutes.iter().chain(&days) {
+            .arg(counts.minutes.len())
+            .arg(held.as_millis() as u64);
+        for (_, n) in counts.minutes.iter().chain(&counts.days) {
             inv.arg(*n);
         }
         let mut arg = Vec::with_capacity(64);
-        for s in sights {
+        for (id, pair) in marks {
             arg.clear();
-            arg.push(if s.pair { b'p' } else { b'f' });
-            arg.extend_from_slice(s.id.as_bytes());
+            arg.push(if *pair { b'p' } else { b'f' });
+            arg.extend_from_slice(id.as_bytes());
             inv.arg(&arg[..]);
         }
         let mut conn = self.conn.clone();
@@ -368,6 +386,26 @@ impl Parity {
 fn decode<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, StoreError> {
     redis::from_redis_value(v.unwrap_or(redis::Value::Nil))
         .map_err(|e| StoreError::Reply(format!("parity: {e}")))
+}
+
+/// First sights per minute and per day bucket, of one side.
+#[derive(Debug, Default)]
+struct Counts {
+    minutes: Vec<(u64, u64)>,
+    days: Vec<(u64, u64)>,
+}
+
+impl Counts {
+    /// Counts one first sight of a message stamped `born_ms` (0: unknown, `now` is used).
+    fn add(&mut self, born_ms: i64, now: u64) {
+        let born = if born_ms > 0 { born_ms as u64 } else { now };
+        bump(&mut self.minutes, born / MINUTE_MS);
+        bump(&mut self.days, born / DAY_MS);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.minutes.is_empty()
+    }
 }
 
 fn bump(buckets: &mut Vec<(u64, u64)>, bucket: u64) {

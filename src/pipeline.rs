@@ -131,7 +131,7 @@ pub struct Shared {
     /// Batches completions.
     pub completer: Completer,
     /// Records first sights for the dual-read check (`None` when `parity.enabled` is off).
-    pub parity: Option<Arc<crate::parity::Parity>>,
+    pub parity: Option<Arc<crate::parity::Recorder>>,
     /// Settings.
     pub settings: Settings,
     /// Metrics.
@@ -158,7 +158,7 @@ impl Shared {
             arbiter.clone(),
             pause.clone(),
             cfg.pipeline.claim_batch,
-            stop,
+            stop.clone(),
             metrics.complete_seconds.clone(),
         );
         Ok(Shared {
@@ -175,10 +175,13 @@ impl Shared {
             ),
             pause,
             completer,
-            parity: cfg
-                .parity
-                .enabled
-                .then(|| Arc::new(crate::parity::Parity::new(store, cfg))),
+            parity: cfg.parity.enabled.then(|| {
+                Arc::new(crate::parity::Recorder::start(
+                    Arc::new(crate::parity::Parity::new(store, cfg)),
+                    crate::parity::HOLD,
+                    stop,
+                ))
+            }),
             settings: Settings {
                 claim_batch: cfg.pipeline.claim_batch,
                 max_in_flight: cfg.pipeline.max_in_flight,
@@ -378,7 +381,7 @@ async fn handle_batch(
         }
     };
     if let Some(parity) = &shared.parity {
-        record_sights(parity, side, metrics, &good, &claims, tracker);
+        record_sights(parity, side, metrics, &good, &claims);
     }
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
@@ -491,54 +494,32 @@ async fn park_copies(
         .is_some()
 }
 
-/// Sends this batch's first sights to the parity records, beside the batch rather than before it:
-/// parity is an observation, not part of the protocol, so its round trip need not hold up the
-/// next claim of this side. A failure is logged. The task is tracked, so a drain at shutdown
-/// waits for it like for a call.
+/// Hands this batch's first sights to the parity recorder, which sends them beside the claims
+/// rather than before the next one: parity is an observation, not part of the protocol.
 fn record_sights(
-    parity: &Arc<crate::parity::Parity>,
+    parity: &crate::parity::Recorder,
     side: &Side,
     metrics: &SideMetrics,
     good: &[Message],
     claims: &[Result<(Claim, Sighting), StoreError>],
-    tracker: &TaskTracker,
 ) {
-    // Owned ids: the messages move on to their calls while the record is on its way.
-    let sights: Vec<(String, i64, bool)> = good
+    let sights: Vec<crate::parity::Sight> = good
         .iter()
         .zip(claims)
         .filter_map(|(m, c)| match c {
             Ok((_, Sighting::Again)) | Err(_) => None,
-            Ok((_, s)) => Some((
-                m.identity
-                    .as_ref()
-                    .expect("partitioned on is_ok")
-                    .id
-                    .clone(),
-                m.origin.born_ms,
-                *s == Sighting::Pair,
-            )),
+            Ok((_, s)) => Some(crate::parity::Sight {
+                id: &m.identity.as_ref().expect("partitioned on is_ok").id,
+                born_ms: m.origin.born_ms,
+                pair: *s == Sighting::Pair,
+            }),
         })
         .collect();
     if sights.is_empty() {
         return;
     }
     metrics.parity_observed.inc_by(sights.len() as u64);
-    let (parity, side) = (parity.clone(), side.clone());
-    tracker.spawn(async move {
-        let view: Vec<crate::parity::Sight> = sights
-            .iter()
-            .map(|(id, born_ms, pair)| crate::parity::Sight {
-                id,
-                born_ms: *born_ms,
-                pair: *pair,
-            })
-            .collect();
-        if let Err(e) = parity.record(&side, &view).await {
-            tracing::warn!(side = %side, ids = view.len(), error = %e,
-                "parity: could not record first sights; the parity report may show these ids as one-sided");
-        }
-    });
+    parity.note(side, &sights);
 }
 
 /// Puts a copy back into this side's pipeline after a pause, without holding up the others.

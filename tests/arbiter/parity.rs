@@ -1,12 +1,13 @@
 //! The parity records on real Redis: what the claim script reports as first sights, and what the
 //! record script keeps (pairs cancel, in either order; redeliveries do not count; the list is
-//! capped and the rest counted).
+//! capped and the rest counted), and what the recorder in front of it spares Redis.
 
 use std::time::Duration;
 
 use mq_cutover::arbiter::{Arbiter, ClaimRequest, LeaseTokens, Sighting};
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};
-use mq_cutover::parity::{Parity, ParityConfig, Sight};
+use mq_cutover::parity::{Parity, ParityConfig, Recorder, Sight};
+use tokio_util::sync::CancellationToken;
 
 use crate::common;
 
@@ -193,4 +194,65 @@ async fn parity_records_standalone() {
 async fn parity_records_cluster() {
     pairs_cancel_in_either_order_and_the_list_is_capped(RedisMode::Cluster).await;
     counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Cluster).await;
+}
+
+/// How many times Redis ran `command` (from `INFO commandstats`).
+async fn calls(store: &mq_cutover::store::Store, command: &str) -> u64 {
+    let mut conn = store.conn();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn the_recorder_pairs_what_it_holds_and_sends_the_rest() {
+    // A Redis of its own, so that its command counts are this test's.
+    let redis = common::PrivateRedis::start();
+    let prefix = common::unique_prefix("parity-hold");
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], &prefix);
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    let p = std::sync::Arc::new(parity(&store, 100));
+    let stop = CancellationToken::new();
+    let hold = Duration::from_millis(400);
+    let rec = Recorder::start(p.clone(), hold, stop.clone());
+
+    // `a` and `b` are paired within the hold (in either order); `c` is not.
+    rec.note("kafka", &[first("a"), first("c")]);
+    rec.note("rocketmq", &[pair("a"), pair("b")]);
+    rec.note("kafka", &[first("b")]);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        one_sided(&p).await.is_empty(),
+        "nothing listed within the hold"
+    );
+    let r = p.report(0, 1000).await.unwrap();
+    assert_eq!(
+        (r.totals["kafka"], r.totals["rocketmq"]),
+        (3, 2),
+        "counts go at the next tick"
+    );
+
+    tokio::time::sleep(hold * 2).await;
+    assert_eq!(one_sided(&p).await, vec![("kafka".into(), "c".into())]);
+    assert_eq!(
+        (calls(&store, "zadd").await, calls(&store, "zrem").await),
+        (1, 0),
+        "the held pairs never reached Redis"
+    );
+
+    // A partner that comes after the hold is paired by the record script; stopping sends at once.
+    rec.note("rocketmq", &[pair("c")]);
+    stop.cancel();
+    rec.finish(Duration::from_secs(5)).await;
+    assert!(one_sided(&p).await.is_empty());
+    assert_eq!(calls(&store, "zrem").await, 1);
+    let r = p.report(0, 1000).await.unwrap();
+    assert_eq!((r.totals["kafka"], r.totals["rocketmq"]), (3, 3));
 }
