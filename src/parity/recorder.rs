@@ -20,11 +20,13 @@ use tokio_util::sync::CancellationToken;
 use super::{now_ms, Counts, Parity, Sight};
 
 /// How long the pipeline holds a sight for its partner: the two copies of live traffic arrive
-/// well within it, and it is far below any sensible `parity.grace`.
-pub const HOLD: Duration = Duration::from_secs(2);
+/// well within it, most of a drained backlog's too, and it is far below any sensible
+/// `parity.grace`.
+pub const HOLD: Duration = Duration::from_secs(5);
 /// How often held sights are looked at.
 const TICK: Duration = Duration::from_millis(250);
-/// Most sights held at once (about 100 bytes each); past it the oldest go out early.
+/// Most sights held at once (about 100 bytes each with a 30-byte id); past it the oldest go out
+/// early.
 const MAX_HELD: usize = 100_000;
 
 /// Holds the sights of both sides and flushes them from a task of its own.
@@ -99,7 +101,7 @@ async fn flush(
             .take(Instant::now(), last);
         for (i, (counts, marks, held)) in due.into_iter().enumerate() {
             let side = &parity.sides()[i];
-            let view: Vec<(&str, bool)> = marks.iter().map(|(id, p)| (id.as_str(), *p)).collect();
+            let view: Vec<(&str, bool)> = marks.iter().map(|(id, p)| (&**id, *p)).collect();
             if let Err(e) = parity.send(side, &counts, &view, held).await {
                 tracing::warn!(side = %side, ids = view.len(), error = %e,
                     "parity: could not record first sights; the parity report may show these ids as one-sided");
@@ -124,16 +126,16 @@ struct Entry {
 struct Held {
     hold: Duration,
     max: usize,
-    ids: HashMap<String, Entry>,
+    ids: HashMap<Arc<str>, Entry>,
     /// Arrival order; entries whose id was paired meanwhile are skipped when they come up.
-    queue: VecDeque<(Instant, u64, String)>,
+    queue: VecDeque<(Instant, u64, Arc<str>)>,
     counts: [Counts; 2],
     next: u64,
 }
 
 /// What one side has to send: counts, held sights (`pair` true: this side completed the pair),
 /// and how long the most recent of those sights was held.
-type Due = (Counts, Vec<(String, bool)>, Duration);
+type Due = (Counts, Vec<(Arc<str>, bool)>, Duration);
 
 impl Held {
     fn new(hold: Duration, max: usize) -> Held {
@@ -159,15 +161,14 @@ impl Held {
                 Some(_) => {}
                 None => {
                     self.next += 1;
-                    self.ids.insert(
-                        s.id.to_owned(),
-                        Entry {
-                            side,
-                            pair: s.pair,
-                            seq: self.next,
-                        },
-                    );
-                    self.queue.push_back((now, self.next, s.id.to_owned()));
+                    let id: Arc<str> = s.id.into();
+                    let e = Entry {
+                        side,
+                        pair: s.pair,
+                        seq: self.next,
+                    };
+                    self.ids.insert(id.clone(), e);
+                    self.queue.push_back((now, self.next, id));
                 }
             }
         }
@@ -214,7 +215,7 @@ mod tests {
     }
 
     fn ids(d: &Due) -> Vec<(&str, bool)> {
-        d.1.iter().map(|(id, p)| (id.as_str(), *p)).collect()
+        d.1.iter().map(|(id, p)| (&**id, *p)).collect()
     }
 
     fn total(c: &Counts) -> u64 {
