@@ -2,8 +2,9 @@
 //!
 //! While both brokers carry the same messages, every id reaches both sides. The claim script
 //! tells each side whether its copy is its first sight of an id and whether the other side had
-//! seen it ([`Sighting`]); after each claim batch the pipeline sends those sights here in one
-//! script call. Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
+//! seen it ([`Sighting`]); after each claim batch the pipeline hands those sights to the
+//! [`Recorder`], which pairs what it can itself and sends the rest here, one script call per side
+//! and flush. Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
 //!
 //! - `min:<minute>` and `day:<day>`: hashes side → ids first seen by that side whose message was
 //!   stamped in that minute / day (the broker timestamp, so that both copies of a dual-written
@@ -42,7 +43,7 @@ const MAX_REPORT_MINUTES: u64 = 1_440;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParityConfig {
-    /// Record sights at all (one extra Redis call per claim batch).
+    /// Record sights at all (one Redis call per side every 250 ms).
     #[serde(default = "default_enabled")]
     pub enabled: bool,
     /// How long an id may be seen by one side only before it counts as a gap: longer than the

@@ -25,7 +25,7 @@ use super::{now_ms, Counts, Parity, Sight};
 pub const HOLD: Duration = Duration::from_secs(5);
 /// How often held sights are looked at.
 const TICK: Duration = Duration::from_millis(250);
-/// Most sights held at once (about 100 bytes each with a 30-byte id); past it the oldest go out
+/// Most sights held at once (about 150 bytes each with a 30-byte id); past it the oldest go out
 /// early.
 const MAX_HELD: usize = 100_000;
 
