@@ -346,12 +346,18 @@ pub struct Arbiter {
     prefix: Arc<str>,
     scripts: Arc<Scripts>,
     lease_ms: u64,
-    retention_ms: u64,
+    /// The TTL every script sets on a record: the retention plus [`EXPIRY_SLACK`].
+    ttl_ms: u64,
     policy: &'static str,
     max_attempts: u32,
     /// The deployment's two sides: a claim reads both marks to tell a first sight from a pair.
     sides: Arc<[String; 2]>,
 }
+
+/// A record lives `arbiter.retention` plus this after the claim that last set its TTL. A claim
+/// within this of the id's first claim (the other side's copy, nearly always) leaves the TTL
+/// as it is, so that a record still outlives its last claim by the whole retention.
+pub const EXPIRY_SLACK: Duration = Duration::from_secs(60);
 
 /// The key of an id's record: `<prefix>:m:{<id>}` (the braces keep it in one cluster slot).
 pub fn record_key(prefix: &str, id: &str) -> String {
@@ -367,7 +373,7 @@ impl Arbiter {
             prefix: store.prefix().into(),
             scripts: Arc::new(Scripts::load()),
             lease_ms: cfg.lease.as_millis() as u64,
-            retention_ms: cfg.retention.as_millis() as u64,
+            ttl_ms: (cfg.retention + EXPIRY_SLACK).as_millis() as u64,
             policy: match cfg.ambiguous {
                 AmbiguousPolicy::AtLeastOnce => "l",
                 AmbiguousPolicy::AtMostOnce => "m",
@@ -480,7 +486,7 @@ impl Arbiter {
         let key = record_key(&self.prefix, id);
         let run = |whole: bool| {
             let mut c = self.scripts.release.cmd(&key, whole);
-            c.arg(self.retention_ms);
+            c.arg(self.ttl_ms);
             c
         };
         let mut conn = self.conn.clone();
@@ -498,10 +504,11 @@ impl Arbiter {
             c.arg(record_key(&self.prefix, r.id));
         }
         c.arg(self.lease_ms)
-            .arg(self.retention_ms)
+            .arg(self.ttl_ms)
             .arg(self.policy)
             .arg(&self.sides[0])
-            .arg(&self.sides[1]);
+            .arg(&self.sides[1])
+            .arg(EXPIRY_SLACK.as_millis() as u64);
         for r in reqs {
             c.arg(r.side).arg(r.routed_owner).arg(r.token.as_str());
         }
@@ -512,9 +519,7 @@ impl Arbiter {
         for r in reqs {
             c.arg(record_key(&self.prefix, r.id));
         }
-        c.arg(self.policy)
-            .arg(self.max_attempts)
-            .arg(self.retention_ms);
+        c.arg(self.policy).arg(self.max_attempts).arg(self.ttl_ms);
         for r in reqs {
             let (code, reason) = r.outcome.code();
             c.arg(r.token.as_str()).arg(code).arg(r.side).arg(reason);

@@ -432,6 +432,9 @@ async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode)
         (State::Pending, 0, NEW)
     );
     assert!(r.reason.is_none());
+    // Like a claim, a release sets the whole TTL: the retention (600 s) plus the slack (60 s).
+    let ttl = r.expires_in.expect("a record always has a TTL");
+    assert!(ttl > Duration::from_secs(650), "{ttl:?}");
     assert_eq!(
         b.claim("m1", OLD, OLD).await.0,
         Claim::NotMine { owner: NEW.into() }
@@ -444,8 +447,8 @@ async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode)
 async fn records_outlive_their_last_claim_by_the_retention(mode: RedisMode) {
     let b = Bed::standard(mode, "retention").await;
     let ttl = |r: mq_cutover::arbiter::Record| r.expires_in.expect("a record always has a TTL");
-    // The retention is 600 s; the first claim adds the 60 s within which later claims leave the
-    // expiry alone.
+    // The retention is 600 s; every TTL set adds the 60 s (`EXPIRY_SLACK`) within which later
+    // claims leave it alone.
     let full = |t: Duration| t > Duration::from_secs(650) && t <= Duration::from_secs(660);
     let _ = b.claim("m1", OLD, OLD).await;
     let first = ttl(b.state("m1").await);

@@ -2,10 +2,11 @@
 -- One call claims a whole batch (standalone Redis) or one id (Cluster: each id has its own slot);
 -- the ids are taken in order, exactly as if each had been claimed by its own call.
 -- KEYS[i]  id i's record (a hash; every field of one id lives in this one key)
--- ARGV[1]  lease length, ms      ARGV[2]  retention, ms
+-- ARGV[1]  lease length, ms      ARGV[2]  a record's TTL: the retention plus ARGV[6], ms
 -- ARGV[3]  ambiguous policy: 'l' at least once, 'm' at most once
 -- ARGV[4], ARGV[5]  the deployment's two sides (whose marks tell a first sight from a pair)
--- ARGV[6 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
+-- ARGV[6]  the expiry slack, ms (below)
+-- ARGV[7 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
 -- Returns one {code, attempts, extra, sighting} per id, in order, or {0, error} for an id whose
 -- own handling failed:
@@ -16,12 +17,12 @@
 --   observe it, 2 this side is new to it and another side had observed it already.
 -- Every record has its owner field `o` (no script writes a record without it, none deletes it),
 -- so a record without `o` does not exist yet.
--- Expiry: a record outlives its last claim by at least the retention. The first claim sets it to
--- retention + SLACK_MS; a claim within SLACK_MS of the first (the other side's copy, nearly
--- always) is covered by that and leaves it be; a later claim sets it again.
-local SLACK_MS = 60000
-local lease_ms, retention_ms, policy = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+-- Expiry: a record outlives its last claim by at least the retention. Every script that sets the
+-- TTL sets the retention plus the slack; a claim within the slack of the first claim (the other
+-- side's copy, nearly always) is covered by that and leaves it be; a later claim sets it again.
+local lease_ms, ttl_ms, policy = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local sides = {ARGV[4], ARGV[5]}
+local slack_ms = tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -43,8 +44,7 @@ local function claim(key, side, routed, token)
   local f = fields(side)
   local rec = redis.call('HMGET', key, unpack(f))
   local owner, state, held, expiry, attempts = rec[1], rec[2], rec[3], tonumber(rec[4]), tonumber(rec[5]) or 0
-  -- The first claim's time, when the expiry was set to retention + SLACK_MS (nil: this claim is
-  -- the first). A record a late completion wrote has no `f`: every claim sets its expiry.
+  -- The first claim's time, when the TTL was set (nil: this claim is the first). A record a late completion wrote has no `f`: every claim sets its expiry.
   local first = tonumber(rec[6]) or 0
   local sighting = 0
   -- Fields to write, gathered so that a first claim is one HSET.
@@ -100,15 +100,15 @@ local function claim(key, side, routed, token)
     end
   end
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
-  if not first or now - first >= SLACK_MS then
-    redis.call('PEXPIRE', key, retention_ms + SLACK_MS)
+  if not first or now - first >= slack_ms then
+    redis.call('PEXPIRE', key, ttl_ms)
   end
   return answer
 end
 
 local out = {}
 for i = 1, #KEYS do
-  local a = 6 + 3 * (i - 1)
+  local a = 7 + 3 * (i - 1)
   -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
   -- the batch's: the other ids are answered as if each had had its own call.
   local ok, answer = pcall(claim, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])

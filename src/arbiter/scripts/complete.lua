@@ -2,7 +2,7 @@
 -- One call records a whole batch (standalone Redis) or one id (Cluster: each id has its own
 -- slot); the ids are taken in order, exactly as if each had been recorded by its own call.
 -- KEYS[i]  id i's record
--- ARGV[1]  ambiguous policy: 'l' / 'm'     ARGV[2]  max attempts     ARGV[3]  retention, ms
+-- ARGV[1]  ambiguous policy: 'l' / 'm'     ARGV[2]  max attempts     ARGV[3]  a record's TTL (retention + slack), ms
 -- ARGV[4 + 4(i-1) ..]  for id i: the lease token; the outcome ('s' success, 'r' retryable,
 --          'f' fatal, 'a' ambiguous, 'n' not called: the lease is handed back unused); the side;
 --          the reason (failures)
@@ -12,7 +12,7 @@
 --   2 LATE       the lease was lost, but the call succeeded: recorded as done, overlap counted
 --   3 FENCED     the lease was lost and the call failed: nothing changed
 --   4 REPEATED   this token's outcome was recorded before: nothing changed
-local policy, max_attempts, retention_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local policy, max_attempts, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
 local function complete(key, token, outcome, side, why)
   local rec = redis.call('HMGET', key, 's', 't', 'a', 'o')
@@ -27,7 +27,7 @@ local function complete(key, token, outcome, side, why)
     redis.call('HSET', key, 's', 'd', 't', token)
     redis.call('HDEL', key, 'e', 'r')
     redis.call('HINCRBY', key, 'v', 1)
-    redis.call('PEXPIRE', key, retention_ms)
+    redis.call('PEXPIRE', key, ttl_ms)
     return {2, 'd', attempts}
   end
 
