@@ -201,7 +201,8 @@ impl Parity {
         }
     }
 
-    /// Records what one claim batch of `side` saw first, in one Redis call.
+    /// Records `side`'s first sights at once, in one Redis call, without the [`Recorder`]'s hold
+    /// (the daemon's sights go through the recorder; this is its direct path).
     pub async fn record(&self, side: &str, sights: &[Sight<'_>]) -> Result<(), StoreError> {
         let mut counts = Counts::default();
         let now = now_ms();
