@@ -443,6 +443,10 @@ pub struct PipelineConfig {
     /// Most copies claimed in one Redis round trip.
     #[serde(default = "default_claim_batch")]
     pub claim_batch: usize,
+    /// Claim batches a side may have in Redis at once: with 2, the next batch goes out while
+    /// one round trip is still out, so a copy arriving meanwhile does not wait for it.
+    #[serde(default = "default_claims_in_flight")]
+    pub claims_in_flight: usize,
     /// Most sink calls in flight per side; when reached, the side stops fetching.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -477,6 +481,9 @@ pub struct PassThroughConfig {
 fn default_claim_batch() -> usize {
     256
 }
+fn default_claims_in_flight() -> usize {
+    2
+}
 fn default_max_in_flight() -> usize {
     256
 }
@@ -496,6 +503,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             claim_batch: default_claim_batch(),
+            claims_in_flight: default_claims_in_flight(),
             max_in_flight: default_max_in_flight(),
             channel: default_channel(),
             busy_retry: default_busy_retry(),
@@ -761,6 +769,7 @@ impl Config {
         let p = &self.pipeline;
         for (key, v, max) in [
             ("pipeline.claim_batch", p.claim_batch, 10_000),
+            ("pipeline.claims_in_flight", p.claims_in_flight, 16),
             ("pipeline.max_in_flight", p.max_in_flight, 100_000),
             ("pipeline.channel", p.channel, 1_000_000),
         ] {
@@ -1152,6 +1161,17 @@ url = "http://127.0.0.1:8080/grant"
     fn zero_claim_batch_is_rejected() {
         let e = err_of(&format!("{GOOD}\n[pipeline]\nclaim_batch = 0\n"));
         assert_eq!(e.key, "pipeline.claim_batch");
+    }
+
+    #[test]
+    fn claims_in_flight_defaults_to_two_and_is_bounded() {
+        let cfg = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
+        assert_eq!(cfg.pipeline.claims_in_flight, 2);
+        for bad in [0, 17] {
+            let e = err_of(&format!("{GOOD}\n[pipeline]\nclaims_in_flight = {bad}\n"));
+            assert_eq!(e.key, "pipeline.claims_in_flight");
+            assert!(e.to_string().contains("outside 1..=16"), "{e}");
+        }
     }
 
     #[test]

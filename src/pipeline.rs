@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -99,6 +100,8 @@ impl Pause {
 pub struct Settings {
     /// Most copies claimed in one round trip.
     pub claim_batch: usize,
+    /// Claim batches one side may have in Redis at once.
+    pub claims_in_flight: usize,
     /// Most sink calls in flight per side (each holds a lease).
     pub max_in_flight: usize,
     /// Shortest wait before re-claiming a BUSY copy.
@@ -184,6 +187,7 @@ impl Shared {
             }),
             settings: Settings {
                 claim_batch: cfg.pipeline.claim_batch,
+                claims_in_flight: cfg.pipeline.claims_in_flight,
                 max_in_flight: cfg.pipeline.max_in_flight,
                 busy_retry: cfg.pipeline.busy_retry,
                 pass_through: cfg
@@ -285,6 +289,13 @@ pub async fn replay(
 
 /// Runs the pipeline of `side` until `cancel`; in-flight calls are tracked by `tracker` so the
 /// caller can wait for them with a deadline.
+///
+/// Up to `pipeline.claims_in_flight` claim batches are in Redis at once: while one round trip is
+/// out, the copies that arrive meanwhile go out in the next batch instead of waiting for it. The
+/// order in which two batches are answered does not matter to the protocol: a copy's claim is
+/// atomic in Redis, and a second copy of the same id (a redelivery) claimed meanwhile is answered
+/// BUSY or DONE, as it would be from another instance. On `cancel`, or when the source is gone,
+/// no new batch starts and the batches already out are answered and decided before it returns.
 pub async fn run_side(
     shared: Arc<Shared>,
     side: Side,
@@ -298,95 +309,138 @@ pub async fn run_side(
     let calls = Arc::new(Semaphore::new(shared.settings.max_in_flight));
     let metrics = shared.metrics.side(&side);
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Message>();
-    let mut batch = Vec::with_capacity(shared.settings.claim_batch);
+    let depth = shared.settings.claims_in_flight.max(1);
+    let max = shared.settings.claim_batch;
+    let mut claiming = FuturesUnordered::new();
+    let mut taking = true;
+    let mut batch = Vec::with_capacity(max);
     loop {
-        batch.clear();
+        let room = taking && claiming.len() < depth;
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
-            Some(m) = retry_rx.recv() => {
+            _ = cancel.cancelled(), if taking => taking = false,
+            Some(claimed) = claiming.next(), if !claiming.is_empty() => {
+                metrics.claims_in_flight.dec();
+                if let Some(claimed) = claimed {
+                    dispatch(&shared, &side, &metrics, claimed, &calls, &retry_tx, &cancel, &tracker)
+                        .await;
+                }
+                continue;
+            }
+            Some(m) = retry_rx.recv(), if room => {
                 batch.push(m);
-                while batch.len() < shared.settings.claim_batch {
+                while batch.len() < max {
                     match retry_rx.try_recv() {
                         Ok(m) => batch.push(m),
                         Err(_) => break,
                     }
                 }
             }
-            n = rx.recv_many(&mut batch, shared.settings.claim_batch) => {
+            n = rx.recv_many(&mut batch, max), if room => {
                 if n == 0 {
-                    break; // the source is gone
+                    taking = false; // the source is gone
                 }
             }
+            else => break,
         }
-        let work = std::mem::take(&mut batch);
-        handle_batch(
-            &shared, &side, &metrics, work, &calls, &retry_tx, &cancel, &tracker,
-        )
-        .await;
-        batch = Vec::with_capacity(shared.settings.claim_batch);
+        if !batch.is_empty() {
+            let work = std::mem::replace(&mut batch, Vec::with_capacity(max));
+            metrics.claims_in_flight.inc();
+            claiming.push(claim(
+                shared.clone(),
+                side.clone(),
+                metrics.clone(),
+                work,
+                cancel.clone(),
+            ));
+        }
     }
     tracing::info!(side = %side, "pipeline stopped taking copies");
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn handle_batch(
-    shared: &Arc<Shared>,
-    side: &Side,
-    metrics: &SideMetrics,
+/// A batch whose claims Redis answered, in the order of its copies.
+struct Claimed {
+    copies: Vec<Message>,
+    tokens: Vec<LeaseToken>,
+    claims: Vec<Result<(Claim, Sighting), StoreError>>,
+}
+
+/// Parks a batch's copies without identity and claims the rest in one round trip. `None` when
+/// nothing is left to decide, or when cancelled while Redis was away (then the copies are
+/// handed back unacknowledged, redelivered after a restart).
+async fn claim(
+    shared: Arc<Shared>,
+    side: Side,
+    metrics: SideMetrics,
     batch: Vec<Message>,
-    calls: &Arc<Semaphore>,
-    retry_tx: &mpsc::UnboundedSender<Message>,
-    cancel: &CancellationToken,
-    tracker: &TaskTracker,
-) {
+    cancel: CancellationToken,
+) -> Option<Claimed> {
     let (good, bad): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| m.identity.is_ok());
     if !bad.is_empty() {
         let n = bad.len() as u64;
-        if park_bad_input(shared, bad, cancel).await {
+        if park_bad_input(&shared, bad, &cancel).await {
             metrics.message(Fate::BadInput, n);
             metrics.dead_letters.inc_by(n);
         }
     }
     if good.is_empty() {
-        return;
+        return None;
     }
-    let Some(switches) = current_switches(shared, cancel).await else {
-        return; // cancelled before the switches were known: hand everything back
-    };
+    // Cancelled before the switches were known: hand everything back.
+    let switches = current_switches(&shared, &cancel).await?;
     let tokens: Vec<LeaseToken> = good.iter().map(|_| shared.tokens.next()).collect();
-    let claims = {
-        let reqs: Vec<ClaimRequest> = good
-            .iter()
-            .zip(&tokens)
-            .map(|(m, token)| {
-                let ident = m.identity.as_ref().expect("partitioned on is_ok");
-                ClaimRequest {
-                    id: &ident.id,
-                    side,
-                    routed_owner: routed_owner(shared, &switches, &ident.business_id),
-                    token,
-                }
-            })
-            .collect();
-        let timer = shared.metrics.claim_seconds.start_timer();
-        match until_redis_answers(shared, cancel, || shared.arbiter.claim_batch_sighted(&reqs))
-            .await
-        {
-            Some(c) => {
-                timer.observe_duration();
-                c
+    let reqs: Vec<ClaimRequest> = good
+        .iter()
+        .zip(&tokens)
+        .map(|(m, token)| {
+            let ident = m.identity.as_ref().expect("partitioned on is_ok");
+            ClaimRequest {
+                id: &ident.id,
+                side: &side,
+                routed_owner: routed_owner(&shared, &switches, &ident.business_id),
+                token,
             }
-            None => return, // cancelled while Redis was away: hand back
-        }
-    };
+        })
+        .collect();
+    let timer = shared.metrics.claim_seconds.start_timer();
+    let claims = until_redis_answers(&shared, &cancel, || {
+        shared.arbiter.claim_batch_sighted(&reqs)
+    })
+    .await?;
+    timer.observe_duration();
+    drop(reqs);
     if let Some(parity) = &shared.parity {
-        record_sights(parity, side, metrics, &good, &claims);
+        record_sights(parity, &side, &metrics, &good, &claims);
     }
+    Some(Claimed {
+        copies: good,
+        tokens,
+        claims,
+    })
+}
+
+/// Acts on a claimed batch: starts a call for each copy this side may deliver, acknowledges
+/// those it must not, and puts BUSY copies back beside the stream.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    shared: &Arc<Shared>,
+    side: &Side,
+    metrics: &SideMetrics,
+    claimed: Claimed,
+    calls: &Arc<Semaphore>,
+    retry_tx: &mpsc::UnboundedSender<Message>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let Claimed {
+        copies,
+        tokens,
+        claims,
+    } = claimed;
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
     let mut refused: Vec<(Message, String)> = Vec::new();
-    for ((msg, token), claim) in good.into_iter().zip(tokens).zip(claims) {
+    for ((msg, token), claim) in copies.into_iter().zip(tokens).zip(claims) {
         match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
                 if takeover {

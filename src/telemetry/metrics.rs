@@ -19,6 +19,9 @@ pub const ARBITER_SECONDS: &str = "mqc_arbiter_seconds";
 pub const DECISION_SECONDS: &str = "mqc_decision_seconds";
 /// Sink calls in flight, by side.
 pub const IN_FLIGHT: &str = "mqc_in_flight";
+/// Gauge by `side`: claim batches sent to Redis and not answered yet (at most
+/// `pipeline.claims_in_flight`).
+pub const CLAIMS_IN_FLIGHT: &str = "mqc_claims_in_flight";
 /// Copies parked in dead letters, by side.
 pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
 /// Ambiguous outcomes (timeouts after sending, expired leases taken over), by side.
@@ -58,6 +61,7 @@ pub const NAMES: &[&str] = &[
     ARBITER_SECONDS,
     DECISION_SECONDS,
     IN_FLIGHT,
+    CLAIMS_IN_FLIGHT,
     DEAD_LETTERS_TOTAL,
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
@@ -124,6 +128,8 @@ pub struct SideMetrics {
     calls: [IntCounter; 4],
     /// Calls in flight.
     pub in_flight: IntGauge,
+    /// Claim batches in flight.
+    pub claims_in_flight: IntGauge,
     /// Parked copies.
     pub dead_letters: IntCounter,
     /// Ambiguous outcomes.
@@ -164,6 +170,7 @@ pub struct Metrics {
     messages: IntCounterVec,
     calls: IntCounterVec,
     in_flight: prometheus::IntGaugeVec,
+    claims_in_flight: prometheus::IntGaugeVec,
     dead: IntCounterVec,
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
@@ -258,6 +265,17 @@ impl Default for Metrics {
                 &r,
                 prometheus::IntGaugeVec::new(
                     Opts::new(IN_FLIGHT, "Sink calls in flight, by side."),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            claims_in_flight: reg(
+                &r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        CLAIMS_IN_FLIGHT,
+                        "Claim batches sent to Redis and not answered yet, by side.",
+                    ),
                     &["side"],
                 )
                 .expect("valid"),
@@ -412,6 +430,7 @@ impl Metrics {
             messages: Fate::ALL.map(|f| self.messages.with_label_values(&[side, f.label()])),
             calls: CALL_CLASSES.map(|c| self.calls.with_label_values(&[side, c])),
             in_flight: self.in_flight.with_label_values(&[side]),
+            claims_in_flight: self.claims_in_flight.with_label_values(&[side]),
             dead_letters: self.dead.with_label_values(&[side]),
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),

@@ -6,6 +6,7 @@ mod invariants;
 mod memory;
 mod model;
 mod parity;
+mod pipelined;
 mod transitions;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};

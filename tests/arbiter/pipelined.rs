@@ -1,0 +1,279 @@
+//! Both sides' pipelines (`run_side`) on real Redis reached through a proxy that holds every reply
+//! back for a while, so that each claim round trip is long and the claim loop's overlap shows:
+//! with `pipeline.claims_in_flight = n`, exactly up to `n` claim batches of a side are in Redis at
+//! once (`mqc_claims_in_flight`), and every id is still called exactly once, never twice at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mq_cutover::arbiter::switches::Switches;
+use mq_cutover::config::{Config, Percent};
+use mq_cutover::message::{Ack, Finished, Identity, Message, Origin, Side};
+use mq_cutover::pipeline::{run_side, Pause, Shared};
+use mq_cutover::sink::{CallResult, Sink, SinkRequest};
+use mq_cutover::store::Store;
+use mq_cutover::telemetry::metrics::Metrics;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::common;
+
+/// How long the proxy holds each reply from Redis.
+const REPLY_DELAY: Duration = Duration::from_millis(30);
+const IDS: i64 = 400;
+
+/// A loopback proxy to `upstream` that forwards requests at once and every reply `delay` later,
+/// in order. Returns its address.
+async fn delaying_proxy(upstream: String, delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let server = TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_r, mut client_w) = client.into_split();
+                let (mut server_r, mut server_w) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+                });
+                let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server_r.read(&mut buf).await {
+                        if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until((at + delay).into()).await;
+                    if client_w.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}")
+}
+
+/// Counts calls per id and the most calls of one id in flight at once.
+#[derive(Default)]
+struct CountingSink {
+    state: Mutex<SinkState>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    calls: HashMap<String, u32>,
+    running: HashMap<String, u32>,
+    most_at_once: u32,
+}
+
+#[async_trait::async_trait]
+impl Sink for CountingSink {
+    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+        {
+            let mut s = self.state.lock().unwrap();
+            *s.calls.entry(req.message_id.to_owned()).or_default() += 1;
+            let running = s.running.entry(req.message_id.to_owned()).or_default();
+            *running += 1;
+            let now = *running;
+            s.most_at_once = s.most_at_once.max(now);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        *self
+            .state
+            .lock()
+            .unwrap()
+            .running
+            .get_mut(req.message_id)
+            .unwrap() -= 1;
+        CallResult::Success
+    }
+}
+
+fn config(redis_url: &str, prefix: &str, claims_in_flight: usize) -> mq_cutover::config::Validated {
+    Config::from_toml_str(&format!(
+        r#"
+[redis]
+urls = ["{redis_url}"]
+key_prefix = "{prefix}"
+[cutover]
+from = "kafka"
+to = "rocketmq"
+[[side]]
+name = "kafka"
+kind = "kafka"
+message_id = {{ header = "msg-id" }}
+business_id = {{ json_pointer = "/user_id" }}
+[side.kafka]
+bootstrap_servers = "127.0.0.1:1"
+topics = ["t"]
+group_id = "g"
+[[side]]
+name = "rocketmq"
+kind = "rocketmq"
+message_id = {{ header = "msg-id" }}
+business_id = {{ json_pointer = "/user_id" }}
+[side.rocketmq]
+name_server = "127.0.0.1:1"
+topic = "t"
+group = "g"
+[sink]
+url = "http://127.0.0.1:1/grant"
+[pipeline]
+claim_batch = 8
+claims_in_flight = {claims_in_flight}
+"#
+    ))
+    .expect("parses")
+    .validate()
+    .expect("valid")
+}
+
+fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message {
+    let topic: Arc<str> = "t".into();
+    Message {
+        identity: Ok(Identity {
+            id: format!("pl-{n}"),
+            business_id: format!("u-{n}"),
+        }),
+        payload: b"{}".to_vec(),
+        origin: Origin {
+            side: side.clone(),
+            topic: topic.clone(),
+            partition: 0,
+            offset: n,
+            born_ms: 0,
+        },
+        received: Instant::now(),
+        ack: Ack::new(
+            acks.clone(),
+            Finished {
+                topic,
+                partition: 0,
+                offset: n,
+            },
+        ),
+    }
+}
+
+/// Runs both sides over `IDS` ids (one copy each) with `claims_in_flight` batches allowed per
+/// side; returns the most claim batches the Kafka side had in Redis at once.
+async fn run(claims_in_flight: usize) -> i64 {
+    let upstream = common::redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let url = delaying_proxy(upstream, REPLY_DELAY).await;
+    let prefix = common::unique_prefix("pipelined");
+    let cfg = config(&url, &prefix, claims_in_flight);
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test Redis (scripts/testbed up) answers through the proxy");
+    let (_switches_tx, feed) = watch::channel(Some(Arc::new(Switches {
+        consume: true,
+        percent: Percent::try_from(50).unwrap(),
+        whitelist: Default::default(),
+        version: 1,
+        changed_at_ms: 0,
+    })));
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let mut shared = Shared::build(
+        &cfg,
+        &store,
+        feed,
+        Arc::new(Pause::default()),
+        stop.clone(),
+        metrics.clone(),
+    )
+    .expect("shared");
+    let sink = Arc::new(CountingSink::default());
+    shared.sink = sink.clone();
+    let shared = Arc::new(shared);
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (kafka, rocketmq): (Side, Side) = ("kafka".into(), "rocketmq".into());
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let mut pipelines = Vec::new();
+    let mut sources = Vec::new(); // kept open until the end: a closed source stops its pipeline
+    for side in [&kafka, &rocketmq] {
+        let (tx, rx) = mpsc::channel(IDS as usize);
+        for n in 0..IDS {
+            tx.send(copy(side, n, &acks_tx)).await.unwrap();
+        }
+        pipelines.push(tokio::spawn(run_side(
+            shared.clone(),
+            side.clone(),
+            rx,
+            cancel.clone(),
+            tracker.clone(),
+        )));
+        sources.push(tx);
+    }
+
+    // Watch the Kafka side's gauge while the copies go through.
+    let gauge = metrics.side("kafka").claims_in_flight;
+    let watched = gauge.clone();
+    let watching = CancellationToken::new();
+    let watcher = {
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !watching.is_cancelled() {
+                most = most.max(watched.get());
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            most
+        })
+    };
+    for _ in 0..2 * IDS {
+        tokio::time::timeout(Duration::from_secs(30), acks_rx.recv())
+            .await
+            .expect("every copy acknowledged in time")
+            .expect("ack channel open");
+    }
+    watching.cancel();
+    let most = watcher.await.unwrap();
+
+    {
+        let state = sink.state.lock().unwrap();
+        assert_eq!(state.calls.len(), IDS as usize, "every id was called");
+        assert!(
+            state.calls.values().all(|&n| n == 1),
+            "no id was called twice"
+        );
+        assert_eq!(state.most_at_once, 1);
+    }
+
+    cancel.cancel();
+    for p in pipelines {
+        tokio::time::timeout(Duration::from_secs(10), p)
+            .await
+            .expect("the pipeline stops on cancel")
+            .unwrap();
+    }
+    assert_eq!(gauge.get(), 0, "no claim batch left counted in flight");
+    drop(sources);
+    stop.cancel();
+    common::cleanup(&[common::redis_url()], &prefix);
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_keeps_two_claim_batches_in_redis_while_replies_are_slow() {
+    assert_eq!(run(2).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_claim_batch_in_flight_means_one() {
+    assert_eq!(run(1).await, 1);
+}
