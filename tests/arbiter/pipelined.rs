@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::switches::Switches;
-use mq_cutover::config::{Config, Percent};
+use mq_cutover::config::Percent;
 use mq_cutover::message::{Ack, Finished, Identity, Message, Origin, Side};
 use mq_cutover::pipeline::{run_side, Pause, Shared};
 use mq_cutover::sink::{CallResult, Sink, SinkRequest};
@@ -98,45 +98,6 @@ impl Sink for CountingSink {
     }
 }
 
-fn config(redis_url: &str, prefix: &str, claims_in_flight: usize) -> mq_cutover::config::Validated {
-    Config::from_toml_str(&format!(
-        r#"
-[redis]
-urls = ["{redis_url}"]
-key_prefix = "{prefix}"
-[cutover]
-from = "kafka"
-to = "rocketmq"
-[[side]]
-name = "kafka"
-kind = "kafka"
-message_id = {{ header = "msg-id" }}
-business_id = {{ json_pointer = "/user_id" }}
-[side.kafka]
-bootstrap_servers = "127.0.0.1:1"
-topics = ["t"]
-group_id = "g"
-[[side]]
-name = "rocketmq"
-kind = "rocketmq"
-message_id = {{ header = "msg-id" }}
-business_id = {{ json_pointer = "/user_id" }}
-[side.rocketmq]
-name_server = "127.0.0.1:1"
-topic = "t"
-group = "g"
-[sink]
-url = "http://127.0.0.1:1/grant"
-[pipeline]
-claim_batch = 8
-claims_in_flight = {claims_in_flight}
-"#
-    ))
-    .expect("parses")
-    .validate()
-    .expect("valid")
-}
-
 fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message {
     let topic: Arc<str> = "t".into();
     Message {
@@ -173,7 +134,11 @@ async fn run(claims_in_flight: usize) -> i64 {
         .to_owned();
     let url = delaying_proxy(upstream, REPLY_DELAY).await;
     let prefix = common::unique_prefix("pipelined");
-    let cfg = config(&url, &prefix, claims_in_flight);
+    let cfg = common::offline_config(
+        &url,
+        &prefix,
+        &format!("claim_batch = 8\nclaims_in_flight = {claims_in_flight}"),
+    );
     let store = Store::connect(&cfg.redis, false)
         .await
         .expect("the test Redis (scripts/testbed up) answers through the proxy");

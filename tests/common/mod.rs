@@ -71,6 +71,43 @@ fn toml_section<T: serde::de::DeserializeOwned>(text: &str) -> T {
 /// The two sides the arbiter tests' records are marked by, old first.
 pub const SIDES: [&str; 2] = ["kafka", "rocketmq"];
 
+/// A whole daemon config for tests that drive `pipeline::run_side` by hand: Redis at
+/// `redis_url` under `prefix`, both sides and the sink at addresses nothing listens on (the tests
+/// feed copies and a sink of their own), and `pipeline` as the `[pipeline]` section's body.
+pub fn offline_config(
+    redis_url: &str,
+    prefix: &str,
+    pipeline: &str,
+) -> mq_cutover::config::Validated {
+    let mut side_sections = String::new();
+    for (name, broker) in [
+        (
+            "kafka",
+            "bootstrap_servers = \"127.0.0.1:1\"\ntopics = [\"t\"]\ngroup_id = \"g\"",
+        ),
+        (
+            "rocketmq",
+            "name_server = \"127.0.0.1:1\"\ntopic = \"t\"\ngroup = \"g\"",
+        ),
+    ] {
+        side_sections.push_str(&format!(
+            "[[side]]\nname = \"{name}\"\nkind = \"{name}\"\n\
+             message_id = {{ header = \"msg-id\" }}\n\
+             business_id = {{ json_pointer = \"/user_id\" }}\n[side.{name}]\n{broker}\n"
+        ));
+    }
+    mq_cutover::config::Config::from_toml_str(&format!(
+        "[redis]\nurls = [\"{redis_url}\"]\nkey_prefix = \"{prefix}\"\n\
+         [cutover]\nfrom = \"kafka\"\nto = \"rocketmq\"\n\
+         {side_sections}\
+         [sink]\nurl = \"http://127.0.0.1:1/grant\"\n\
+         [pipeline]\n{pipeline}\n"
+    ))
+    .expect("test config parses")
+    .validate()
+    .expect("test config is valid")
+}
+
 /// Arbiter settings for tests: explicit lease and policy, short retention so leftovers vanish.
 pub fn arbiter_config(
     lease: Duration,

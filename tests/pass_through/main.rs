@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mq_cutover::config::Config;
 use mq_cutover::message::{Ack, BadInput, Finished, Identity, Message, Origin, Side};
 use mq_cutover::pipeline::{run_side, Pause, Shared};
 use mq_cutover::sink::{CallResult, Sink, SinkRequest};
@@ -15,6 +14,9 @@ use mq_cutover::telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+#[path = "../common/mod.rs"]
+mod common;
 
 /// Records the calls it gets, answering success.
 #[derive(Default)]
@@ -31,47 +33,6 @@ impl Sink for Recorder {
             .push((req.message_id.to_owned(), req.side.to_owned()));
         CallResult::Success
     }
-}
-
-fn config(redis_port: u16) -> mq_cutover::config::Validated {
-    Config::from_toml_str(&format!(
-        r#"
-[redis]
-urls = ["redis://127.0.0.1:{redis_port}"]
-key_prefix = "t-pass-through"
-[cutover]
-from = "kafka"
-to = "rocketmq"
-[[side]]
-name = "kafka"
-kind = "kafka"
-message_id = {{ header = "msg-id" }}
-business_id = {{ json_pointer = "/user_id" }}
-[side.kafka]
-bootstrap_servers = "127.0.0.1:1"
-topics = ["t"]
-group_id = "g"
-[[side]]
-name = "rocketmq"
-kind = "rocketmq"
-message_id = {{ header = "msg-id" }}
-business_id = {{ json_pointer = "/user_id" }}
-[side.rocketmq]
-name_server = "127.0.0.1:1"
-topic = "t"
-group = "g"
-[sink]
-url = "http://127.0.0.1:1/grant"
-[pipeline]
-claim_batch = 16
-[pipeline.pass_through]
-side = "kafka"
-measurement_only = true
-"#
-    ))
-    .expect("parses")
-    .validate()
-    .expect("valid")
 }
 
 fn copy(side: &Side, n: i64, id: Option<&str>, acks: &mpsc::UnboundedSender<Finished>) -> Message {
@@ -117,7 +78,11 @@ async fn pass_through_forwards_every_copy_of_its_side_and_never_touches_redis() 
         }
     });
 
-    let cfg = config(port);
+    let cfg = common::offline_config(
+        &format!("redis://127.0.0.1:{port}"),
+        "t-pass-through",
+        "claim_batch = 16\n[pipeline.pass_through]\nside = \"kafka\"\nmeasurement_only = true",
+    );
     let store = Store::connect(&cfg.redis, true).await.expect("lazy store");
     let (_switches_tx, feed) = watch::channel(None); // never read: routing is not consulted
     let pause = Arc::new(Pause::default());
