@@ -8,7 +8,7 @@
 //! sources are paused and the batch in hand waits; nothing proceeds without a claim.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -228,6 +228,7 @@ pub async fn replay(
         None => letter.side.as_str().into(),
     };
     let token = shared.tokens.next();
+    let sent = Instant::now();
     let claim = shared
         .arbiter
         .claim(&ClaimRequest {
@@ -257,7 +258,7 @@ pub async fn replay(
             business_id: letter.business_id.clone().unwrap_or_default(),
         }),
         payload: letter.payload.clone(),
-        received: std::time::Instant::now(),
+        received: Instant::now(),
         ack: crate::message::Ack::new(
             ack_tx,
             crate::message::Finished {
@@ -270,10 +271,12 @@ pub async fn replay(
     };
     let (retry_tx, _retry_rx) = mpsc::unbounded_channel();
     let metrics = shared.metrics.side(&owner);
-    deliver(
-        shared, &owner, &metrics, msg, token, attempt, cancel, &retry_tx,
-    )
-    .await;
+    let lease = Held {
+        token,
+        attempt,
+        confirmed: sent,
+    };
+    deliver(shared, &owner, &metrics, msg, lease, cancel, &retry_tx).await;
     if ack_rx.try_recv().is_err() {
         return Ok(Replayed::Elsewhere(
             "interrupted before its fate was recorded".into(),
@@ -363,6 +366,8 @@ struct Claimed {
     copies: Vec<Message>,
     tokens: Vec<LeaseToken>,
     claims: Vec<Result<(Claim, Sighting), StoreError>>,
+    /// When the claims were sent: no lease granted by them ends before this plus its length.
+    sent: Instant,
 }
 
 /// Parks a batch's copies without identity and claims the rest in one round trip. `None` when
@@ -403,6 +408,7 @@ async fn claim(
         })
         .collect();
     let timer = shared.metrics.claim_seconds.start_timer();
+    let sent = Instant::now();
     let claims = until_redis_answers(&shared, &cancel, || {
         shared.arbiter.claim_batch_sighted(&reqs)
     })
@@ -416,6 +422,7 @@ async fn claim(
         copies: good,
         tokens,
         claims,
+        sent,
     })
 }
 
@@ -436,6 +443,7 @@ async fn dispatch(
         copies,
         tokens,
         claims,
+        sent,
     } = claimed;
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
@@ -464,10 +472,12 @@ async fn dispatch(
                 let retry_tx = retry_tx.clone();
                 let metrics = metrics.clone();
                 tracker.spawn(async move {
-                    deliver(
-                        &shared, &side, &metrics, msg, token, attempt, &cancel, &retry_tx,
-                    )
-                    .await;
+                    let lease = Held {
+                        token,
+                        attempt,
+                        confirmed: sent,
+                    };
+                    deliver(&shared, &side, &metrics, msg, lease, &cancel, &retry_tx).await;
                     drop(permit);
                 });
             }
@@ -678,19 +688,38 @@ async fn park_bad_input(shared: &Shared, bad: Vec<Message>, cancel: &Cancellatio
     true
 }
 
+/// A lease a worker holds on an id: its token, the attempt it was granted for, and the latest
+/// moment Redis is known to have had it live (sent no later than the claim or renewal that
+/// granted it).
+struct Held {
+    token: LeaseToken,
+    attempt: u32,
+    confirmed: Instant,
+}
+
 /// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is
 /// recorded: done, parked, or taken by another worker.
-#[allow(clippy::too_many_arguments)]
+///
+/// A copy may wait between its claim and its call: for a call slot (`pipeline.max_in_flight`) or
+/// for an open circuit to close, which can take longer than the lease. Nothing renews the lease
+/// meanwhile, so it may lapse and another worker take the id over and call. So when the lease
+/// was last confirmed a third of its length ago or more, it is renewed first, and the call is made
+/// only if it is still this worker's; otherwise the copy goes back through the pipeline, where
+/// the current holder's claim decides. A copy that calls at once costs no extra round trip.
 async fn deliver(
     shared: &Arc<Shared>,
     side: &Side,
     metrics: &SideMetrics,
     msg: Message,
-    mut token: LeaseToken,
-    mut attempt: u32,
+    lease: Held,
     cancel: &CancellationToken,
     retry_tx: &mpsc::UnboundedSender<Message>,
 ) {
+    let Held {
+        mut token,
+        mut attempt,
+        mut confirmed,
+    } = lease;
     // Borrowed, not cloned: the copy keeps its identity for as long as this worker holds it.
     let ident: &Identity = msg
         .identity
@@ -704,6 +733,26 @@ async fn deliver(
                 .complete(&ident.id, side, token, Outcome::NotCalled)
                 .await;
             return;
+        }
+        if confirmed.elapsed() >= shared.arbiter.lease() / 3 {
+            match shared.arbiter.renew(&ident.id, &token).await {
+                Ok(true) => {} // ours for a whole lease again; the call renews it from here on
+                Ok(false) => {
+                    metrics.lapsed.inc();
+                    tracing::warn!(id = %ident.id, side = %side,
+                        "lease lapsed before the call and the id is another worker's now: not calling; the current holder decides");
+                    let _ = retry_tx.send(msg);
+                    return;
+                }
+                Err(e) => {
+                    // Not known to be ours: no call. The record still names this token, so the
+                    // claim of the copy put back answers BUSY until the lease ends, then proceeds.
+                    tracing::warn!(id = %ident.id, side = %side, error = %e,
+                        "cannot confirm the lease before the call: not calling; claiming the copy again");
+                    let _ = retry_tx.send(msg);
+                    return;
+                }
+            }
         }
         let req = SinkRequest {
             message_id: &ident.id,
@@ -783,6 +832,7 @@ async fn deliver(
             _ = cancel.cancelled() => return, // no lease held: hand back
         }
         token = shared.tokens.next();
+        confirmed = Instant::now();
         let claim = {
             let req = ClaimRequest {
                 id: &ident.id,

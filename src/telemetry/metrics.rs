@@ -28,6 +28,9 @@ pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
 pub const AMBIGUOUS_TOTAL: &str = "mqc_ambiguous_total";
 /// Successes recorded after their lease was lost, by side.
 pub const OVERLAPS_TOTAL: &str = "mqc_overlaps_total";
+/// Calls not made because the lease lapsed while the copy waited and another worker held the id,
+/// by side.
+pub const LAPSED_TOTAL: &str = "mqc_lapsed_total";
 /// The switches this instance follows.
 pub const SWITCH_CONSUME: &str = "mqc_switch_consume";
 /// The percentage routed to the new side.
@@ -65,6 +68,7 @@ pub const NAMES: &[&str] = &[
     DEAD_LETTERS_TOTAL,
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
+    LAPSED_TOTAL,
     SWITCH_CONSUME,
     SWITCH_PERCENT,
     SWITCH_WHITELIST_SIZE,
@@ -136,6 +140,8 @@ pub struct SideMetrics {
     pub ambiguous: IntCounter,
     /// Late successes.
     pub overlaps: IntCounter,
+    /// Calls not made: the lease lapsed before the call and another worker held the id.
+    pub lapsed: IntCounter,
     /// Ids this side observed for the first time.
     pub parity_observed: IntCounter,
     decision_seconds: Histogram,
@@ -174,6 +180,7 @@ pub struct Metrics {
     dead: IntCounterVec,
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
+    lapsed: IntCounterVec,
     /// Sink call durations.
     pub sink_seconds: Histogram,
     /// Claim round trips.
@@ -310,6 +317,17 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
+            lapsed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        LAPSED_TOTAL,
+                        "Calls not made because the lease lapsed before the call and another worker held the id.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
             sink_seconds: reg(
                 &r,
                 Histogram::with_opts(
@@ -434,6 +452,7 @@ impl Metrics {
             dead_letters: self.dead.with_label_values(&[side]),
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),
+            lapsed: self.lapsed.with_label_values(&[side]),
             parity_observed: self.parity_observed.with_label_values(&[side]),
             decision_seconds: self.decision.with_label_values(&[side]),
         }
@@ -526,6 +545,7 @@ mod tests {
         k.dead_letters.inc();
         k.ambiguous.inc();
         k.overlaps.inc();
+        k.lapsed.inc();
         m.sink_seconds.observe(0.1);
         m.claim_seconds.observe(0.1);
         m.consumer_lag.with_label_values(&["kafka", "t/0"]).set(1);
@@ -555,6 +575,7 @@ mod tests {
             DEAD_LETTERS_TOTAL,
             AMBIGUOUS_TOTAL,
             OVERLAPS_TOTAL,
+            LAPSED_TOTAL,
             PAUSES_TOTAL,
             REBALANCES_TOTAL,
             PARITY_OBSERVED_TOTAL,

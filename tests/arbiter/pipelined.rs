@@ -2,12 +2,16 @@
 //! back for a while, so that each claim round trip is long and the claim loop's overlap shows:
 //! with `pipeline.claims_in_flight = n`, exactly up to `n` claim batches of a side are in Redis at
 //! once (`mqc_claims_in_flight`), and every id is still called exactly once, never twice at once.
+//! And a copy that waited past its lease before its call does not call on the lapsed lease.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::switches::Switches;
+use mq_cutover::arbiter::{
+    Claim, ClaimRequest, CompleteRequest, Completion, LeaseTokens, Outcome, State,
+};
 use mq_cutover::config::Percent;
 use mq_cutover::message::{Ack, Finished, Identity, Message, Origin, Side};
 use mq_cutover::pipeline::{run_side, Pause, Shared};
@@ -241,4 +245,178 @@ async fn a_side_keeps_two_claim_batches_in_redis_while_replies_are_slow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_claim_batch_in_flight_means_one() {
     assert_eq!(run(1).await, 1);
+}
+
+/// Holds every call of `blocked` until `open` is notified; counts calls per id.
+struct GateSink {
+    blocked: String,
+    open: tokio::sync::Notify,
+    calls: Mutex<HashMap<String, u32>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for GateSink {
+    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+        *self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(req.message_id.to_owned())
+            .or_default() += 1;
+        if req.message_id == self.blocked {
+            self.open.notified().await;
+        }
+        CallResult::Success
+    }
+}
+
+/// A copy claimed in the same batch as another but kept from its call (one call slot, held by the
+/// other copy's long call) outlives its lease; meanwhile another worker takes the id over. When
+/// the slot frees, the copy must not call on the lapsed lease: it renews first, finds the id
+/// another's, and goes back through the pipeline, where it is acknowledged once that worker has
+/// recorded the id done. Without the renewal before the call, the id would be granted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
+    const LEASE: Duration = Duration::from_millis(1500);
+    let prefix = common::unique_prefix("lapsed");
+    let cfg = common::offline_config(
+        &common::redis_url(),
+        &prefix,
+        "claim_batch = 8\nmax_in_flight = 1\n[arbiter]\nlease = \"1500ms\"",
+    );
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test Redis (scripts/testbed up) answers");
+    let (_switches_tx, feed) = watch::channel(Some(Arc::new(Switches {
+        consume: true,
+        percent: Percent::try_from(0).unwrap(), // every id is the old side's (kafka)
+        whitelist: Default::default(),
+        version: 1,
+        changed_at_ms: 0,
+    })));
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let mut shared = Shared::build(
+        &cfg,
+        &store,
+        feed,
+        Arc::new(Pause::default()),
+        stop.clone(),
+        metrics.clone(),
+    )
+    .expect("shared");
+    let sink = Arc::new(GateSink {
+        blocked: "pl-0".into(),
+        open: tokio::sync::Notify::new(),
+        calls: Mutex::default(),
+    });
+    shared.sink = sink.clone();
+    let shared = Arc::new(shared);
+    let kafka: Side = "kafka".into();
+    let lapsed = metrics.side("kafka").lapsed;
+
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(copy(&kafka, 0, &acks_tx)).await.unwrap();
+    tx.send(copy(&kafka, 1, &acks_tx)).await.unwrap();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let pipeline = tokio::spawn(run_side(
+        shared.clone(),
+        kafka.clone(),
+        rx,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+
+    // pl-0's call holds the only slot; pl-1 is claimed and waits for it.
+    let calling = common::eventually(Duration::from_secs(10), || async {
+        sink.calls.lock().unwrap().contains_key("pl-0")
+    })
+    .await;
+    assert!(calling.is_some(), "pl-0 was called");
+    let record = shared
+        .arbiter
+        .inspect("pl-1")
+        .await
+        .unwrap()
+        .expect("pl-1 claimed");
+    assert_eq!(
+        record.state,
+        State::InFlight,
+        "pl-1 is claimed while it waits"
+    );
+
+    // pl-1's lease lapses (nothing renews a lease before its call); another worker takes it over.
+    tokio::time::sleep(LEASE + Duration::from_millis(300)).await;
+    let other = LeaseTokens::default().next();
+    let taken = shared
+        .arbiter
+        .claim(&ClaimRequest {
+            id: "pl-1",
+            side: "kafka",
+            routed_owner: "kafka",
+            token: &other,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(taken, Claim::Proceed { takeover: true, .. }),
+        "the lapsed lease is taken over: {taken:?}"
+    );
+
+    // The slot frees: pl-1 renews before calling, finds the id another's, and does not call.
+    sink.open.notify_one();
+    let decided = common::eventually(Duration::from_secs(10), || async {
+        lapsed.get() == 1 || sink.calls.lock().unwrap().contains_key("pl-1")
+    })
+    .await;
+    assert!(
+        decided.is_some(),
+        "pl-1 neither called nor given up in time"
+    );
+    assert_eq!(
+        sink.calls.lock().unwrap().get("pl-1"),
+        None,
+        "pl-1 was called on a lapsed lease another worker held: the id would be granted twice"
+    );
+    assert_eq!(lapsed.get(), 1, "the lapsed lease is counted");
+    let done = shared
+        .arbiter
+        .complete(&CompleteRequest {
+            id: "pl-1",
+            side: "kafka",
+            token: &other,
+            outcome: &Outcome::Success,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Completion::Recorded(State::Done));
+
+    // Both copies are acknowledged: pl-0 after its call, pl-1 once its re-claim answers DONE.
+    let mut acked = Vec::new();
+    for _ in 0..2 {
+        let f = tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
+            .await
+            .expect("both copies acknowledged in time")
+            .expect("ack channel open");
+        acked.push(f.offset);
+    }
+    acked.sort();
+    assert_eq!(acked, [0, 1]);
+    assert_eq!(
+        sink.calls.lock().unwrap().get("pl-1"),
+        None,
+        "pl-1 was never called by this worker: the worker that took it over decided"
+    );
+    assert_eq!(sink.calls.lock().unwrap().get("pl-0"), Some(&1));
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+    drop(tx);
+    stop.cancel();
+    common::cleanup(&[common::redis_url()], &prefix);
 }
