@@ -102,6 +102,48 @@ impl Sink for CountingSink {
     }
 }
 
+/// One instance's shared pipeline state on `store`: switches consume at `percent`, calls go to
+/// `sink`. Cancel `stop` at the end; keep `_switches` as long as the pipelines run.
+struct Instance {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    _switches: watch::Sender<Option<Arc<Switches>>>,
+}
+
+fn instance(
+    cfg: &mq_cutover::config::Validated,
+    store: &Store,
+    percent: i64,
+    sink: Arc<dyn Sink>,
+) -> Instance {
+    let (switches, feed) = watch::channel(Some(Arc::new(Switches {
+        consume: true,
+        percent: Percent::try_from(percent).unwrap(),
+        whitelist: Default::default(),
+        version: 1,
+        changed_at_ms: 0,
+    })));
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let mut shared = Shared::build(
+        cfg,
+        store,
+        feed,
+        Arc::new(Pause::default()),
+        stop.clone(),
+        metrics.clone(),
+    )
+    .expect("shared");
+    shared.sink = sink;
+    Instance {
+        shared: Arc::new(shared),
+        metrics,
+        stop,
+        _switches: switches,
+    }
+}
+
 fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message {
     let topic: Arc<str> = "t".into();
     Message {
@@ -146,27 +188,13 @@ async fn run(claims_in_flight: usize) -> i64 {
     let store = Store::connect(&cfg.redis, false)
         .await
         .expect("the test Redis (scripts/testbed up) answers through the proxy");
-    let (_switches_tx, feed) = watch::channel(Some(Arc::new(Switches {
-        consume: true,
-        percent: Percent::try_from(50).unwrap(),
-        whitelist: Default::default(),
-        version: 1,
-        changed_at_ms: 0,
-    })));
-    let metrics = Arc::new(Metrics::default());
-    let stop = CancellationToken::new();
-    let mut shared = Shared::build(
-        &cfg,
-        &store,
-        feed,
-        Arc::new(Pause::default()),
-        stop.clone(),
-        metrics.clone(),
-    )
-    .expect("shared");
     let sink = Arc::new(CountingSink::default());
-    shared.sink = sink.clone();
-    let shared = Arc::new(shared);
+    let Instance {
+        shared,
+        metrics,
+        stop,
+        _switches,
+    } = instance(&cfg, &store, 50, sink.clone());
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -287,31 +315,18 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
     let store = Store::connect(&cfg.redis, false)
         .await
         .expect("the test Redis (scripts/testbed up) answers");
-    let (_switches_tx, feed) = watch::channel(Some(Arc::new(Switches {
-        consume: true,
-        percent: Percent::try_from(0).unwrap(), // every id is the old side's (kafka)
-        whitelist: Default::default(),
-        version: 1,
-        changed_at_ms: 0,
-    })));
-    let metrics = Arc::new(Metrics::default());
-    let stop = CancellationToken::new();
-    let mut shared = Shared::build(
-        &cfg,
-        &store,
-        feed,
-        Arc::new(Pause::default()),
-        stop.clone(),
-        metrics.clone(),
-    )
-    .expect("shared");
     let sink = Arc::new(GateSink {
         blocked: "pl-0".into(),
         open: tokio::sync::Notify::new(),
         calls: Mutex::default(),
     });
-    shared.sink = sink.clone();
-    let shared = Arc::new(shared);
+    // Percent 0: every id is the old side's (kafka).
+    let Instance {
+        shared,
+        metrics,
+        stop,
+        _switches,
+    } = instance(&cfg, &store, 0, sink.clone());
     let kafka: Side = "kafka".into();
     let lapsed = metrics.side("kafka").lapsed;
 
