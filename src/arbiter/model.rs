@@ -31,7 +31,8 @@ pub struct Rec {
     pub state: State,
     /// `t`.
     pub token: Option<String>,
-    /// `e`: lease expiry, ms (present only while in flight).
+    /// `e`: lease expiry, ms (present while in flight; read only then, and left in place when
+    /// the lease holder records a success).
     pub expiry: Option<u64>,
     /// `a`.
     pub attempts: u32,
@@ -180,8 +181,8 @@ pub fn complete(
     };
     match outcome {
         Outcome::Success => {
+            // The lease's expiry stays: nothing reads it once the id is done.
             r.state = State::Done;
-            r.expiry = None;
             r.reason = None;
         }
         Outcome::Retryable(reason) => retry_or_park(r, reason.clone()),
@@ -455,7 +456,11 @@ mod tests {
                     prop_assert_eq!(r.state, State::Done);
                 }
                 was_done = r.state == State::Done;
-                prop_assert_eq!(r.expiry.is_some(), r.state == State::InFlight);
+                if r.state == State::InFlight {
+                    prop_assert!(r.expiry.is_some());
+                } else if r.state != State::Done {
+                    prop_assert!(r.expiry.is_none());
+                }
                 if strict {
                     // Under at most once nothing is taken over or retried after an unknown
                     // outcome: the id is parked, unless a late success proved it delivered.

@@ -46,8 +46,10 @@ local function complete(key, token, outcome, side, why)
   end
 
   if outcome == 's' then
+    -- The lease holder's success: no `r` can be set (only a dead record has one, and its lease
+    -- ended), and the lease expiry is left as it is: nothing reads it once the id is done, and
+    -- not deleting it saves a command per id.
     redis.call('HSET', key, 's', 'd')
-    redis.call('HDEL', key, 'e', 'r')
     return {1, 'd', attempts}
   elseif outcome == 'r' then
     return retry_or_park(why)

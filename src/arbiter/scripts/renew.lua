@@ -1,4 +1,5 @@
--- renew(id): extends a live lease held by this token.
+-- renew(id): extends the lease held by this token, from now. A lease that ran out but that no
+-- other claim took over is still this token's (the id is in flight with it), so it is renewed too.
 -- KEYS[1] the id's record; ARGV[1] lease token; ARGV[2] lease length, ms
 -- Returns 1 when renewed, 0 when the lease is no longer this token's.
 local rec = redis.call('HMGET', KEYS[1], 's', 't')
