@@ -131,6 +131,80 @@ async fn pairs_cancel_in_either_order_and_the_list_is_capped(mode: RedisMode) {
     common::cleanup(&store_urls(mode), &prefix);
 }
 
+/// One record call applies its ids as if one after the other, in the order given: a pair that
+/// comes twice cancels the first sight once and leaves a note for the second, a first sight that
+/// comes twice is listed once, and both kinds mix in one call.
+async fn a_batch_is_applied_as_if_one_id_after_another(mode: RedisMode) {
+    let prefix = common::unique_prefix("parity-batch");
+    let store = common::connect(mode, &prefix).await;
+    let p = parity(&store, 100);
+
+    p.record("kafka", &[first("a"), first("b"), first("b")])
+        .await
+        .unwrap();
+    assert_eq!(
+        one_sided(&p).await,
+        vec![("kafka".into(), "a".into()), ("kafka".into(), "b".into())]
+    );
+    // `a` twice: the first cancels kafka's sight, the second finds nothing to cancel and leaves a
+    // note in paired:kafka, exactly as a second call would have.
+    p.record("rocketmq", &[pair("a"), first("c"), pair("a"), pair("b")])
+        .await
+        .unwrap();
+    assert_eq!(one_sided(&p).await, vec![("rocketmq".into(), "c".into())]);
+    // The note: kafka's next first sight of `a` (a redelivery that claimed as new) is not listed.
+    p.record("kafka", &[first("a"), first("d")]).await.unwrap();
+    assert_eq!(
+        one_sided(&p).await,
+        vec![
+            ("kafka".into(), "d".into()),
+            ("rocketmq".into(), "c".into())
+        ]
+    );
+    common::cleanup(&store_urls(mode), &prefix);
+}
+
+/// A first sight per id is one `ZADD` per batch (in chunks of 500), not one per id, and the
+/// pairs that cancel them one `ZMSCORE` and one `ZREM` per chunk; batches larger than a chunk
+/// lose nothing.
+#[tokio::test]
+async fn large_batches_cost_a_few_commands_and_lose_nothing() {
+    // A Redis of its own, so that its command counts are this test's.
+    let redis = common::PrivateRedis::start();
+    let prefix = common::unique_prefix("parity-large");
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], &prefix);
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    let p = parity(&store, 5_000);
+    let ids: Vec<String> = (0..1_200).map(|i| format!("id-{i}")).collect();
+    let firsts: Vec<Sight<'_>> = ids.iter().map(|id| first(id)).collect();
+    let pairs: Vec<Sight<'_>> = ids.iter().map(|id| pair(id)).collect();
+
+    p.record("kafka", &firsts).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await; // past the 1 ms grace
+    let r = p.report(0, 10).await.unwrap();
+    assert_eq!(r.one_sided_total["kafka"], 1_200);
+    assert_eq!(r.untracked["kafka"], 0);
+    assert_eq!(
+        calls(&store, "zadd").await,
+        3,
+        "1,200 first sights: 3 chunks"
+    );
+
+    p.record("rocketmq", &pairs).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = p.report(0, 10).await.unwrap();
+    assert_eq!(
+        r.one_sided_total["kafka"], 0,
+        "every pair cancelled its sight"
+    );
+    assert_eq!(r.one_sided_total["rocketmq"], 0);
+    assert_eq!(calls(&store, "zmscore").await, 3);
+    assert_eq!(calls(&store, "zrem").await, 3);
+    assert_eq!(calls(&store, "zadd").await, 3, "no pair needed a note");
+}
+
 async fn counts_fall_in_the_buckets_of_the_broker_timestamp(mode: RedisMode) {
     let prefix = common::unique_prefix("parity-buckets");
     let store = common::connect(mode, &prefix).await;
@@ -187,12 +261,14 @@ async fn claims_report_first_sights_cluster() {
 #[tokio::test]
 async fn parity_records_standalone() {
     pairs_cancel_in_either_order_and_the_list_is_capped(RedisMode::Standalone).await;
+    a_batch_is_applied_as_if_one_id_after_another(RedisMode::Standalone).await;
     counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Standalone).await;
 }
 
 #[tokio::test]
 async fn parity_records_cluster() {
     pairs_cancel_in_either_order_and_the_list_is_capped(RedisMode::Cluster).await;
+    a_batch_is_applied_as_if_one_id_after_another(RedisMode::Cluster).await;
     counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Cluster).await;
 }
 

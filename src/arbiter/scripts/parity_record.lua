@@ -25,26 +25,84 @@ for i = 1, buckets do
 end
 
 local open, other_open, paired, other_paired = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local size, other_paired_size = redis.call('ZCARD', open), nil
+local size = redis.call('ZCARD', open)
 -- paired:<side> is empty but for the rare race it covers: no need to look in it then.
 local paired_size = redis.call('ZCARD', paired)
 local unlisted = 0
+-- The ids, split by kind. The two kinds touch different keys (a first sight open:<side> and
+-- paired:<side>, a completed pair open:<other> and paired:<other>), so each kind can be applied
+-- as a whole; within a kind, the ids are applied as if one after the other, as listed.
+local firsts, pairs_ = {}, {}
 for i = 8 + buckets, #ARGV do
   local kind, id = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
-  if kind == 'p' then
-    -- The pair is complete. If the other side's first sight is not recorded yet (its record call
-    -- is still on the way), leave a note so that it is not listed when it arrives.
-    if redis.call('ZREM', other_open, id) == 0 then
-      other_paired_size = other_paired_size or redis.call('ZCARD', other_paired)
+  if kind == 'p' then pairs_[#pairs_ + 1] = id else firsts[#firsts + 1] = id end
+end
+
+-- Variadic commands go in chunks: Lua's unpack takes a few thousand values at most.
+local CHUNK = 500
+local function each_chunk(list, per, fn)
+  for from = 1, #list, CHUNK do
+    local args = {}
+    for j = from, math.min(from + CHUNK - 1, #list) do per(args, list[j]) end
+    fn(args)
+  end
+end
+local function add_listed(key, ids)
+  local added = 0
+  each_chunk(ids, function(args, id)
+    args[#args + 1] = seen
+    args[#args + 1] = id
+  end, function(args) added = added + redis.call('ZADD', key, 'NX', unpack(args)) end)
+  return added
+end
+
+-- A completed pair removes the other side's first sight from its open list. A pair whose other
+-- first sight is not listed (its record call is still on the way, or the same id came twice)
+-- leaves a note in paired:<other> so that the first sight is not listed when it arrives.
+if #pairs_ > 0 then
+  local listed, unmatched, taken = {}, {}, {}
+  local scores = {}
+  each_chunk(pairs_, function(args, id) args[#args + 1] = id end, function(args)
+    for _, v in ipairs(redis.call('ZMSCORE', other_open, unpack(args))) do
+      scores[#scores + 1] = v
+    end
+  end)
+  for j, id in ipairs(pairs_) do
+    if scores[j] and not taken[id] then
+      taken[id] = true
+      listed[#listed + 1] = id
+    else
+      unmatched[#unmatched + 1] = id
+    end
+  end
+  each_chunk(listed, function(args, id) args[#args + 1] = id end,
+    function(args) redis.call('ZREM', other_open, unpack(args)) end)
+  if #unmatched > 0 then
+    local other_paired_size = redis.call('ZCARD', other_paired)
+    for _, id in ipairs(unmatched) do
       if other_paired_size < cap then
         other_paired_size = other_paired_size + redis.call('ZADD', other_paired, 'NX', seen, id)
       end
     end
-  elseif paired_size == 0 or redis.call('ZREM', paired, id) == 0 then
-    if size < cap then
-      size = size + redis.call('ZADD', open, 'NX', seen, id)
-    else
-      unlisted = unlisted + 1
+  end
+end
+
+-- A first sight is listed in open:<side> unless the other side's pair came first (noted in
+-- paired:<side>, which is empty but for that rare race: no need to look in it then). The list
+-- holds at most `cap` ids; beyond that they are only counted.
+if #firsts > 0 then
+  if paired_size == 0 and size + #firsts <= cap then
+    -- Everything fits: one ZADD for the lot (a repeated id is added once, as one by one).
+    size = size + add_listed(open, firsts)
+  else
+    for _, id in ipairs(firsts) do
+      if paired_size == 0 or redis.call('ZREM', paired, id) == 0 then
+        if size < cap then
+          size = size + redis.call('ZADD', open, 'NX', seen, id)
+        else
+          unlisted = unlisted + 1
+        end
+      end
     end
   end
 end
