@@ -169,13 +169,7 @@ async fn a_batch_is_applied_as_if_one_id_after_another(mode: RedisMode) {
 /// lose nothing.
 #[tokio::test]
 async fn large_batches_cost_a_few_commands_and_lose_nothing() {
-    // A Redis of its own, so that its command counts are this test's.
-    let redis = common::PrivateRedis::start();
-    let prefix = common::unique_prefix("parity-large");
-    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], &prefix);
-    let store = mq_cutover::store::Store::connect(&cfg, false)
-        .await
-        .unwrap();
+    let (_redis, store) = private_store("parity-large").await;
     let p = parity(&store, 5_000);
     let ids: Vec<String> = (0..1_200).map(|i| format!("id-{i}")).collect();
     let firsts: Vec<Sight<'_>> = ids.iter().map(|id| first(id)).collect();
@@ -272,6 +266,18 @@ async fn parity_records_cluster() {
     counts_fall_in_the_buckets_of_the_broker_timestamp(RedisMode::Cluster).await;
 }
 
+/// A store on a Redis of its own (kept alive by the first value), so that its command counts are
+/// the test's alone.
+async fn private_store(name: &str) -> (common::PrivateRedis, mq_cutover::store::Store) {
+    let redis = common::PrivateRedis::start();
+    let prefix = common::unique_prefix(name);
+    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], &prefix);
+    let store = mq_cutover::store::Store::connect(&cfg, false)
+        .await
+        .unwrap();
+    (redis, store)
+}
+
 /// How many times Redis ran `command` (from `INFO commandstats`).
 async fn calls(store: &mq_cutover::store::Store, command: &str) -> u64 {
     let mut conn = store.conn();
@@ -287,13 +293,7 @@ async fn calls(store: &mq_cutover::store::Store, command: &str) -> u64 {
 
 #[tokio::test]
 async fn the_recorder_pairs_what_it_holds_and_sends_the_rest() {
-    // A Redis of its own, so that its command counts are this test's.
-    let redis = common::PrivateRedis::start();
-    let prefix = common::unique_prefix("parity-hold");
-    let cfg = common::redis_config_for(RedisMode::Standalone, vec![redis.url()], &prefix);
-    let store = mq_cutover::store::Store::connect(&cfg, false)
-        .await
-        .unwrap();
+    let (_redis, store) = private_store("parity-hold").await;
     let p = std::sync::Arc::new(parity(&store, 100));
     let stop = CancellationToken::new();
     let hold = Duration::from_millis(400);
