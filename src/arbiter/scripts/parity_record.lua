@@ -48,12 +48,10 @@ local function each_chunk(list, per, fn)
   end
 end
 local function add_listed(key, ids)
-  local added = 0
   each_chunk(ids, function(args, id)
     args[#args + 1] = seen
     args[#args + 1] = id
-  end, function(args) added = added + redis.call('ZADD', key, 'NX', unpack(args)) end)
-  return added
+  end, function(args) redis.call('ZADD', key, 'NX', unpack(args)) end)
 end
 
 -- A completed pair removes the other side's first sight from its open list. A pair whose other
@@ -93,7 +91,7 @@ end
 if #firsts > 0 then
   if paired_size == 0 and size + #firsts <= cap then
     -- Everything fits: one ZADD for the lot (a repeated id is added once, as one by one).
-    size = size + add_listed(open, firsts)
+    add_listed(open, firsts)
   else
     for _, id in ipairs(firsts) do
       if paired_size == 0 or redis.call('ZREM', paired, id) == 0 then
