@@ -375,9 +375,10 @@ async fn follow_circuit(shared: Arc<Shared>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = states.changed() => if changed.is_err() { return },
-            // Open turns half-open only when someone looks: look now and then.
+            // Open turns half-open only when someone looks: look now and then (without taking
+            // the probe slot that a copy's call needs).
             _ = tokio::time::sleep(Duration::from_millis(500)), if open => {
-                shared.breaker.allow();
+                shared.breaker.state();
             }
         }
     }
