@@ -25,7 +25,7 @@ use crate::dead::{DeadLetters, Parking};
 use crate::message::{Identity, Message, Side};
 use crate::sink::breaker::CircuitBreaker;
 use crate::sink::retry::Backoff;
-use crate::sink::{Sink, SinkRequest};
+use crate::sink::{Sink, SinkRequest, Turn};
 use crate::store::StoreError;
 use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
 
@@ -700,12 +700,13 @@ struct Held {
 /// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is
 /// recorded: done, parked, or taken by another worker.
 ///
-/// A copy may wait between its claim and its call: for a call slot (`pipeline.max_in_flight`) or
-/// for an open circuit to close, which can take longer than the lease. Nothing renews the lease
-/// meanwhile, so it may lapse and another worker take the id over and call. So when the lease
-/// was last confirmed a third of its length ago or more, it is renewed first, and the call is made
-/// only if it is still this worker's; otherwise the copy goes back through the pipeline, where
-/// the current holder's claim decides. A copy that calls at once costs no extra round trip.
+/// A copy may wait between its claim and its call: for a worker slot (`pipeline.max_in_flight`)
+/// or for an open circuit to close, which can take longer than the lease. Nothing renews the
+/// lease meanwhile (it is renewed only while the copy queues for the sink's own call slot, and
+/// during the call), so it may lapse and another worker take the id over and call. So when the
+/// lease was last confirmed a third of its length ago or more, it is renewed first, and the call
+/// is made only if it is still this worker's; otherwise the copy goes back through the pipeline,
+/// where the current holder's claim decides. A copy that calls at once costs no extra round trip.
 async fn deliver(
     shared: &Arc<Shared>,
     side: &Side,
@@ -726,14 +727,15 @@ async fn deliver(
         .as_ref()
         .expect("only good copies are delivered");
     loop {
-        // Wait for the circuit to let calls through; hand the lease back if shutting down.
-        if !wait_for_circuit(shared, cancel).await {
+        // Wait for a turn at the sink that the circuit lets through; hand the lease back if
+        // shutting down.
+        let Some(turn) = call_turn(shared, Some((&ident.id, &token)), cancel).await else {
             let _ = shared
                 .completer
                 .complete(&ident.id, side, token, Outcome::NotCalled)
                 .await;
             return;
-        }
+        };
         if confirmed.elapsed() >= shared.arbiter.lease() / 3 {
             match shared.arbiter.renew(&ident.id, &token).await {
                 Ok(true) => {} // ours for a whole lease again; the call renews it from here on
@@ -762,7 +764,7 @@ async fn deliver(
         };
         metrics.in_flight.inc();
         let timer = shared.metrics.sink_seconds.start_timer();
-        let result = with_renewal(shared, &ident.id, &token, shared.sink.call(&req)).await;
+        let result = with_renewal(shared, &ident.id, &token, shared.sink.call_in(turn, &req)).await;
         timer.observe_duration();
         metrics.in_flight.dec();
         metrics.call(result.kind());
@@ -856,20 +858,41 @@ async fn deliver(
     }
 }
 
-/// Waits while the circuit is open. False if cancelled meanwhile.
-async fn wait_for_circuit(shared: &Shared, cancel: &CancellationToken) -> bool {
+/// Waits for a turn at the sink (a call slot, the rate limit) that the circuit lets through, and
+/// takes the circuit's probe slot if it is half-open. The circuit is waited on first, holding no
+/// slot, and asked again once the turn is in hand: a copy that queued for a slot while the circuit
+/// opened gives the turn back and waits again instead of calling a failing endpoint. While it
+/// queues for a slot, the copy's `lease` (if it has one) is renewed, as during its call: the wait
+/// is part of this worker's work on the id. None if cancelled meanwhile.
+async fn call_turn<'s>(
+    shared: &'s Shared,
+    lease: Option<(&str, &LeaseToken)>,
+    cancel: &CancellationToken,
+) -> Option<Turn<'s>> {
     loop {
-        if shared.breaker.allow() {
-            return true;
-        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = cancel.cancelled() => return false,
+            biased;
+            _ = cancel.cancelled() => return None,
+            _ = shared.breaker.callable() => {}
+        }
+        let queued = async {
+            match lease {
+                Some((id, token)) => with_renewal(shared, id, token, shared.sink.turn()).await,
+                None => shared.sink.turn().await,
+            }
+        };
+        let turn = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return None,
+            turn = queued => turn,
+        };
+        if shared.breaker.allow() {
+            return Some(turn);
         }
     }
 }
 
-/// Runs the call while renewing the lease every third of its length.
+/// Runs the call (or the wait for its slot) while renewing the lease every third of its length.
 async fn with_renewal<F: std::future::Future>(
     shared: &Shared,
     id: &str,
@@ -884,7 +907,7 @@ async fn with_renewal<F: std::future::Future>(
             out = &mut call => return out,
             _ = tick.tick() => match shared.arbiter.renew(id, token).await {
                 Ok(true) => {}
-                Ok(false) => tracing::warn!(%id, "lease lost during a long call"),
+                Ok(false) => tracing::warn!(%id, "lease lost during a long call or wait for a call slot"),
                 Err(e) => tracing::warn!(%id, error = %e, "cannot renew the lease"),
             },
         }
@@ -959,9 +982,9 @@ async fn forward_unclaimed(
 ) {
     let id = id_of(&msg);
     for attempt in 1.. {
-        if !wait_for_circuit(shared, cancel).await {
+        let Some(turn) = call_turn(shared, None, cancel).await else {
             return;
-        }
+        };
         let req = SinkRequest {
             message_id: id,
             side,
@@ -970,7 +993,7 @@ async fn forward_unclaimed(
         };
         metrics.in_flight.inc();
         let timer = shared.metrics.sink_seconds.start_timer();
-        let result = shared.sink.call(&req).await;
+        let result = shared.sink.call_in(turn, &req).await;
         timer.observe_duration();
         metrics.in_flight.dec();
         metrics.call(result.kind());

@@ -67,7 +67,7 @@ pub struct CircuitBreaker {
     half_open_probes: u32,
     inner: Mutex<Inner>,
     published: watch::Sender<CircuitState>,
-    /// Wakes `ready()` waiters when a call may have become allowed.
+    /// Wakes `ready()` and `callable()` waiters when a call may have become allowed.
     wake: Notify,
 }
 
@@ -112,13 +112,24 @@ impl CircuitBreaker {
     /// Whether one call may go now. In half-open state a `true` takes one probe slot, so call it
     /// only right before calling the sink, and report the result with [`CircuitBreaker::record`].
     pub fn allow(&self) -> bool {
+        self.look(true)
+    }
+
+    /// Whether [`CircuitBreaker::allow`] would let a call go now, without taking a probe slot.
+    pub fn would_allow(&self) -> bool {
+        self.look(false)
+    }
+
+    fn look(&self, take: bool) -> bool {
         let mut inner = self.lock();
         self.advance(&mut inner, Instant::now());
         match inner.state {
             CircuitState::Closed => true,
             CircuitState::Open { .. } => false,
             CircuitState::HalfOpen if inner.probes_out < self.half_open_probes => {
-                inner.probes_out += 1;
+                if take {
+                    inner.probes_out += 1;
+                }
                 true
             }
             CircuitState::HalfOpen => false,
@@ -127,12 +138,22 @@ impl CircuitBreaker {
 
     /// Waits until a call is allowed, and takes its slot (as [`CircuitBreaker::allow`] does).
     pub async fn ready(&self) {
+        self.wait(true).await
+    }
+
+    /// Waits until a call would be allowed, without taking a probe slot: for a caller that has
+    /// more waiting to do before its call and asks [`CircuitBreaker::allow`] right before it.
+    pub async fn callable(&self) {
+        self.wait(false).await
+    }
+
+    async fn wait(&self, take: bool) {
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             // Registered before looking, so a wake-up between the look and the wait is not lost.
             woken.as_mut().enable();
-            if self.allow() {
+            if self.look(take) {
                 return;
             }
             let look_again = {
@@ -140,7 +161,7 @@ impl CircuitBreaker {
                 match inner.state {
                     CircuitState::Open { until } => until,
                     CircuitState::HalfOpen => inner.round_started + self.open_for,
-                    // Closed since allow() looked: look again at once.
+                    // Closed since the look: look again at once.
                     CircuitState::Closed => Instant::now(),
                 }
             };
@@ -423,5 +444,41 @@ mod tests {
         let start = Instant::now();
         b.ready().await;
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+    #[tokio::test(start_paused = true)]
+    async fn callable_waits_out_the_open_period_and_leaves_the_probe_to_allow() {
+        let b = breaker(1, 1);
+        b.record(&retryable());
+        assert!(!b.would_allow());
+        let start = Instant::now();
+        b.callable().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // Looking took nothing: the probe slot is still there, once.
+        assert!(b.would_allow());
+        b.callable().await;
+        assert!(b.allow(), "the probe");
+        assert!(!b.would_allow(), "the only probe is out");
+        assert!(!b.allow());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callable_waits_while_the_probe_is_out_and_wakes_when_it_closes_the_circuit() {
+        let b = Arc::new(breaker(1, 1));
+        b.record(&retryable());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(b.allow(), "the probe");
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                b.callable().await;
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!waiter.is_finished());
+        b.record(&CallResult::Success);
+        assert_eq!(waiter.await.unwrap(), Duration::from_secs(3));
+        assert_eq!(b.state(), CircuitState::Closed);
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::rate::RateLimit;
 use super::retry::{classify_status, Class};
-use super::{CallResult, ClassifyConfig, Sink, SinkConfig, SinkRequest};
+use super::{CallResult, ClassifyConfig, Sink, SinkConfig, SinkRequest, Turn};
 use crate::config::ConfigError;
 
 /// `Idempotency-Key`: the cross-broker message id.
@@ -152,8 +152,19 @@ impl HttpSink {
 
 #[async_trait::async_trait]
 impl Sink for HttpSink {
-    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
-        // Checked before taking a slot: an id that cannot be a header is the message's fault.
+    async fn turn(&self) -> Turn<'_> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let Ok(slot) = self.in_flight.acquire().await else {
+            unreachable!("the in-flight semaphore is never closed")
+        };
+        if let Some(rate) = &self.rate {
+            rate.acquire().await;
+        }
+        Turn::holding(slot)
+    }
+
+    async fn call_in(&self, turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult {
+        let _turn = turn;
         let Ok(id) = HeaderValue::from_str(req.message_id) else {
             return CallResult::Fatal {
                 reason: "message id is not a valid HTTP header value (visible ASCII only)".into(),
@@ -164,13 +175,6 @@ impl Sink for HttpSink {
                 reason: "side name is not a valid HTTP header value".into(),
             };
         };
-        // The semaphore is never closed, so acquiring cannot fail.
-        let Ok(_permit) = self.in_flight.acquire().await else {
-            unreachable!("the in-flight semaphore is never closed")
-        };
-        if let Some(rate) = &self.rate {
-            rate.acquire().await;
-        }
         let sent = self
             .client
             .request(self.method.clone(), self.url.clone())

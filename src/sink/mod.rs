@@ -1,7 +1,8 @@
 //! The sink: where a message goes once the arbiter said PROCEED — the downstream "grant reward"
 //! endpoint, which has no idempotency field of its own.
 //!
-//! [`Sink`] is the one call the pipeline makes per attempt; [`CallResult`] says what came of it in
+//! [`Sink`] is the one call the pipeline makes per attempt, made in a [`Turn`] (a call slot) that
+//! the pipeline takes first and then shows the circuit breaker; [`CallResult`] says what came of it in
 //! the terms the arbiter records ([`Outcome`]). The HTTP implementation is [`http::HttpSink`]; the
 //! policies around it are separate objects the pipeline owns: [`retry::Backoff`] (when the owner
 //! calls again), [`breaker::CircuitBreaker`] (stop calling a dead endpoint, pause the sources) and
@@ -120,13 +121,50 @@ impl CallResult {
     }
 }
 
+/// A turn to call an endpoint: a slot under its concurrency limit, taken at a moment its rate
+/// limit allows. The slot is held until the turn is dropped or the call made in it ends.
+#[derive(Debug)]
+#[must_use = "a turn holds a call slot until it is dropped"]
+pub struct Turn<'a> {
+    _slot: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl<'a> Turn<'a> {
+    /// A turn of an endpoint with no concurrency limit.
+    pub fn unlimited() -> Self {
+        Self { _slot: None }
+    }
+
+    /// A turn that holds `slot` of the endpoint's concurrency limit.
+    pub fn holding(slot: tokio::sync::SemaphorePermit<'a>) -> Self {
+        Self { _slot: Some(slot) }
+    }
+}
+
 /// A downstream endpoint. Implementations classify every failure; they never panic or return
 /// an error the caller has to interpret.
+///
+/// A call is two steps so that the caller can look at the circuit breaker between them: waiting
+/// for a turn ([`Sink::turn`]) may take long when calls queue for the endpoint's slots, and the
+/// circuit may open meanwhile; a caller that then gives its turn back has sent nothing.
 #[async_trait::async_trait]
 pub trait Sink: Send + Sync {
-    /// Makes one call. Cancel-safe in the sense that dropping the future abandons the call; the
-    /// caller must then treat it as ambiguous, since the request may have gone out.
-    async fn call(&self, req: &SinkRequest<'_>) -> CallResult;
+    /// Waits for a turn to call (a free slot under the concurrency limit, then the rate limit's
+    /// next moment). Cancel-safe: dropping the future takes no slot. Default: at once.
+    async fn turn(&self) -> Turn<'_> {
+        Turn::unlimited()
+    }
+
+    /// Makes one call in `turn`, which it holds until the call ends. Cancel-safe in the sense
+    /// that dropping the future abandons the call; the caller must then treat it as ambiguous,
+    /// since the request may have gone out.
+    async fn call_in(&self, turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult;
+
+    /// Waits for a turn and makes one call in it, with no look at a circuit breaker between.
+    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+        let turn = self.turn().await;
+        self.call_in(turn, req).await
+    }
 }
 
 /// `[sink]`: the downstream HTTP endpoint and the policies around calls to it.

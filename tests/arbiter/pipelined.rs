@@ -2,7 +2,8 @@
 //! back for a while, so that each claim round trip is long and the claim loop's overlap shows:
 //! with `pipeline.claims_in_flight = n`, exactly up to `n` claim batches of a side are in Redis at
 //! once (`mqc_claims_in_flight`), and every id is still called exactly once, never twice at once.
-//! And a copy that waited past its lease before its call does not call on the lapsed lease.
+//! And a copy that waited past its lease before its call does not call on the lapsed lease, nor
+//! one that queued for a call slot while the circuit opened.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,8 @@ use mq_cutover::arbiter::{
 use mq_cutover::config::Percent;
 use mq_cutover::message::{Ack, Finished, Identity, Message, Origin, Side};
 use mq_cutover::pipeline::{run_side, Pause, Shared};
-use mq_cutover::sink::{CallResult, Sink, SinkRequest};
+use mq_cutover::sink::breaker::CircuitBreaker;
+use mq_cutover::sink::{CallResult, CircuitConfig, Sink, SinkRequest, Turn};
 use mq_cutover::store::Store;
 use mq_cutover::telemetry::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -81,7 +83,7 @@ struct SinkState {
 
 #[async_trait::async_trait]
 impl Sink for CountingSink {
-    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+    async fn call_in(&self, _turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult {
         {
             let mut s = self.state.lock().unwrap();
             *s.calls.entry(req.message_id.to_owned()).or_default() += 1;
@@ -284,7 +286,7 @@ struct GateSink {
 
 #[async_trait::async_trait]
 impl Sink for GateSink {
-    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+    async fn call_in(&self, _turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult {
         *self
             .calls
             .lock()
@@ -431,6 +433,104 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
         .await
         .expect("the pipeline stops on cancel")
         .unwrap();
+    drop(tx);
+    stop.cancel();
+    common::cleanup(&[common::redis_url()], &prefix);
+}
+
+/// An endpoint that fails every call after `CALL_TIME`, with `SLOTS` calls in flight at most.
+struct FailingSink {
+    slots: tokio::sync::Semaphore,
+    calls: Mutex<u32>,
+}
+
+const SLOTS: usize = 2;
+const CALL_TIME: Duration = Duration::from_millis(50);
+
+#[async_trait::async_trait]
+impl Sink for FailingSink {
+    async fn turn(&self) -> Turn<'_> {
+        Turn::holding(self.slots.acquire().await.unwrap())
+    }
+
+    async fn call_in(&self, _turn: Turn<'_>, _req: &SinkRequest<'_>) -> CallResult {
+        *self.calls.lock().unwrap() += 1;
+        tokio::time::sleep(CALL_TIME).await;
+        CallResult::Retryable {
+            reason: "HTTP 500".into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Many claimed copies queue for the endpoint's few call slots while it fails every call. Once
+/// the circuit opens, no copy still waiting for a slot may call: only the calls that had already
+/// been let through before it opened (at most one per slot) reach the endpoint. Letting the
+/// queued copies through would hammer a dead endpoint with every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_queued_for_a_call_slot_do_not_call_once_the_circuit_opens() {
+    const THRESHOLD: u32 = 3;
+    const COPIES: i64 = 200;
+    let prefix = common::unique_prefix("circuit");
+    let cfg = common::offline_config(&common::redis_url(), &prefix, "claim_batch = 50");
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test Redis (scripts/testbed up) answers");
+    let sink = Arc::new(FailingSink {
+        slots: tokio::sync::Semaphore::new(SLOTS),
+        calls: Mutex::default(),
+    });
+    let Instance {
+        mut shared,
+        metrics: _,
+        stop,
+        _switches,
+    } = instance(&cfg, &store, 0, sink.clone());
+    let breaker = Arc::new(CircuitBreaker::new(&CircuitConfig {
+        failure_threshold: THRESHOLD,
+        open_for: Duration::from_secs(60),
+        half_open_probes: 1,
+    }));
+    Arc::get_mut(&mut shared).expect("not shared yet").breaker = breaker.clone();
+    let kafka: Side = "kafka".into();
+    let (acks_tx, _acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(COPIES as usize);
+    for n in 0..COPIES {
+        tx.send(copy(&kafka, n, &acks_tx)).await.unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let pipeline = tokio::spawn(run_side(
+        shared.clone(),
+        kafka.clone(),
+        rx,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+
+    let opened = common::eventually(Duration::from_secs(10), || async {
+        breaker.state().is_open()
+    })
+    .await;
+    assert!(opened.is_some(), "the circuit never opened");
+    // Long enough for every queued copy to get a slot several times over (40 calls' worth).
+    tokio::time::sleep(CALL_TIME * 20).await;
+    let calls = *sink.calls.lock().unwrap();
+    assert!(
+        calls <= THRESHOLD + SLOTS as u32,
+        "{calls} calls: the circuit opened after {THRESHOLD}, so at most {SLOTS} more were \
+         already let through"
+    );
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .expect("every copy's task ends on cancel");
     drop(tx);
     stop.cancel();
     common::cleanup(&[common::redis_url()], &prefix);

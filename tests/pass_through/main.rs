@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mq_cutover::message::{Ack, BadInput, Finished, Identity, Message, Origin, Side};
 use mq_cutover::pipeline::{run_side, Pause, Shared};
-use mq_cutover::sink::{CallResult, Sink, SinkRequest};
+use mq_cutover::sink::{CallResult, Sink, SinkRequest, Turn};
 use mq_cutover::store::Store;
 use mq_cutover::telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
@@ -26,7 +26,7 @@ struct Recorder {
 
 #[async_trait::async_trait]
 impl Sink for Recorder {
-    async fn call(&self, req: &SinkRequest<'_>) -> CallResult {
+    async fn call_in(&self, _turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult {
         self.calls
             .lock()
             .unwrap()
