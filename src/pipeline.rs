@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -870,15 +871,23 @@ async fn call_turn<'s>(
     cancel: &CancellationToken,
 ) -> Option<Turn<'s>> {
     loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return None,
-            _ = shared.breaker.callable() => {}
+        if !shared.breaker.would_allow() {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return None,
+                _ = shared.breaker.callable() => {}
+            }
         }
         let queued = async {
+            let turn = shared.sink.turn();
+            tokio::pin!(turn);
+            // A free slot (the usual case) needs no renewal timer.
+            if let Some(turn) = turn.as_mut().now_or_never() {
+                return turn;
+            }
             match lease {
-                Some((id, token)) => with_renewal(shared, id, token, shared.sink.turn()).await,
-                None => shared.sink.turn().await,
+                Some((id, token)) => with_renewal(shared, id, token, turn).await,
+                None => turn.await,
             }
         };
         let turn = tokio::select! {
