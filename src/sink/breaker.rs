@@ -445,6 +445,7 @@ mod tests {
         b.ready().await;
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
+
     #[tokio::test(start_paused = true)]
     async fn callable_waits_out_the_open_period_and_leaves_the_probe_to_allow() {
         let b = breaker(1, 1);

@@ -2,11 +2,12 @@
 //! endpoint, which has no idempotency field of its own.
 //!
 //! [`Sink`] is the one call the pipeline makes per attempt, made in a [`Turn`] (a call slot) that
-//! the pipeline takes first and then shows the circuit breaker; [`CallResult`] says what came of it in
-//! the terms the arbiter records ([`Outcome`]). The HTTP implementation is [`http::HttpSink`]; the
-//! policies around it are separate objects the pipeline owns: [`retry::Backoff`] (when the owner
-//! calls again), [`breaker::CircuitBreaker`] (stop calling a dead endpoint, pause the sources) and
-//! [`rate::RateLimit`] (a ceiling on calls per second, applied inside `HttpSink`).
+//! the pipeline takes first, asking the circuit breaker in between; [`CallResult`] says what came
+//! of it in the terms the arbiter records ([`Outcome`]). The HTTP implementation is
+//! [`http::HttpSink`]; the policies around it are separate objects the pipeline owns:
+//! [`retry::Backoff`] (when the owner calls again), [`breaker::CircuitBreaker`] (stop calling a
+//! dead endpoint, pause the sources) and [`rate::RateLimit`] (a ceiling on calls per second,
+//! applied inside `HttpSink` when it hands out a turn).
 //!
 //! [`SinkConfig`] is the `[sink]` section of the config file.
 
