@@ -418,8 +418,8 @@ mod tests {
         assert_eq!(b.state(), CircuitState::HalfOpen);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn ready_waiters_wake_when_a_probe_closes_the_circuit() {
+    /// A probe is out; a waiter (`ready` when `take`, else `callable`) wakes when it succeeds.
+    async fn waiter_wakes_when_the_probe_closes_the_circuit(take: bool) {
         let b = Arc::new(breaker(1, 1));
         b.record(&retryable());
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -428,7 +428,11 @@ mod tests {
             let b = b.clone();
             tokio::spawn(async move {
                 let start = Instant::now();
-                b.ready().await;
+                if take {
+                    b.ready().await;
+                } else {
+                    b.callable().await;
+                }
                 start.elapsed()
             })
         };
@@ -436,6 +440,17 @@ mod tests {
         assert!(!waiter.is_finished());
         b.record(&CallResult::Success);
         assert_eq!(waiter.await.unwrap(), Duration::from_secs(2));
+        assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_waiters_wake_when_a_probe_closes_the_circuit() {
+        waiter_wakes_when_the_probe_closes_the_circuit(true).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callable_waits_while_the_probe_is_out_and_wakes_when_it_closes_the_circuit() {
+        waiter_wakes_when_the_probe_closes_the_circuit(false).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -460,26 +475,5 @@ mod tests {
         assert!(b.allow(), "the probe");
         assert!(!b.would_allow(), "the only probe is out");
         assert!(!b.allow());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn callable_waits_while_the_probe_is_out_and_wakes_when_it_closes_the_circuit() {
-        let b = Arc::new(breaker(1, 1));
-        b.record(&retryable());
-        tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow(), "the probe");
-        let waiter = {
-            let b = b.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                b.callable().await;
-                start.elapsed()
-            })
-        };
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(!waiter.is_finished());
-        b.record(&CallResult::Success);
-        assert_eq!(waiter.await.unwrap(), Duration::from_secs(3));
-        assert_eq!(b.state(), CircuitState::Closed);
     }
 }

@@ -173,6 +173,24 @@ fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message 
     }
 }
 
+/// Runs `side`'s pipeline over `rx` in a task of its own; cancel the token to stop it.
+fn start_side(
+    shared: &Arc<Shared>,
+    side: &Side,
+    rx: mpsc::Receiver<Message>,
+) -> (CancellationToken, TaskTracker, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let pipeline = tokio::spawn(run_side(
+        shared.clone(),
+        side.clone(),
+        rx,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    (cancel, tracker, pipeline)
+}
+
 /// Runs both sides over `IDS` ids (one copy each) with `claims_in_flight` batches allowed per
 /// side; returns the most claim batches the Kafka side had in Redis at once.
 async fn run(claims_in_flight: usize) -> i64 {
@@ -336,15 +354,7 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
     let (tx, rx) = mpsc::channel(8);
     tx.send(copy(&kafka, 0, &acks_tx)).await.unwrap();
     tx.send(copy(&kafka, 1, &acks_tx)).await.unwrap();
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let pipeline = tokio::spawn(run_side(
-        shared.clone(),
-        kafka.clone(),
-        rx,
-        cancel.clone(),
-        tracker.clone(),
-    ));
+    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
 
     // pl-0's call holds the only slot; pl-1 is claimed and waits for it.
     let calling = common::eventually(Duration::from_secs(10), || async {
@@ -498,15 +508,7 @@ async fn copies_queued_for_a_call_slot_do_not_call_once_the_circuit_opens() {
     for n in 0..COPIES {
         tx.send(copy(&kafka, n, &acks_tx)).await.unwrap();
     }
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let pipeline = tokio::spawn(run_side(
-        shared.clone(),
-        kafka.clone(),
-        rx,
-        cancel.clone(),
-        tracker.clone(),
-    ));
+    let (cancel, tracker, pipeline) = start_side(&shared, &kafka, rx);
 
     let opened = common::eventually(Duration::from_secs(10), || async {
         breaker.state().is_open()
