@@ -7,6 +7,7 @@ mod memory;
 mod model;
 mod parity;
 mod pipelined;
+mod remembered;
 mod transitions;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};

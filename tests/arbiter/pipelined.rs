@@ -70,15 +70,15 @@ async fn delaying_proxy(upstream: String, delay: Duration) -> String {
 
 /// Counts calls per id and the most calls of one id in flight at once.
 #[derive(Default)]
-struct CountingSink {
-    state: Mutex<SinkState>,
+pub(super) struct CountingSink {
+    pub(super) state: Mutex<SinkState>,
 }
 
 #[derive(Default)]
-struct SinkState {
-    calls: HashMap<String, u32>,
+pub(super) struct SinkState {
+    pub(super) calls: HashMap<String, u32>,
     running: HashMap<String, u32>,
-    most_at_once: u32,
+    pub(super) most_at_once: u32,
 }
 
 #[async_trait::async_trait]
@@ -106,14 +106,14 @@ impl Sink for CountingSink {
 
 /// One instance's shared pipeline state on `store`: switches consume at `percent`, calls go to
 /// `sink`. Cancel `stop` at the end; keep `_switches` as long as the pipelines run.
-struct Instance {
-    shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-    _switches: watch::Sender<Option<Arc<Switches>>>,
+pub(super) struct Instance {
+    pub(super) shared: Arc<Shared>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) stop: CancellationToken,
+    pub(super) _switches: watch::Sender<Option<Arc<Switches>>>,
 }
 
-fn instance(
+pub(super) fn instance(
     cfg: &mq_cutover::config::Validated,
     store: &Store,
     percent: i64,
@@ -146,7 +146,7 @@ fn instance(
     }
 }
 
-fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message {
+pub(super) fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message {
     let topic: Arc<str> = "t".into();
     Message {
         identity: Ok(Identity {
@@ -174,7 +174,7 @@ fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) -> Message 
 }
 
 /// Runs `side`'s pipeline over `rx` in a task of its own; cancel the token to stop it.
-fn start_side(
+pub(super) fn start_side(
     shared: &Arc<Shared>,
     side: &Side,
     rx: mpsc::Receiver<Message>,
