@@ -456,11 +456,6 @@ pub struct PipelineConfig {
     /// Shortest wait before a copy answered BUSY is claimed again.
     #[serde(default = "default_busy_retry", with = "humantime_serde")]
     pub busy_retry: Duration,
-    /// Most ids whose owner this instance remembers (for 50 s after its claim created their
-    /// record), so that the other side's copy reaching this instance is acknowledged without a
-    /// claim of its own. About 150 bytes each; 0: every copy is claimed in Redis.
-    #[serde(default = "default_remember_ids")]
-    pub remember_ids: usize,
     /// On SIGTERM: how long in-flight calls may take to finish before the daemon exits anyway.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -497,9 +492,6 @@ fn default_channel() -> usize {
     // half a second): 1024 capped the Kafka side near 2,000 copies/s (docs/benchmarks.md).
     16_384
 }
-fn default_remember_ids() -> usize {
-    100_000
-}
 fn default_busy_retry() -> Duration {
     Duration::from_millis(100)
 }
@@ -515,7 +507,6 @@ impl Default for PipelineConfig {
             max_in_flight: default_max_in_flight(),
             channel: default_channel(),
             busy_retry: default_busy_retry(),
-            remember_ids: default_remember_ids(),
             drain_timeout: default_drain_timeout(),
             pass_through: None,
         }
@@ -785,12 +776,6 @@ impl Config {
             if v == 0 || v > max {
                 return Err(ConfigError::new(key, format!("{v} is outside 1..={max}")));
             }
-        }
-        if p.remember_ids > 10_000_000 {
-            return Err(ConfigError::new(
-                "pipeline.remember_ids",
-                format!("{} is outside 0..=10000000", p.remember_ids),
-            ));
         }
         positive("pipeline.busy_retry", p.busy_retry)?;
         positive("pipeline.drain_timeout", p.drain_timeout)?;
@@ -1176,18 +1161,6 @@ url = "http://127.0.0.1:8080/grant"
     fn zero_claim_batch_is_rejected() {
         let e = err_of(&format!("{GOOD}\n[pipeline]\nclaim_batch = 0\n"));
         assert_eq!(e.key, "pipeline.claim_batch");
-    }
-
-    #[test]
-    fn remember_ids_defaults_to_a_hundred_thousand_may_be_zero_and_is_bounded() {
-        let cfg = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
-        assert_eq!(cfg.pipeline.remember_ids, 100_000);
-        let off = format!("{GOOD}\n[pipeline]\nremember_ids = 0\n");
-        let cfg = Config::from_toml_str(&off).unwrap().validate().unwrap();
-        assert_eq!(cfg.pipeline.remember_ids, 0);
-        let e = err_of(&format!("{GOOD}\n[pipeline]\nremember_ids = 10000001\n"));
-        assert_eq!(e.key, "pipeline.remember_ids");
-        assert!(e.to_string().contains("outside 0..=10000000"), "{e}");
     }
 
     #[test]

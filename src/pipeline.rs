@@ -1,8 +1,6 @@
 //! The pipeline of one side: receive → claim → call the sink → record the fate → acknowledge.
 //! This is the only place a copy is acknowledged, and only after its fate is in Redis
 //! (DESIGN.md invariant 4); a copy whose fate cannot be recorded is handed back, never acked.
-//! The other side's copy of an id whose record this instance's own claim created is acknowledged
-//! from memory ([`Decided`]): its fate (the stored owner, or done) is in Redis already.
 //!
 //! Claims are batched: everything the source has ready (up to `claim_batch`) goes to Redis in one
 //! round trip; completions from all calls in flight are batched the same way by the completer.
@@ -31,9 +29,6 @@ use crate::sink::retry::Backoff;
 use crate::sink::{Sink, SinkRequest, Turn};
 use crate::store::StoreError;
 use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
-
-mod decided;
-pub use decided::{created as decided_created, Decided, Known, Marks};
 
 /// Why the sources are paused; each reason is set and cleared on its own.
 #[derive(Debug, Clone, Copy)]
@@ -141,10 +136,6 @@ pub struct Shared {
     pub completer: Completer,
     /// Records first sights for the dual-read check (`None` when `parity.enabled` is off).
     pub parity: Option<Arc<crate::parity::Recorder>>,
-    /// The owners this instance saw decided (`None` when `pipeline.remember_ids` is 0).
-    pub decided: Option<Arc<Decided>>,
-    /// Writes the parity marks of copies answered from `decided` (`None` without parity).
-    pub marks: Option<Marks>,
     /// Settings.
     pub settings: Settings,
     /// Metrics.
@@ -167,16 +158,9 @@ impl Shared {
             .map_err(|e| anyhow::anyhow!("building the sink: {e}"))?;
         let backoff = Backoff::from_config(&cfg.sink.retry)
             .map_err(|e| anyhow::anyhow!("sink.retry: {e}"))?;
-        let decided = (cfg.pipeline.remember_ids > 0 && cfg.pipeline.pass_through.is_none())
-            .then(|| Arc::new(Decided::new(cfg.cutover.sides(), cfg.pipeline.remember_ids)));
-        let marks = decided
-            .as_ref()
-            .filter(|_| cfg.parity.enabled)
-            .map(|d| Marks::start(arbiter.clone(), d.clone(), cfg.pipeline.claim_batch));
         let completer = Completer::start(
             arbiter.clone(),
             pause.clone(),
-            decided.clone(),
             cfg.pipeline.claim_batch,
             stop.clone(),
             metrics.complete_seconds.clone(),
@@ -202,8 +186,6 @@ impl Shared {
                     stop,
                 ))
             }),
-            decided,
-            marks,
             settings: Settings {
                 claim_batch: cfg.pipeline.claim_batch,
                 claims_in_flight: cfg.pipeline.claims_in_flight,
@@ -407,10 +389,6 @@ async fn claim(
             metrics.dead_letters.inc_by(n);
         }
     }
-    let good = match &shared.decided {
-        Some(decided) => answer_from_memory(&shared, decided, &side, &metrics, good),
-        None => good,
-    };
     if good.is_empty() {
         return None;
     }
@@ -430,7 +408,6 @@ async fn claim(
             }
         })
         .collect();
-    let generation = shared.decided.as_ref().map(|d| d.generation());
     let timer = shared.metrics.claim_seconds.start_timer();
     let sent = Instant::now();
     let claims = until_redis_answers(&shared, &cancel, || {
@@ -439,17 +416,6 @@ async fn claim(
     .await?;
     timer.observe_duration();
     drop(reqs);
-    if let (Some(decided), Some(generation)) = (&shared.decided, generation) {
-        decided.learn(
-            &side,
-            sent,
-            generation,
-            good.iter().zip(&claims).filter_map(|(m, c)| {
-                let (claim, sighting) = c.as_ref().ok()?;
-                Some((id_of(m), claim, *sighting))
-            }),
-        );
-    }
     if let Some(parity) = &shared.parity {
         record_sights(parity, &side, &metrics, &good, &claims);
     }
@@ -459,60 +425,6 @@ async fn claim(
         claims,
         sent,
     })
-}
-
-/// Acknowledges the copies whose answer this instance remembers (the other side owns the id, or
-/// it is done: [`Decided`]) and returns the rest, to be claimed. A remembered copy counts as its
-/// claim would have (NOT_MINE or DONE; a first sight for parity, whose mark is written beside).
-fn answer_from_memory(
-    shared: &Shared,
-    decided: &Decided,
-    side: &Side,
-    metrics: &SideMetrics,
-    good: Vec<Message>,
-) -> Vec<Message> {
-    let known = decided.recall(side, good.iter().map(id_of));
-    if known.iter().all(Option::is_none) {
-        return good;
-    }
-    let mut rest = Vec::with_capacity(good.len());
-    let mut answered = Vec::new();
-    for (m, k) in good.into_iter().zip(known) {
-        match k {
-            Some((known, sighting)) => answered.push((m, known, sighting)),
-            None => rest.push(m),
-        }
-    }
-    if let Some(parity) = &shared.parity {
-        let sights: Vec<crate::parity::Sight> = answered
-            .iter()
-            .filter(|(_, _, s)| *s == Sighting::Pair)
-            .map(|(m, _, _)| crate::parity::Sight {
-                id: id_of(m),
-                born_ms: m.origin.born_ms,
-                pair: true,
-            })
-            .collect();
-        if !sights.is_empty() {
-            if let Some(marks) = &shared.marks {
-                for s in &sights {
-                    marks.send(side, s.id);
-                }
-            }
-            metrics.parity_observed.inc_by(sights.len() as u64);
-            parity.note(side, &sights);
-        }
-    }
-    metrics.remembered.inc_by(answered.len() as u64);
-    for (m, known, _) in answered {
-        let fate = match known {
-            Known::NotMine => Fate::NotMine,
-            Known::Done => Fate::Duplicate,
-        };
-        metrics.decided(fate, m.received);
-        m.ack.done();
-    }
-    rest
 }
 
 /// Acts on a claimed batch: starts a call for each copy this side may deliver, acknowledges
@@ -740,9 +652,6 @@ where
                 return Some(v);
             }
             Err(e) => {
-                if let Some(decided) = &shared.decided {
-                    decided.forget();
-                }
                 if !paused {
                     tracing::error!(error = %e, "redis unavailable: pausing; nothing proceeds without a claim");
                     shared.pause.set(PauseReason::RedisDown, true);
@@ -1136,7 +1045,6 @@ impl Completer {
     pub fn start(
         arbiter: Arbiter,
         pause: Arc<Pause>,
-        decided: Option<Arc<Decided>>,
         batch: usize,
         stop: CancellationToken,
         seconds: prometheus::Histogram,
@@ -1169,9 +1077,6 @@ impl Completer {
                         },
                         Err(e) => e.to_string(),
                     };
-                    if let Some(decided) = &decided {
-                        decided.forget();
-                    }
                     if stop.is_cancelled() {
                         break None;
                     }
@@ -1190,17 +1095,7 @@ impl Completer {
                 match results {
                     Some(results) => {
                         for (p, r) in buf.drain(..).zip(results) {
-                            let r = r.expect("checked all ok");
-                            let done = matches!(
-                                r,
-                                Completion::Recorded(State::Done)
-                                    | Completion::Repeated(State::Done)
-                                    | Completion::Late
-                            );
-                            if let Some(decided) = decided.as_ref().filter(|_| done) {
-                                decided.done(&p.id);
-                            }
-                            let _ = p.reply.send(r);
+                            let _ = p.reply.send(r.expect("checked all ok"));
                         }
                     }
                     // Shutting down with Redis away: the waiting calls hand their copies back.

@@ -461,38 +461,6 @@ impl Arbiter {
             .collect())
     }
 
-    /// Writes `side`'s mark (`@<side>`, "this side has seen the id") on each of `ids`' records:
-    /// what the claim of that side's copy would have written, for copies the pipeline answered
-    /// without a claim (it remembered the id's owner). Plain commands, no script: `HSET` and a
-    /// `PEXPIRE` to the record's TTL (the retention plus the slack, as a claim sets it; the
-    /// record was created less than the slack ago, so this only lengthens it), which also bounds
-    /// a mark written on a record that Redis lost meanwhile.
-    pub async fn mark_seen(&self, side: &str, ids: &[&str]) -> Result<(), StoreError> {
-        let field = format!("@{side}");
-        let add = |pipe: &mut Pipeline, id: &str| {
-            let key = record_key(&self.prefix, id);
-            pipe.cmd("HSET").arg(&key).arg(&field).arg(1).ignore();
-            pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).ignore();
-        };
-        if let Conn::Cluster(_) = &self.conn {
-            let each = futures::future::join_all(ids.iter().map(|id| {
-                let mut pipe = Pipeline::with_capacity(2);
-                add(&mut pipe, id);
-                let mut conn = self.conn.clone();
-                async move { pipe.query_async::<()>(&mut conn).await }
-            }))
-            .await;
-            return each.into_iter().try_for_each(|r| r.map_err(Into::into));
-        }
-        let mut pipe = Pipeline::with_capacity(2 * ids.len());
-        for id in ids {
-            add(&mut pipe, id);
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
-
     /// Everything stored about `id`, or `None` if Redis knows nothing of it.
     pub async fn inspect(&self, id: &str) -> Result<Option<Record>, StoreError> {
         let key = record_key(&self.prefix, id);

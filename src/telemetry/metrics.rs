@@ -31,9 +31,6 @@ pub const OVERLAPS_TOTAL: &str = "mqc_overlaps_total";
 /// Calls not made because the lease lapsed while the copy waited and another worker held the id,
 /// by side.
 pub const LAPSED_TOTAL: &str = "mqc_lapsed_total";
-/// Copies acknowledged without a claim because this instance remembered their id's owner (the
-/// other side's) or that the id was done, by side (`pipeline.remember_ids`).
-pub const REMEMBERED_TOTAL: &str = "mqc_answered_from_memory_total";
 /// The switches this instance follows.
 pub const SWITCH_CONSUME: &str = "mqc_switch_consume";
 /// The percentage routed to the new side.
@@ -72,7 +69,6 @@ pub const NAMES: &[&str] = &[
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
     LAPSED_TOTAL,
-    REMEMBERED_TOTAL,
     SWITCH_CONSUME,
     SWITCH_PERCENT,
     SWITCH_WHITELIST_SIZE,
@@ -146,8 +142,6 @@ pub struct SideMetrics {
     pub overlaps: IntCounter,
     /// Calls not made: the lease lapsed before the call and another worker held the id.
     pub lapsed: IntCounter,
-    /// Copies answered from the memory of decided ids, without a claim.
-    pub remembered: IntCounter,
     /// Ids this side observed for the first time.
     pub parity_observed: IntCounter,
     decision_seconds: Histogram,
@@ -187,7 +181,6 @@ pub struct Metrics {
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
     lapsed: IntCounterVec,
-    remembered: IntCounterVec,
     /// Sink call durations.
     pub sink_seconds: Histogram,
     /// Claim round trips.
@@ -335,17 +328,6 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
-            remembered: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        REMEMBERED_TOTAL,
-                        "Copies acknowledged without a claim: this instance remembered their id's owner (the other side) or that it was done.",
-                    ),
-                    &["side"],
-                )
-                .expect("valid"),
-            ),
             sink_seconds: reg(
                 &r,
                 Histogram::with_opts(
@@ -471,7 +453,6 @@ impl Metrics {
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),
             lapsed: self.lapsed.with_label_values(&[side]),
-            remembered: self.remembered.with_label_values(&[side]),
             parity_observed: self.parity_observed.with_label_values(&[side]),
             decision_seconds: self.decision.with_label_values(&[side]),
         }
@@ -595,7 +576,6 @@ mod tests {
             AMBIGUOUS_TOTAL,
             OVERLAPS_TOTAL,
             LAPSED_TOTAL,
-            REMEMBERED_TOTAL,
             PAUSES_TOTAL,
             REBALANCES_TOTAL,
             PARITY_OBSERVED_TOTAL,

@@ -2,12 +2,12 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod instances;
 mod invariants;
 mod memory;
 mod model;
 mod parity;
 mod pipelined;
-mod remembered;
 mod transitions;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};
