@@ -59,7 +59,7 @@ async fn two_instances(seed: u64, ids: i64) {
         if flips.contains(&n) {
             let percent = rng.random_range(0..=100);
             for inst in &instances {
-                inst._switches.send_replace(Some(Arc::new(Switches {
+                inst.switches.send_replace(Some(Arc::new(Switches {
                     consume: true,
                     percent: Percent::try_from(percent).unwrap(),
                     whitelist: Default::default(),

@@ -105,12 +105,13 @@ impl Sink for CountingSink {
 }
 
 /// One instance's shared pipeline state on `store`: switches consume at `percent`, calls go to
-/// `sink`. Cancel `stop` at the end; keep `_switches` as long as the pipelines run.
+/// `sink`. Cancel `stop` at the end; keep `switches` as long as the pipelines run (sending on it
+/// moves them).
 pub(super) struct Instance {
     pub(super) shared: Arc<Shared>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) stop: CancellationToken,
-    pub(super) _switches: watch::Sender<Option<Arc<Switches>>>,
+    pub(super) switches: watch::Sender<Option<Arc<Switches>>>,
 }
 
 pub(super) fn instance(
@@ -142,7 +143,7 @@ pub(super) fn instance(
         shared: Arc::new(shared),
         metrics,
         stop,
-        _switches: switches,
+        switches,
     }
 }
 
@@ -213,7 +214,7 @@ async fn run(claims_in_flight: usize) -> i64 {
         shared,
         metrics,
         stop,
-        _switches,
+        switches: _switches,
     } = instance(&cfg, &store, 50, sink.clone());
 
     let cancel = CancellationToken::new();
@@ -345,7 +346,7 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
         shared,
         metrics,
         stop,
-        _switches,
+        switches: _switches,
     } = instance(&cfg, &store, 0, sink.clone());
     let kafka: Side = "kafka".into();
     let lapsed = metrics.side("kafka").lapsed;
@@ -494,7 +495,7 @@ async fn copies_queued_for_a_call_slot_do_not_call_once_the_circuit_opens() {
         mut shared,
         metrics: _,
         stop,
-        _switches,
+        switches: _switches,
     } = instance(&cfg, &store, 0, sink.clone());
     let breaker = Arc::new(CircuitBreaker::new(&CircuitConfig {
         failure_threshold: THRESHOLD,
