@@ -48,6 +48,8 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a cancelled source waits for the acknowledgements of copies already handed over.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopping source may spend making sure the broker has its last commit.
+const CONFIRM_GRACE: Duration = Duration::from_secs(3);
 /// How long the broker may hold a pull request open when there is nothing new.
 const LONG_POLL: Duration = Duration::from_millis(1_000);
 /// How long the client waits for the answer to a held pull. The broker looks for expired held
@@ -444,6 +446,7 @@ impl Consuming {
         }
         self.drain_in_flight().await;
         self.commit().await;
+        self.confirm_commits().await;
         match stop {
             Stop::Cancelled => Ok(()),
             Stop::PipelineGone if cancel.is_cancelled() => Ok(()),
@@ -597,6 +600,53 @@ impl Consuming {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone_from(&offsets);
             self.consumer.commit_with_map(offsets, true).await;
+        }
+    }
+
+    /// At shutdown: sends the last committed offset of every queue still assigned once more, as a
+    /// request the broker answers. A commit goes out as a oneway request (gap 4 in
+    /// docs/rocketmq.md), and the client marks the offset persisted once it is written to the
+    /// connection, so the consumer's shutdown right after it could close the connection with the
+    /// last commit unsent, and nothing would send that offset again: the next consumer of the
+    /// group would start that queue from an older offset. Bounded by [`CONFIRM_GRACE`]; a failure
+    /// is logged and leaves a redelivery, never a skip.
+    async fn confirm_commits(&mut self) {
+        let offsets = self
+            .committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if offsets.is_empty() {
+            return;
+        }
+        let (Ok(assigned), Some(store)) = (
+            self.consumer.assignment().await,
+            self.consumer.offset_store().await,
+        ) else {
+            return;
+        };
+        let side = self.side.clone();
+        let confirm = async {
+            for (mq, offset) in offsets.iter().filter(|(mq, _)| assigned.contains(*mq)) {
+                let mut tries = 0;
+                while let Err(e) = store
+                    .update_consume_offset_to_broker(mq, *offset, false)
+                    .await
+                {
+                    tries += 1;
+                    if tries == 3 {
+                        tracing::warn!(side = %side, queue = %mq, offset, error = %e,
+                            "rocketmq shutdown: the broker did not confirm the last commit; \
+                             copies below it may be delivered again");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        if tokio::time::timeout(CONFIRM_GRACE, confirm).await.is_err() {
+            tracing::warn!(side = %self.side, "rocketmq shutdown: confirming the last commits took \
+                longer than {CONFIRM_GRACE:?}; copies below them may be delivered again");
         }
     }
 
