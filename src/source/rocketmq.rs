@@ -625,7 +625,7 @@ impl Consuming {
         ) else {
             return;
         };
-        let side = self.side.clone();
+        let side = &self.side;
         let confirm = async {
             for (mq, offset) in offsets.iter().filter(|(mq, _)| assigned.contains(*mq)) {
                 let mut tries = 0;
