@@ -486,11 +486,14 @@ impl Consuming {
                 .consumer
                 .poll_with_timeout_zero_copy(POLL_TIMEOUT.as_millis() as u64)
                 .await;
-            for ext in batch {
-                let (msg, key) = self.pipeline_message(&ext);
-                if let Err(stop) = self.hand_over(msg, &key, &ext, out, cancel).await {
-                    return stop;
-                }
+            // Each copy's hand-off time is taken here, before any wait for room in the channel.
+            let mut copies = Vec::with_capacity(batch.len());
+            for ext in &batch {
+                let (msg, key) = self.pipeline_message(ext);
+                copies.push((msg, key, ext.queue_id(), ext.queue_offset()));
+            }
+            if let Err(stop) = self.hand_over(copies, out, cancel).await {
+                return stop;
             }
         }
     }
@@ -508,31 +511,36 @@ impl Consuming {
         }
     }
 
-    /// Waits for room in the pipeline's channel (committing meanwhile), then hands `msg` over.
+    /// Hands a polled batch over in order, waiting for room (committing meanwhile) for as much of
+    /// it at once as the channel holds. While the pipeline is behind and the channel full, this
+    /// thread then wakes once per batch the pipeline has made room for, not once per copy it takes
+    /// (and acknowledgements wait in their channel for the next commit instead of waking it).
     async fn hand_over(
         &mut self,
-        msg: Message,
-        key: &Arc<str>,
-        ext: &MessageExt,
+        copies: Vec<(Message, Arc<str>, i32, i64)>,
         out: &mpsc::Sender<Message>,
         cancel: &CancellationToken,
     ) -> Result<(), Stop> {
-        loop {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(Stop::Cancelled),
-                permit = out.reserve() => {
-                    let Ok(permit) = permit else { return Err(Stop::PipelineGone) };
-                    // Tracked before it can be acknowledged; an undelivered copy is never
-                    // tracked, so no commit can pass it.
-                    self.positions.delivered(key, ext.queue_id(), ext.queue_offset());
-                    permit.send(msg);
-                    return Ok(());
+        let mut copies = copies.into_iter();
+        while copies.len() > 0 {
+            let reserve = out.reserve_many(copies.len().min(out.max_capacity()));
+            tokio::pin!(reserve);
+            let permits = loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(Stop::Cancelled),
+                    permits = &mut reserve => break permits.map_err(|_| Stop::PipelineGone)?,
+                    _ = tokio::time::sleep_until(self.next_commit) => self.commit().await,
                 }
-                Some(f) = self.acks.recv() => self.positions.tracker.finished(&f),
-                _ = tokio::time::sleep_until(self.next_commit) => self.commit().await,
+            };
+            for (permit, (msg, key, queue, offset)) in permits.zip(copies.by_ref()) {
+                // Tracked before it can be acknowledged; an undelivered copy is never tracked,
+                // so no commit can pass it.
+                self.positions.delivered(&key, queue, offset);
+                permit.send(msg);
             }
         }
+        Ok(())
     }
 
     /// Turns one polled message into a pipeline [`Message`]; a message whose ids cannot be read

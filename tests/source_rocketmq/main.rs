@@ -131,9 +131,14 @@ fn logs() {
 }
 
 fn start(side: &SideConfig, paused: bool) -> Running {
+    start_with_channel(side, paused, 64)
+}
+
+/// [`start`] with a pipeline channel of `capacity` copies.
+fn start_with_channel(side: &SideConfig, paused: bool, capacity: usize) -> Running {
     logs();
     let source = rocketmq::build(side).expect("build");
-    let (out, rx) = mpsc::channel(64);
+    let (out, rx) = mpsc::channel(capacity);
     let cancel = CancellationToken::new();
     let (paused_tx, paused_rx) = watch::channel(paused);
     let metrics = std::sync::Arc::new(Metrics::default());
@@ -191,6 +196,19 @@ impl Running {
             }
         }
         got
+    }
+
+    /// Waits until the lag series add up to `want` messages; fails with the last ones seen.
+    async fn total_lag_becomes(&self, want: i64, limit: Duration) {
+        let started = Instant::now();
+        while self.lags().values().sum::<i64>() != want {
+            assert!(
+                started.elapsed() < limit,
+                "lag stayed {:?}, expected {want} in all",
+                self.lags()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Everything that arrives within `d`.
@@ -290,6 +308,55 @@ async fn every_message_arrives_once_with_identity_and_origin_and_none_after_rest
     assert_nothing_redelivered(&s, &w, &topic).await;
     w.shutdown().await;
     eprintln!("all-once: stop {stop:?}, whole test {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_full_channel_holds_the_polled_batch_back_in_order_while_acks_still_commit() {
+    let t0 = Instant::now();
+    let (topic, group) = fresh_topic("full", 2).await;
+    let s = side(&topic, &group);
+    let w = writer(&group).await;
+    send_range(&w, &topic, 0..120).await;
+
+    // A channel of 5, smaller than one pull batch: the source hands each polled batch over a
+    // few copies at a time and waits for room in between.
+    let mut src = start_with_channel(&s, false, 5);
+    joined(&src).await;
+    let first = src.take(5, ARRIVAL).await;
+    // The source refills the channel at once and waits again; the acks of the first five reach
+    // the broker meanwhile (the lag counts only what is unacknowledged).
+    let mut got = first.iter().map(|m| m.origin.clone()).collect::<Vec<_>>();
+    done(first);
+    src.total_lag_becomes(115, Duration::from_secs(10)).await;
+
+    // The rest, a few at a time, each acknowledged as it arrives.
+    while got.len() < 120 {
+        let some = src.take(3.min(120 - got.len()), ARRIVAL).await;
+        got.extend(some.iter().map(|m| m.origin.clone()));
+        done(some);
+    }
+    let extra = src.quiet(Duration::from_secs(1)).await;
+    assert!(
+        extra.is_empty(),
+        "{} copies beyond the 120 sent",
+        extra.len()
+    );
+    // Every offset of every queue once, in the order the queue holds them.
+    let mut per_queue: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for o in &got {
+        per_queue.entry(o.partition).or_default().push(o.offset);
+    }
+    for (q, offsets) in &per_queue {
+        let want: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(offsets, &want, "queue {q}");
+    }
+    assert_eq!(per_queue.values().map(Vec::len).sum::<usize>(), 120);
+    src.total_lag_becomes(0, Duration::from_secs(10)).await;
+    src.stop().await;
+
+    assert_nothing_redelivered(&s, &w, &topic).await;
+    w.shutdown().await;
+    eprintln!("full channel: whole test {:?}", t0.elapsed());
 }
 
 #[tokio::test]
