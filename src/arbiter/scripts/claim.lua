@@ -25,6 +25,8 @@ local sides = {ARGV[4], ARGV[5]}
 local slack_ms = tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Numbers go to Redis as strings made once: a Lua number converted per call costs a format each.
+local now_s, lease_end_s = string.format('%d', now), string.format('%d', now + lease_ms)
 
 -- The fields a claim by `side` reads: the record's own, `side`'s mark, then the other sides' marks.
 local reads = {}
@@ -52,14 +54,19 @@ local function claim(key, side, routed, token)
   if not owner then
     -- First observer: its routing decision is stored and binds every later copy, on every side.
     owner, state, sighting, first = routed, 'p', 1, nil
-    set = {'o', owner, 's', 'p', 'a', 0, 'f', now, f[7], 1}
+    if owner == side then
+      -- The owner's own first claim: its state and attempts are the lease's, written below.
+      set = {'o', owner, 'f', now_s, f[7], '1'}
+    else
+      set = {'o', owner, 's', 'p', 'a', '0', 'f', now_s, f[7], '1'}
+    end
   elseif not rec[7] then
     -- This side's first sight of a known id: had another side seen it?
     sighting = 1
     for i = 8, #f do
       if rec[i] then sighting = 2 break end
     end
-    set = {f[7], 1}
+    set = {f[7], '1'}
   end
 
   local answer
@@ -93,9 +100,9 @@ local function claim(key, side, routed, token)
     end
     if proceed then
       attempts = attempts + 1
-      for _, v in ipairs({'s', 'i', 't', token, 'e', now + lease_ms, 'a', attempts}) do
-        table.insert(set, v)
-      end
+      local n = #set
+      set[n + 1], set[n + 2], set[n + 3], set[n + 4] = 's', 'i', 't', token
+      set[n + 5], set[n + 6], set[n + 7], set[n + 8] = 'e', lease_end_s, 'a', tostring(attempts)
       answer = {1, attempts, takeover, sighting}
     end
   end
