@@ -90,7 +90,7 @@ where
             "phase": name,
             "ids": ids,
             "redis_cpu_us_per_id": (cpu1 - cpu0) * 1e6 / n,
-            // INFO itself is one command, counted in the second snapshot.
+            // The first snapshot's INFO is counted in the second.
             "redis_commands_per_id": (cmds1 - cmds0 - 1) as f64 / n,
             "client_cpu_us_per_id": (own1 - own0) as f64 / 1e3 / n,
             "wall_s": wall,
@@ -151,12 +151,13 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
             let arbiter = &arbiter;
             let (names, owner, held, tokens) = (&names, &owner, &mut held, &tokens);
             phase(&store, round, label, ids, || async move {
-                for chunk in (0..ids).collect::<Vec<_>>().chunks(batch) {
-                    let copy: Vec<LeaseToken> = chunk.iter().map(|_| tokens.next()).collect();
+                for start in (0..ids).step_by(batch) {
+                    let chunk = start..(start + batch).min(ids);
+                    let copy: Vec<LeaseToken> = chunk.clone().map(|_| tokens.next()).collect();
                     let reqs: Vec<ClaimRequest<'_>> = chunk
-                        .iter()
+                        .clone()
                         .zip(&copy)
-                        .map(|(&i, token)| ClaimRequest {
+                        .map(|(i, token)| ClaimRequest {
                             id: &names[i],
                             side,
                             routed_owner: owner[i],
@@ -164,7 +165,7 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
                         })
                         .collect();
                     let answers = arbiter.claim_batch(&reqs).await?;
-                    for ((&i, token), answer) in chunk.iter().zip(copy).zip(answers) {
+                    for ((i, token), answer) in chunk.zip(copy).zip(answers) {
                         match answer? {
                             Claim::Proceed { .. } => held[i] = Some(token),
                             Claim::NotMine { .. } => {}
@@ -179,9 +180,10 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
 
         let (arbiter_ref, names_ref, owner_ref, held_ref) = (&arbiter, &names, &owner, &held);
         phase(&store, round, "complete", ids, || async move {
-            for chunk in (0..ids).collect::<Vec<_>>().chunks(batch) {
+            for start in (0..ids).step_by(batch) {
+                let chunk = start..(start + batch).min(ids);
                 let mut reqs = Vec::with_capacity(chunk.len());
-                for &i in chunk {
+                for i in chunk.clone() {
                     let token = held_ref[i]
                         .as_ref()
                         .with_context(|| format!("id {}: nobody proceeded", names_ref[i]))?;
@@ -192,7 +194,7 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
                         outcome: &Outcome::Success,
                     });
                 }
-                for (&i, answer) in chunk.iter().zip(arbiter_ref.complete_batch(&reqs).await?) {
+                for (i, answer) in chunk.zip(arbiter_ref.complete_batch(&reqs).await?) {
                     match answer? {
                         Completion::Recorded(State::Done) => {}
                         other => bail!("id {}: unexpected completion {other:?}", names_ref[i]),
