@@ -3,6 +3,8 @@
 //!
 //! ```sh
 //! cargo run --release --example arbiter_cost -- redis://127.0.0.1:16379 [IDS] [BATCH] [ROUNDS]
+//! # a Redis Cluster: every master's URL, comma-separated (each id is its own call there)
+//! cargo run --release --example arbiter_cost -- redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003
 //! ```
 //!
 //! Each round takes IDS fresh ids (default 100,000) through the daemon's own [`Arbiter`], in
@@ -14,8 +16,8 @@
 //! 2. `claim`: the second side's copies (the pair; the other half proceed),
 //! 3. `complete`: each owner's success.
 //!
-//! For each phase it prints one JSON line: Redis's CPU µs per id (`INFO cpu` before and after;
-//! this program is Redis's only client), the commands Redis ran per id (`INFO stats`), and this
+//! For each phase it prints one JSON line: Redis's CPU µs per id (`INFO cpu` before and after,
+//! summed over the servers given; this program is their only client), the commands Redis ran per id (`INFO stats`), and this
 //! process's CPU µs per id (`/proc/self/task/*/schedstat`: building the calls, reading the
 //! answers, one current-thread runtime). `scripts/bench` runs it against a private Redis and
 //! prints the medians. Parity's sorted-set writes (about 0.5 commands per id in a drain) are not
@@ -34,6 +36,7 @@ use mq_cutover::arbiter::{
 };
 use mq_cutover::config::{ArbiterConfig, RedisConfig};
 use mq_cutover::store::Store;
+use redis::aio::MultiplexedConnection;
 
 /// The daemon's allocator, so that the client's CPU is the daemon's.
 #[global_allocator]
@@ -41,18 +44,25 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SIDES: [&str; 2] = ["kafka", "rocketmq"];
 
-/// Redis's CPU seconds and the commands it has processed so far.
-async fn redis_counters(store: &Store) -> Result<(f64, u64)> {
-    let mut conn = store.conn();
-    let info: String = redis::cmd("INFO").arg("all").query_async(&mut conn).await?;
-    let field = |name: &str| -> Result<&str> {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-            .with_context(|| format!("INFO has no {name}"))
-    };
-    let cpu = field("used_cpu_sys")?.parse::<f64>()? + field("used_cpu_user")?.parse::<f64>()?;
-    Ok((cpu, field("total_commands_processed")?.parse()?))
+/// Redis's CPU seconds and the commands it has processed so far, summed over `nodes` (one
+/// connection to each server: the standalone one, or every master of a cluster).
+async fn redis_counters(nodes: &[MultiplexedConnection]) -> Result<(f64, u64)> {
+    let (mut cpu, mut commands) = (0.0, 0);
+    for node in nodes {
+        let info: String = redis::cmd("INFO")
+            .arg("all")
+            .query_async(&mut node.clone())
+            .await?;
+        let field = |name: &str| -> Result<&str> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .with_context(|| format!("INFO has no {name}"))
+        };
+        cpu += field("used_cpu_sys")?.parse::<f64>()? + field("used_cpu_user")?.parse::<f64>()?;
+        commands += field("total_commands_processed")?.parse::<u64>()?;
+    }
+    Ok((cpu, commands))
 }
 
 /// This process's CPU time so far, ns, summed over its threads.
@@ -70,18 +80,24 @@ fn own_cpu_ns() -> Result<u64> {
 }
 
 /// Measures `work` (which handles `ids` ids) and prints one JSON line for it.
-async fn phase<F, Fut>(store: &Store, round: usize, name: &str, ids: usize, work: F) -> Result<()>
+async fn phase<F, Fut>(
+    nodes: &[MultiplexedConnection],
+    round: usize,
+    name: &str,
+    ids: usize,
+    work: F,
+) -> Result<()>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    let (cpu0, cmds0) = redis_counters(store).await?;
+    let (cpu0, cmds0) = redis_counters(nodes).await?;
     let own0 = own_cpu_ns()?;
     let t = Instant::now();
     work().await?;
     let wall = t.elapsed().as_secs_f64();
     let own1 = own_cpu_ns()?;
-    let (cpu1, cmds1) = redis_counters(store).await?;
+    let (cpu1, cmds1) = redis_counters(nodes).await?;
     let n = ids as f64;
     println!(
         "{}",
@@ -90,8 +106,8 @@ where
             "phase": name,
             "ids": ids,
             "redis_cpu_us_per_id": (cpu1 - cpu0) * 1e6 / n,
-            // The first snapshot's INFO is counted in the second.
-            "redis_commands_per_id": (cmds1 - cmds0 - 1) as f64 / n,
+            // The first snapshot's INFOs are counted in the second.
+            "redis_commands_per_id": (cmds1 - cmds0 - nodes.len() as u64) as f64 / n,
             "client_cpu_us_per_id": (own1 - own0) as f64 / 1e3 / n,
             "wall_s": wall,
         })
@@ -110,8 +126,11 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> Result<T>
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let Some(url) = args.get(1).cloned() else {
-        bail!("usage: arbiter_cost REDIS_URL [IDS] [BATCH] [ROUNDS]");
+    let Some(urls) = args
+        .get(1)
+        .map(|u| u.split(',').map(str::to_owned).collect())
+    else {
+        bail!("usage: arbiter_cost REDIS_URL[,REDIS_URL...] [IDS] [BATCH] [ROUNDS]");
     };
     let ids: usize = arg(&args, 2, 100_000)?;
     let batch: usize = arg(&args, 3, 256)?;
@@ -122,14 +141,26 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(run(url, ids, batch, rounds))
+        .block_on(run(urls, ids, batch, rounds))
 }
 
-async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()> {
+async fn run(urls: Vec<String>, ids: usize, batch: usize, rounds: usize) -> Result<()> {
+    // Several URLs: a Redis Cluster, every one of them a master (each id is its own call there).
+    let mode = if urls.len() > 1 {
+        "cluster"
+    } else {
+        "standalone"
+    };
+    let mut nodes = Vec::new();
+    for url in &urls {
+        let client = redis::Client::open(url.as_str())?;
+        nodes.push(client.get_multiplexed_async_connection().await?);
+    }
+    let nodes = &nodes;
     for round in 1..=rounds {
         let prefix = format!("cost{round}-{:08x}", rand::random::<u32>());
         let cfg: RedisConfig = serde_json::from_value(serde_json::json!({
-            "urls": [url], "key_prefix": prefix,
+            "mode": mode, "urls": urls, "key_prefix": prefix,
         }))?;
         let store = Store::connect(&cfg, false).await?;
         let arbiter = Arbiter::new(&store, &ArbiterConfig::default(), SIDES);
@@ -150,7 +181,7 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
             };
             let arbiter = &arbiter;
             let (names, owner, held, tokens) = (&names, &owner, &mut held, &tokens);
-            phase(&store, round, label, ids, || async move {
+            phase(nodes, round, label, ids, || async move {
                 for start in (0..ids).step_by(batch) {
                     let chunk = start..(start + batch).min(ids);
                     let copy: Vec<LeaseToken> = chunk.clone().map(|_| tokens.next()).collect();
@@ -179,7 +210,7 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
         }
 
         let (arbiter_ref, names_ref, owner_ref, held_ref) = (&arbiter, &names, &owner, &held);
-        phase(&store, round, "complete", ids, || async move {
+        phase(nodes, round, "complete", ids, || async move {
             for start in (0..ids).step_by(batch) {
                 let chunk = start..(start + batch).min(ids);
                 let mut reqs = Vec::with_capacity(chunk.len());
@@ -205,17 +236,20 @@ async fn run(url: String, ids: usize, batch: usize, rounds: usize) -> Result<()>
         })
         .await?;
 
-        // Leave the server as it was found.
-        let mut conn = store.conn();
+        // Leave the server as it was found: one key per command, which a cluster routes too.
         for chunk in names.chunks(1000) {
-            let keys: Vec<String> = chunk
-                .iter()
-                .map(|id| mq_cutover::arbiter::record_key(&prefix, id))
-                .collect();
-            let _: () = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await?;
+            let gone = futures::future::join_all(chunk.iter().map(|id| {
+                let mut conn = store.conn();
+                let key = mq_cutover::arbiter::record_key(&prefix, id);
+                async move {
+                    redis::cmd("UNLINK")
+                        .arg(key)
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
+            }))
+            .await;
+            gone.into_iter().collect::<Result<Vec<()>, _>>()?;
         }
     }
     Ok(())
