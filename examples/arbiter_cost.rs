@@ -29,12 +29,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mq_cutover::arbiter::routing::bucket;
+use mq_cutover::arbiter::routing::{route, Route};
+use mq_cutover::arbiter::switches::Switches;
 use mq_cutover::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
     State,
 };
-use mq_cutover::config::{ArbiterConfig, RedisConfig};
+use mq_cutover::config::{ArbiterConfig, Percent, RedisConfig};
 use mq_cutover::store::Store;
 use redis::aio::MultiplexedConnection;
 
@@ -166,9 +167,18 @@ async fn run(urls: Vec<String>, ids: usize, batch: usize, rounds: usize) -> Resu
         let arbiter = Arbiter::new(&store, &ArbiterConfig::default(), SIDES);
         let tokens = LeaseTokens::default();
         let names: Vec<String> = (0..ids).map(|i| format!("u{round}-{i}")).collect();
+        // The daemon's own routing at percent 50: half the ids to each side.
+        let switches = Switches {
+            consume: true,
+            percent: Percent::try_from(50).map_err(anyhow::Error::msg)?,
+            ..Switches::default()
+        };
         let owner: Vec<&str> = names
             .iter()
-            .map(|id| SIDES[usize::from(bucket(id) < 50)])
+            .map(|id| match route(&switches, id) {
+                Route::Old => SIDES[0],
+                Route::New => SIDES[1],
+            })
             .collect();
         // The token each copy's claim would carry; the owner's is the one its completion names.
         let mut held: Vec<Option<LeaseToken>> = vec![None; ids];
