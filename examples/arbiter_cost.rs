@@ -2,7 +2,7 @@
 //! the three script calls every id of a drain goes through, with nothing else on the connection.
 //!
 //! ```sh
-//! cargo run --release --example arbiter_cost -- redis://127.0.0.1:16379 [IDS] [BATCH] [ROUNDS]
+//! cargo run --release --example arbiter_cost -- redis://127.0.0.1:16379 [IDS] [BATCH] [ROUNDS] [LAYOUT]
 //! # a Redis Cluster: every master's URL, comma-separated (each id is its own call there)
 //! cargo run --release --example arbiter_cost -- redis://127.0.0.1:17001,redis://127.0.0.1:17002,redis://127.0.0.1:17003
 //! ```
@@ -35,7 +35,7 @@ use mq_cutover::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
     State,
 };
-use mq_cutover::config::{ArbiterConfig, Percent, RedisConfig};
+use mq_cutover::config::{ArbiterConfig, Percent, RecordLayout, RedisConfig};
 use mq_cutover::store::Store;
 use redis::aio::MultiplexedConnection;
 
@@ -131,21 +131,32 @@ fn main() -> Result<()> {
         .get(1)
         .map(|u| u.split(',').map(str::to_owned).collect())
     else {
-        bail!("usage: arbiter_cost REDIS_URL[,REDIS_URL...] [IDS] [BATCH] [ROUNDS]");
+        bail!("usage: arbiter_cost REDIS_URL[,REDIS_URL...] [IDS] [BATCH] [ROUNDS] [packed|hash]");
     };
     let ids: usize = arg(&args, 2, 100_000)?;
     let batch: usize = arg(&args, 3, 256)?;
     let rounds: usize = arg(&args, 4, 3)?;
+    let layout = match args.get(5).map_or("packed", String::as_str) {
+        "packed" => RecordLayout::Packed,
+        "hash" => RecordLayout::Hash,
+        other => bail!("LAYOUT {other:?} is not one of: packed, hash"),
+    };
     if ids == 0 || batch == 0 {
         bail!("IDS and BATCH must be at least 1");
     }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(run(urls, ids, batch, rounds))
+        .block_on(run(urls, ids, batch, rounds, layout))
 }
 
-async fn run(urls: Vec<String>, ids: usize, batch: usize, rounds: usize) -> Result<()> {
+async fn run(
+    urls: Vec<String>,
+    ids: usize,
+    batch: usize,
+    rounds: usize,
+    layout: RecordLayout,
+) -> Result<()> {
     // Several URLs: a Redis Cluster, every one of them a master (each id is its own call there).
     let mode = if urls.len() > 1 {
         "cluster"
@@ -164,7 +175,13 @@ async fn run(urls: Vec<String>, ids: usize, batch: usize, rounds: usize) -> Resu
             "mode": mode, "urls": urls, "key_prefix": prefix,
         }))?;
         let store = Store::connect(&cfg, false).await?;
-        let arbiter = Arbiter::new(&store, &ArbiterConfig::default(), SIDES);
+        let arbiter = Arbiter::new(
+            &store,
+            &ArbiterConfig {
+                record_layout: layout,
+                ..ArbiterConfig::default()
+            },
+        );
         let tokens = LeaseTokens::default();
         let names: Vec<String> = (0..ids).map(|i| format!("u{round}-{i}")).collect();
         // The daemon's own routing at percent 50: half the ids to each side.

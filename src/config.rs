@@ -163,6 +163,7 @@ macro_rules! named_choices {
 
 named_choices!(RedisMode { Standalone = "standalone", Cluster = "cluster" });
 named_choices!(AmbiguousPolicy { AtLeastOnce = "at_least_once", AtMostOnce = "at_most_once" });
+named_choices!(RecordLayout { Packed = "packed", Hash = "hash" });
 named_choices!(SideKind { Kafka = "kafka", Rocketmq = "rocketmq" });
 named_choices!(LogFormat { Text = "text", Json = "json" });
 
@@ -200,6 +201,9 @@ pub struct ArbiterConfig {
     /// Calls the owner may make for one id before it is parked as dead.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: NonZeroU32,
+    /// How a new id's record is stored; existing records keep theirs (docs/arbiter.md).
+    #[serde(default)]
+    pub record_layout: RecordLayout,
 }
 
 fn default_lease() -> Duration {
@@ -219,8 +223,21 @@ impl Default for ArbiterConfig {
             retention: default_retention(),
             ambiguous: AmbiguousPolicy::default(),
             max_attempts: default_max_attempts(),
+            record_layout: RecordLayout::default(),
         }
     }
+}
+
+/// How a new id's record is stored in Redis. Every version that knows this setting reads both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordLayout {
+    /// One string per id: the cheaper layout for Redis.
+    #[default]
+    Packed,
+    /// One hash per id, the only layout versions before the packed one read: keep it while
+    /// such instances still run beside this one (a rolling upgrade), then switch to packed.
+    Hash,
 }
 
 /// The policy for a call whose outcome nobody can know (DESIGN.md, "ambiguous").
@@ -1094,6 +1111,20 @@ url = "http://127.0.0.1:8080/grant"
         let e = err_of(&format!("{GOOD}\n[arbiter]\nambiguous = \"sometimes\"\n"));
         assert_eq!(e.key, "arbiter.ambiguous");
         assert!(e.problem.contains("at_least_once"), "{e}");
+    }
+
+    #[test]
+    fn record_layout_defaults_to_packed_and_names_its_choices() {
+        let c = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
+        assert_eq!(c.arbiter.record_layout, RecordLayout::Packed);
+        let c = Config::from_toml_str(&format!("{GOOD}\n[arbiter]\nrecord_layout = \"hash\"\n"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.arbiter.record_layout, RecordLayout::Hash);
+        let e = err_of(&format!("{GOOD}\n[arbiter]\nrecord_layout = \"json\"\n"));
+        assert_eq!(e.key, "arbiter.record_layout");
+        assert!(e.problem.contains("packed, hash"), "{e}");
     }
 
     #[test]

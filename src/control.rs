@@ -98,7 +98,7 @@ impl Control {
     pub fn new(store: &Store, cfg: &Validated) -> Control {
         Control {
             switches: SwitchStore::new(store),
-            arbiter: Arbiter::new(store, &cfg.arbiter, cfg.cutover.sides()),
+            arbiter: Arbiter::new(store, &cfg.arbiter),
             dead: crate::dead::DeadLetters::new(store, cfg.dead_letters.max_len),
             parity: crate::parity::Parity::new(store, cfg),
             replay: None,

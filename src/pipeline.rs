@@ -153,7 +153,7 @@ impl Shared {
         stop: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Shared> {
-        let arbiter = Arbiter::new(store, &cfg.arbiter, cfg.cutover.sides());
+        let arbiter = Arbiter::new(store, &cfg.arbiter);
         let sink = crate::sink::http::HttpSink::new(&cfg.sink)
             .map_err(|e| anyhow::anyhow!("building the sink: {e}"))?;
         let backoff = Backoff::from_config(&cfg.sink.retry)

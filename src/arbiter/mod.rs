@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use redis::{Cmd, Pipeline, RedisResult, Value};
 
-use crate::config::{AmbiguousPolicy, ArbiterConfig};
+use crate::config::{AmbiguousPolicy, ArbiterConfig, RecordLayout};
 use crate::store::{Conn, Store, StoreError};
 
 /// A Lua script, sent by SHA1 and re-sent whole when Redis answers NOSCRIPT (after a restart or
@@ -64,15 +64,27 @@ struct Scripts {
     complete: LuaScript,
     renew: LuaScript,
     release: LuaScript,
+    read: LuaScript,
+}
+
+/// A script that reads or writes records: `record.lua` (the layouts) in front of its own code.
+macro_rules! record_script {
+    ($file:literal) => {
+        LuaScript::new(concat!(
+            include_str!("scripts/record.lua"),
+            include_str!(concat!("scripts/", $file))
+        ))
+    };
 }
 
 impl Scripts {
     fn load() -> Self {
         Self {
-            claim: LuaScript::new(include_str!("scripts/claim.lua")),
-            complete: LuaScript::new(include_str!("scripts/complete.lua")),
-            renew: LuaScript::new(include_str!("scripts/renew.lua")),
-            release: LuaScript::new(include_str!("scripts/release.lua")),
+            claim: record_script!("claim.lua"),
+            complete: record_script!("complete.lua"),
+            renew: record_script!("renew.lua"),
+            release: record_script!("release.lua"),
+            read: record_script!("read.lua"),
         }
     }
 }
@@ -350,8 +362,8 @@ pub struct Arbiter {
     ttl_ms: u64,
     policy: &'static str,
     max_attempts: u32,
-    /// The deployment's two sides: a claim reads both marks to tell a first sight from a pair.
-    sides: Arc<[String; 2]>,
+    /// The layout of a new record: `p` packed, `h` hash.
+    layout: &'static str,
 }
 
 /// A record lives `arbiter.retention` plus this after the claim that last set its TTL. A claim
@@ -359,16 +371,19 @@ pub struct Arbiter {
 /// as it is, so that a record still outlives its last claim by the whole retention.
 pub const EXPIRY_SLACK: Duration = Duration::from_secs(60);
 
+/// A record as [`Arbiter::read`] returns it: its fields under the hash layout's names, its PTTL
+/// (ms) and the server's time (ms).
+type RawRecord = (Vec<(String, String)>, i64, u64);
+
 /// The key of an id's record: `<prefix>:m:{<id>}` (the braces keep it in one cluster slot).
 pub fn record_key(prefix: &str, id: &str) -> String {
     format!("{prefix}:m:{{{id}}}")
 }
 
 impl Arbiter {
-    /// An arbiter over `store` with the protocol settings of `cfg`, for a deployment of `sides`.
-    pub fn new(store: &Store, cfg: &ArbiterConfig, sides: [&str; 2]) -> Self {
+    /// An arbiter over `store` with the protocol settings of `cfg`.
+    pub fn new(store: &Store, cfg: &ArbiterConfig) -> Self {
         Self {
-            sides: Arc::new(sides.map(str::to_owned)),
             conn: store.conn(),
             prefix: store.prefix().into(),
             scripts: Arc::new(Scripts::load()),
@@ -379,6 +394,10 @@ impl Arbiter {
                 AmbiguousPolicy::AtMostOnce => "m",
             },
             max_attempts: cfg.max_attempts.get(),
+            layout: match cfg.record_layout {
+                RecordLayout::Packed => "p",
+                RecordLayout::Hash => "h",
+            },
         }
     }
 
@@ -463,21 +482,36 @@ impl Arbiter {
 
     /// Everything stored about `id`, or `None` if Redis knows nothing of it.
     pub async fn inspect(&self, id: &str) -> Result<Option<Record>, StoreError> {
-        let key = record_key(&self.prefix, id);
-        let mut conn = self.conn.clone();
-        let (fields, pttl, time): (Vec<(String, String)>, i64, (u64, u64)) = redis::pipe()
-            .cmd("HGETALL")
-            .arg(&key)
-            .cmd("PTTL")
-            .arg(&key)
-            .cmd("TIME")
-            .query_async(&mut conn)
-            .await?;
+        let (fields, pttl, now_ms) = self.read(id).await?;
         if fields.is_empty() {
             return Ok(None);
         }
-        let now_ms = time.0 * 1000 + time.1 / 1000;
         Ok(Some(parse_record(id, fields, pttl, now_ms)?))
+    }
+
+    /// The stored fields of `id`'s record under the hash layout's names (`o`, `s`, `t`, `e`, `a`,
+    /// `f`, `m`, `v`, `r`, and `@side` per observing side) whichever layout holds them, empty when
+    /// there is no record; then its PTTL (ms, negative as `PTTL` answers) and the server's time (ms).
+    async fn read(&self, id: &str) -> Result<RawRecord, StoreError> {
+        let key = record_key(&self.prefix, id);
+        let mut conn = self.conn.clone();
+        let reply: RedisResult<RawRecord> = match self
+            .scripts
+            .read
+            .cmd(&key, false)
+            .query_async(&mut conn)
+            .await
+        {
+            Err(e) if is_noscript(&e) => {
+                self.scripts
+                    .read
+                    .cmd(&key, true)
+                    .query_async(&mut conn)
+                    .await
+            }
+            other => other,
+        };
+        Ok(reply?)
     }
 
     /// Hands a dead (or in-doubt) id back to pending with its attempts reset, keeping its owner.
@@ -506,8 +540,7 @@ impl Arbiter {
         c.arg(self.lease_ms)
             .arg(self.ttl_ms)
             .arg(self.policy)
-            .arg(&self.sides[0])
-            .arg(&self.sides[1])
+            .arg(self.layout)
             .arg(EXPIRY_SLACK.as_millis() as u64);
         for r in reqs {
             c.arg(r.side).arg(r.routed_owner).arg(r.token.as_str());
@@ -519,7 +552,10 @@ impl Arbiter {
         for r in reqs {
             c.arg(record_key(&self.prefix, r.id));
         }
-        c.arg(self.policy).arg(self.max_attempts).arg(self.ttl_ms);
+        c.arg(self.policy)
+            .arg(self.max_attempts)
+            .arg(self.ttl_ms)
+            .arg(self.layout);
         for r in reqs {
             let (code, reason) = r.outcome.code();
             c.arg(r.token.as_str()).arg(code).arg(r.side).arg(reason);

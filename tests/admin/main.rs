@@ -205,7 +205,6 @@ async fn one_message_is_shown_and_a_dead_one_released() {
     let arbiter = Arbiter::new(
         &a.store,
         &common::arbiter_config(Duration::from_secs(30), a.cfg.arbiter.ambiguous, 8),
-        common::SIDES,
     );
     let token = LeaseTokens::default().next();
     arbiter

@@ -88,7 +88,6 @@ async fn park_fatal(a: &Api, id: &str) -> String {
     let arbiter = Arbiter::new(
         &a.store,
         &common::arbiter_config(Duration::from_secs(30), a.cfg.arbiter.ambiguous, 8),
-        common::SIDES,
     );
     let token = LeaseTokens::default().next();
     arbiter

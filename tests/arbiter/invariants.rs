@@ -76,11 +76,7 @@ fn id_name(i: u32) -> String {
 pub async fn run(mode: RedisMode, policy: AmbiguousPolicy, seed: u64, ids: u32) -> String {
     let prefix = common::unique_prefix(&format!("inv-{seed}"));
     let store = common::connect(mode, &prefix).await;
-    let arbiter = Arbiter::new(
-        &store,
-        &common::arbiter_config(LEASE, policy, MAX_ATTEMPTS),
-        common::SIDES,
-    );
+    let arbiter = Arbiter::new(&store, &common::arbiter_config(LEASE, policy, MAX_ATTEMPTS));
     let mut rng = StdRng::seed_from_u64(seed);
 
     // 1-3 copies of every id on each side, shuffled independently.

@@ -14,7 +14,6 @@ async fn a_done_record_stays_under_256_bytes() {
     let arbiter = Arbiter::new(
         &store,
         &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 8),
-        common::SIDES,
     );
     let tokens = LeaseTokens::default();
     let mut sizes = Vec::new();

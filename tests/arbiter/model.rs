@@ -12,7 +12,7 @@ use mq_cutover::arbiter::{
     record_key, Arbiter, Claim, ClaimRequest, CompleteRequest, LeaseToken, LeaseTokens, Outcome,
     State,
 };
-use mq_cutover::config::{AmbiguousPolicy, RedisMode};
+use mq_cutover::config::{AmbiguousPolicy, RecordLayout, RedisMode};
 use mq_cutover::store::Store;
 
 use crate::common;
@@ -37,17 +37,9 @@ fn normalise(c: Claim) -> Claim {
     }
 }
 
-/// The record as Redis holds it, in the model's shape.
+/// The record as Redis holds it (either layout, read with plain commands), in the model's shape.
 async fn stored(store: &Store, prefix: &str, id: &str) -> Option<Rec> {
-    let mut conn = store.conn();
-    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(record_key(prefix, id))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if fields.is_empty() {
-        return None;
-    }
+    let (_, fields) = common::raw_record(store, &record_key(prefix, id)).await?;
     let mut r = Rec::new("");
     for (k, v) in fields {
         match k.as_str() {
@@ -87,14 +79,7 @@ fn comparable(r: Option<Rec>) -> Option<Rec> {
 
 /// Moves the lease expiry of `id` into the past, as if the lease had run out.
 async fn expire_lease(store: &Store, prefix: &str, id: &str) {
-    let mut conn = store.conn();
-    let _: () = redis::cmd("HSET")
-        .arg(record_key(prefix, id))
-        .arg("e")
-        .arg(0)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    common::set_record_field(store, &record_key(prefix, id), "e", "0").await;
 }
 
 fn clean_up(mode: RedisMode, prefix: &str) {
@@ -116,11 +101,14 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
             AmbiguousPolicy::AtMostOnce
         };
         let max_attempts = rng.random_range(1..=4);
-        let arbiter = Arbiter::new(
-            &store,
-            &common::arbiter_config(LEASE, policy, max_attempts),
-            common::SIDES,
-        );
+        let layout = if rng.random_bool(0.5) {
+            RecordLayout::Packed
+        } else {
+            RecordLayout::Hash
+        };
+        let mut cfg = common::arbiter_config(LEASE, policy, max_attempts);
+        cfg.record_layout = layout;
+        let arbiter = Arbiter::new(&store, &cfg);
         let p = Params {
             lease_ms: LEASE.as_millis() as u64,
             policy,
@@ -133,8 +121,9 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
         let mut held: [Option<(LeaseToken, &str)>; 3] = Default::default();
         for step in 0..rng.random_range(5..40) {
             let what = rng.random_range(0..100);
-            let context =
-                format!("seed {seed} history {h} step {step} ({policy:?}, max {max_attempts})");
+            let context = format!(
+                "seed {seed} history {h} step {step} ({policy:?}, max {max_attempts}, {layout:?})"
+            );
             if what < 40 {
                 let w = rng.random_range(0..3);
                 let side = SIDES[rng.random_range(0..2)];
@@ -229,11 +218,13 @@ async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
         AmbiguousPolicy::AtLeastOnce
     };
     let max_attempts = 3;
-    let arbiter = Arbiter::new(
-        &store,
-        &common::arbiter_config(LEASE, policy, max_attempts),
-        common::SIDES,
-    );
+    // Seeds 21 and 22 (and the Cluster's 25) write packed records, 23 and 24 hash records.
+    let mut cfg = common::arbiter_config(LEASE, policy, max_attempts);
+    if seed == 23 || seed == 24 {
+        cfg.record_layout = RecordLayout::Hash;
+    }
+    let layout = cfg.record_layout;
+    let arbiter = Arbiter::new(&store, &cfg);
     let p = Params {
         lease_ms: LEASE.as_millis() as u64,
         policy,
@@ -245,7 +236,7 @@ async fn replay_batches(mode: RedisMode, seed: u64, rounds: usize) {
     // Leases granted and not yet completed: (id index, side, token).
     let mut held: Vec<(usize, &str, LeaseToken)> = Vec::new();
     for round in 0..rounds {
-        let context = format!("seed {seed} round {round} ({policy:?})");
+        let context = format!("seed {seed} round {round} ({policy:?}, {layout:?})");
         if held.is_empty() || rng.random_bool(0.5) {
             let n = rng.random_range(1..=12);
             let picks: Vec<(usize, &str, &str, LeaseToken)> = (0..n)

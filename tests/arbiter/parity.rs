@@ -55,7 +55,6 @@ async fn claims_report_first_sights(mode: RedisMode) {
     let arbiter = Arbiter::new(
         &store,
         &common::arbiter_config(Duration::from_secs(5), AmbiguousPolicy::AtLeastOnce, 5),
-        common::SIDES,
     );
     let tokens = LeaseTokens::default();
     let sighting = |side: &'static str| {

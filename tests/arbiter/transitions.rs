@@ -7,13 +7,20 @@ use mq_cutover::arbiter::{
     record_key, Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens,
     Outcome, State,
 };
-use mq_cutover::config::{AmbiguousPolicy, RedisMode};
+use mq_cutover::config::{AmbiguousPolicy, RecordLayout, RedisMode};
 use mq_cutover::store::StoreError;
 
 use crate::common;
 
 const OLD: &str = "kafka";
 const NEW: &str = "rocketmq";
+
+/// Where a scenario runs: the Redis topology, and the layout new records are written in.
+#[derive(Debug, Clone, Copy)]
+struct Topo {
+    mode: RedisMode,
+    layout: RecordLayout,
+}
 
 struct Bed {
     arbiter: Arbiter,
@@ -25,25 +32,26 @@ struct Bed {
 
 impl Bed {
     async fn new(
-        mode: RedisMode,
+        topo: Topo,
         name: &str,
         lease: Duration,
         policy: AmbiguousPolicy,
         max_attempts: u32,
     ) -> Bed {
         let prefix = common::unique_prefix(name);
-        let store = common::connect(mode, &prefix).await;
-        let cfg = common::arbiter_config(lease, policy, max_attempts);
+        let store = common::connect(topo.mode, &prefix).await;
+        let mut cfg = common::arbiter_config(lease, policy, max_attempts);
+        cfg.record_layout = topo.layout;
         Bed {
-            arbiter: Arbiter::new(&store, &cfg, common::SIDES),
+            arbiter: Arbiter::new(&store, &cfg),
             store,
             tokens: LeaseTokens::default(),
             prefix,
-            mode,
+            mode: topo.mode,
         }
     }
 
-    async fn standard(mode: RedisMode, name: &str) -> Bed {
+    async fn standard(mode: Topo, name: &str) -> Bed {
         Bed::new(
             mode,
             name,
@@ -110,7 +118,7 @@ fn proceeds(c: &Claim) -> bool {
     matches!(c, Claim::Proceed { .. })
 }
 
-async fn first_observer_decides_the_owner_for_both_sides(mode: RedisMode) {
+async fn first_observer_decides_the_owner_for_both_sides(mode: Topo) {
     let b = Bed::standard(mode, "first-observer").await;
     // The new side sees the id first, and its switches route it to the new side.
     let (c, _) = b.claim("m1", NEW, NEW).await;
@@ -130,7 +138,7 @@ async fn first_observer_decides_the_owner_for_both_sides(mode: RedisMode) {
     assert_eq!(r.seen, vec![OLD, NEW]);
 }
 
-async fn non_owner_first_observer_still_records_the_routed_owner(mode: RedisMode) {
+async fn non_owner_first_observer_still_records_the_routed_owner(mode: Topo) {
     let b = Bed::standard(mode, "non-owner-first").await;
     let (c, _) = b.claim("m1", OLD, NEW).await;
     assert_eq!(c, Claim::NotMine { owner: NEW.into() });
@@ -138,7 +146,7 @@ async fn non_owner_first_observer_still_records_the_routed_owner(mode: RedisMode
     assert!(proceeds(&c), "{c:?}");
 }
 
-async fn other_side_never_proceeds_once_owner_decided(mode: RedisMode) {
+async fn other_side_never_proceeds_once_owner_decided(mode: Topo) {
     let b = Bed::standard(mode, "never-other").await;
     let (c, t) = b.claim("m1", OLD, OLD).await;
     assert!(proceeds(&c));
@@ -156,7 +164,7 @@ async fn other_side_never_proceeds_once_owner_decided(mode: RedisMode) {
     assert_eq!(c, Claim::NotMine { owner: OLD.into() });
 }
 
-async fn success_marks_done_and_duplicates_are_acknowledged(mode: RedisMode) {
+async fn success_marks_done_and_duplicates_are_acknowledged(mode: Topo) {
     let b = Bed::standard(mode, "done").await;
     let (_, t) = b.claim("m1", OLD, OLD).await;
     assert_eq!(
@@ -168,7 +176,7 @@ async fn success_marks_done_and_duplicates_are_acknowledged(mode: RedisMode) {
     assert_eq!(b.state("m1").await.state, State::Done);
 }
 
-async fn owner_retries_after_retryable_failure(mode: RedisMode) {
+async fn owner_retries_after_retryable_failure(mode: Topo) {
     let b = Bed::standard(mode, "reentrant").await;
     let (_, t1) = b.claim("m1", OLD, OLD).await;
     assert_eq!(
@@ -191,7 +199,7 @@ async fn owner_retries_after_retryable_failure(mode: RedisMode) {
     assert_eq!(b.state("m1").await.attempts, 2);
 }
 
-async fn exhausted_retries_park_the_id_as_dead(mode: RedisMode) {
+async fn exhausted_retries_park_the_id_as_dead(mode: Topo) {
     let b = Bed::standard(mode, "exhausted").await; // max_attempts = 3
     for attempt in 1..=3 {
         let (c, t) = b.claim("m1", OLD, OLD).await;
@@ -220,7 +228,7 @@ async fn exhausted_retries_park_the_id_as_dead(mode: RedisMode) {
     ));
 }
 
-async fn fatal_outcome_parks_the_id_with_its_reason(mode: RedisMode) {
+async fn fatal_outcome_parks_the_id_with_its_reason(mode: Topo) {
     let b = Bed::standard(mode, "fatal").await;
     let (_, t) = b.claim("m1", OLD, OLD).await;
     assert_eq!(
@@ -233,7 +241,7 @@ async fn fatal_outcome_parks_the_id_with_its_reason(mode: RedisMode) {
     assert_eq!(r.reason.as_deref(), Some("HTTP 400: bad user"));
 }
 
-async fn second_worker_of_the_owner_is_busy_while_the_lease_lives(mode: RedisMode) {
+async fn second_worker_of_the_owner_is_busy_while_the_lease_lives(mode: Topo) {
     let b = Bed::standard(mode, "busy").await;
     let (_, _t1) = b.claim("m1", OLD, OLD).await;
     match b.claim("m1", OLD, OLD).await.0 {
@@ -244,7 +252,7 @@ async fn second_worker_of_the_owner_is_busy_while_the_lease_lives(mode: RedisMod
     }
 }
 
-async fn the_same_token_claiming_again_gets_the_same_answer(mode: RedisMode) {
+async fn the_same_token_claiming_again_gets_the_same_answer(mode: Topo) {
     let b = Bed::standard(mode, "same-token").await;
     let token = b.tokens.next();
     let req = ClaimRequest {
@@ -259,7 +267,7 @@ async fn the_same_token_claiming_again_gets_the_same_answer(mode: RedisMode) {
     assert_eq!(b.state("m1").await.attempts, 1);
 }
 
-async fn expired_lease_is_taken_over_and_counted_under_at_least_once(mode: RedisMode) {
+async fn expired_lease_is_taken_over_and_counted_under_at_least_once(mode: Topo) {
     let b = Bed::new(
         mode,
         "takeover",
@@ -292,7 +300,7 @@ async fn expired_lease_is_taken_over_and_counted_under_at_least_once(mode: Redis
     );
 }
 
-async fn expired_lease_parks_the_id_in_doubt_under_at_most_once(mode: RedisMode) {
+async fn expired_lease_parks_the_id_in_doubt_under_at_most_once(mode: Topo) {
     let b = Bed::new(
         mode,
         "in-doubt",
@@ -310,7 +318,7 @@ async fn expired_lease_parks_the_id_in_doubt_under_at_most_once(mode: RedisMode)
     assert_eq!(b.state("m1").await.ambiguous, 1);
 }
 
-async fn ambiguous_outcome_retries_under_at_least_once(mode: RedisMode) {
+async fn ambiguous_outcome_retries_under_at_least_once(mode: Topo) {
     let b = Bed::standard(mode, "ambiguous-retry").await;
     let (_, t) = b.claim("m1", OLD, OLD).await;
     assert_eq!(
@@ -323,7 +331,7 @@ async fn ambiguous_outcome_retries_under_at_least_once(mode: RedisMode) {
     assert!(proceeds(&b.claim("m1", OLD, OLD).await.0));
 }
 
-async fn ambiguous_outcome_parks_in_doubt_under_at_most_once(mode: RedisMode) {
+async fn ambiguous_outcome_parks_in_doubt_under_at_most_once(mode: Topo) {
     let b = Bed::new(
         mode,
         "ambiguous-park",
@@ -346,7 +354,7 @@ async fn ambiguous_outcome_parks_in_doubt_under_at_most_once(mode: RedisMode) {
     ));
 }
 
-async fn stale_worker_success_is_recorded_and_counted_as_overlap(mode: RedisMode) {
+async fn stale_worker_success_is_recorded_and_counted_as_overlap(mode: Topo) {
     let b = Bed::new(
         mode,
         "late-success",
@@ -375,7 +383,7 @@ async fn stale_worker_success_is_recorded_and_counted_as_overlap(mode: RedisMode
     assert_eq!(b.state("m1").await.overlaps, 2);
 }
 
-async fn repeated_completion_changes_nothing(mode: RedisMode) {
+async fn repeated_completion_changes_nothing(mode: Topo) {
     let b = Bed::standard(mode, "repeated").await;
     let (_, t) = b.claim("m1", OLD, OLD).await;
     b.complete("m1", OLD, &t, Outcome::Retryable("503".into()))
@@ -389,7 +397,7 @@ async fn repeated_completion_changes_nothing(mode: RedisMode) {
     assert_eq!((r.state, r.attempts, r.overlaps), (State::Pending, 1, 0));
 }
 
-async fn renew_extends_a_live_lease_and_reports_a_lost_one(mode: RedisMode) {
+async fn renew_extends_a_live_lease_and_reports_a_lost_one(mode: Topo) {
     let b = Bed::new(
         mode,
         "renew",
@@ -417,7 +425,7 @@ async fn renew_extends_a_live_lease_and_reports_a_lost_one(mode: RedisMode) {
     );
 }
 
-async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode) {
+async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: Topo) {
     let b = Bed::standard(mode, "release").await;
     let (_, t) = b.claim("m1", NEW, NEW).await;
     b.complete("m1", NEW, &t, Outcome::Fatal("HTTP 404".into()))
@@ -444,7 +452,7 @@ async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: RedisMode)
     assert_eq!(b.arbiter.release("m1").await.unwrap(), None);
 }
 
-async fn records_outlive_their_last_claim_by_the_retention(mode: RedisMode) {
+async fn records_outlive_their_last_claim_by_the_retention(mode: Topo) {
     let b = Bed::standard(mode, "retention").await;
     let ttl = |r: mq_cutover::arbiter::Record| r.expires_in.expect("a record always has a TTL");
     // The retention is 600 s; every TTL set adds the 60 s (`EXPIRY_SLACK`) within which later
@@ -472,26 +480,22 @@ async fn records_outlive_their_last_claim_by_the_retention(mode: RedisMode) {
     );
 
     // A claim a minute or more after the first sets the expiry again.
-    let at: u64 = redis::cmd("HGET")
-        .arg(&key)
-        .arg("f")
-        .query_async(&mut conn)
-        .await
+    let (_, fields) = common::raw_record(&b.store, &key).await.unwrap();
+    let at: u64 = fields
+        .iter()
+        .find(|(k, _)| k == "f")
+        .unwrap()
+        .1
+        .parse()
         .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("f")
-        .arg(at - 61_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    common::set_record_field(&b.store, &key, "f", &(at - 61_000).to_string()).await;
     let (c, _) = b.claim("m1", NEW, NEW).await;
     assert_eq!(c, Claim::NotMine { owner: OLD.into() });
     let again = ttl(b.state("m1").await);
     assert!(full(again), "after the slack: {again:?}");
 }
 
-async fn batch_claims_answer_each_id_in_order(mode: RedisMode) {
+async fn batch_claims_answer_each_id_in_order(mode: Topo) {
     let b = Bed::standard(mode, "batch").await;
     let (_, t) = b.claim("done", OLD, OLD).await;
     b.complete("done", OLD, &t, Outcome::Success).await;
@@ -540,10 +544,10 @@ async fn batch_claims_answer_each_id_in_order(mode: RedisMode) {
 
 /// A key of the wrong type under the prefix (nothing of ours writes one) fails its own id in a
 /// batch, never its neighbours: they are claimed and completed as if alone.
-async fn a_foreign_key_fails_only_its_own_id_in_a_batch(mode: RedisMode) {
+async fn a_foreign_key_fails_only_its_own_id_in_a_batch(mode: Topo) {
     let b = Bed::standard(mode, "foreign").await;
     let mut conn = b.store.conn();
-    let _: () = redis::cmd("SET")
+    let _: () = redis::cmd("RPUSH")
         .arg(record_key(&b.prefix, "poison"))
         .arg("not a record")
         .query_async(&mut conn)
@@ -586,19 +590,207 @@ async fn a_foreign_key_fails_only_its_own_id_in_a_batch(mode: RedisMode) {
     assert_eq!(got[2].as_ref().unwrap(), &Completion::Recorded(State::Done));
 }
 
-/// Runs each named scenario once per topology, as its own test.
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A new record is written in the configured layout with every field of the protocol, and
+/// keeps that layout through every later step.
+async fn a_new_record_takes_the_configured_layout_and_keeps_it(mode: Topo) {
+    let b = Bed::standard(mode, "layout").await;
+    let packed = matches!(mode.layout, RecordLayout::Packed);
+    let key = record_key(&b.prefix, "m1");
+    let (c, token) = b.claim("m1", OLD, OLD).await;
+    assert!(proceeds(&c));
+    let (is_packed, fields) = common::raw_record(&b.store, &key).await.unwrap();
+    assert_eq!(is_packed, packed, "{fields:?}");
+    assert_eq!(field(&fields, "o"), Some(OLD));
+    assert_eq!(field(&fields, "s"), Some("i"));
+    assert_eq!(field(&fields, "t"), Some(token.as_str()));
+    assert_eq!(field(&fields, "a"), Some("1"));
+    assert!(field(&fields, "e").is_some() && field(&fields, "f").is_some());
+    assert_eq!(field(&fields, &format!("@{OLD}")), Some("1"));
+    assert_eq!(field(&fields, &format!("@{NEW}")), None);
+
+    let (c, _) = b.claim("m1", NEW, NEW).await;
+    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    b.complete("m1", OLD, &token, Outcome::Success).await;
+    let (is_packed, fields) = common::raw_record(&b.store, &key).await.unwrap();
+    assert_eq!(is_packed, packed, "{fields:?}");
+    assert_eq!(field(&fields, "s"), Some("d"));
+    assert_eq!(field(&fields, &format!("@{NEW}")), Some("1"));
+    let r = b.state("m1").await;
+    assert_eq!((r.state, r.attempts, r.seen.len()), (State::Done, 1, 2));
+}
+
+/// A record in the other layout (a hash left by a version that only knew hashes, or a packed
+/// record written by an instance configured differently) is read, advanced and kept in its own
+/// layout: the layouts never fork an id into two records.
+async fn a_record_in_the_other_layout_is_honoured_in_place(mode: Topo) {
+    let b = Bed::new(
+        mode,
+        "other-layout",
+        Duration::from_secs(30),
+        AmbiguousPolicy::AtLeastOnce,
+        2,
+    )
+    .await;
+    let other_is_packed = matches!(mode.layout, RecordLayout::Hash);
+    let key = record_key(&b.prefix, "m1");
+    let mut conn = b.store.conn();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // What the owner's first claim wrote: in flight under a live lease of another worker.
+    let theirs = LeaseTokens::default().next();
+    let fields: Vec<(String, String)> = [
+        ("o", OLD.to_owned()),
+        ("s", "i".to_owned()),
+        ("t", theirs.as_str().to_owned()),
+        ("e", (now_ms + 30_000).to_string()),
+        ("a", "1".to_owned()),
+        ("f", now_ms.to_string()),
+        ("@kafka", "1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if other_is_packed {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(common::pack_record(&fields))
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    } else {
+        let mut c = redis::cmd("HSET");
+        c.arg(&key);
+        for (k, v) in &fields {
+            c.arg(k).arg(v);
+        }
+        let _: () = c.query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&key)
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    // The other side's copy: not its id; a second worker of the owner: busy.
+    assert_eq!(
+        b.claim("m1", NEW, NEW).await.0,
+        Claim::NotMine { owner: OLD.into() }
+    );
+    assert!(matches!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::Busy { .. }
+    ));
+    // The lease holder's call failed: pending again, and its owner calls once more.
+    assert_eq!(
+        b.complete("m1", OLD, &theirs, Outcome::Retryable("503".into()))
+            .await,
+        Completion::Recorded(State::Pending)
+    );
+    let (c, token) = b.claim("m1", OLD, OLD).await;
+    assert_eq!(
+        c,
+        Claim::Proceed {
+            attempt: 2,
+            takeover: false
+        }
+    );
+    assert_eq!(
+        b.complete("m1", OLD, &token, Outcome::Success).await,
+        Completion::Recorded(State::Done)
+    );
+    assert_eq!(b.claim("m1", NEW, NEW).await.0, Claim::Done);
+
+    let (is_packed, fields) = common::raw_record(&b.store, &key).await.unwrap();
+    assert_eq!(is_packed, other_is_packed, "{fields:?}");
+    assert_eq!(field(&fields, "s"), Some("d"));
+    assert_eq!(field(&fields, "t"), Some(token.as_str()));
+    assert_eq!(field(&fields, "a"), Some("2"));
+    assert_eq!(field(&fields, &format!("@{NEW}")), Some("1"));
+    let r = b.state("m1").await;
+    assert_eq!(r.seen, vec![OLD.to_owned(), NEW.to_owned()]);
+    let ttl = r.expires_in.expect("kept its TTL");
+    assert!(ttl > Duration::from_secs(500), "{ttl:?}");
+}
+
+/// A string under the prefix that is not a record (nothing of ours writes one) is refused for
+/// its own id and left as it is, never taken for an empty record and overwritten.
+async fn a_foreign_string_is_refused_and_left_alone(mode: Topo) {
+    let b = Bed::standard(mode, "foreign-string").await;
+    let key = record_key(&b.prefix, "poison");
+    let mut conn = b.store.conn();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("not a record")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let token = b.tokens.next();
+    let got = b
+        .arbiter
+        .claim(&ClaimRequest {
+            id: "poison",
+            side: OLD,
+            routed_owner: OLD,
+            token: &token,
+        })
+        .await;
+    assert!(
+        matches!(&got, Err(StoreError::Rejected(e)) if e.to_string().contains("is not a record")),
+        "{got:?}"
+    );
+    assert!(b.arbiter.inspect("poison").await.is_err());
+    let kept: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, "not a record");
+}
+
+/// Runs each named scenario as its own test: on the standalone server and on the Cluster with
+/// packed records (the default), and on the standalone server with hash records.
 macro_rules! on_both_topologies {
     ($($name:ident),+ $(,)?) => {
         mod standalone {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(mq_cutover::config::RedisMode::Standalone).await
+                super::$name(super::Topo {
+                    mode: mq_cutover::config::RedisMode::Standalone,
+                    layout: mq_cutover::config::RecordLayout::Packed,
+                })
+                .await
             })+
         }
         mod cluster {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(mq_cutover::config::RedisMode::Cluster).await
+                super::$name(super::Topo {
+                    mode: mq_cutover::config::RedisMode::Cluster,
+                    layout: mq_cutover::config::RecordLayout::Packed,
+                })
+                .await
+            })+
+        }
+        mod hash_layout {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Topo {
+                    mode: mq_cutover::config::RedisMode::Standalone,
+                    layout: mq_cutover::config::RecordLayout::Hash,
+                })
+                .await
             })+
         }
     };
@@ -625,6 +817,9 @@ on_both_topologies!(
     records_outlive_their_last_claim_by_the_retention,
     batch_claims_answer_each_id_in_order,
     a_foreign_key_fails_only_its_own_id_in_a_batch,
+    a_new_record_takes_the_configured_layout_and_keeps_it,
+    a_record_in_the_other_layout_is_honoured_in_place,
+    a_foreign_string_is_refused_and_left_alone,
 );
 
 /// One claim per id by the old side, which the switches route every id to.
@@ -650,7 +845,6 @@ async fn private_arbiter(prefix: &str) -> (common::PrivateRedis, Arbiter) {
     let arbiter = Arbiter::new(
         &store,
         &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtLeastOnce, 3),
-        common::SIDES,
     );
     (redis, arbiter)
 }

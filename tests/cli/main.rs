@@ -176,7 +176,6 @@ async fn inspect_and_release_a_dead_id() {
     let arbiter = Arbiter::new(
         &store,
         &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtMostOnce, 8),
-        common::SIDES,
     );
     let token = LeaseTokens::default().next();
     arbiter

@@ -10,7 +10,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mq_cutover::config::{AmbiguousPolicy, ArbiterConfig, RedisConfig, RedisMode};
+use mq_cutover::config::{AmbiguousPolicy, ArbiterConfig, RecordLayout, RedisConfig, RedisMode};
 use mq_cutover::store::Store;
 
 /// The single-node test Redis.
@@ -119,6 +119,128 @@ pub fn arbiter_config(
         retention: Duration::from_secs(600),
         ambiguous: policy,
         max_attempts: max_attempts.try_into().expect("max_attempts > 0"),
+        record_layout: RecordLayout::default(),
+    }
+}
+
+/// The fields of the packed record layout, in their order after the version (`1|`).
+const PACKED_FIELDS: [&str; 10] = ["o", "s", "t", "e", "a", "f", "m", "v", "marks", "r"];
+
+/// A packed record's fields under the hash layout's names (`@side` per observing side), read
+/// here without the daemon's scripts so that the tests check the layout docs/arbiter.md gives.
+pub fn unpack_record(raw: &str) -> Vec<(String, String)> {
+    let rest = raw
+        .strip_prefix("1|")
+        .unwrap_or_else(|| panic!("not a packed record: {raw:?}"));
+    let parts: Vec<&str> = rest.splitn(PACKED_FIELDS.len(), '|').collect();
+    assert_eq!(parts.len(), PACKED_FIELDS.len(), "packed record {raw:?}");
+    let mut out = Vec::new();
+    for (name, value) in PACKED_FIELDS.iter().zip(parts) {
+        if value.is_empty() {
+            continue;
+        }
+        if *name == "marks" {
+            assert!(
+                value.starts_with(',') && value.ends_with(','),
+                "marks {value:?}"
+            );
+            out.extend(
+                value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| (format!("@{s}"), "1".to_owned())),
+            );
+        } else {
+            out.push((name.to_string(), value.to_owned()));
+        }
+    }
+    out
+}
+
+/// The packed layout of `fields` (the hash layout's names), the inverse of [`unpack_record`].
+pub fn pack_record(fields: &[(String, String)]) -> String {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let marks: String = fields
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix('@'))
+        .map(|s| format!("{s},"))
+        .collect();
+    let marks = if marks.is_empty() {
+        marks
+    } else {
+        format!(",{marks}")
+    };
+    let values: Vec<&str> = PACKED_FIELDS
+        .iter()
+        .map(|name| if *name == "marks" { &marks } else { get(name) })
+        .collect();
+    format!("1|{}", values.join("|"))
+}
+
+/// An id's record as Redis holds it, read with plain commands: whether it is packed, and its
+/// fields under the hash layout's names. `None`: no record.
+pub async fn raw_record(store: &Store, key: &str) -> Option<(bool, Vec<(String, String)>)> {
+    let mut conn = store.conn();
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    match kind.as_str() {
+        "none" => None,
+        "string" => {
+            let raw: String = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            Some((true, unpack_record(&raw)))
+        }
+        "hash" => {
+            let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            Some((false, fields))
+        }
+        other => panic!("{key} is a {other}, not a record"),
+    }
+}
+
+/// Sets one field of an existing record in place, in whichever layout it is, keeping its TTL
+/// (a test's way of moving a clock: a lease end, a first claim's time).
+pub async fn set_record_field(store: &Store, key: &str, field: &str, value: &str) {
+    let mut conn = store.conn();
+    match raw_record(store, key).await {
+        Some((true, mut fields)) => {
+            match fields.iter_mut().find(|(k, _)| k == field) {
+                Some(f) => f.1 = value.to_owned(),
+                None => fields.push((field.to_owned(), value.to_owned())),
+            }
+            let _: () = redis::cmd("SET")
+                .arg(key)
+                .arg(pack_record(&fields))
+                .arg("KEEPTTL")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        Some((false, _)) => {
+            let _: () = redis::cmd("HSET")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        None => panic!("no record at {key}"),
     }
 }
 

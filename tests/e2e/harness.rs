@@ -206,7 +206,7 @@ level = "info"
         let store = Store::connect(&config.redis, false)
             .await
             .expect("redis reachable");
-        let arbiter = Arbiter::new(&store, &config.arbiter, config.cutover.sides());
+        let arbiter = Arbiter::new(&store, &config.arbiter);
         Bed {
             prefix,
             dir,

@@ -345,7 +345,7 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_the_rest_flows() 
     // A key of another type where the record of id `poison-0` belongs: Redis refuses that id's
     // claims for good, so each side parks its copy (nothing is called, nothing lost).
     let mut conn = bed.store.conn();
-    let _: () = redis::cmd("SET")
+    let _: () = redis::cmd("RPUSH")
         .arg(mq_cutover::arbiter::record_key(&bed.prefix, "poison-0"))
         .arg("not a record")
         .query_async(&mut conn)

@@ -1,12 +1,12 @@
 -- claim(ids): for each id, decides the owner once, then hands out at most one live lease.
 -- One call claims a whole batch (standalone Redis) or one id (Cluster: each id has its own slot);
 -- the ids are taken in order, exactly as if each had been claimed by its own call.
--- KEYS[i]  id i's record (a hash; every field of one id lives in this one key)
--- ARGV[1]  lease length, ms      ARGV[2]  a record's TTL: the retention plus ARGV[6], ms
+-- KEYS[i]  id i's record (every field of one id lives in this one key; record.lua)
+-- ARGV[1]  lease length, ms      ARGV[2]  a record's TTL: the retention plus ARGV[5], ms
 -- ARGV[3]  ambiguous policy: 'l' at least once, 'm' at most once
--- ARGV[4], ARGV[5]  the deployment's two sides (whose marks tell a first sight from a pair)
--- ARGV[6]  the expiry slack, ms (below)
--- ARGV[7 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
+-- ARGV[4]  the layout of a new record: 'p' packed, 'h' hash
+-- ARGV[5]  the expiry slack, ms (below)
+-- ARGV[6 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
 -- Returns one {code, attempts, extra, sighting} per id, in order, or {0, error} for an id whose
 -- own handling failed:
@@ -15,70 +15,55 @@
 --   5 DEAD     extra = reason
 -- sighting (for parity): 0 this side had observed the id before, 1 this side is the first to
 --   observe it, 2 this side is new to it and another side had observed it already.
--- Every record has its owner field `o` (no script writes a record without it, none deletes it),
--- so a record without `o` does not exist yet.
+-- Every record has its owner (no script writes a record without it, none deletes it), so a
+-- record without one does not exist yet.
 -- Expiry: a record outlives its last claim by at least the retention. Every script that sets the
 -- TTL sets the retention plus the slack; a claim within the slack of the first claim (the other
 -- side's copy, nearly always) is covered by that and leaves it be; a later claim sets it again.
-local lease_ms, ttl_ms, policy = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local sides = {ARGV[4], ARGV[5]}
-local slack_ms = tonumber(ARGV[6])
+local lease_ms, ttl_ms, policy, new_layout = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local slack_ms = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Numbers go to Redis as strings made once: a Lua number converted per call costs a format each.
 local now_s, lease_end_s = string.format('%d', now), string.format('%d', now + lease_ms)
 
--- The fields a claim by `side` reads: the record's own, `side`'s mark, then the other sides' marks.
-local reads = {}
-local function fields(side)
-  local f = reads[side]
-  if not f then
-    f = {'o', 's', 't', 'e', 'a', 'f', '@' .. side}
-    for _, s in ipairs(sides) do
-      if s ~= side then f[#f + 1] = '@' .. s end
-    end
-    reads[side] = f
-  end
-  return f
-end
+-- ',side,': how a side appears in a record's marks.
+local needles = {}
 
 local function claim(key, side, routed, token)
-  local f = fields(side)
-  local rec = redis.call('HMGET', key, unpack(f))
-  local owner, state, held, expiry, attempts = rec[1], rec[2], rec[3], tonumber(rec[4]), tonumber(rec[5]) or 0
-  -- The first claim's time, when the TTL was set (nil: this claim is the first). A record a late completion wrote has no `f`: every claim sets its expiry.
-  local first = tonumber(rec[6]) or 0
-  local sighting = 0
-  -- Fields to write, gathered so that a first claim is one HSET.
-  local set = {}
-  if not owner then
+  local layout, o, s, held, e, a, f, m, v, marks, r = load(key)
+  local attempts = tonumber(a) or 0
+  -- The first claim's time, when the TTL was set (nil: this claim is the first). A record a
+  -- late completion wrote has none: every claim sets its expiry.
+  local first = tonumber(f) or 0
+  local needle = needles[side]
+  if not needle then
+    needle = ',' .. side .. ','
+    needles[side] = needle
+  end
+  local sighting, dirty = 0, false
+  if not o then
     -- First observer: its routing decision is stored and binds every later copy, on every side.
-    owner, state, sighting, first = routed, 'p', 1, nil
-    if owner == side then
-      -- The owner's own first claim: its state and attempts are the lease's, written below.
-      set = {'o', owner, 'f', now_s, f[7], '1'}
-    else
-      set = {'o', owner, 's', 'p', 'a', '0', 'f', now_s, f[7], '1'}
-    end
-  elseif not rec[7] then
+    o, s, a, f, marks = routed, 'p', '0', now_s, needle
+    sighting, first, dirty = 1, nil, true
+  elseif not string.find(marks, needle, 1, true) then
     -- This side's first sight of a known id: had another side seen it?
-    sighting = 1
-    for i = 8, #f do
-      if rec[i] then sighting = 2 break end
-    end
-    set = {f[7], '1'}
+    sighting = marks == '' and 1 or 2
+    marks = marks == '' and needle or marks .. side .. ','
+    dirty = true
   end
 
   local answer
-  if state == 'd' then
+  if s == 'd' then
     answer = {3, attempts, '', sighting}
-  elseif state == 'x' then
-    answer = {5, attempts, redis.call('HGET', key, 'r') or '', sighting}
-  elseif owner ~= side then
-    answer = {2, attempts, owner, sighting}
+  elseif s == 'x' then
+    answer = {5, attempts, r or '', sighting}
+  elseif o ~= side then
+    answer = {2, attempts, o, sighting}
   else
     local takeover, proceed = 0, true
-    if state == 'i' then
+    if s == 'i' then
+      local expiry = tonumber(e)
       if held == token then
         -- The same token asking again (a resent batch) gets the same answer.
         answer, proceed = {1, attempts, 0, sighting}, false
@@ -86,13 +71,11 @@ local function claim(key, side, routed, token)
         answer, proceed = {4, attempts, expiry - now, sighting}, false
       else
         -- The lease ran out with the call's outcome unknown: the worker crashed or stalled.
-        redis.call('HINCRBY', key, 'm', 1)
+        m, dirty = tostring((tonumber(m) or 0) + 1), true
         if policy == 'm' then
-          local reason = 'in doubt: lease of attempt ' .. attempts .. ' expired before its outcome was recorded'
-          table.insert(set, 's') table.insert(set, 'x')
-          table.insert(set, 'r') table.insert(set, reason)
-          redis.call('HDEL', key, 'e')
-          answer, proceed = {5, attempts, reason, sighting}, false
+          r = 'in doubt: lease of attempt ' .. attempts .. ' expired before its outcome was recorded'
+          s, e = 'x', nil
+          answer, proceed = {5, attempts, r, sighting}, false
         else
           takeover = 1
         end
@@ -100,14 +83,14 @@ local function claim(key, side, routed, token)
     end
     if proceed then
       attempts = attempts + 1
-      local n = #set
-      set[n + 1], set[n + 2], set[n + 3], set[n + 4] = 's', 'i', 't', token
-      set[n + 5], set[n + 6], set[n + 7], set[n + 8] = 'e', lease_end_s, 'a', tostring(attempts)
+      s, held, e, a, dirty = 'i', token, lease_end_s, tostring(attempts), true
       answer = {1, attempts, takeover, sighting}
     end
   end
-  if #set > 0 then redis.call('HSET', key, unpack(set)) end
-  if not first or now - first >= slack_ms then
+  local expire = not first or now - first >= slack_ms
+  if dirty then
+    save(key, layout, new_layout, ttl_ms, expire, o, s, held, e, a, f, m, v, marks, r)
+  elseif expire then
     redis.call('PEXPIRE', key, ttl_ms)
   end
   return answer
@@ -115,7 +98,7 @@ end
 
 local out = {}
 for i = 1, #KEYS do
-  local a = 7 + 3 * (i - 1)
+  local a = 6 + 3 * (i - 1)
   -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
   -- the batch's: the other ids are answered as if each had had its own call.
   local ok, answer = pcall(claim, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])

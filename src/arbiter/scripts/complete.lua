@@ -1,9 +1,10 @@
 -- complete(ids): records the outcome of each call made under a lease.
 -- One call records a whole batch (standalone Redis) or one id (Cluster: each id has its own
 -- slot); the ids are taken in order, exactly as if each had been recorded by its own call.
--- KEYS[i]  id i's record
+-- KEYS[i]  id i's record (record.lua)
 -- ARGV[1]  ambiguous policy: 'l' / 'm'     ARGV[2]  max attempts     ARGV[3]  a record's TTL (retention + slack), ms
--- ARGV[4 + 4(i-1) ..]  for id i: the lease token; the outcome ('s' success, 'r' retryable,
+-- ARGV[4]  the layout of a new record: 'p' packed, 'h' hash (a late success on an expired record)
+-- ARGV[5 + 4(i-1) ..]  for id i: the lease token; the outcome ('s' success, 'r' retryable,
 --          'f' fatal, 'a' ambiguous, 'n' not called: the lease is handed back unused); the side;
 --          the reason (failures)
 -- Returns one {code, state, attempts} per id, in order, or {0, error} for an id whose own
@@ -12,65 +13,62 @@
 --   2 LATE       the lease was lost, but the call succeeded: recorded as done, overlap counted
 --   3 FENCED     the lease was lost and the call failed: nothing changed
 --   4 REPEATED   this token's outcome was recorded before: nothing changed
-local policy, max_attempts, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local policy, max_attempts, ttl_ms, new_layout = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 local function complete(key, token, outcome, side, why)
-  local rec = redis.call('HMGET', key, 's', 't', 'a', 'o')
-  local state, held, attempts = rec[1], rec[2], tonumber(rec[3]) or 0
+  local layout, o, s, held, e, a, f, m, v, marks, r = load(key)
+  local attempts = tonumber(a) or 0
 
-  if held == token and state ~= 'i' then return {4, state, attempts} end
-  if state ~= 'i' or held ~= token then
-    if outcome ~= 's' then return {3, state or '', attempts} end
+  if held == token and s ~= 'i' then return {4, s, attempts} end
+  local expire, answer = false, nil
+  if s ~= 'i' or held ~= token then
+    if outcome ~= 's' then return {3, s or '', attempts} end
     -- The reward happened: record it even though another worker took the lease (or the record
     -- expired), and count the overlap so that it is never invisible.
-    if not rec[4] then redis.call('HSET', key, 'o', side, 'a', 1) end
-    redis.call('HSET', key, 's', 'd', 't', token)
-    redis.call('HDEL', key, 'e', 'r')
-    redis.call('HINCRBY', key, 'v', 1)
-    redis.call('PEXPIRE', key, ttl_ms)
-    return {2, 'd', attempts}
-  end
-
-  local function park(reason)
-    redis.call('HSET', key, 's', 'x', 'r', reason)
-    redis.call('HDEL', key, 'e')
-    return {1, 'x', attempts}
-  end
-  local function retry_or_park(reason)
-    if attempts >= max_attempts then
-      return park('retries exhausted after ' .. attempts .. ' attempts: ' .. reason)
-    end
-    redis.call('HSET', key, 's', 'p')
-    redis.call('HDEL', key, 'e')
-    return {1, 'p', attempts}
-  end
-
-  if outcome == 's' then
-    -- The lease holder's success: no `r` can be set (only a dead record has one, and its lease
-    -- ended), and the lease expiry is left as it is: nothing reads it once the id is done, and
-    -- not deleting it saves a command per id.
-    redis.call('HSET', key, 's', 'd')
-    return {1, 'd', attempts}
-  elseif outcome == 'r' then
-    return retry_or_park(why)
-  elseif outcome == 'f' then
-    return park(why)
+    if not o then o, a, marks = side, '1', '' end
+    s, held, e, r = 'd', token, nil, nil
+    v = tostring((tonumber(v) or 0) + 1)
+    expire, answer = true, {2, 'd', attempts}
+  elseif outcome == 's' then
+    -- The lease holder's success: no reason can be set (only a dead record has one, and its
+    -- lease ended), and the lease end is left as it is: nothing reads it once the id is done.
+    s, answer = 'd', {1, 'd', attempts}
   elseif outcome == 'n' then
     -- Shutting down before the call started: give the lease back, the attempt never happened.
-    redis.call('HSET', key, 's', 'p', 'a', math.max(attempts - 1, 0))
-    redis.call('HDEL', key, 'e')
-    return {1, 'p', math.max(attempts - 1, 0)}
-  elseif outcome == 'a' then
-    redis.call('HINCRBY', key, 'm', 1)
-    if policy == 'm' then return park('in doubt: ' .. why) end
-    return retry_or_park('ambiguous: ' .. why)
+    attempts = math.max(attempts - 1, 0)
+    s, e, a = 'p', nil, tostring(attempts)
+    answer = {1, 'p', attempts}
+  else
+    -- A failure: parked for good (`park`), or pending for the owner to call again unless its
+    -- attempts are used up (`retry`).
+    local park, retry
+    if outcome == 'f' then
+      park = why
+    elseif outcome == 'r' then
+      retry = why
+    elseif outcome == 'a' then
+      m = tostring((tonumber(m) or 0) + 1)
+      if policy == 'm' then park = 'in doubt: ' .. why else retry = 'ambiguous: ' .. why end
+    else
+      return {0, 'unknown outcome ' .. tostring(outcome)}
+    end
+    if retry and attempts >= max_attempts then
+      park = 'retries exhausted after ' .. attempts .. ' attempts: ' .. retry
+    end
+    if park then
+      s, r, e = 'x', park, nil
+    else
+      s, e = 'p', nil
+    end
+    answer = {1, s, attempts}
   end
-  return {0, 'unknown outcome ' .. tostring(outcome)}
+  save(key, layout, new_layout, ttl_ms, expire, o, s, held, e, a, f, m, v, marks, r)
+  return answer
 end
 
 local out = {}
 for i = 1, #KEYS do
-  local a = 4 + 4 * (i - 1)
+  local a = 5 + 4 * (i - 1)
   -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
   -- the batch's: the other ids are answered as if each had had its own call.
   local ok, answer = pcall(complete, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])

@@ -1,0 +1,74 @@
+-- An id's record, read and written by every script below (this file is put in front of each).
+--
+-- Two layouts hold the same fields (docs/arbiter.md, "The record"):
+--   packed  one string '1|o|s|t|e|a|f|m|v|marks|r': the layout version, then the owner, state,
+--           lease token, lease end (ms), attempts, first claim (ms), ambiguous count, overlap
+--           count, the sides that observed the id (',a,b,'), and the reason, which is last
+--           because it is free text; an empty field is an absent one. One GET and one SET per
+--           step, the TTL set by the SET itself.
+--   hash    one hash field per field ('o', 's', ... and '@side' per observing side): the layout
+--           of versions before the packed one, still written when `arbiter.record_layout` says
+--           so (while instances that only read hashes are still running).
+-- A record keeps the layout it was created in; a new record gets the configured one.
+
+local PACKED = '^1|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
+
+-- Returns the layout (true packed, false hash, nil no record) and the fields
+-- o, s, t, e, a, f, m, v, marks, r (strings or nil; marks '' when no side observed it).
+local function load(key)
+  local raw = redis.pcall('GET', key)
+  if not raw then return nil end
+  if type(raw) == 'string' then
+    local o, s, t, e, a, f, m, v, marks, r = string.match(raw, PACKED)
+    if not o then error('the value at ' .. key .. ' is not a record') end
+    -- Inline rather than through a function: this runs for every id of every batch.
+    return true, o ~= '' and o or nil, s ~= '' and s or nil, t ~= '' and t or nil,
+      e ~= '' and e or nil, a ~= '' and a or nil, f ~= '' and f or nil, m ~= '' and m or nil,
+      v ~= '' and v or nil, marks, r ~= '' and r or nil
+  end
+  -- Not a string: a hash record (anything else fails its HGETALL with WRONGTYPE).
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return nil end
+  local rec, marks = {}, ''
+  for i = 1, #h, 2 do
+    local k = h[i]
+    if string.byte(k) == 64 then -- '@side'
+      marks = (marks == '' and ',' or marks) .. string.sub(k, 2) .. ','
+    else
+      rec[k] = h[i + 1]
+    end
+  end
+  return false, rec.o, rec.s, rec.t, rec.e, rec.a, rec.f, rec.m, rec.v, marks, rec.r
+end
+
+-- Writes a record in `layout` (true packed, false hash, nil: the configured `new_layout`, 'p' or
+-- 'h'). `ttl_ms` is set as its TTL when `expire`; otherwise the TTL is left as it is.
+local function save(key, layout, new_layout, ttl_ms, expire, o, s, t, e, a, f, m, v, marks, r)
+  if layout == nil then layout = new_layout == 'p' end
+  if layout then
+    local raw = '1|' .. o .. '|' .. (s or '') .. '|' .. (t or '') .. '|' .. (e or '') .. '|' ..
+      (a or '') .. '|' .. (f or '') .. '|' .. (m or '') .. '|' .. (v or '') .. '|' .. marks ..
+      '|' .. (r or '')
+    if expire then
+      redis.call('SET', key, raw, 'PX', ttl_ms)
+    else
+      redis.call('SET', key, raw, 'KEEPTTL')
+    end
+    return
+  end
+  local set, del = {'o', o}, {}
+  local function put(name, x)
+    if x then
+      set[#set + 1], set[#set + 2] = name, x
+    else
+      del[#del + 1] = name
+    end
+  end
+  put('s', s) put('t', t) put('e', e) put('a', a) put('f', f) put('m', m) put('v', v) put('r', r)
+  for side in string.gmatch(marks, '[^,]+') do
+    set[#set + 1], set[#set + 2] = '@' .. side, '1'
+  end
+  redis.call('HSET', key, unpack(set))
+  if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+  if expire then redis.call('PEXPIRE', key, ttl_ms) end
+end
