@@ -361,13 +361,6 @@ pub struct CutoverConfig {
     pub to: String,
 }
 
-impl CutoverConfig {
-    /// Both sides, old first.
-    pub fn sides(&self) -> [&str; 2] {
-        [&self.from, &self.to]
-    }
-}
-
 /// One `[[side]]`: a broker consumer and how to read message identity from its messages.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
