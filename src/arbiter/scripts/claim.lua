@@ -22,8 +22,7 @@
 -- side's copy, nearly always) is covered by that and leaves it be; a later claim sets it again.
 local lease_ms, ttl_ms, policy, new_layout = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local slack_ms = tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = redis_now_ms()
 -- Numbers go to Redis as strings made once: a Lua number converted per call costs a format each.
 local now_s, lease_end_s = string.format('%d', now), string.format('%d', now + lease_ms)
 

@@ -41,6 +41,30 @@ local function load(key)
   return false, rec.o, rec.s, rec.t, rec.e, rec.a, rec.f, rec.m, rec.v, marks, rec.r
 end
 
+-- Redis's own clock, ms since the epoch (lease ends are compared with it, never a daemon's).
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The fields in the hash layout: {name, value, ...} of the present ones (`@side` = '1' per
+-- observing side), and the names of the absent ones.
+local function hash_fields(o, s, t, e, a, f, m, v, marks, r)
+  local set, del = {'o', o}, {}
+  local function put(name, x)
+    if x then
+      set[#set + 1], set[#set + 2] = name, x
+    else
+      del[#del + 1] = name
+    end
+  end
+  put('s', s) put('t', t) put('e', e) put('a', a) put('f', f) put('m', m) put('v', v) put('r', r)
+  for side in string.gmatch(marks, '[^,]+') do
+    set[#set + 1], set[#set + 2] = '@' .. side, '1'
+  end
+  return set, del
+end
+
 -- Writes a record in `layout` (true packed, false hash, nil: the configured `new_layout`, 'p' or
 -- 'h'). `ttl_ms` is set as its TTL when `expire`; otherwise the TTL is left as it is.
 local function save(key, layout, new_layout, ttl_ms, expire, o, s, t, e, a, f, m, v, marks, r)
@@ -56,18 +80,7 @@ local function save(key, layout, new_layout, ttl_ms, expire, o, s, t, e, a, f, m
     end
     return
   end
-  local set, del = {'o', o}, {}
-  local function put(name, x)
-    if x then
-      set[#set + 1], set[#set + 2] = name, x
-    else
-      del[#del + 1] = name
-    end
-  end
-  put('s', s) put('t', t) put('e', e) put('a', a) put('f', f) put('m', m) put('v', v) put('r', r)
-  for side in string.gmatch(marks, '[^,]+') do
-    set[#set + 1], set[#set + 2] = '@' .. side, '1'
-  end
+  local set, del = hash_fields(o, s, t, e, a, f, m, v, marks, r)
   redis.call('HSET', key, unpack(set))
   if #del > 0 then redis.call('HDEL', key, unpack(del)) end
   if expire then redis.call('PEXPIRE', key, ttl_ms) end

@@ -4,7 +4,6 @@
 -- Returns 1 when renewed, 0 when the lease is no longer this token's.
 local layout, o, s, t, e, a, f, m, v, marks, r = load(KEYS[1])
 if s ~= 'i' or t ~= ARGV[1] then return 0 end
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-save(KEYS[1], layout, nil, 0, false, o, s, t, string.format('%d', now + tonumber(ARGV[2])), a, f, m, v, marks, r)
+local lease_end = string.format('%d', redis_now_ms() + tonumber(ARGV[2]))
+save(KEYS[1], layout, nil, 0, false, o, s, t, lease_end, a, f, m, v, marks, r)
 return 1
