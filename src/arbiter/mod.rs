@@ -77,11 +77,22 @@ macro_rules! record_script {
     };
 }
 
+/// A many-id script: `record.lua`, then `batch.lua` (the batch's answers), then its own code.
+macro_rules! batch_script {
+    ($file:literal) => {
+        LuaScript::new(concat!(
+            include_str!("scripts/record.lua"),
+            include_str!("scripts/batch.lua"),
+            include_str!(concat!("scripts/", $file))
+        ))
+    };
+}
+
 impl Scripts {
     fn load() -> Self {
         Self {
-            claim: record_script!("claim.lua"),
-            complete: record_script!("complete.lua"),
+            claim: batch_script!("claim.lua"),
+            complete: batch_script!("complete.lua"),
             renew: record_script!("renew.lua"),
             release: record_script!("release.lua"),
             read: record_script!("read.lua"),
@@ -377,7 +388,17 @@ type RawRecord = (Vec<(String, String)>, i64, u64);
 
 /// The key of an id's record: `<prefix>:m:{<id>}` (the braces keep it in one cluster slot).
 pub fn record_key(prefix: &str, id: &str) -> String {
-    format!("{prefix}:m:{{{id}}}")
+    let mut key = String::with_capacity(prefix.len() + id.len() + 5);
+    write_record_key(&mut key, prefix, id);
+    key
+}
+
+/// [`record_key`] appended to `out`.
+fn write_record_key(out: &mut String, prefix: &str, id: &str) {
+    out.push_str(prefix);
+    out.push_str(":m:{");
+    out.push_str(id);
+    out.push('}');
 }
 
 impl Arbiter {
@@ -430,13 +451,8 @@ impl Arbiter {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<Result<(Claim, Sighting), StoreError>>, StoreError> {
-        let replies = self
-            .run_many(&self.scripts.claim, reqs, Arbiter::claim_args)
-            .await?;
-        Ok(replies
-            .into_iter()
-            .map(|r| r.and_then(parse_claim))
-            .collect())
+        self.run_many(&self.scripts.claim, reqs, Arbiter::claim_args, parse_claim)
+            .await
     }
 
     /// Records the outcome of one call.
@@ -449,13 +465,13 @@ impl Arbiter {
         &self,
         reqs: &[CompleteRequest<'_>],
     ) -> Result<Vec<Result<Completion, StoreError>>, StoreError> {
-        let replies = self
-            .run_many(&self.scripts.complete, reqs, Arbiter::complete_args)
-            .await?;
-        Ok(replies
-            .into_iter()
-            .map(|r| r.and_then(parse_completion))
-            .collect())
+        self.run_many(
+            &self.scripts.complete,
+            reqs,
+            Arbiter::complete_args,
+            parse_completion,
+        )
+        .await
     }
 
     /// Extends the lease on `id` if `token` still holds it; false means the lease is lost.
@@ -532,11 +548,19 @@ impl Arbiter {
         Ok((released == 1).then_some(reason))
     }
 
+    /// The record keys of `ids`, as a script's keys.
+    fn key_args<'a>(&self, ids: impl Iterator<Item = &'a str>, c: &mut Cmd) {
+        let mut key = String::new();
+        for id in ids {
+            key.clear();
+            write_record_key(&mut key, &self.prefix, id);
+            c.arg(key.as_str());
+        }
+    }
+
     /// The keys and arguments of `claim.lua` for `reqs`.
     fn claim_args(&self, reqs: &[ClaimRequest<'_>], c: &mut Cmd) {
-        for r in reqs {
-            c.arg(record_key(&self.prefix, r.id));
-        }
+        self.key_args(reqs.iter().map(|r| r.id), c);
         c.arg(self.lease_ms)
             .arg(self.ttl_ms)
             .arg(self.policy)
@@ -549,9 +573,7 @@ impl Arbiter {
 
     /// The keys and arguments of `complete.lua` for `reqs`.
     fn complete_args(&self, reqs: &[CompleteRequest<'_>], c: &mut Cmd) {
-        for r in reqs {
-            c.arg(record_key(&self.prefix, r.id));
-        }
+        self.key_args(reqs.iter().map(|r| r.id), c);
         c.arg(self.policy)
             .arg(self.max_attempts)
             .arg(self.ttl_ms)
@@ -569,12 +591,13 @@ impl Arbiter {
     /// one clock read. Cluster: a script's keys must share a slot and every id has its own, so
     /// each id is its own call, sent concurrently (the multiplexed connection to each node writes
     /// them back to back). Either way NOSCRIPT is answered by re-sending the script whole.
-    async fn run_many<T: Sync>(
+    async fn run_many<T: Sync, U>(
         &self,
         script: &LuaScript,
         items: &[T],
         args: fn(&Arbiter, &[T], &mut Cmd),
-    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        answer: fn(Entry<'_>) -> Result<U, StoreError>,
+    ) -> Result<Vec<Result<U, StoreError>>, StoreError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -582,7 +605,7 @@ impl Arbiter {
             let each = futures::future::join_all(
                 items
                     .chunks(1)
-                    .map(|one| self.run_script(script, one, args)),
+                    .map(|one| self.run_script(script, one, args, answer)),
             )
             .await;
             return Ok(each
@@ -590,7 +613,7 @@ impl Arbiter {
                 .map(|r| r.and_then(|mut one| one.pop().expect("one answer per call")))
                 .collect());
         }
-        match self.run_script(script, items, args).await {
+        match self.run_script(script, items, args, answer).await {
             Ok(answers) => Ok(answers),
             // Redis away: nothing was decided, the caller tries the whole batch again.
             Err(e) if e.is_retryable() => Err(e),
@@ -607,12 +630,13 @@ impl Arbiter {
     }
 
     /// One call of a many-id script over `part`: its answers, in order.
-    async fn run_script<T>(
+    async fn run_script<T, U>(
         &self,
         script: &LuaScript,
         part: &[T],
         args: fn(&Arbiter, &[T], &mut Cmd),
-    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        answer: fn(Entry<'_>) -> Result<U, StoreError>,
+    ) -> Result<Vec<Result<U, StoreError>>, StoreError> {
         let call = |whole: bool| {
             let mut c = script.head(part.len(), whole);
             args(self, part, &mut c);
@@ -624,17 +648,7 @@ impl Arbiter {
             other => other,
         };
         match reply? {
-            Value::Array(answers) if answers.len() == part.len() => Ok(answers
-                .into_iter()
-                .map(|a| match a {
-                    // `{0, error}`: this id's own failure (an error reply nested in the array
-                    // would make the client fail the whole batch).
-                    Value::Array(e) if e.len() == 2 && e[0] == Value::Int(0) => {
-                        Err(StoreError::of_script(text(&e[1]).unwrap_or_default()))
-                    }
-                    a => Ok(a),
-                })
-                .collect()),
+            Value::BulkString(bytes) => entries(&bytes, part.len(), answer),
             other => Err(StoreError::Reply(format!(
                 "{} answers expected, got {other:?}",
                 part.len()
@@ -715,80 +729,128 @@ fn single<T>(batch: Result<Vec<Result<T, StoreError>>, StoreError>) -> Result<T,
         .unwrap_or_else(|| Err(StoreError::Reply("empty reply to a one-op batch".into())))
 }
 
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(n) => Some(*n),
-        _ => None,
+/// One id's answer in a many-id script's reply (`batch.lua`): `<code><flag><attempts>,<n>:<extra>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry<'a> {
+    code: u8,
+    flag: u8,
+    attempts: u32,
+    extra: &'a [u8],
+}
+
+impl Entry<'_> {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(self.extra).into_owned()
     }
 }
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(n) => Some(n.to_string()),
-        _ => None,
+/// Splits a many-id script's reply into its `n` answers and reads each with `answer`; an answer
+/// with code `0` is that id's own error. A reply that does not split into exactly `n` answers is
+/// an error for the whole batch: no answer is taken from it.
+fn entries<U>(
+    reply: &[u8],
+    n: usize,
+    answer: fn(Entry<'_>) -> Result<U, StoreError>,
+) -> Result<Vec<Result<U, StoreError>>, StoreError> {
+    let malformed = |at: usize| {
+        StoreError::Reply(format!(
+            "{n} answers expected, got a malformed reply at byte {at} of {}",
+            reply.len()
+        ))
+    };
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    while at < reply.len() {
+        let start = at;
+        let (&code, &flag) = match (reply.get(at), reply.get(at + 1)) {
+            (Some(c), Some(f)) => (c, f),
+            _ => return Err(malformed(start)),
+        };
+        at += 2;
+        let attempts = digits(reply, &mut at, b',').ok_or_else(|| malformed(start))?;
+        let len = digits(reply, &mut at, b':').ok_or_else(|| malformed(start))? as usize;
+        let extra = reply.get(at..at + len).ok_or_else(|| malformed(start))?;
+        at += len;
+        let e = Entry {
+            code,
+            flag,
+            attempts: attempts as u32,
+            extra,
+        };
+        out.push(match code {
+            b'0' => Err(StoreError::of_script(e.text())),
+            _ => answer(e),
+        });
     }
+    if out.len() != n {
+        return Err(StoreError::Reply(format!(
+            "{n} answers expected, got {}",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
-fn triple(v: Value, what: &str) -> Result<(i64, Value, Value), StoreError> {
-    let (code, a, b, _) = quad(v, what)?;
-    Ok((code, a, b))
-}
-
-/// A `{code, a, b}` or `{code, a, b, c}` script reply.
-fn quad(v: Value, what: &str) -> Result<(i64, Value, Value, Option<Value>), StoreError> {
-    match v {
-        Value::Array(items) if items.len() == 3 || items.len() == 4 => {
-            let mut it = items.into_iter();
-            let code = it.next().as_ref().and_then(int);
-            match (code, it.next(), it.next()) {
-                (Some(code), Some(a), Some(b)) => Ok((code, a, b, it.next())),
-                _ => Err(StoreError::Reply(format!("{what}: malformed reply"))),
-            }
+/// The decimal number at `reply[*at..]` up to `end` (none: 0), and `*at` past `end`.
+fn digits(reply: &[u8], at: &mut usize, end: u8) -> Option<u64> {
+    let mut n: u64 = 0;
+    loop {
+        let b = *reply.get(*at)?;
+        *at += 1;
+        match b {
+            b'0'..=b'9' => n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?,
+            b if b == end => return Some(n),
+            _ => return None,
         }
-        other => Err(StoreError::Reply(format!("{what}: {other:?}"))),
     }
 }
 
-fn parse_claim(v: Value) -> Result<(Claim, Sighting), StoreError> {
-    let (code, attempts, extra, sighting) = quad(v, "claim")?;
-    let attempts = int(&attempts).unwrap_or(0) as u32;
-    let sighting = match sighting.as_ref().and_then(int) {
-        Some(1) => Sighting::First,
-        Some(2) => Sighting::Pair,
+fn parse_claim(e: Entry<'_>) -> Result<(Claim, Sighting), StoreError> {
+    let sighting = match e.flag {
+        b'1' => Sighting::First,
+        b'2' => Sighting::Pair,
         _ => Sighting::Again,
     };
-    let claim = match code {
-        1 => Claim::Proceed {
-            attempt: attempts,
-            takeover: int(&extra) == Some(1),
+    let claim = match e.code {
+        b'1' => Claim::Proceed {
+            attempt: e.attempts,
+            takeover: e.extra == b"1",
         },
-        2 => Claim::NotMine {
-            owner: text(&extra).unwrap_or_default(),
+        b'2' => Claim::NotMine { owner: e.text() },
+        b'3' => Claim::Done,
+        b'4' => Claim::Busy {
+            retry_in: Duration::from_millis(
+                std::str::from_utf8(e.extra)
+                    .ok()
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0),
+            ),
         },
-        3 => Claim::Done,
-        4 => Claim::Busy {
-            retry_in: Duration::from_millis(int(&extra).unwrap_or(0).max(0) as u64),
-        },
-        5 => Claim::Dead {
-            reason: text(&extra).unwrap_or_default(),
-        },
-        other => return Err(StoreError::Reply(format!("claim: unknown code {other}"))),
+        b'5' => Claim::Dead { reason: e.text() },
+        other => {
+            return Err(StoreError::Reply(format!(
+                "claim: unknown code {:?}",
+                other as char
+            )))
+        }
     };
     Ok((claim, sighting))
 }
 
-fn parse_completion(v: Value) -> Result<Completion, StoreError> {
-    let (code, state, _attempts) = triple(v, "complete")?;
-    let state = text(&state).and_then(|s| State::from_code(&s));
+fn parse_completion(e: Entry<'_>) -> Result<Completion, StoreError> {
+    let state = State::from_code(std::str::from_utf8(&[e.flag]).unwrap_or(""));
     let need = |s: Option<State>| s.ok_or_else(|| StoreError::Reply("complete: no state".into()));
-    Ok(match code {
-        1 => Completion::Recorded(need(state)?),
-        2 => Completion::Late,
-        3 => Completion::Fenced,
-        4 => Completion::Repeated(need(state)?),
-        other => return Err(StoreError::Reply(format!("complete: unknown code {other}"))),
+    Ok(match e.code {
+        b'1' => Completion::Recorded(need(state)?),
+        b'2' => Completion::Late,
+        b'3' => Completion::Fenced,
+        b'4' => Completion::Repeated(need(state)?),
+        other => {
+            return Err(StoreError::Reply(format!(
+                "complete: unknown code {:?}",
+                other as char
+            )))
+        }
     })
 }
 
@@ -845,69 +907,115 @@ fn parse_record(
 mod tests {
     use super::*;
 
-    fn arr(items: Vec<Value>) -> Value {
-        Value::Array(items)
-    }
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
+    type Answers = Vec<Result<(Claim, Sighting), StoreError>>;
+
+    fn claims(reply: &str, n: usize) -> Result<Answers, StoreError> {
+        entries(reply.as_bytes(), n, parse_claim)
     }
 
     #[test]
     fn claim_replies_decode() {
-        let p = parse_claim(arr(vec![
-            Value::Int(1),
-            Value::Int(3),
-            Value::Int(1),
-            Value::Int(1),
-        ]))
-        .unwrap();
-        assert_eq!(
-            p,
-            (
-                Claim::Proceed {
-                    attempt: 3,
-                    takeover: true
-                },
-                Sighting::First
-            )
+        let reason = "in doubt: a, b: 1:2, done\n";
+        let reply = format!(
+            concat!(
+                "113,1:1",           // PROCEED, first sight, attempt 3, took over
+                "220,5:kafka",       // NOT_MINE, pair, owned by kafka
+                "301,0:",            // DONE, seen before
+                "401,4:2500",        // BUSY for 2500 ms
+                "522,{}:{}",         // DEAD with a reason holding the separators
+                "00,11:WRONGTYPE x", // this id's own error
+                "101,1:0",           // PROCEED, no takeover
+            ),
+            reason.len(),
+            reason
         );
-        let n = parse_claim(arr(vec![
-            Value::Int(2),
-            Value::Int(0),
-            bulk("kafka"),
-            Value::Int(2),
-        ]))
-        .unwrap();
+        let got = claims(&reply, 7).unwrap();
+        let ok: Vec<_> = got
+            .iter()
+            .take(5)
+            .map(|r| r.as_ref().unwrap().clone())
+            .collect();
         assert_eq!(
-            n,
-            (
-                Claim::NotMine {
-                    owner: "kafka".into()
-                },
-                Sighting::Pair
-            )
+            ok,
+            vec![
+                (
+                    Claim::Proceed {
+                        attempt: 3,
+                        takeover: true
+                    },
+                    Sighting::First
+                ),
+                (
+                    Claim::NotMine {
+                        owner: "kafka".into()
+                    },
+                    Sighting::Pair
+                ),
+                (Claim::Done, Sighting::Again),
+                (
+                    Claim::Busy {
+                        retry_in: Duration::from_millis(2500)
+                    },
+                    Sighting::Again
+                ),
+                (
+                    Claim::Dead {
+                        reason: reason.into()
+                    },
+                    Sighting::Pair
+                ),
+            ]
         );
-        // A three-element reply (no sighting) reads as a copy seen before.
-        let (b, sighting) =
-            parse_claim(arr(vec![Value::Int(4), Value::Int(1), Value::Int(250)])).unwrap();
-        assert_eq!(sighting, Sighting::Again);
+        match &got[5] {
+            Err(e @ StoreError::Rejected(_)) => {
+                assert!(e.to_string().contains("WRONGTYPE x"), "{e}")
+            }
+            other => panic!("expected the id's own error, got {other:?}"),
+        }
         assert_eq!(
-            b,
-            Claim::Busy {
-                retry_in: Duration::from_millis(250)
+            got[6].as_ref().unwrap().0,
+            Claim::Proceed {
+                attempt: 1,
+                takeover: false
             }
         );
-        assert!(parse_claim(arr(vec![Value::Int(9), Value::Int(0), bulk("")])).is_err());
-        assert!(parse_claim(Value::Int(1)).is_err());
+        // A transient code is this id's to try again, not a refusal.
+        assert!(matches!(
+            claims("00,17:LOADING try again", 1).unwrap()[0],
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_replies_fail_the_whole_batch() {
+        // Too few or too many answers, a length past the end, a bad number, an unknown code.
+        for (reply, n) in [
+            ("301,0:", 2),
+            ("301,0:301,0:", 1),
+            ("502,9:short", 1),
+            ("30x,0:", 1),
+            ("301,x:", 1),
+            ("3", 1),
+            ("301,0", 1),
+            ("", 1),
+        ] {
+            assert!(claims(reply, n).is_err(), "{reply:?} as {n} answers");
+        }
+        assert!(claims("901,0:", 1).unwrap()[0].is_err());
+        assert!(claims("", 0).unwrap().is_empty());
     }
 
     #[test]
     fn completion_replies_decode() {
-        let c = parse_completion(arr(vec![Value::Int(1), bulk("p"), Value::Int(2)])).unwrap();
-        assert_eq!(c, Completion::Recorded(State::Pending));
-        let c = parse_completion(arr(vec![Value::Int(3), bulk(""), Value::Int(2)])).unwrap();
-        assert_eq!(c, Completion::Fenced);
-        assert!(parse_completion(arr(vec![Value::Int(1), bulk("?"), Value::Int(2)])).is_err());
+        let got = entries(b"1p2,0:3-,0:4d1,0:2d1,0:1?2,0:", 5, parse_completion).unwrap();
+        assert_eq!(
+            got[0].as_ref().unwrap(),
+            &Completion::Recorded(State::Pending)
+        );
+        assert_eq!(got[1].as_ref().unwrap(), &Completion::Fenced);
+        assert_eq!(got[2].as_ref().unwrap(), &Completion::Repeated(State::Done));
+        assert_eq!(got[3].as_ref().unwrap(), &Completion::Late);
+        assert!(got[4].is_err(), "no such state");
     }
 
     #[test]

@@ -8,11 +8,11 @@
 -- ARGV[5]  the expiry slack, ms (below)
 -- ARGV[6 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
--- Returns one {code, attempts, extra, sighting} per id, in order, or {0, error} for an id whose
--- own handling failed:
---   1 PROCEED  extra = 1 when an expired lease was taken over (the earlier call's fate is unknown)
+-- Returns one answer per id, in order (batch.lua): code, flag = sighting, attempts, extra.
+--   1 PROCEED  extra 1 when an expired lease was taken over (the earlier call's fate is unknown),
+--              else 0
 --   2 NOT_MINE extra = owner     3 DONE     4 BUSY extra = ms until the live lease runs out
---   5 DEAD     extra = reason
+--   5 DEAD     extra = reason    0 this id's own error, extra = the message
 -- sighting (for parity): 0 this side had observed the id before, 1 this side is the first to
 --   observe it, 2 this side is new to it and another side had observed it already.
 -- Every record has its owner (no script writes a record without it, none deletes it), so a
@@ -31,7 +31,6 @@ local needles = {}
 
 local function claim(key, side, routed, token)
   local layout, o, s, held, e, a, f, m, v, marks, r = load(key)
-  local attempts = tonumber(a) or 0
   -- The first claim's time, when the TTL was set (nil: this claim is the first). A record a
   -- late completion wrote has none: every claim sets its expiry.
   local first = tonumber(f) or 0
@@ -40,50 +39,50 @@ local function claim(key, side, routed, token)
     needle = ',' .. side .. ','
     needles[side] = needle
   end
-  local sighting, dirty = 0, false
+  local sighting, dirty = '0', false
   if not o then
     -- First observer: its routing decision is stored and binds every later copy, on every side.
     o, s, a, f, marks = routed, 'p', '0', now_s, needle
-    sighting, first, dirty = 1, nil, true
+    sighting, first, dirty = '1', nil, true
   elseif not string.find(marks, needle, 1, true) then
     -- This side's first sight of a known id: had another side seen it?
-    sighting = marks == '' and 1 or 2
+    sighting = marks == '' and '1' or '2'
     marks = marks == '' and needle or marks .. side .. ','
     dirty = true
   end
 
+  -- A record's attempts are stored as text: answered as they are, not formatted again.
   local answer
   if s == 'd' then
-    answer = {3, attempts, '', sighting}
+    answer = entry('3', sighting, a or '0', '')
   elseif s == 'x' then
-    answer = {5, attempts, r or '', sighting}
+    answer = entry('5', sighting, a or '0', r or '')
   elseif o ~= side then
-    answer = {2, attempts, o, sighting}
+    answer = entry('2', sighting, a or '0', o)
   else
-    local takeover, proceed = 0, true
+    local takeover, proceed = '0', true
     if s == 'i' then
       local expiry = tonumber(e)
       if held == token then
         -- The same token asking again (a resent batch) gets the same answer.
-        answer, proceed = {1, attempts, 0, sighting}, false
+        answer, proceed = entry('1', sighting, a or '0', '0'), false
       elseif expiry and expiry > now then
-        answer, proceed = {4, attempts, expiry - now, sighting}, false
+        answer, proceed = entry('4', sighting, a or '0', tostring(expiry - now)), false
       else
         -- The lease ran out with the call's outcome unknown: the worker crashed or stalled.
         m, dirty = tostring((tonumber(m) or 0) + 1), true
         if policy == 'm' then
-          r = 'in doubt: lease of attempt ' .. attempts .. ' expired before its outcome was recorded'
+          r = 'in doubt: lease of attempt ' .. (a or '0') .. ' expired before its outcome was recorded'
           s, e = 'x', nil
-          answer, proceed = {5, attempts, r, sighting}, false
+          answer, proceed = entry('5', sighting, a or '0', r), false
         else
-          takeover = 1
+          takeover = '1'
         end
       end
     end
     if proceed then
-      attempts = attempts + 1
-      s, held, e, a, dirty = 'i', token, lease_end_s, tostring(attempts), true
-      answer = {1, attempts, takeover, sighting}
+      s, held, e, a, dirty = 'i', token, lease_end_s, tostring((tonumber(a) or 0) + 1), true
+      answer = entry('1', sighting, a, takeover)
     end
   end
   local expire = not first or now - first >= slack_ms
@@ -95,12 +94,4 @@ local function claim(key, side, routed, token)
   return answer
 end
 
-local out = {}
-for i = 1, #KEYS do
-  local a = 6 + 3 * (i - 1)
-  -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
-  -- the batch's: the other ids are answered as if each had had its own call.
-  local ok, answer = pcall(claim, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
-  out[i] = ok and answer or {0, type(answer) == 'table' and answer.err or tostring(answer)}
-end
-return out
+return each_id(6, 3, claim)

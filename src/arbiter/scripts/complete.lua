@@ -7,37 +7,38 @@
 -- ARGV[5 + 4(i-1) ..]  for id i: the lease token; the outcome ('s' success, 'r' retryable,
 --          'f' fatal, 'a' ambiguous, 'n' not called: the lease is handed back unused); the side;
 --          the reason (failures)
--- Returns one {code, state, attempts} per id, in order, or {0, error} for an id whose own
--- handling failed:
+-- Returns one answer per id, in order (batch.lua): code, flag = the state afterwards ('-' for
+-- none), the attempts, no extra:
 --   1 RECORDED   the lease was ours; state is the new state
 --   2 LATE       the lease was lost, but the call succeeded: recorded as done, overlap counted
 --   3 FENCED     the lease was lost and the call failed: nothing changed
 --   4 REPEATED   this token's outcome was recorded before: nothing changed
+--   0            this id's own error, extra = the message
 local policy, max_attempts, ttl_ms, new_layout = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 
 local function complete(key, token, outcome, side, why)
   local layout, o, s, held, e, a, f, m, v, marks, r = load(key)
   local attempts = tonumber(a) or 0
 
-  if held == token and s ~= 'i' then return {4, s, attempts} end
+  if held == token and s ~= 'i' then return entry('4', s or '-', a or '', '') end
   local expire, answer = false, nil
   if s ~= 'i' or held ~= token then
-    if outcome ~= 's' then return {3, s or '', attempts} end
+    if outcome ~= 's' then return entry('3', s or '-', a or '', '') end
     -- The reward happened: record it even though another worker took the lease (or the record
     -- expired), and count the overlap so that it is never invisible.
     if not o then o, a, marks = side, '1', '' end
     s, held, e, r = 'd', token, nil, nil
     v = tostring((tonumber(v) or 0) + 1)
-    expire, answer = true, {2, 'd', attempts}
+    expire, answer = true, entry('2', 'd', a or '', '')
   elseif outcome == 's' then
     -- The lease holder's success: no reason can be set (only a dead record has one, and its
     -- lease ended), and the lease end is left as it is: nothing reads it once the id is done.
-    s, answer = 'd', {1, 'd', attempts}
+    s, answer = 'd', entry('1', 'd', a or '', '')
   elseif outcome == 'n' then
     -- Shutting down before the call started: give the lease back, the attempt never happened.
     attempts = math.max(attempts - 1, 0)
     s, e, a = 'p', nil, tostring(attempts)
-    answer = {1, 'p', attempts}
+    answer = entry('1', 'p', a, '')
   else
     -- A failure: parked for good (`park`), or pending for the owner to call again unless its
     -- attempts are used up (`retry`).
@@ -50,7 +51,7 @@ local function complete(key, token, outcome, side, why)
       m = tostring((tonumber(m) or 0) + 1)
       if policy == 'm' then park = 'in doubt: ' .. why else retry = 'ambiguous: ' .. why end
     else
-      return {0, 'unknown outcome ' .. tostring(outcome)}
+      error({err = 'unknown outcome ' .. tostring(outcome)})
     end
     if retry and attempts >= max_attempts then
       park = 'retries exhausted after ' .. attempts .. ' attempts: ' .. retry
@@ -60,18 +61,10 @@ local function complete(key, token, outcome, side, why)
     else
       s, e = 'p', nil
     end
-    answer = {1, s, attempts}
+    answer = entry('1', s, a or '', '')
   end
   save(key, layout, new_layout, ttl_ms, expire, o, s, held, e, a, f, m, v, marks, r)
   return answer
 end
 
-local out = {}
-for i = 1, #KEYS do
-  local a = 5 + 4 * (i - 1)
-  -- An error (a foreign key of the wrong type under the prefix) is that id's answer alone, not
-  -- the batch's: the other ids are answered as if each had had its own call.
-  local ok, answer = pcall(complete, KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
-  out[i] = ok and answer or {0, type(answer) == 'table' and answer.err or tostring(answer)}
-end
-return out
+return each_id(5, 4, complete)
