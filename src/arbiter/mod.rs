@@ -769,8 +769,9 @@ fn entries<U>(
         at += 2;
         let attempts = digits(reply, &mut at, b',').ok_or_else(|| malformed(start))?;
         let len = digits(reply, &mut at, b':').ok_or_else(|| malformed(start))? as usize;
-        let extra = reply.get(at..at + len).ok_or_else(|| malformed(start))?;
-        at += len;
+        let end = at.checked_add(len).ok_or_else(|| malformed(start))?;
+        let extra = reply.get(at..end).ok_or_else(|| malformed(start))?;
+        at = end;
         let e = Entry {
             code,
             flag,
@@ -993,6 +994,8 @@ mod tests {
             ("301,0:", 2),
             ("301,0:301,0:", 1),
             ("502,9:short", 1),
+            ("502,18446744073709551615:x", 1),
+            ("502,99999999999999999999:x", 1),
             ("30x,0:", 1),
             ("301,x:", 1),
             ("3", 1),
