@@ -55,9 +55,9 @@ const TRANSIENT_CODES: &[&str] = &[
 ];
 
 impl StoreError {
-    /// One id's own failure inside a batch script (`{0, error}`), sorted like a whole reply:
-    /// a transient code (`OOM …`, `READONLY …`) is unavailability, anything else (`WRONGTYPE …`
-    /// from a foreign key under the prefix) a rejection.
+    /// One id's own failure inside a batch script (an answer with code `0`), sorted like a
+    /// whole reply: a transient code (`OOM …`, `READONLY …`) is unavailability, anything else
+    /// (`WRONGTYPE …` from a foreign key under the prefix) a rejection.
     pub fn of_script(text: String) -> StoreError {
         let transient = text
             .split_whitespace()
