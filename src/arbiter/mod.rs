@@ -510,41 +510,22 @@ impl Arbiter {
     /// there is no record; then its PTTL (ms, negative as `PTTL` answers) and the server's time (ms).
     async fn read(&self, id: &str) -> Result<RawRecord, StoreError> {
         let key = record_key(&self.prefix, id);
-        let mut conn = self.conn.clone();
-        let reply: RedisResult<RawRecord> = match self
-            .scripts
-            .read
-            .cmd(&key, false)
-            .query_async(&mut conn)
-            .await
-        {
-            Err(e) if is_noscript(&e) => {
-                self.scripts
-                    .read
-                    .cmd(&key, true)
-                    .query_async(&mut conn)
-                    .await
-            }
-            other => other,
-        };
-        Ok(reply?)
+        Ok(self
+            .eval(|whole| self.scripts.read.cmd(&key, whole))
+            .await?)
     }
 
     /// Hands a dead (or in-doubt) id back to pending with its attempts reset, keeping its owner.
     /// Returns the reason it had been parked for, or `None` if it was not dead.
     pub async fn release(&self, id: &str) -> Result<Option<String>, StoreError> {
         let key = record_key(&self.prefix, id);
-        let run = |whole: bool| {
-            let mut c = self.scripts.release.cmd(&key, whole);
-            c.arg(self.ttl_ms);
-            c
-        };
-        let mut conn = self.conn.clone();
-        let reply: RedisResult<(i64, String)> = run(false).query_async(&mut conn).await;
-        let (released, reason) = match reply {
-            Err(e) if is_noscript(&e) => run(true).query_async(&mut conn).await?,
-            other => other?,
-        };
+        let (released, reason): (i64, String) = self
+            .eval(|whole| {
+                let mut c = self.scripts.release.cmd(&key, whole);
+                c.arg(self.ttl_ms);
+                c
+            })
+            .await?;
         Ok((released == 1).then_some(reason))
     }
 
@@ -637,17 +618,14 @@ impl Arbiter {
         args: fn(&Arbiter, &[T], &mut Cmd),
         answer: fn(Entry<'_>) -> Result<U, StoreError>,
     ) -> Result<Vec<Result<U, StoreError>>, StoreError> {
-        let call = |whole: bool| {
-            let mut c = script.head(part.len(), whole);
-            args(self, part, &mut c);
-            c
-        };
-        let mut conn = self.conn.clone();
-        let reply: RedisResult<Value> = match call(false).query_async(&mut conn).await {
-            Err(e) if is_noscript(&e) => call(true).query_async(&mut conn).await,
-            other => other,
-        };
-        match reply? {
+        let reply: Value = self
+            .eval(|whole| {
+                let mut c = script.head(part.len(), whole);
+                args(self, part, &mut c);
+                c
+            })
+            .await?;
+        match reply {
             Value::BulkString(bytes) => entries(&bytes, part.len(), answer),
             other => Err(StoreError::Reply(format!(
                 "{} answers expected, got {other:?}",
@@ -711,10 +689,16 @@ impl Arbiter {
     }
 
     async fn exec_one(&self, op: &(&str, &LeaseToken)) -> Result<Value, StoreError> {
+        Ok(self.eval(|whole| self.command(op, whole)).await?)
+    }
+
+    /// Sends the script call `call(false)` (`EVALSHA`); when Redis answers NOSCRIPT, sends
+    /// `call(true)` (`EVAL`, the script whole), which caches it again.
+    async fn eval<R: redis::FromRedisValue>(&self, call: impl Fn(bool) -> Cmd) -> RedisResult<R> {
         let mut conn = self.conn.clone();
-        match self.command(op, false).query_async(&mut conn).await {
-            Err(e) if is_noscript(&e) => Ok(self.command(op, true).query_async(&mut conn).await?),
-            other => Ok(other?),
+        match call(false).query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => call(true).query_async(&mut conn).await,
+            other => other,
         }
     }
 }

@@ -874,6 +874,35 @@ async fn scripts_are_reloaded_after_redis_forgets_them() {
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut raw).unwrap();
     assert!(proceeds(&claim("b", tokens.next()).await.unwrap()));
     assert!(proceeds(&claim("c", tokens.next()).await.unwrap()));
+
+    // Every other script too, each sent right after Redis forgot them all: renew, complete,
+    // inspect (read.lua) and release.
+    let mut flush = || {
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut raw).unwrap();
+    };
+    let d = tokens.next();
+    assert!(proceeds(&claim("d", d.clone()).await.unwrap()));
+    flush();
+    assert!(arbiter.renew("d", &d).await.unwrap());
+    flush();
+    let parked = arbiter
+        .complete(&CompleteRequest {
+            id: "d",
+            side: OLD,
+            token: &d,
+            outcome: &Outcome::Fatal("HTTP 400".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(parked, Completion::Recorded(State::Dead));
+    flush();
+    let record = arbiter.inspect("d").await.unwrap().expect("a record");
+    assert_eq!(record.state, State::Dead);
+    flush();
+    assert_eq!(
+        arbiter.release("d").await.unwrap().as_deref(),
+        Some("HTTP 400")
+    );
 }
 
 #[tokio::test]
