@@ -4,7 +4,7 @@
 //! tells each side whether its copy is its first sight of an id and whether the other side had
 //! seen it ([`Sighting`]); after each claim batch the pipeline hands those sights to the
 //! [`Recorder`], which pairs what it can itself and sends the rest here, one script call per side
-//! and flush. Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
+//! and flush (per [`SEND_CHUNK`] sights). Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
 //!
 //! - `min:<minute>` and `day:<day>`: hashes side → ids first seen by that side whose message was
 //!   stamped in that minute / day (the broker timestamp, so that both copies of a dual-written
@@ -38,6 +38,12 @@ const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 86_400_000;
 /// The most minute buckets one report reads (a day); longer reports use the day buckets.
 const MAX_REPORT_MINUTES: u64 = 1_440;
+/// Most ids one record script call carries. A call holds Redis for its whole run (about 2 µs an
+/// id), and every other client of that Redis waits meanwhile: in 500s, a flush of the hold's
+/// 100,000 sights at shutdown is 200 calls of about a millisecond each, not one call of 200 ms
+/// in which no claim of any instance is answered. It is also the script's own chunk, so each
+/// call's variadic commands are one per kind.
+pub const SEND_CHUNK: usize = 500;
 
 /// `[parity]`: how the dual-read check counts and how long it remembers.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -201,8 +207,8 @@ impl Parity {
         }
     }
 
-    /// Records `side`'s first sights at once, in one Redis call, without the [`Recorder`]'s hold
-    /// (the daemon's sights go through the recorder; this is its direct path).
+    /// Records `side`'s first sights at once, without the [`Recorder`]'s hold (the daemon's
+    /// sights go through the recorder; this is its direct path).
     pub async fn record(&self, side: &str, sights: &[Sight<'_>]) -> Result<(), StoreError> {
         let mut counts = Counts::default();
         let now = now_ms();
@@ -213,8 +219,11 @@ impl Parity {
         self.send(side, &counts, &marks, Duration::ZERO).await
     }
 
-    /// One call of the record script for `side`: the counts to add, and the ids it saw first
-    /// (`pair` false) or completed the pair of (`pair` true) at least `held` ago.
+    /// Sends `side`'s counts, and the ids it saw first (`pair` false) or completed the pair of
+    /// (`pair` true) at least `held` ago, in record script calls of at most [`SEND_CHUNK`] ids,
+    /// one after the other and in order (the counts go with the first). Each call is atomic on
+    /// its own; the script applies its ids as if one after the other, so the chunks in order are
+    /// the same as one call. An error stops at that chunk: the ones before it are recorded.
     async fn send(
         &self,
         side: &str,
@@ -225,6 +234,23 @@ impl Parity {
         if counts.is_empty() && marks.is_empty() {
             return Ok(());
         }
+        let mut chunks = marks.chunks(SEND_CHUNK);
+        let first = chunks.next().unwrap_or_default();
+        self.send_one(side, counts, first, held).await?;
+        for chunk in chunks {
+            self.send_one(side, &Counts::default(), chunk, held).await?;
+        }
+        Ok(())
+    }
+
+    /// One call of the record script.
+    async fn send_one(
+        &self,
+        side: &str,
+        counts: &Counts,
+        marks: &[(&str, bool)],
+        held: Duration,
+    ) -> Result<(), StoreError> {
         let other = self.other(side);
         let mut inv = self.record.prepare_invoke();
         inv.key(format!("{}:open:{side}", self.base))

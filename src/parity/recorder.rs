@@ -6,8 +6,8 @@
 //! whose two copies reach the daemon milliseconds apart; it saves the `ZADD` that would list the
 //! id as one-sided and the `ZREM` that would take it off again. A sight whose partner does not
 //! come within the hold (the other copy is late, or consumed by another instance) goes to Redis
-//! as before, where the record script pairs it. Every flush is one script call per side, not one
-//! per claim batch.
+//! as before, where the record script pairs it. Every flush is one script call per side (per
+//! [`super::SEND_CHUNK`] sights), not one per claim batch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -165,9 +165,11 @@ async fn a_batch_is_applied_as_if_one_id_after_another(mode: RedisMode) {
 
 /// A first sight per id is one `ZADD` per batch (in chunks of 500), not one per id, and the
 /// pairs that cancel them one `ZMSCORE` and one `ZREM` per chunk; batches larger than a chunk
-/// lose nothing.
+/// lose nothing. A batch larger than a chunk goes in one script call per chunk, so that no call
+/// holds Redis long, and its counts are added once.
 #[tokio::test]
 async fn large_batches_cost_a_few_commands_and_lose_nothing() {
+    assert_eq!(mq_cutover::parity::SEND_CHUNK, 500);
     let (_redis, store) = private_store("parity-large").await;
     let p = parity(&store, 5_000);
     let ids: Vec<String> = (0..1_200).map(|i| format!("id-{i}")).collect();
@@ -175,9 +177,12 @@ async fn large_batches_cost_a_few_commands_and_lose_nothing() {
     let pairs: Vec<Sight<'_>> = ids.iter().map(|id| pair(id)).collect();
 
     p.record("kafka", &firsts).await.unwrap();
+    // Each run of the record script asks Redis for the time once.
+    assert_eq!(calls(&store, "time").await, 3, "1,200 ids: 3 script calls");
     tokio::time::sleep(Duration::from_millis(5)).await; // past the 1 ms grace
     let r = p.report(0, 10).await.unwrap();
     assert_eq!(r.one_sided_total["kafka"], 1_200);
+    assert_eq!(r.totals["kafka"], 1_200, "counted once, not once per call");
     assert_eq!(r.untracked["kafka"], 0);
     assert_eq!(
         calls(&store, "zadd").await,
@@ -196,6 +201,8 @@ async fn large_batches_cost_a_few_commands_and_lose_nothing() {
     assert_eq!(calls(&store, "zmscore").await, 3);
     assert_eq!(calls(&store, "zrem").await, 3);
     assert_eq!(calls(&store, "zadd").await, 3, "no pair needed a note");
+    assert_eq!(calls(&store, "time").await, 6);
+    assert_eq!(r.totals["rocketmq"], 1_200);
 }
 
 async fn counts_fall_in_the_buckets_of_the_broker_timestamp(mode: RedisMode) {
