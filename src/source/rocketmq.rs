@@ -60,7 +60,14 @@ const PULL_TIMEOUT: Duration = Duration::from_millis(8_000);
 const PULL_BATCH_SIZE: i32 = 32;
 /// Messages the client may hold fetched but not yet polled, over all queues. Bounds memory while
 /// the source is paused; the pipeline's bounded channel is the real backpressure.
-const PREFETCH_LIMIT: i64 = 2_000;
+///
+/// The client also takes it as the number of fetched batches its hand-over queue admits per
+/// second. A pull whose batch finds that rate spent fails (`Pull error … Argument is invalid`),
+/// and the client leaves the queue alone for 1 s before it pulls again (docs/rocketmq.md, gap
+/// 11). Live traffic comes a message or two per pull, so with 2,000 a side taking more than about
+/// 2,000 messages/s stalled for a second at a time, and a drain stalled at its start. 10,000 (the
+/// Java lite pull consumer's default) leaves room for 10,000 pulls a second.
+const PREFETCH_LIMIT: i64 = 10_000;
 
 /// Builds the RocketMQ source of a validated `[[side]]` with `kind = "rocketmq"`.
 pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
