@@ -1,7 +1,7 @@
 //! The grant counter: the lean downstream the benchmark forwards to. It answers every call 200 at
 //! once and only counts — calls, grants per message id (so an id granted twice shows), which side
 //! granted, and, when the body carries the producer's send time (`mq-cutover produce --stamp`),
-//! the end-to-end time from send to grant.
+//! the end-to-end time from send to grant, in all and per granting side.
 //!
 //! Unlike the demo reward service ([`crate::reward`]) it keeps no call records and injects no
 //! faults, so that it costs the machine as little as possible and the benchmark measures
@@ -62,6 +62,9 @@ pub struct GrantStats {
     pub last_ms: u64,
     /// Send-to-grant times of the stamped grants.
     pub end_to_end: Latency,
+    /// The same per `X-Mq-Cutover-Side`: which broker's copy the granted id came through.
+    #[serde(default)]
+    pub end_to_end_by_side: HashMap<String, Latency>,
 }
 
 /// The producer's send time, if the body carries one.
@@ -75,6 +78,7 @@ struct Tally {
     stats: GrantStats,
     per_id: HashMap<Box<str>, u32>,
     end_to_end_us: Vec<u32>,
+    by_side_us: HashMap<String, Vec<u32>>,
 }
 
 type Shared = Arc<Mutex<Tally>>;
@@ -135,16 +139,31 @@ async fn grant(State(tally): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     if let Some(sent) = sent {
         let us = now.saturating_sub(sent).min(u64::from(u32::MAX)) as u32;
         t.end_to_end_us.push(us);
+        match t.by_side_us.get_mut(side) {
+            Some(v) => v.push(us),
+            None => {
+                t.by_side_us.insert(side.to_owned(), vec![us]);
+            }
+        }
     }
     StatusCode::OK
 }
 
 async fn stats(State(tally): State<Shared>) -> Json<GrantStats> {
-    let (mut stats, mut samples) = {
+    let (mut stats, mut samples, by_side) = {
         let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
-        (t.stats.clone(), t.end_to_end_us.clone())
+        (
+            t.stats.clone(),
+            t.end_to_end_us.clone(),
+            t.by_side_us.clone(),
+        )
     };
     stats.end_to_end = percentiles(&mut samples);
+    stats.end_to_end_by_side = by_side
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(side, mut v)| (side, percentiles(&mut v)))
+        .collect();
     Json(stats)
 }
 
@@ -200,9 +219,13 @@ mod tests {
     use tower::ServiceExt as _;
 
     fn call(id: &str, body: &str) -> Request<Body> {
+        call_from("kafka", id, body)
+    }
+
+    fn call_from(side: &str, id: &str, body: &str) -> Request<Body> {
         Request::post("/grant")
             .header("idempotency-key", id)
-            .header("x-mq-cutover-side", "kafka")
+            .header("x-mq-cutover-side", side)
             .body(Body::from(body.to_owned()))
             .unwrap()
     }
@@ -232,6 +255,36 @@ mod tests {
         assert_eq!(s.granted_twice_or_more, 1);
         assert_eq!(s.by_side.get("kafka"), Some(&4));
         assert_eq!(s.end_to_end.count, 0);
+        assert!(s.end_to_end_by_side.is_empty());
+    }
+
+    #[tokio::test]
+    async fn end_to_end_times_are_split_by_the_granting_side() {
+        let app = router();
+        let now = now_us();
+        let stamped = |ago_us: u64| format!("{{\"sent_us\":{}}}", now - ago_us);
+        // Kafka's grants 1 ms after the send, RocketMQ's 1 s after; one unstamped grant.
+        for (side, id, body) in [
+            ("kafka", "a", stamped(1_000)),
+            ("kafka", "b", stamped(1_000)),
+            ("rocketmq", "c", stamped(1_000_000)),
+            ("rocketmq", "d", "{}".to_owned()),
+        ] {
+            app.clone()
+                .oneshot(call_from(side, id, &body))
+                .await
+                .unwrap();
+        }
+        let s = stats_of(&app).await;
+        assert_eq!(s.end_to_end.count, 3);
+        let (k, r) = (
+            s.end_to_end_by_side["kafka"],
+            s.end_to_end_by_side["rocketmq"],
+        );
+        assert_eq!((k.count, r.count), (2, 1));
+        assert!(k.max_us >= 1_000 && k.max_us < 1_000_000, "{k:?}");
+        assert!(r.p50_us >= 1_000_000, "{r:?}");
+        assert_eq!(s.end_to_end.max_us, r.max_us);
     }
 
     #[tokio::test]
