@@ -4,7 +4,8 @@
 //! tells each side whether its copy is its first sight of an id and whether the other side had
 //! seen it ([`Sighting`]); after each claim batch the pipeline hands those sights to the
 //! [`Recorder`], which pairs what it can itself and sends the rest here, one script call per side
-//! and flush (per [`SEND_CHUNK`] sights). Kept in Redis, under `<prefix>:{parity}:` (one Cluster slot):
+//! and flush (per [`SEND_CHUNK`] sights). Kept in Redis, under `<prefix>:{parity}:` (one Cluster
+//! slot):
 //!
 //! - `min:<minute>` and `day:<day>`: hashes side → ids first seen by that side whose message was
 //!   stamped in that minute / day (the broker timestamp, so that both copies of a dual-written
@@ -234,55 +235,44 @@ impl Parity {
         if counts.is_empty() && marks.is_empty() {
             return Ok(());
         }
+        let none = Counts::default();
         let mut chunks = marks.chunks(SEND_CHUNK);
+        // No ids but counts: one call that carries only the counts.
         let first = chunks.next().unwrap_or_default();
-        self.send_one(side, counts, first, held).await?;
-        for chunk in chunks {
-            self.send_one(side, &Counts::default(), chunk, held).await?;
-        }
-        Ok(())
-    }
-
-    /// One call of the record script.
-    async fn send_one(
-        &self,
-        side: &str,
-        counts: &Counts,
-        marks: &[(&str, bool)],
-        held: Duration,
-    ) -> Result<(), StoreError> {
         let other = self.other(side);
-        let mut inv = self.record.prepare_invoke();
-        inv.key(format!("{}:open:{side}", self.base))
-            .key(format!("{}:open:{other}", self.base))
-            .key(format!("{}:paired:{side}", self.base))
-            .key(format!("{}:paired:{other}", self.base))
-            .key(format!("{}:untracked:{side}", self.base));
-        for (m, _) in &counts.minutes {
-            inv.key(format!("{}:min:{m}", self.base));
-        }
-        for (d, _) in &counts.days {
-            inv.key(format!("{}:day:{d}", self.base));
-        }
-        inv.arg(side)
-            .arg(self.cfg.max_open_ids)
-            .arg(self.retention_ms)
-            .arg(self.cfg.minute_retention.as_millis() as u64)
-            .arg(self.cfg.day_retention.as_millis() as u64)
-            .arg(counts.minutes.len())
-            .arg(held.as_millis() as u64);
-        for (_, n) in counts.minutes.iter().chain(&counts.days) {
-            inv.arg(*n);
-        }
         let mut arg = Vec::with_capacity(64);
-        for (id, pair) in marks {
-            arg.clear();
-            arg.push(if *pair { b'p' } else { b'f' });
-            arg.extend_from_slice(id.as_bytes());
-            inv.arg(&arg[..]);
+        for (counts, marks) in std::iter::once((counts, first)).chain(chunks.map(|c| (&none, c))) {
+            let mut inv = self.record.prepare_invoke();
+            inv.key(format!("{}:open:{side}", self.base))
+                .key(format!("{}:open:{other}", self.base))
+                .key(format!("{}:paired:{side}", self.base))
+                .key(format!("{}:paired:{other}", self.base))
+                .key(format!("{}:untracked:{side}", self.base));
+            for (m, _) in &counts.minutes {
+                inv.key(format!("{}:min:{m}", self.base));
+            }
+            for (d, _) in &counts.days {
+                inv.key(format!("{}:day:{d}", self.base));
+            }
+            inv.arg(side)
+                .arg(self.cfg.max_open_ids)
+                .arg(self.retention_ms)
+                .arg(self.cfg.minute_retention.as_millis() as u64)
+                .arg(self.cfg.day_retention.as_millis() as u64)
+                .arg(counts.minutes.len())
+                .arg(held.as_millis() as u64);
+            for (_, n) in counts.minutes.iter().chain(&counts.days) {
+                inv.arg(*n);
+            }
+            for (id, pair) in marks {
+                arg.clear();
+                arg.push(if *pair { b'p' } else { b'f' });
+                arg.extend_from_slice(id.as_bytes());
+                inv.arg(&arg[..]);
+            }
+            let mut conn = self.conn.clone();
+            let _unlisted: i64 = inv.invoke_async(&mut conn).await?;
         }
-        let mut conn = self.conn.clone();
-        let _unlisted: i64 = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
 
