@@ -77,7 +77,7 @@ struct Stamp {
 struct Tally {
     stats: GrantStats,
     per_id: HashMap<Box<str>, u32>,
-    end_to_end_us: Vec<u32>,
+    /// Send-to-grant times per granting side; all of them together are the overall times.
     by_side_us: HashMap<String, Vec<u32>>,
 }
 
@@ -138,7 +138,6 @@ async fn grant(State(tally): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     }
     if let Some(sent) = sent {
         let us = now.saturating_sub(sent).min(u64::from(u32::MAX)) as u32;
-        t.end_to_end_us.push(us);
         match t.by_side_us.get_mut(side) {
             Some(v) => v.push(us),
             None => {
@@ -150,18 +149,14 @@ async fn grant(State(tally): State<Shared>, headers: HeaderMap, body: Bytes) -> 
 }
 
 async fn stats(State(tally): State<Shared>) -> Json<GrantStats> {
-    let (mut stats, mut samples, by_side) = {
+    let (mut stats, by_side) = {
         let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
-        (
-            t.stats.clone(),
-            t.end_to_end_us.clone(),
-            t.by_side_us.clone(),
-        )
+        (t.stats.clone(), t.by_side_us.clone())
     };
-    stats.end_to_end = percentiles(&mut samples);
+    let mut all: Vec<u32> = by_side.values().flatten().copied().collect();
+    stats.end_to_end = percentiles(&mut all);
     stats.end_to_end_by_side = by_side
         .into_iter()
-        .filter(|(_, v)| !v.is_empty())
         .map(|(side, mut v)| (side, percentiles(&mut v)))
         .collect();
     Json(stats)
