@@ -27,6 +27,7 @@ pub mod parity;
 pub mod pipeline;
 pub mod produce;
 pub mod reward;
+pub mod rmq;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

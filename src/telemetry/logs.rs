@@ -1,19 +1,8 @@
-//! Log output: human text or one JSON object per line, filtered by `log.level` (or `RUST_LOG`),
-//! with the RocketMQ client's chatter held to warnings.
+//! Log output: human text or one JSON object per line, filtered by `log.level` (or `RUST_LOG`).
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
-
-/// The RocketMQ client logs every connection step at info; keep it to warnings unless the
-/// configured filter says something about it.
-fn quiet_clients(level: &str) -> String {
-    if level.contains("rocketmq") {
-        level.to_owned()
-    } else {
-        format!("{level},rocketmq_client_rust=warn,rocketmq_remoting=warn,rocketmq_transport=warn,rocketmq_runtime=warn,rocketmq_common=warn")
-    }
-}
 
 /// Installs the global subscriber; logs go to stderr so that command output stays clean.
 pub fn init(cfg: &LogConfig) {
@@ -21,8 +10,7 @@ pub fn init(cfg: &LogConfig) {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| cfg.level.clone());
-    let filter = EnvFilter::try_new(quiet_clients(&wanted))
-        .unwrap_or_else(|_| EnvFilter::new(quiet_clients(&cfg.level)));
+    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|_| EnvFilter::new(&cfg.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -546,12 +546,18 @@ async fn a_second_signal_exits_at_once_while_draining() {
     bed.switch(&["set", "--consume", "on", "--percent", "50"]);
     bed.start_daemon();
     bed.produce("x", 20, |_| {}).await;
-    // Calls are in flight (10 s each); the first signal starts a drain that would wait for them.
+    // Calls are in flight (10 s each: the reward service counts a call when it answers); the
+    // first signal starts a drain that would wait for them.
     let started = common::eventually(Duration::from_secs(30), || async {
-        bed.reward.state().stats().calls > 0
+        let in_flight = bed.daemons[0].metric("mqc_in_flight{side=\"kafka\"}").await
+            + bed.daemons[0]
+                .metric("mqc_in_flight{side=\"rocketmq\"}")
+                .await;
+        in_flight > 0.0
     })
     .await;
     assert!(started.is_some(), "no call started:\n{}", bed.logs());
+    assert_eq!(bed.reward.state().stats().calls, 0, "no call answered yet");
     bed.daemons[0].signal("TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     bed.daemons[0].signal("TERM");
