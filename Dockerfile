@@ -12,8 +12,8 @@
 # Needs BuildKit (the default builder of current Docker) for the cache mounts.
 
 # ---- builder ---------------------------------------------------------------------------------
-# The Rust version of Cargo.toml's rust-version (the RocketMQ client needs 1.95), on Debian 12 like
-# the runtime stage, so the binary links against the same glibc.
+# The Rust version of Cargo.toml's rust-version, on Debian 12 like the runtime stage, so the
+# binary links against the same glibc.
 FROM rust:1.95.0-slim-bookworm AS builder
 
 # rdkafka is built with `cmake-build`: librdkafka is compiled from source and linked statically,

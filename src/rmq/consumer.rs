@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::remoting::Command;
 use super::wire::{allocate, decode_messages, MessageQueue, Route, StoredMessage, TagFilter};
-use super::{code, Client, RmqError};
+use super::{code, BrokerRequests, Client, RmqError};
 
 /// How often the route is read, the consumer registered and the queues shared out again
 /// (the Java client's rebalance interval).
@@ -430,7 +430,7 @@ impl Shared {
 
     /// Every [`REBALANCE_INTERVAL`], and when a broker says the group changed: route, heartbeat,
     /// rebalance. A failure keeps what is held and is tried again next time.
-    async fn rebalancer(self: Arc<Self>, mut requests: mpsc::UnboundedReceiver<(String, Command)>) {
+    async fn rebalancer(self: Arc<Self>, mut requests: BrokerRequests) {
         let mut tick = tokio::time::interval(REBALANCE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is now: start() just did all this
@@ -499,11 +499,9 @@ impl Shared {
                 if sent.get(q) == Some(offset) {
                     continue;
                 }
-                let r = tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    r = self.update_offset(q, *offset) => r,
-                };
-                match r {
+                // Not dropped on `stop`: `stop_fetching` waits for it (at most one request
+                // timeout), so that no older offset reaches the broker after the last flush.
+                match self.update_offset(q, *offset).await {
                     Ok(()) => {
                         sent.insert(q.clone(), *offset);
                     }

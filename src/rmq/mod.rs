@@ -104,6 +104,9 @@ pub fn response_code(code: i32) -> &'static str {
     }
 }
 
+/// Requests brokers send on their own, with the address they came from.
+pub type BrokerRequests = tokio::sync::mpsc::UnboundedReceiver<(String, Command)>;
+
 /// What producers and consumers share: the connections and the name servers.
 pub struct Client {
     pub remoting: Arc<Remoting>,
@@ -117,15 +120,7 @@ pub struct Client {
 impl Client {
     /// A client of the name server(s) `name_server` (`host:port[;host:port…]`). Requests brokers
     /// send on their own come out of the returned channel.
-    pub fn new(
-        name_server: &str,
-    ) -> Result<
-        (
-            Arc<Client>,
-            tokio::sync::mpsc::UnboundedReceiver<(String, Command)>,
-        ),
-        RmqError,
-    > {
+    pub fn new(name_server: &str) -> Result<(Arc<Client>, BrokerRequests), RmqError> {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let name_servers: Vec<String> = name_server
             .split(';')

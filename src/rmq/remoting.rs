@@ -389,10 +389,20 @@ impl Remoting {
         }
     }
 
-    /// Closes every connection (pending requests fail).
+    /// Closes every connection; requests waiting for an answer fail at once.
     pub async fn close(&self) {
         for (_, c) in self.conns.lock().await.drain() {
+            {
+                let mut why = c.why.lock().unwrap_or_else(PoisonError::into_inner);
+                if why.is_empty() {
+                    *why = "closed by this client".to_owned();
+                }
+            }
             c.closed.cancel();
+            c.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
         }
     }
 }

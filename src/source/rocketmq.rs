@@ -619,9 +619,8 @@ impl Positions {
     }
 
     /// What to commit now: `None` if no queue's committable offset moved, else the last
-    /// committed offset of every queue. The whole map, because the client's `persist_all` drops
-    /// from its in-memory offset table every queue missing from the map it is given (it skips
-    /// unchanged offsets, and ignores queues no longer assigned to it).
+    /// committed offset of every queue (the client sends only the ones that changed, and only
+    /// for queues it still holds; the lag measurement reads the whole map).
     fn commits(&mut self) -> Option<HashMap<MessageQueue, i64>> {
         let moved = self.tracker.take_commits();
         if moved.is_empty() {
@@ -635,9 +634,6 @@ impl Positions {
         Some(self.committed.clone())
     }
 }
-
-/// The runtime a RocketMQ client lives in: rocketmq-client-rust wants its own tokio runtime
-/// (through [`RuntimeOwner`]) and a [`ClientRuntime`] built on it, both shut down explicitly.
 
 /// Why [`RocketMqWriter`] could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
