@@ -243,17 +243,7 @@ impl Consumer {
     /// Leaves the group (the others take its queues at once) and closes the connections.
     pub async fn shutdown(mut self) {
         self.stop_fetching().await;
-        let masters: Vec<String> = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .route
-            .masters
-            .values()
-            .cloned()
-            .collect();
-        for addr in masters {
+        for addr in self.shared.masters() {
             let req = Command::request(code::UNREGISTER_CLIENT)
                 .field("clientID", &self.shared.client.id)
                 .field("consumerGroup", &self.shared.cfg.group);
@@ -267,20 +257,13 @@ impl Consumer {
 
 impl ConsumerHandle {
     pub fn assignment(&self) -> HashSet<MessageQueue> {
-        self.0
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .held
-            .keys()
-            .cloned()
-            .collect()
+        self.0.held()
     }
 
     /// The group's committed offset of `queue` when this instance took it (-1: none); `None`
     /// while it is being read, or if the queue is not held.
     pub fn assigned_from(&self, queue: &MessageQueue) -> Option<i64> {
-        let st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let st = self.0.state();
         let from = st.held.get(queue)?.from.load(Ordering::Relaxed);
         (from != NOT_LOADED).then_some(from)
     }
@@ -311,10 +294,22 @@ enum Pulled {
 }
 
 impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The queues held now.
+    fn held(&self) -> HashSet<MessageQueue> {
+        self.state().held.keys().cloned().collect()
+    }
+
+    /// The addresses of the topic's brokers (their masters).
+    fn masters(&self) -> Vec<String> {
+        self.state().route.masters.values().cloned().collect()
+    }
+
     fn master(&self, broker: &str) -> Result<String, RmqError> {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.state()
             .route
             .masters
             .get(broker)
@@ -346,16 +341,7 @@ impl Shared {
             }],
         });
         let body = serde_json::to_vec(&body).expect("json");
-        let masters: Vec<String> = self
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .route
-            .masters
-            .values()
-            .cloned()
-            .collect();
-        for addr in masters {
+        for addr in self.masters() {
             let req = Command::request(code::HEART_BEAT).with_body(body.clone());
             self.client.call("heartbeat", &addr, req).await?;
         }
@@ -366,7 +352,7 @@ impl Shared {
     /// ones of queues lost.
     async fn rebalance(self: &Arc<Self>, first: bool) -> Result<(), RmqError> {
         let (queues, addr) = {
-            let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let st = self.state();
             let mut brokers: Vec<&String> = st.route.masters.keys().collect();
             brokers.sort();
             let addr = brokers
@@ -394,7 +380,7 @@ impl Shared {
             .cloned()
             .collect();
         let changed = {
-            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = self.state();
             let before = st.held.len();
             st.held.retain(|q, h| {
                 let keep = mine.contains(q);
@@ -448,10 +434,7 @@ impl Shared {
                 if full {
                     match self.client.route(&self.cfg.topic).await {
                         Ok(route) if !route.read.is_empty() => {
-                            self.state
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .route = route;
+                            self.state().route = route;
                         }
                         Ok(_) => {
                             tracing::warn!(topic = %self.cfg.topic, "rocketmq: the topic's route has no readable queue now; keeping the last one")
@@ -486,14 +469,7 @@ impl Shared {
             }
             let offsets = want.borrow_and_update().clone();
             sent.retain(|q, _| offsets.contains_key(q));
-            let held: HashSet<MessageQueue> = self
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .held
-                .keys()
-                .cloned()
-                .collect();
+            let held = self.held();
             let mut failed = None;
             for (q, offset) in offsets.iter().filter(|(q, _)| held.contains(*q)) {
                 if sent.get(q) == Some(offset) {

@@ -75,6 +75,32 @@ pub enum SendError {
     Failed(#[from] RmqError),
 }
 
+/// The user properties of a message, checked: no name RocketMQ reserves, none empty, no
+/// separator character in a name or value.
+fn user_properties<'a>(
+    properties: &[(&'a str, &'a str)],
+) -> Result<Vec<(&'a str, &'a str)>, SendError> {
+    let mut props = Vec::with_capacity(properties.len() + 4);
+    for &(k, v) in properties {
+        if RESERVED.contains(&k) {
+            return Err(SendError::Invalid(format!(
+                "property `{k}` is reserved by RocketMQ"
+            )));
+        }
+        if k.is_empty()
+            || [k, v]
+                .iter()
+                .any(|s| s.contains(NAME_VALUE) || s.contains(PROPERTY_END))
+        {
+            return Err(SendError::Invalid(format!(
+                "property `{k}` is empty or holds a separator character"
+            )));
+        }
+        props.push((k, v));
+    }
+    Ok(props)
+}
+
 pub struct Producer {
     client: Arc<Client>,
     group: String,
@@ -145,24 +171,7 @@ impl Producer {
 
     /// Sends one message and waits until the broker says it stored it.
     pub async fn send(&self, m: &Outgoing<'_>) -> Result<Sent, SendError> {
-        let mut props: Vec<(&str, &str)> = Vec::with_capacity(m.properties.len() + 4);
-        for (k, v) in m.properties {
-            if RESERVED.contains(k) {
-                return Err(SendError::Invalid(format!(
-                    "property `{k}` is reserved by RocketMQ"
-                )));
-            }
-            if k.is_empty()
-                || [k, v]
-                    .iter()
-                    .any(|s| s.contains(NAME_VALUE) || s.contains(PROPERTY_END))
-            {
-                return Err(SendError::Invalid(format!(
-                    "property `{k}` is empty or holds a separator character"
-                )));
-            }
-            props.push((k, v));
-        }
+        let mut props = user_properties(m.properties)?;
         let uniq = format!(
             "{:08X}{:016X}",
             std::process::id(),
@@ -218,5 +227,26 @@ impl Producer {
 
     pub async fn shutdown(&self) {
         self.client.remoting.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_properties_refuse_reserved_names_and_separators() {
+        let ok = user_properties(&[("msg-id", "m-1"), ("user", "u-7")]).unwrap();
+        assert_eq!(ok, vec![("msg-id", "m-1"), ("user", "u-7")]);
+        for bad in [
+            vec![("KEYS", "k")],
+            vec![("UNIQ_KEY", "x")],
+            vec![("", "v")],
+            vec![("a\u{1}b", "v")],
+            vec![("a", "v\u{2}")],
+        ] {
+            let e = user_properties(&bad).unwrap_err();
+            assert!(matches!(e, SendError::Invalid(_)), "{bad:?}: {e}");
+        }
     }
 }
