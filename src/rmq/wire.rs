@@ -189,7 +189,6 @@ pub struct StoredMessage {
     pub queue_id: i32,
     pub queue_offset: i64,
     pub born_timestamp: i64,
-    pub topic: String,
     /// The body, uncompressed; `Err` when it cannot be (said why).
     pub body: Result<Vec<u8>, String>,
     pub properties: Vec<(String, String)>,
@@ -288,14 +287,13 @@ fn decode_one(c: &mut Cursor<'_>) -> Result<StoredMessage, String> {
     } else {
         c.take(1)?[0] as usize
     };
-    let topic = String::from_utf8_lossy(c.take(topic_len)?).into_owned();
+    c.take(topic_len)?; // the queue's topic: known to the caller
     let props_len = c.i16()? as u16 as usize;
     let properties = parse_properties(&String::from_utf8_lossy(c.take(props_len)?));
     Ok(StoredMessage {
         queue_id,
         queue_offset,
         born_timestamp,
-        topic,
         body,
         properties,
     })
@@ -519,7 +517,6 @@ mod tests {
         assert_eq!(msgs[0].queue_offset, 40);
         assert_eq!(msgs[0].queue_id, 3);
         assert_eq!(msgs[0].born_timestamp, 1_700_000_000_000);
-        assert_eq!(msgs[0].topic, "topic");
         assert_eq!(msgs[0].body.as_deref(), Ok(&b"plain"[..]));
         assert_eq!(msgs[0].property("mid"), Some("m-1"));
         assert_eq!(msgs[0].property("TAGS"), Some("a"));

@@ -389,7 +389,7 @@ impl Consuming {
 
     /// Hands a polled batch over in order, waiting for room (committing meanwhile) for as much of
     /// it at once as the channel holds. While the pipeline is behind and the channel full, this
-    /// thread then wakes once per batch the pipeline has made room for, not once per copy it takes
+    /// task then wakes once per batch the pipeline has made room for, not once per copy it takes
     /// (and acknowledgements wait in their channel for the next commit instead of waking it).
     async fn hand_over(
         &mut self,
