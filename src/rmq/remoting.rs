@@ -49,21 +49,33 @@ pub enum RemotingError {
     Protocol(String),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// A header as written: borrows the command's fields instead of copying them per request.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutHeader<'a> {
+    code: i32,
+    language: &'a str,
+    version: i32,
+    opaque: i32,
+    flag: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remark: Option<&'a str>,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    ext_fields: &'a HashMap<String, String>,
+}
+
+/// A header as read.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Header {
     code: i32,
     #[serde(default)]
-    language: String,
-    #[serde(default)]
-    version: i32,
-    #[serde(default)]
     opaque: i32,
     #[serde(default)]
     flag: i32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     remark: Option<String>,
-    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    #[serde(default)]
     ext_fields: HashMap<String, String>,
 }
 
@@ -120,14 +132,14 @@ impl Command {
 
     /// The whole frame, length prefix included.
     pub fn encode(&self) -> Vec<u8> {
-        let header = Header {
+        let header = OutHeader {
             code: self.code,
-            language: "OTHER".to_owned(),
+            language: "OTHER",
             version: VERSION,
             opaque: self.opaque,
             flag: self.flag,
-            remark: self.remark.clone(),
-            ext_fields: self.fields.clone(),
+            remark: self.remark.as_deref(),
+            ext_fields: &self.fields,
         };
         let header = serde_json::to_vec(&header).expect("a header serializes");
         let mut frame = Vec::with_capacity(8 + header.len() + self.body.len());

@@ -136,12 +136,12 @@ impl RocketMqSource {
         );
         let lag_stop = CancellationToken::new();
         let committed = Committed::default();
-        let lag = follow_lag(
-            consumer.handle(),
-            membership.clone(),
-            committed.clone(),
-            lag_stop.clone(),
-        );
+        let lag = FollowLag {
+            consumer: consumer.handle(),
+            membership: membership.clone(),
+            committed: committed.clone(),
+            stop: lag_stop.clone(),
+        };
         let mut run = Consuming::new(self, consumer, reassigned_rx, committed);
         let consume = async {
             let result = run.consume(cx).await;
@@ -197,20 +197,6 @@ struct FollowLag {
     membership: Membership,
     committed: Committed,
     stop: CancellationToken,
-}
-
-fn follow_lag(
-    consumer: ConsumerHandle,
-    membership: Membership,
-    committed: Committed,
-    stop: CancellationToken,
-) -> FollowLag {
-    FollowLag {
-        consumer,
-        membership,
-        committed,
-        stop,
-    }
 }
 
 impl FollowLag {
