@@ -19,10 +19,11 @@ FROM rust:1.95.0-slim-bookworm AS builder
 # rdkafka is built with `cmake-build`: librdkafka is compiled from source and linked statically,
 # which needs cmake and a C/C++ toolchain; librdkafka includes curl's header even with curl
 # support off, hence libcurl4-openssl-dev (the binary does not link libcurl). zlib is linked
-# dynamically (libz-sys finds it through pkg-config), as in the test bed.
+# dynamically (libz-sys finds it through pkg-config), as in the test bed. TLS and SASL (rdkafka
+# features `ssl` and `sasl`) link Debian's OpenSSL 3 and Cyrus SASL dynamically too.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        cmake make g++ pkg-config zlib1g-dev libcurl4-openssl-dev \
+        cmake make g++ pkg-config zlib1g-dev libcurl4-openssl-dev libssl-dev libsasl2-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -42,9 +43,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:12.11-slim
 
 # ca-certificates: the sink's HTTPS client checks servers against the system roots (Redis TLS
-# brings its own roots). zlib1g: the one shared library beyond glibc. curl: the HEALTHCHECK below.
+# brings its own roots). zlib1g, libssl3, libsasl2-2: the shared libraries beyond glibc (zlib for
+# librdkafka's gzip, OpenSSL and Cyrus SASL for its TLS and SASL). curl: the HEALTHCHECK below.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates zlib1g curl \
+    && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 libsasl2-2 curl \
     && rm -rf /var/lib/apt/lists/*
 
 # An unprivileged user with a fixed id, so that Kubernetes' runAsNonRoot can check it.
