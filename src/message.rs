@@ -33,6 +33,9 @@ pub struct Origin {
     pub topic: Arc<str>,
     /// Kafka partition / RocketMQ queue id.
     pub partition: i32,
+    /// The RocketMQ broker holding the queue (a topic's queue ids repeat on every broker);
+    /// `None` for Kafka, where topic and partition name the log.
+    pub broker: Option<Arc<str>>,
     /// Kafka offset / RocketMQ queue offset.
     pub offset: i64,
     /// When the producer (or the broker, per the topic's timestamp type) stamped the message, ms

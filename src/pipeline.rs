@@ -250,6 +250,7 @@ pub async fn replay(
         side: owner.clone(),
         topic: letter.topic.as_str().into(),
         partition: letter.partition,
+        broker: None,
         offset: letter.offset,
         born_ms: 0,
     };

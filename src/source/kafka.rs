@@ -170,6 +170,10 @@ impl fmt::Debug for KafkaSource {
 }
 
 impl Source for KafkaSource {
+    fn refetcher(&self) -> Result<Arc<dyn super::Refetch>, SourceError> {
+        Ok(Arc::new(KafkaRefetch::new(self)?))
+    }
+
     fn run(self: Box<Self>, cx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin((*self).consume(cx))
     }
@@ -435,22 +439,7 @@ impl Intake {
     fn message(&mut self, record: &BorrowedMessage<'_>, context: &KafkaContext) -> Message {
         let topic = self.topic(record.topic());
         let (partition, offset) = (record.partition(), record.offset());
-        let headers = record.headers();
-        let (identity, payload) = match record.payload() {
-            Some(body) => (
-                read_identity(
-                    &self.message_id,
-                    &self.business_id,
-                    |name| headers.and_then(|h| last_header(h, name)),
-                    body,
-                ),
-                body.to_vec(),
-            ),
-            None => (
-                Err(BadInput("the record has no value (a tombstone)".into())),
-                Vec::new(),
-            ),
-        };
+        let (identity, payload) = identity_of(record, &self.message_id, &self.business_id);
         context.books().tracker.delivered(&topic, partition, offset);
         Message {
             identity,
@@ -459,6 +448,7 @@ impl Intake {
                 side: self.side.clone(),
                 topic: topic.clone(),
                 partition,
+                broker: None,
                 offset,
                 born_ms: record.timestamp().to_millis().unwrap_or(0),
             },
@@ -481,6 +471,131 @@ impl Intake {
         let t: Arc<str> = name.into();
         self.topics.push(t.clone());
         t
+    }
+}
+
+/// The ids and the body of a record; a record without a value is bad input.
+fn identity_of(
+    record: &BorrowedMessage<'_>,
+    message_id: &IdSource,
+    business_id: &IdSource,
+) -> (Result<crate::message::Identity, BadInput>, Vec<u8>) {
+    let headers = record.headers();
+    match record.payload() {
+        Some(body) => (
+            read_identity(
+                message_id,
+                business_id,
+                |name| headers.and_then(|h| last_header(h, name)),
+                body,
+            ),
+            body.to_vec(),
+        ),
+        None => (
+            Err(BadInput("the record has no value (a tombstone)".into())),
+            Vec::new(),
+        ),
+    }
+}
+
+/// How long a refetch waits for the broker to hand over the record asked for.
+const REFETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads single records again by topic, partition and offset (adoption). A consumer of its own,
+/// with the side's client settings (so TLS and SASL apply) but outside the group: it `assign`s
+/// the one partition at the offset, commits nothing and stores nothing. Refetches are rare (an id
+/// whose owner never observed it), so one at a time, on the blocking pool.
+struct KafkaRefetch {
+    side: Side,
+    consumer: Arc<Mutex<BaseConsumer>>,
+    message_id: IdSource,
+    business_id: IdSource,
+}
+
+impl KafkaRefetch {
+    fn new(source: &KafkaSource) -> Result<KafkaRefetch, SourceError> {
+        let mut config = source.config.clone();
+        config
+            .set("client.id", format!("mq-cutover-{}-refetch", source.side))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // An offset the broker no longer has is an error here, never a jump elsewhere.
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "true");
+        let consumer: BaseConsumer = config.create().map_err(|e| SourceError::Start {
+            side: source.side.clone(),
+            reason: format!("cannot create the Kafka refetch consumer: {e}"),
+        })?;
+        Ok(KafkaRefetch {
+            side: source.side.clone(),
+            consumer: Arc::new(Mutex::new(consumer)),
+            message_id: source.message_id.clone(),
+            business_id: source.business_id.clone(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Refetch for KafkaRefetch {
+    async fn refetch(&self, at: &super::Position) -> Result<Option<super::Refetched>, SourceError> {
+        let consumer = self.consumer.clone();
+        let (message_id, business_id) = (self.message_id.clone(), self.business_id.clone());
+        let at = at.clone();
+        let side = self.side.clone();
+        let failed = move |reason: String| SourceError::Failed {
+            side: side.clone(),
+            reason,
+        };
+        let task_failed = failed.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = consumer.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&at.topic, at.partition, Offset::Offset(at.offset))
+                .map_err(|e| failed(format!("refetch {}[{}]: {e}", at.topic, at.partition)))?;
+            consumer
+                .assign(&tpl)
+                .map_err(|e| failed(format!("refetch {}[{}]: {e}", at.topic, at.partition)))?;
+            let deadline = Instant::now() + REFETCH_TIMEOUT;
+            let found = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Err(failed(format!(
+                        "refetch {}[{}]@{}: no answer within {REFETCH_TIMEOUT:?}",
+                        at.topic, at.partition, at.offset
+                    )));
+                }
+                match consumer.poll(left) {
+                    None => continue,
+                    Some(Ok(record)) if record.offset() == at.offset => {
+                        let (identity, payload) = identity_of(&record, &message_id, &business_id);
+                        break Ok(Some(super::Refetched {
+                            identity,
+                            payload,
+                            born_ms: record.timestamp().to_millis().unwrap_or(0),
+                        }));
+                    }
+                    // Past the offset: the record is gone (compacted away, or a transaction
+                    // marker's slot).
+                    Some(Ok(record)) if record.offset() > at.offset => break Ok(None),
+                    Some(Ok(_)) => continue,
+                    // The end of the log came before the offset: it was never written here.
+                    Some(Err(KafkaError::PartitionEOF(_))) => break Ok(None),
+                    Some(Err(KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
+                    ))) => break Ok(None),
+                    Some(Err(e)) => {
+                        break Err(failed(format!(
+                            "refetch {}[{}]@{}: {e}",
+                            at.topic, at.partition, at.offset
+                        )))
+                    }
+                }
+            };
+            let _ = consumer.unassign();
+            found
+        })
+        .await
+        .map_err(|e| task_failed(format!("refetch task failed: {e}")))?
     }
 }
 

@@ -239,8 +239,57 @@ pub fn build(side: &crate::config::SideConfig) -> Result<Box<dyn Source>, Source
 
 /// A broker consumer.
 pub trait Source: Send {
+    /// A reader of single copies by position on this side's broker, for adoption (DESIGN.md
+    /// invariant 2): built before [`Source::run`] takes the source, and used beside it.
+    fn refetcher(&self) -> Result<Arc<dyn Refetch>, SourceError>;
+
     /// Consumes until `cx.cancel` fires, then commits what is finished and returns.
     fn run(self: Box<Self>, cx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// Where one copy sits in its broker: enough to read it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Kafka topic / RocketMQ topic.
+    pub topic: Arc<str>,
+    /// Kafka partition / RocketMQ queue id.
+    pub partition: i32,
+    /// Kafka offset / RocketMQ queue offset.
+    pub offset: i64,
+    /// The RocketMQ broker holding the queue; `None` for Kafka.
+    pub broker: Option<Arc<str>>,
+}
+
+impl Position {
+    /// The position of a copy as its source described it.
+    pub fn of(origin: &crate::message::Origin) -> Position {
+        Position {
+            topic: origin.topic.clone(),
+            partition: origin.partition,
+            offset: origin.offset,
+            broker: origin.broker.clone(),
+        }
+    }
+}
+
+/// A copy read again from its broker: what the pipeline needs to deliver it.
+#[derive(Debug)]
+pub struct Refetched {
+    /// The ids as read from the copy's headers / body (the caller checks the message id).
+    pub identity: Result<crate::message::Identity, crate::message::BadInput>,
+    /// The body.
+    pub payload: Vec<u8>,
+    /// The broker's timestamp of the copy, ms since the epoch (0 when unknown).
+    pub born_ms: i64,
+}
+
+/// Reads single copies again by position (adoption): the copy of an id whose owner never
+/// observed it was acknowledged long ago, and only its position was kept.
+#[async_trait::async_trait]
+pub trait Refetch: Send + Sync {
+    /// The copy at `at`; `Ok(None)` when the broker no longer has it (retention, compaction).
+    /// An unreachable broker is an error: the caller tries again later.
+    async fn refetch(&self, at: &Position) -> Result<Option<Refetched>, SourceError>;
 }
 
 /// Tracks, per topic-partition (queue), which delivered offsets are not finished yet, and so

@@ -77,6 +77,16 @@ pub struct RocketMqSource {
 }
 
 impl Source for RocketMqSource {
+    fn refetcher(&self) -> Result<Arc<dyn super::Refetch>, SourceError> {
+        // The remoting client of `crate::rmq` has no single-message pull; the source moves to
+        // rocketmq-client-rust, whose pull consumer reads by offset.
+        Err(SourceError::Start {
+            side: self.side.clone(),
+            reason: "reading a copy again by offset is not supported by this RocketMQ client"
+                .into(),
+        })
+    }
+
     fn run(self: Box<Self>, cx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
             let result = self.consume(cx).await;
@@ -433,6 +443,7 @@ impl Consuming {
                 side: self.side.clone(),
                 topic: self.topic.clone(),
                 partition: m.queue_id,
+                broker: None,
                 offset: m.queue_offset,
                 born_ms: m.born_timestamp,
             },

@@ -116,6 +116,7 @@ async fn park(a: &Api, id: Option<&str>, reason: &str) -> String {
         side: "kafka".into(),
         topic: "reward".into(),
         partition: 1,
+        broker: None,
         offset: 42,
         born_ms: 0,
     };

@@ -68,6 +68,7 @@ async fn the_status_document_carries_the_counts_switches_readiness_and_dead_lett
         side: "kafka".into(),
         topic: "reward".into(),
         partition: 0,
+        broker: None,
         offset: 9,
         born_ms: 0,
     };

@@ -159,6 +159,7 @@ pub(super) fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) 
             side: side.clone(),
             topic: topic.clone(),
             partition: 0,
+            broker: None,
             offset: n,
             born_ms: 0,
         },

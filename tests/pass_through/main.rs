@@ -50,6 +50,7 @@ fn copy(side: &Side, n: i64, id: Option<&str>, acks: &mpsc::UnboundedSender<Fini
             side: side.clone(),
             topic: topic.clone(),
             partition: 0,
+            broker: None,
             offset: n,
             born_ms: 0,
         },
