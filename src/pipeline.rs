@@ -7,6 +7,8 @@
 //! A copy answered BUSY waits beside the stream, not in it. While Redis is unreachable the
 //! sources are paused and the batch in hand waits; nothing proceeds without a claim.
 
+pub mod adopt;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::arbiter::routing::{route, Route};
 use crate::arbiter::switches::{SwitchFeed, Switches};
+use crate::arbiter::waiting::{self, WaitEntry, Waiting};
 use crate::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
     Sighting, State,
@@ -27,6 +30,7 @@ use crate::message::{Identity, Message, Side};
 use crate::sink::breaker::CircuitBreaker;
 use crate::sink::retry::Backoff;
 use crate::sink::{Sink, SinkRequest, Turn};
+use crate::source::Position;
 use crate::store::StoreError;
 use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
 
@@ -107,6 +111,9 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Shortest wait before re-claiming a BUSY copy.
     pub busy_retry: Duration,
+    /// `arbiter.retention`: a copy older than this (by its broker timestamp) cannot be
+    /// arbitrated any more — its record may be gone — and is parked instead of claimed.
+    pub retention: Duration,
     /// Measurement only (`[pipeline.pass_through]`): the side that forwards every copy with no
     /// claim; `None` in normal operation.
     pub pass_through: Option<Side>,
@@ -191,6 +198,7 @@ impl Shared {
                 claims_in_flight: cfg.pipeline.claims_in_flight,
                 max_in_flight: cfg.pipeline.max_in_flight,
                 busy_retry: cfg.pipeline.busy_retry,
+                retention: cfg.arbiter.retention,
                 pass_through: cfg
                     .pipeline
                     .pass_through
@@ -242,7 +250,7 @@ pub async fn replay(
     let attempt = match claim {
         Claim::Proceed { attempt, .. } => attempt,
         Claim::Done => return Ok(Replayed::Done),
-        Claim::Dead { reason } => return Ok(Replayed::DeadAgain(reason)),
+        Claim::Dead { reason, .. } => return Ok(Replayed::DeadAgain(reason)),
         other => return Ok(Replayed::Elsewhere(format!("{other:?}"))),
     };
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
@@ -390,6 +398,10 @@ async fn claim(
             metrics.dead_letters.inc_by(n);
         }
     }
+    let (good, old) = split_too_old(good, shared.settings.retention);
+    if !old.is_empty() {
+        park_too_old(&shared, &metrics, old, &cancel).await;
+    }
     if good.is_empty() {
         return None;
     }
@@ -450,6 +462,11 @@ async fn dispatch(
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
     let mut refused: Vec<(Message, String)> = Vec::new();
+    // Copies of ids whose owner has not observed them yet: acknowledged once their positions are
+    // in the adoption index.
+    let mut kept: Vec<Message> = Vec::new();
+    // Copies of dead ids whose letter is not written yet: acknowledged once it is.
+    let mut unlettered: Vec<(Message, String)> = Vec::new();
     for ((msg, token), claim) in copies.into_iter().zip(tokens).zip(claims) {
         match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
@@ -483,17 +500,32 @@ async fn dispatch(
                     drop(permit);
                 });
             }
-            Ok(Claim::NotMine { .. }) => {
+            Ok(Claim::NotMine {
+                owner_seen: true, ..
+            }) => {
                 metrics.decided(Fate::NotMine, msg.received);
                 msg.ack.done()
+            }
+            Ok(Claim::NotMine {
+                owner_seen: false, ..
+            }) => {
+                metrics.decided(Fate::NotMine, msg.received);
+                kept.push(msg);
             }
             Ok(Claim::Done) => {
                 metrics.decided(Fate::Duplicate, msg.received);
                 msg.ack.done()
             }
-            Ok(Claim::Dead { .. }) => {
+            Ok(Claim::Dead { letter: true, .. }) => {
                 metrics.decided(Fate::Dead, msg.received);
                 msg.ack.done()
+            }
+            Ok(Claim::Dead {
+                reason,
+                letter: false,
+            }) => {
+                metrics.decided(Fate::Dead, msg.received);
+                unlettered.push((msg, reason));
             }
             Ok(Claim::Busy { retry_in }) => {
                 metrics.message(Fate::Busy, 1);
@@ -510,6 +542,131 @@ async fn dispatch(
     }
     if !refused.is_empty() {
         park_refused(shared, metrics, refused, cancel).await;
+    }
+    if !kept.is_empty() {
+        keep_for_adoption(shared, side, metrics, kept, cancel).await;
+    }
+    for (msg, reason) in unlettered {
+        letter_then_ack(shared, metrics, msg, &reason, 0, cancel).await;
+    }
+}
+
+/// Puts the positions of copies whose owner has not observed their ids yet into this side's
+/// adoption index, then acknowledges them: should the owner's copy never come, this side reads
+/// the copy again and adopts the id (`adopt`). Waits for Redis; if cancelled first, the copies
+/// are handed back unacknowledged (claimed again after a restart, with the same answer).
+async fn keep_for_adoption(
+    shared: &Shared,
+    side: &Side,
+    metrics: &SideMetrics,
+    kept: Vec<Message>,
+    cancel: &CancellationToken,
+) {
+    let entries: Vec<WaitEntry> = kept
+        .iter()
+        .map(|m| WaitEntry {
+            id: id_of(m).to_owned(),
+            position: Position::of(&m.origin),
+        })
+        .collect();
+    let index = Waiting::new(&shared.arbiter, side);
+    let due = waiting::now_ms() + waiting::FIRST_CHECK.as_millis() as u64;
+    if until_redis_answers(shared, cancel, || index.add(&entries, due))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    metrics.adoption_kept.inc_by(kept.len() as u64);
+    for m in kept {
+        m.ack.done();
+    }
+}
+
+/// Makes sure the dead letter of a dead id exists (writes one with this copy, then notes it in
+/// the record), then acknowledges the copy: every DEAD answer has its letter (DESIGN.md
+/// invariant 6). A letter lost between the two steps is written again by the next copy, so an
+/// id may have two letters, never none. If cancelled while Redis is away, the copy is handed back.
+async fn letter_then_ack(
+    shared: &Shared,
+    metrics: &SideMetrics,
+    msg: Message,
+    reason: &str,
+    attempts: u32,
+    cancel: &CancellationToken,
+) {
+    let ident = msg.identity.as_ref().ok();
+    let letter = [Parking {
+        message_id: ident.map(|i| i.id.as_str()),
+        business_id: ident.map(|i| i.business_id.as_str()),
+        reason,
+        origin: &msg.origin,
+        attempts,
+        payload: &msg.payload,
+    }];
+    if until_redis_answers(shared, cancel, || shared.dead.park(&letter))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let id = id_of(&msg);
+    if until_redis_answers(shared, cancel, || shared.arbiter.letter_written(id))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    metrics.dead_letters.inc();
+    tracing::warn!(%id, side = %msg.origin.side, %reason, "parked in dead letters");
+    msg.ack.done();
+}
+
+/// Splits off the copies older than the retention by their broker timestamp (0: unknown, kept).
+fn split_too_old(good: Vec<Message>, retention: Duration) -> (Vec<Message>, Vec<Message>) {
+    let now = waiting::now_ms() as i64;
+    let limit = retention.as_millis() as i64;
+    good.into_iter()
+        .partition(|m| m.origin.born_ms <= 0 || now - m.origin.born_ms <= limit)
+}
+
+/// Parks copies older than the retention without claiming them: their ids' records may be gone,
+/// so a claim could take such a copy for a new message and grant it again (a rollback to a side
+/// whose consumer group re-reads weeks of messages). One log line per batch, not per copy.
+async fn park_too_old(
+    shared: &Shared,
+    metrics: &SideMetrics,
+    old: Vec<Message>,
+    cancel: &CancellationToken,
+) {
+    let retention = humantime::format_duration(shared.settings.retention).to_string();
+    let now = waiting::now_ms() as i64;
+    let reasons: Vec<String> = old
+        .iter()
+        .map(|m| {
+            let age = Duration::from_millis((now - m.origin.born_ms).max(0) as u64);
+            format!(
+                "too old to arbitrate: stamped {} ago by its broker, longer than arbiter.retention ({retention})",
+                humantime::format_duration(Duration::from_secs(age.as_secs()))
+            )
+        })
+        .collect();
+    let copies: Vec<(&Message, &str)> = old
+        .iter()
+        .zip(&reasons)
+        .map(|(m, r)| (m, r.as_str()))
+        .collect();
+    if !park_copies(shared, &copies, cancel).await {
+        return;
+    }
+    let n = old.len() as u64;
+    metrics.too_old.inc_by(n);
+    metrics.dead_letters.inc_by(n);
+    metrics.message(Fate::Dead, n);
+    tracing::warn!(side = %old[0].origin.side, copies = n, oldest = %reasons[0],
+        "copies older than arbiter.retention parked in dead letters without a claim");
+    for m in old {
+        m.ack.done();
     }
 }
 
@@ -805,23 +962,7 @@ async fn deliver(
                     Ok(Some(r)) => r.reason.unwrap_or_default(),
                     _ => format!("{outcome:?}"),
                 };
-                let parked = {
-                    let letter = [Parking {
-                        message_id: Some(&ident.id),
-                        business_id: Some(&ident.business_id),
-                        reason: &reason,
-                        origin: &msg.origin,
-                        attempts: attempt,
-                        payload: &msg.payload,
-                    }];
-                    until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
-                };
-                if parked.is_some() {
-                    metrics.dead_letters.inc();
-                    tracing::warn!(id = %ident.id, side = %side, %reason, "parked in dead letters");
-                    msg.ack.done();
-                }
-                return;
+                return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await;
             }
             Completion::Recorded(State::Pending)
             | Completion::Repeated(State::Pending)
@@ -855,6 +996,10 @@ async fn deliver(
                 let _ = retry_tx.send(msg);
                 return;
             }
+            Some(Claim::Dead {
+                reason,
+                letter: false,
+            }) => return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await,
             Some(_) => return msg.ack.done(),
         }
     }
