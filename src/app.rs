@@ -288,10 +288,27 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let calls = TaskTracker::new();
     let mut sources = tokio::task::JoinSet::new();
     let mut pipelines = Vec::new();
+    let mut sweepers = Vec::new();
     for (side, membership) in cfg.sides.iter().zip(memberships.iter()) {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
         let source = crate::source::build(side)?;
+        // Pass-through claims nothing, so nothing waits for adoption.
+        match source
+            .refetcher()
+            .map(|r| (r, cfg.pipeline.pass_through.is_none()))
+        {
+            Ok((_, false)) => {}
+            Ok((refetch, true)) => sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
+                shared.clone(),
+                name.clone(),
+                refetch,
+                root.child_token(),
+                calls.clone(),
+            ))),
+            Err(e) => tracing::error!(side = %name, error = %e,
+                "adoption is off for this side: ids whose owner never observes them stay pending"),
+        }
         sources.spawn(source.run(SourceContext {
             side: name.clone(),
             out: tx,
@@ -327,7 +344,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             root.cancel();
         }
     }
-    for p in pipelines {
+    for p in pipelines.into_iter().chain(sweepers) {
         let _ = p.await;
     }
     calls.close();

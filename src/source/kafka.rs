@@ -580,8 +580,11 @@ impl super::Refetch for KafkaRefetch {
                     Some(Ok(_)) => continue,
                     // The end of the log came before the offset: it was never written here.
                     Some(Err(KafkaError::PartitionEOF(_))) => break Ok(None),
+                    // Outside the log (deleted by retention, or past its end): with
+                    // `auto.offset.reset = error` librdkafka says so instead of jumping.
                     Some(Err(KafkaError::MessageConsumption(
-                        rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
+                        rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange
+                        | rdkafka::types::RDKafkaErrorCode::AutoOffsetReset,
                     ))) => break Ok(None),
                     Some(Err(e)) => {
                         break Err(failed(format!(

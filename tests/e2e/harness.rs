@@ -31,6 +31,9 @@ pub struct Setup {
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
     pub circuit_open_for: &'static str,
+    /// `arbiter.adopt_after`: long by default, so that a side that is merely slow (a rebalance
+    /// on a busy machine) keeps its ids; the adoption tests make it short.
+    pub adopt_after: &'static str,
 }
 
 impl Default for Setup {
@@ -45,6 +48,7 @@ impl Default for Setup {
             drain_timeout: "5s",
             circuit_threshold: 100_000,
             circuit_open_for: "10s",
+            adopt_after: "2m",
         }
     }
 }
@@ -132,6 +136,7 @@ lease = "{lease}"
 retention = "30m"
 ambiguous = "{policy}"
 max_attempts = 30
+adopt_after = "{adopt_after}"
 
 [switches]
 refresh_interval = "200ms"
@@ -198,6 +203,7 @@ level = "info"
             drain = setup.drain_timeout,
             threshold = setup.circuit_threshold,
             open_for = setup.circuit_open_for,
+            adopt_after = setup.adopt_after,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())

@@ -4,6 +4,7 @@
 //!
 //! Every test owns its topics, consumer groups, key prefix and reward service.
 
+mod adopt;
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;

@@ -1028,3 +1028,49 @@ async fn a_rebalance_moves_the_lag_series_with_the_partitions_and_a_member_witho
         m.stop().await;
     }
 }
+
+/// Adoption reads a copy again by its position: the record at that offset, with its identity,
+/// whatever the consumer group did with it; `None` for an offset the log never had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_read_again_by_its_position_and_a_missing_one_is_none() {
+    let (topic, group, _cleanup) = topic("kafka-refetch", 2).await;
+    let producer = Producer::new();
+    let mut at = Vec::new();
+    for i in 0..5 {
+        at.push(producer.good(&topic, 1, &format!("r-{i}")).await);
+    }
+    let source = kafka::build(&side(&topic, &group)).expect("build");
+    let refetch = source
+        .refetcher()
+        .expect("a Kafka source reads by position");
+    let position = |offset| mq_cutover::source::Position {
+        topic: topic.as_str().into(),
+        partition: 1,
+        offset,
+        broker: None,
+    };
+    // Out of order, the same one twice: each read stands alone.
+    for i in [3usize, 0, 3, 4] {
+        let copy = refetch
+            .refetch(&position(at[i]))
+            .await
+            .expect("broker answers")
+            .expect("the record is there");
+        let ident = copy.identity.expect("identity");
+        assert_eq!(ident.id, format!("r-{i}"));
+        assert_eq!(ident.business_id, format!("u-r-{i}"));
+        assert_eq!(
+            copy.payload,
+            format!(r#"{{"user_id":"u-r-{i}"}}"#).into_bytes()
+        );
+        assert!(copy.born_ms > 0);
+    }
+    // Past the end of the log: never written.
+    let past = refetch
+        .refetch(&position(at[4] + 10))
+        .await
+        .expect("answers");
+    assert!(past.is_none(), "{past:?}");
+    // Reading again commits nothing for the group.
+    assert_eq!(committed(&topic, &group, 2).await, vec![-1, -1]);
+}
