@@ -408,6 +408,14 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
     match dc {
         DeadCommand::List { count } => {
             println!("{} dead letter(s)", letters.count().await?);
+            let trimmed = letters.trimmed().await?;
+            if trimmed > 0 {
+                println!(
+                    "{trimmed} older letter(s) were trimmed to keep the stream at about {} (dead_letters.max_len): \
+                     their ids stay dead, `mq-cutover inspect ID` shows each",
+                    letters.cap()
+                );
+            }
             for l in letters.list(count).await? {
                 println!(
                     "{}  {:<10} {}/{}@{}  id={}  attempts={}  {}",

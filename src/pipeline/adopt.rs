@@ -418,7 +418,7 @@ impl Sweeper {
         };
         if !matches!(
             done,
-            Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead)
+            Ok(Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead))
         ) {
             // Someone else decided meanwhile; the next sweep reads what.
             return;

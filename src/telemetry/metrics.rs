@@ -24,6 +24,9 @@ pub const IN_FLIGHT: &str = "mqc_in_flight";
 pub const CLAIMS_IN_FLIGHT: &str = "mqc_claims_in_flight";
 /// Copies parked in dead letters, by side.
 pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
+/// Dead letters the stream's cap (`dead_letters.max_len`) removed to make room for newer ones;
+/// their ids stay dead in the arbiter.
+pub const DEAD_LETTERS_TRIMMED_TOTAL: &str = "mqc_dead_letters_trimmed_total";
 /// Ambiguous outcomes (timeouts after sending, expired leases taken over), by side.
 pub const AMBIGUOUS_TOTAL: &str = "mqc_ambiguous_total";
 /// Successes recorded after their lease was lost, by side.
@@ -79,6 +82,7 @@ pub const NAMES: &[&str] = &[
     IN_FLIGHT,
     CLAIMS_IN_FLIGHT,
     DEAD_LETTERS_TOTAL,
+    DEAD_LETTERS_TRIMMED_TOTAL,
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
     LAPSED_TOTAL,
@@ -235,6 +239,8 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// Pauses of the sources.
     pub pauses: IntCounter,
+    /// Dead letters removed by the stream's cap.
+    pub dead_trimmed: IntCounter,
     /// Lag by side and partition / queue.
     pub consumer_lag: IntGaugeVec,
     /// Assigned partitions / queues by side.
@@ -461,6 +467,14 @@ impl Default for Metrics {
             pauses: reg(
                 &r,
                 IntCounter::new(PAUSES_TOTAL, "Times the sources were paused.").expect("valid"),
+            ),
+            dead_trimmed: reg(
+                &r,
+                IntCounter::new(
+                    DEAD_LETTERS_TRIMMED_TOTAL,
+                    "Dead letters the stream's cap removed (their ids stay dead).",
+                )
+                .expect("valid"),
             ),
             consumer_lag: reg(
                 &r,
