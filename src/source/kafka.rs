@@ -56,6 +56,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// While paused for backpressure, how often to look whether the pipeline has room again.
 const ROOM_RECHECK: Duration = Duration::from_millis(20);
 
+/// How often, while fetching is wanted, the whole assignment is resumed again (see
+/// `Fetch::reconcile`).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long each request of a lag measurement may wait for a broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -260,6 +264,7 @@ impl KafkaSource {
         let resume_at = (out.max_capacity() / 2).max(1);
         let mut tick = tokio::time::interval(COMMIT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconciled = Instant::now();
 
         let outcome = loop {
             purge_revoked(&mut pending, consumer.context());
@@ -279,7 +284,13 @@ impl KafkaSource {
                     // The daemon dropped the switch: keep the last value.
                     Err(_) => watching = false,
                 },
-                _ = tick.tick() => consumer.context().store_finished(&*consumer, self.auto_commit),
+                _ = tick.tick() => {
+                    consumer.context().store_finished(&*consumer, self.auto_commit);
+                    if reconciled.elapsed() >= RECONCILE_INTERVAL {
+                        reconciled = Instant::now();
+                        fetch.reconcile(&consumer, &side);
+                    }
+                }
                 permit = out.reserve(), if !pending.is_empty() && !halted => match permit {
                     Ok(permit) => {
                         // A revocation may have run since the top of the loop (inside `recv`).
@@ -400,7 +411,7 @@ struct Fetch {
 impl Fetch {
     /// Pauses or resumes every assigned partition.
     fn set(&mut self, consumer: &KafkaConsumer, side: &Side, pause: bool) {
-        // Partitions assigned later are paused by the rebalance callback while this is set.
+        // Partitions assigned later are paused or resumed to match by the rebalance callback.
         consumer.context().paused.store(pause, Ordering::Release);
         self.paused = pause;
         let assigned = match consumer.assignment() {
@@ -422,6 +433,25 @@ impl Fetch {
         }
         // A daemon-wide pause is logged where the switch flips; this is routine backpressure.
         debug!(side = %side, pause, partitions = assigned.count(), "Kafka fetching {}", if pause { "paused" } else { "resumed" });
+    }
+
+    /// While fetching is wanted, resumes the whole assignment again: a safety net behind the
+    /// rebalance callback for a partition left paused by any order of events not foreseen
+    /// (confluentinc/librdkafka#1849). Resuming a partition that is not paused changes nothing
+    /// (librdkafka 2.6 and later, #4686).
+    fn reconcile(&self, consumer: &KafkaConsumer, side: &Side) {
+        if self.paused {
+            return;
+        }
+        match consumer.assignment() {
+            Ok(assigned) if assigned.count() > 0 => {
+                if let Err(e) = consumer.resume(&assigned) {
+                    debug!(side = %side, error = %e, "cannot resume the Kafka assignment");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => debug!(side = %side, error = %e, "cannot read the Kafka assignment"),
+        }
     }
 }
 
@@ -619,7 +649,8 @@ struct KafkaContext {
     membership: Membership,
     /// `queue` labels revoked since the last assignment, for the one log line per rebalance.
     revoked_labels: Mutex<Vec<String>>,
-    /// Set while the loop wants fetching paused: newly assigned partitions get paused too.
+    /// Whether the loop wants fetching paused: newly assigned partitions are paused or resumed
+    /// to match.
     paused: AtomicBool,
     /// Set by a revocation: the loop drops held copies of revoked partitions.
     revoked: AtomicBool,
@@ -939,10 +970,21 @@ impl ConsumerContext for KafkaContext {
                     .unwrap_or_else(PoisonError::into_inner),
             );
             info!(side = %self.side, assigned = ?gained, revoked = ?lost, held, "Kafka rebalance");
-            if self.paused.load(Ordering::Acquire) && tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    warn!(side = %self.side, error = %e, "cannot pause newly assigned Kafka partitions");
-                }
+            if tpl.count() == 0 {
+                return;
+            }
+            // librdkafka keeps a partition's pause flag across revoke and assign
+            // (confluentinc/librdkafka#1849): a partition paused before an eager revocation comes
+            // back paused, even if the loop resumed "the assignment" while it was empty. So the
+            // wanted state is set on every assigned partition, both ways, eager or incremental.
+            let pause = self.paused.load(Ordering::Acquire);
+            let done = if pause {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(e) = done {
+                warn!(side = %self.side, error = %e, pause, "cannot pause or resume newly assigned Kafka partitions");
             }
         }
     }
