@@ -37,7 +37,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Membership, OffsetTracker, Source, SourceContext, SourceError};
+use super::{Membership, OffsetTracker, Reading, Source, SourceContext, SourceError};
 use crate::config::{IdSource, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
 
@@ -836,11 +836,7 @@ async fn follow_lag(
         }
         let c = consumer.clone();
         match tokio::task::spawn_blocking(move || measure_lag(&*c, reset_to_start)).await {
-            Ok(Ok(lags)) => {
-                for (queue, messages) in lags {
-                    membership.record_lag(&queue, messages);
-                }
-            }
+            Ok(Ok(readings)) => membership.measured(&readings),
             Ok(Err(e)) => {
                 debug!(side = %membership.side(), error = %e, "cannot measure the Kafka lag now")
             }
@@ -849,18 +845,24 @@ async fn follow_lag(
     }
 }
 
-/// The lag of each assigned partition: messages between the group's committed offset and the
-/// end of the log. Two kinds of request, batched: one OffsetFetch to the group coordinator for
-/// the committed offsets, one ListOffsets per partition leader for the ends. A partition with no
-/// committed offset yet is measured from where `auto.offset.reset` starts it. Blocks.
+/// The reading of each assigned partition: its lag (messages between the group's committed
+/// offset and the end of the log), and for the stall detector the consumer's position (one past
+/// the last record it returned to the consume loop, which hands records over in order; past
+/// transaction markers too) and what waits past it. Two kinds of request, batched: one
+/// OffsetFetch to the group coordinator for the committed offsets, one ListOffsets per partition
+/// leader for the ends; the positions are local. A partition with no committed offset yet is
+/// measured from where `auto.offset.reset` starts it. Blocks.
 fn measure_lag<C: Consumer<KafkaContext>>(
     consumer: &C,
     reset_to_start: bool,
-) -> KafkaResult<Vec<(String, i64)>> {
+) -> KafkaResult<Vec<(String, Reading)>> {
     let assigned = consumer.assignment()?;
     if assigned.count() == 0 {
         return Ok(Vec::new());
     }
+    // librdkafka forgets a partition's position when it is revoked: `Invalid` until the first
+    // record after it is assigned again.
+    let positions = consumer.position()?;
     let committed = consumer.committed_offsets(assigned.clone(), LAG_TIMEOUT)?;
     // ListOffsets with the "timestamp" -1 (`Offset::End`) answers the end of the log the way
     // this consumer reads it: the high watermark, or the last stable offset under
@@ -902,7 +904,16 @@ fn measure_lag<C: Consumer<KafkaContext>>(
             },
             None => end_at,
         };
-        lags.push((queue_label(topic, partition), end_at - from));
+        let position = offset_in(Some(&positions), topic, partition);
+        let read_to = position.map_or(from, |p| p.max(from));
+        lags.push((
+            queue_label(topic, partition),
+            Reading {
+                lag: end_at - from,
+                waiting: (end_at - read_to).max(0),
+                position,
+            },
+        ));
     }
     Ok(lags)
 }

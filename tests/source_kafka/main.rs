@@ -4,7 +4,7 @@
 //! what the broker ends up with: the committed offset never passes an unfinished copy, and a
 //! restart or a rebalance delivers again exactly what was not finished. The source's
 //! membership: lag per partition, partitions held, rebalances, joining with or without
-//! partitions.
+//! partitions; the stall detector fed by the source's readings.
 //!
 //! An unreachable broker fails the tests with a hint; they never skip.
 
@@ -189,6 +189,9 @@ struct Running {
 /// How often the tests' sources measure lag (the daemon: every 5 s).
 const TEST_LAG_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long the tests' sources may read nothing while messages wait (the daemon: 60 s).
+const TEST_STALL_AFTER: Duration = Duration::from_secs(2);
+
 fn start(side: &SideConfig, capacity: usize) -> Running {
     let source = match kafka::build(side) {
         Ok(s) => s,
@@ -198,7 +201,8 @@ fn start(side: &SideConfig, capacity: usize) -> Running {
     let (paused, paused_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
-    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL);
+    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL)
+        .watch_stalls(TEST_STALL_AFTER, paused_rx.clone());
     let cx = SourceContext {
         side: side.name.as_str().into(),
         out,
@@ -1208,4 +1212,55 @@ fn note(by: &mut BTreeMap<char, usize>, seen: &mut BTreeSet<String>, who: char, 
     *by.entry(who).or_default() += 1;
     seen.insert(id(&m));
     m.ack.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_that_reads_nothing_while_messages_wait_is_stalled_until_it_reads_again() {
+    let (t, g, _cleanup) = topic("kafka_stall", 2).await;
+    let p = Producer::new();
+    let mut want = BTreeSet::new();
+    for part in 0..2 {
+        for i in 0..50 {
+            let id = format!("s-{part}-{i}");
+            p.good(&t, part, &id).await;
+            want.insert(id);
+        }
+    }
+    // The pipeline takes two copies and then nothing: the source holds back, messages wait.
+    let mut src = start(&side(&t, &g), 2);
+    joined(&src).await;
+    let all = vec![format!("{t}/0"), format!("{t}/1")];
+    let flagged = common::eventually(TAKE, || async { src.membership.stalled() == all }).await;
+    assert!(
+        flagged.is_some(),
+        "never stalled: {:?}",
+        src.membership.stalled()
+    );
+    let stalls = src.metrics.stalls.with_label_values(&["kafka"]);
+    let gauge = src.metrics.stalled.with_label_values(&["kafka"]);
+    assert_eq!((gauge.get(), stalls.get()), (2, 2));
+    eprintln!("both partitions stalled {flagged:?} after joining");
+
+    // Paused on purpose: not a stall (that pause has its own readiness reason).
+    src.paused.send(true).unwrap();
+    assert!(src.membership.stalled().is_empty());
+    tokio::time::sleep(TEST_STALL_AFTER * 2).await;
+    assert!(src.membership.stalled().is_empty());
+    assert_eq!(gauge.get(), 0);
+    src.paused.send(false).unwrap();
+    let again = common::eventually(TAKE, || async { src.membership.stalled() == all }).await;
+    assert!(again.is_some(), "still holding back after the resume: stalled again");
+
+    // The pipeline takes everything: the stall ends.
+    let mut seen = BTreeSet::new();
+    while !want.is_subset(&seen) {
+        for m in src.take(1, TAKE).await {
+            seen.insert(id(&m));
+            m.ack.done();
+        }
+    }
+    let over = common::eventually(TAKE, || async { src.membership.stalled().is_empty() }).await;
+    assert!(over.is_some(), "{:?}", src.membership.stalled());
+    assert_eq!((gauge.get(), stalls.get()), (0, 4));
+    src.stop().await;
 }
