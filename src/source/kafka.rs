@@ -12,9 +12,10 @@
 //! its group membership and takes part in rebalances while the pipeline is busy or halted.
 //!
 //! The rebalance callbacks keep the source's [`Membership`] (joined, partitions held,
-//! rebalances); a task beside the consume loop measures each held partition's lag every
-//! [`Membership::lag_interval`] on the blocking pool: the group's committed offset against the
-//! end of the log (docs/kafka.md, "Lag").
+//! rebalances) and give newly assigned partitions the loop's wanted pause state; a task beside
+//! the consume loop measures each held partition every [`Membership::lag_interval`] on the
+//! blocking pool: its lag (the group's committed offset against the end of the log) and, for the
+//! stall detector, the consumer's position (docs/kafka.md, "Lag").
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -1249,7 +1249,10 @@ async fn a_side_that_reads_nothing_while_messages_wait_is_stalled_until_it_reads
     assert_eq!(gauge.get(), 0);
     src.paused.send(false).unwrap();
     let again = common::eventually(TAKE, || async { src.membership.stalled() == all }).await;
-    assert!(again.is_some(), "still holding back after the resume: stalled again");
+    assert!(
+        again.is_some(),
+        "still holding back after the resume: stalled again"
+    );
 
     // The pipeline takes everything: the stall ends.
     let mut seen = BTreeSet::new();
