@@ -238,11 +238,15 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
-    // One per side, in config order: the sources report into them, /readyz reads them.
+    // One per side, in config order: the sources report into them, /readyz reads them (joined,
+    // stalled).
     let memberships: Arc<[Membership]> = cfg
         .sides
         .iter()
-        .map(|side| Membership::new(side.name.as_str().into(), &metrics, LAG_INTERVAL))
+        .map(|side| {
+            Membership::new(side.name.as_str().into(), &metrics, LAG_INTERVAL)
+                .watch_stalls(cfg.pipeline.stall_after, pause.subscribe())
+        })
         .collect();
     let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),

@@ -478,6 +478,11 @@ pub struct PipelineConfig {
     /// On SIGTERM: how long in-flight calls may take to finish before the daemon exits anyway.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long a side may hand nothing to the pipeline from a partition (queue) that has
+    /// messages waiting, while not paused on purpose, before it counts as stalled: `/readyz`
+    /// answers 503 naming it (docs/operations.md, `MqCutoverSourceStalled`).
+    #[serde(default = "default_stall_after", with = "humantime_serde")]
+    pub stall_after: Duration,
     /// For measurement only: one side forwards every copy with no claim, the other acks every
     /// copy unread. No arbitration, no deduplication. Absent: normal operation.
     #[serde(default)]
@@ -517,6 +522,9 @@ fn default_busy_retry() -> Duration {
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(15)
 }
+fn default_stall_after() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -527,6 +535,7 @@ impl Default for PipelineConfig {
             channel: default_channel(),
             busy_retry: default_busy_retry(),
             drain_timeout: default_drain_timeout(),
+            stall_after: default_stall_after(),
             pass_through: None,
         }
     }
@@ -808,6 +817,18 @@ impl Config {
         }
         positive("pipeline.busy_retry", p.busy_retry)?;
         positive("pipeline.drain_timeout", p.drain_timeout)?;
+        // Progress is seen once per lag measurement: anything shorter than two would flag a
+        // side between two readings.
+        let shortest = crate::source::LAG_INTERVAL * 2;
+        if p.stall_after < shortest {
+            return Err(ConfigError::new(
+                "pipeline.stall_after",
+                format!(
+                    "must be at least {} (two lag measurements), e.g. `60s`",
+                    humantime::format_duration(shortest)
+                ),
+            ));
+        }
         if let Some(pt) = &p.pass_through {
             if !self.sides.iter().any(|s| s.name == pt.side) {
                 return Err(ConfigError::new(
@@ -1204,6 +1225,22 @@ url = "http://127.0.0.1:8080/grant"
     fn zero_claim_batch_is_rejected() {
         let e = err_of(&format!("{GOOD}\n[pipeline]\nclaim_batch = 0\n"));
         assert_eq!(e.key, "pipeline.claim_batch");
+    }
+
+    #[test]
+    fn stall_after_defaults_to_a_minute_and_must_span_two_lag_measurements() {
+        let cfg = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
+        assert_eq!(cfg.pipeline.stall_after, Duration::from_secs(60));
+        for bad in ["0s", "9s"] {
+            let e = err_of(&format!("{GOOD}\n[pipeline]\nstall_after = \"{bad}\"\n"));
+            assert_eq!(e.key, "pipeline.stall_after");
+            assert!(e.problem.contains("10s"), "{}", e.problem);
+        }
+        let cfg = Config::from_toml_str(&format!("{GOOD}\n[pipeline]\nstall_after = \"10s\"\n"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(cfg.pipeline.stall_after, Duration::from_secs(10));
     }
 
     #[test]

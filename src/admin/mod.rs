@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready to take
-//! messages: every source has joined its consumer group, Redis answers, the switches are known,
-//! the sink's circuit is not open; each problem named in the JSON body), the operator API under
-//! `/api` ([`api`]), and the status page with the `/api/status` document it reads ([`page`]).
+//! messages: every source has joined its consumer group and none is stalled, Redis answers, the
+//! switches are known, the sink's circuit is not open; each problem named in the JSON body), the
+//! operator API under `/api` ([`api`]), and the status page with the `/api/status` document it
+//! reads ([`page`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,8 @@ pub struct AdminState {
     pub switches: SwitchFeed,
     /// The sink's circuit.
     pub breaker: Arc<CircuitBreaker>,
-    /// The group membership of each configured source: not ready until every one has joined.
+    /// The group membership of each configured source: not ready until every one has joined,
+    /// nor while one has stalled partitions.
     pub sources: Arc<[Membership]>,
 }
 
@@ -61,6 +63,17 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             "side {} has not joined its consumer group yet",
             source.side()
         ));
+    }
+    for source in s.sources.iter() {
+        let stalled = source.stalled();
+        if !stalled.is_empty() {
+            problems.push(format!(
+                "side {} stalled: messages wait and nothing was read for {} from {}",
+                source.side(),
+                humantime::format_duration(source.stall_after()),
+                stalled.join(", ")
+            ));
+        }
     }
     if !s.redis_up.load(Ordering::Relaxed) {
         problems.push("redis unreachable: no message can be claimed".into());
@@ -154,6 +167,39 @@ mod tests {
             "{body}"
         );
         rocketmq.rebalanced(&["broker-a/t/0".into()]);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_side_is_not_ready_naming_its_partitions_until_they_move() {
+        let (mut s, _tx) = state(true, true);
+        let (_pause, paused) = tokio::sync::watch::channel(false);
+        let kafka = Membership::new("kafka".into(), &s.metrics, Duration::from_secs(5))
+            .watch_stalls(Duration::from_secs(10), paused);
+        kafka.rebalanced(&["t/0".into(), "t/1".into()]);
+        s.sources = Arc::from([kafka.clone()]);
+        let reading = |queue: &str, position: Option<i64>| {
+            let r = crate::source::Reading {
+                lag: 8_195,
+                waiting: 8_195,
+                position,
+            };
+            (queue.to_string(), r)
+        };
+        kafka.measured(&[reading("t/0", None), reading("t/1", Some(1))]);
+        assert_eq!(get(router(s.clone()), "/readyz").await.0, StatusCode::OK);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        kafka.measured(&[reading("t/0", None), reading("t/1", Some(2))]);
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains(
+                "side kafka stalled: messages wait and nothing was read for 10s from t/0"
+            ) && !body.contains("t/1"),
+            "{body}"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        kafka.measured(&[reading("t/0", Some(40)), reading("t/1", Some(3))]);
         assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
     }
 

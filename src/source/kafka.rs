@@ -12,9 +12,10 @@
 //! its group membership and takes part in rebalances while the pipeline is busy or halted.
 //!
 //! The rebalance callbacks keep the source's [`Membership`] (joined, partitions held,
-//! rebalances); a task beside the consume loop measures each held partition's lag every
-//! [`Membership::lag_interval`] on the blocking pool: the group's committed offset against the
-//! end of the log (docs/kafka.md, "Lag").
+//! rebalances) and give newly assigned partitions the loop's wanted pause state; a task beside
+//! the consume loop measures each held partition every [`Membership::lag_interval`] on the
+//! blocking pool: its lag (the group's committed offset against the end of the log) and, for the
+//! stall detector, the consumer's position (docs/kafka.md, "Lag").
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -37,7 +38,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Membership, OffsetTracker, Source, SourceContext, SourceError};
+use super::{Membership, OffsetTracker, Reading, Source, SourceContext, SourceError};
 use crate::config::{IdSource, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
 
@@ -55,6 +56,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// While paused for backpressure, how often to look whether the pipeline has room again.
 const ROOM_RECHECK: Duration = Duration::from_millis(20);
+
+/// How often, while fetching is wanted, the whole assignment is resumed again (see
+/// `Fetch::reconcile`).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long each request of a lag measurement may wait for a broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
@@ -260,6 +265,7 @@ impl KafkaSource {
         let resume_at = (out.max_capacity() / 2).max(1);
         let mut tick = tokio::time::interval(COMMIT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconciled = Instant::now();
 
         let outcome = loop {
             purge_revoked(&mut pending, consumer.context());
@@ -279,7 +285,13 @@ impl KafkaSource {
                     // The daemon dropped the switch: keep the last value.
                     Err(_) => watching = false,
                 },
-                _ = tick.tick() => consumer.context().store_finished(&*consumer, self.auto_commit),
+                _ = tick.tick() => {
+                    consumer.context().store_finished(&*consumer, self.auto_commit);
+                    if reconciled.elapsed() >= RECONCILE_INTERVAL {
+                        reconciled = Instant::now();
+                        fetch.reconcile(&consumer, &side);
+                    }
+                }
                 permit = out.reserve(), if !pending.is_empty() && !halted => match permit {
                     Ok(permit) => {
                         // A revocation may have run since the top of the loop (inside `recv`).
@@ -400,7 +412,7 @@ struct Fetch {
 impl Fetch {
     /// Pauses or resumes every assigned partition.
     fn set(&mut self, consumer: &KafkaConsumer, side: &Side, pause: bool) {
-        // Partitions assigned later are paused by the rebalance callback while this is set.
+        // Partitions assigned later are paused or resumed to match by the rebalance callback.
         consumer.context().paused.store(pause, Ordering::Release);
         self.paused = pause;
         let assigned = match consumer.assignment() {
@@ -422,6 +434,25 @@ impl Fetch {
         }
         // A daemon-wide pause is logged where the switch flips; this is routine backpressure.
         debug!(side = %side, pause, partitions = assigned.count(), "Kafka fetching {}", if pause { "paused" } else { "resumed" });
+    }
+
+    /// While fetching is wanted, resumes the whole assignment again: a safety net behind the
+    /// rebalance callback for a partition left paused by any order of events not foreseen
+    /// (confluentinc/librdkafka#1849). Resuming a partition that is not paused changes nothing
+    /// (librdkafka 2.6 and later, #4686).
+    fn reconcile(&self, consumer: &KafkaConsumer, side: &Side) {
+        if self.paused {
+            return;
+        }
+        match consumer.assignment() {
+            Ok(assigned) if assigned.count() > 0 => {
+                if let Err(e) = consumer.resume(&assigned) {
+                    debug!(side = %side, error = %e, "cannot resume the Kafka assignment");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => debug!(side = %side, error = %e, "cannot read the Kafka assignment"),
+        }
     }
 }
 
@@ -622,7 +653,8 @@ struct KafkaContext {
     membership: Membership,
     /// `queue` labels revoked since the last assignment, for the one log line per rebalance.
     revoked_labels: Mutex<Vec<String>>,
-    /// Set while the loop wants fetching paused: newly assigned partitions get paused too.
+    /// Whether the loop wants fetching paused: newly assigned partitions are paused or resumed
+    /// to match.
     paused: AtomicBool,
     /// Set by a revocation: the loop drops held copies of revoked partitions.
     revoked: AtomicBool,
@@ -808,11 +840,7 @@ async fn follow_lag(
         }
         let c = consumer.clone();
         match tokio::task::spawn_blocking(move || measure_lag(&*c, reset_to_start)).await {
-            Ok(Ok(lags)) => {
-                for (queue, messages) in lags {
-                    membership.record_lag(&queue, messages);
-                }
-            }
+            Ok(Ok(readings)) => membership.measured(&readings),
             Ok(Err(e)) => {
                 debug!(side = %membership.side(), error = %e, "cannot measure the Kafka lag now")
             }
@@ -821,18 +849,24 @@ async fn follow_lag(
     }
 }
 
-/// The lag of each assigned partition: messages between the group's committed offset and the
-/// end of the log. Two kinds of request, batched: one OffsetFetch to the group coordinator for
-/// the committed offsets, one ListOffsets per partition leader for the ends. A partition with no
-/// committed offset yet is measured from where `auto.offset.reset` starts it. Blocks.
+/// The reading of each assigned partition: its lag (messages between the group's committed
+/// offset and the end of the log), and for the stall detector the consumer's position (one past
+/// the last record it returned to the consume loop, which hands records over in order; past
+/// transaction markers too) and what waits past it. Two kinds of request, batched: one
+/// OffsetFetch to the group coordinator for the committed offsets, one ListOffsets per partition
+/// leader for the ends; the positions are local. A partition with no committed offset yet is
+/// measured from where `auto.offset.reset` starts it. Blocks.
 fn measure_lag<C: Consumer<KafkaContext>>(
     consumer: &C,
     reset_to_start: bool,
-) -> KafkaResult<Vec<(String, i64)>> {
+) -> KafkaResult<Vec<(String, Reading)>> {
     let assigned = consumer.assignment()?;
     if assigned.count() == 0 {
         return Ok(Vec::new());
     }
+    // librdkafka forgets a partition's position when it is revoked: `Invalid` until the first
+    // record after it is assigned again.
+    let positions = consumer.position()?;
     let committed = consumer.committed_offsets(assigned.clone(), LAG_TIMEOUT)?;
     // ListOffsets with the "timestamp" -1 (`Offset::End`) answers the end of the log the way
     // this consumer reads it: the high watermark, or the last stable offset under
@@ -874,7 +908,16 @@ fn measure_lag<C: Consumer<KafkaContext>>(
             },
             None => end_at,
         };
-        lags.push((queue_label(topic, partition), end_at - from));
+        let position = offset_in(Some(&positions), topic, partition);
+        let read_to = position.map_or(from, |p| p.max(from));
+        lags.push((
+            queue_label(topic, partition),
+            Reading {
+                lag: end_at - from,
+                waiting: (end_at - read_to).max(0),
+                position,
+            },
+        ));
     }
     Ok(lags)
 }
@@ -942,10 +985,21 @@ impl ConsumerContext for KafkaContext {
                     .unwrap_or_else(PoisonError::into_inner),
             );
             info!(side = %self.side, assigned = ?gained, revoked = ?lost, held, "Kafka rebalance");
-            if self.paused.load(Ordering::Acquire) && tpl.count() > 0 {
-                if let Err(e) = consumer.pause(tpl) {
-                    warn!(side = %self.side, error = %e, "cannot pause newly assigned Kafka partitions");
-                }
+            if tpl.count() == 0 {
+                return;
+            }
+            // librdkafka keeps a partition's pause flag across revoke and assign
+            // (confluentinc/librdkafka#1849): a partition paused before an eager revocation comes
+            // back paused, even if the loop resumed "the assignment" while it was empty. So the
+            // wanted state is set on every assigned partition, both ways, eager or incremental.
+            let pause = self.paused.load(Ordering::Acquire);
+            let done = if pause {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(e) = done {
+                warn!(side = %self.side, error = %e, pause, "cannot pause or resume newly assigned Kafka partitions");
             }
         }
     }

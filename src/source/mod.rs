@@ -7,7 +7,9 @@
 //!
 //! Each source also reports its place in its consumer group through a [`Membership`]: whether
 //! it has joined (for `/readyz`), the partitions (queues) it holds and how often that changed,
-//! and each held one's lag, measured on a timer apart from the consume loop.
+//! and each held one's lag, measured on a timer apart from the consume loop. With the lag, a
+//! source reports how far it has read each partition for the pipeline ([`Reading`]): the
+//! [`stall`] detector behind the membership flags a partition the side stopped reading.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -24,6 +26,11 @@ use crate::telemetry::metrics::Metrics;
 pub mod kafka;
 
 pub mod rocketmq;
+
+pub mod stall;
+
+pub use stall::Reading;
+use stall::StallDetector;
 
 /// What a source needs from the daemon.
 pub struct SourceContext {
@@ -44,9 +51,18 @@ pub struct SourceContext {
 pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A source's place in its consumer group, as `/metrics` and `/readyz` see it: whether it has
-/// joined, the partitions (Kafka) or queues (RocketMQ) it holds, how often that changed, and the
-/// lag of each one held. Clones share one state; the lock inside is held for a few map
-/// operations, never across an `.await`.
+/// joined, the partitions (Kafka) or queues (RocketMQ) it holds, how often that changed, the
+/// lag of each one held, and which of them are stalled. Clones share one state; the lock inside
+/// is held for a few map operations, never across an `.await`.
+///
+/// What a source reports, and when:
+/// - [`Membership::rebalanced`] / [`Membership::revoked`] (or [`Membership::reassigned`] for a
+///   client that reports the whole assignment) whenever its assignment changes;
+/// - on its lag timer ([`Membership::lag_interval`]), [`Membership::measured`] with a
+///   [`Reading`] per held partition: the lag, where its reading for the pipeline stands, and
+///   what waits in the broker past it. Only partitions reported this way are watched for
+///   stalls; [`Membership::record_lag`] sets the lag alone, for a source that cannot say where
+///   its reading stands.
 #[derive(Clone)]
 pub struct Membership {
     inner: Arc<MembershipInner>,
@@ -59,10 +75,23 @@ struct MembershipInner {
     assigned: IntGauge,
     rebalances: IntCounter,
     lag: IntGaugeVec,
+    stalled: IntGauge,
+    stalls: IntCounter,
+    state: Mutex<State>,
+}
+
+struct State {
     /// Held queues by their `queue` label, with their lag gauge once measured: a series appears
     /// only with a measured value, never as a placeholder 0.
-    held: Mutex<BTreeMap<String, Option<IntGauge>>>,
+    held: BTreeMap<String, Option<IntGauge>>,
+    stall: StallDetector,
+    /// The daemon's pause switch (Redis down, circuit open): no stall while it is on.
+    paused: Option<watch::Receiver<bool>>,
 }
+
+/// How long a partition may wait without progress before it counts as stalled, unless the
+/// daemon says otherwise (`pipeline.stall_after`).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 
 impl Membership {
     /// The membership of `side`, reporting into `metrics`, measuring lag every `lag_interval`
@@ -74,12 +103,34 @@ impl Membership {
                 assigned: metrics.assigned.with_label_values(&[&*side]),
                 rebalances: metrics.rebalances.with_label_values(&[&*side]),
                 lag: metrics.consumer_lag.clone(),
+                stalled: metrics.stalled.with_label_values(&[&*side]),
+                stalls: metrics.stalls.with_label_values(&[&*side]),
                 side,
                 lag_interval,
                 joined,
-                held: Mutex::new(BTreeMap::new()),
+                state: Mutex::new(State {
+                    held: BTreeMap::new(),
+                    stall: StallDetector::new(DEFAULT_STALL_AFTER),
+                    paused: None,
+                }),
             }),
         }
+    }
+
+    /// Watches for stalls with `after` as the threshold (`pipeline.stall_after`), following the
+    /// daemon's pause switch: while it is on, nothing is stalled and every clock starts again.
+    pub fn watch_stalls(self, after: Duration, paused: watch::Receiver<bool>) -> Membership {
+        {
+            let mut state = self.lock();
+            state.stall.set_after(after);
+            state.paused = Some(paused);
+        }
+        self
+    }
+
+    /// How long a partition may wait without progress before it counts as stalled.
+    pub fn stall_after(&self) -> Duration {
+        self.lock().stall.after()
     }
 
     /// The side.
@@ -104,13 +155,23 @@ impl Membership {
 
     /// The `queue` labels of what the source holds now.
     pub fn held(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().held.keys().cloned().collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Option<IntGauge>>> {
-        // Every update is one call that leaves the map consistent, even if a holder panicked.
+    /// The `queue` labels of the held partitions (queues) stalled now; none while the daemon
+    /// pauses the sources on purpose.
+    pub fn stalled(&self) -> Vec<String> {
+        let state = self.lock();
+        if state.paused.as_ref().is_some_and(|p| *p.borrow()) {
+            return Vec::new();
+        }
+        state.stall.stalled().iter().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update is one call that leaves the state consistent, even if a holder panicked.
         self.inner
-            .held
+            .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -121,7 +182,7 @@ impl Membership {
     /// Returns how many queues are held now.
     pub fn rebalanced(&self, gained: &[String]) -> usize {
         let held = {
-            let mut held = self.lock();
+            let held = &mut self.lock().held;
             for queue in gained {
                 held.entry(queue.clone()).or_insert(None);
             }
@@ -136,19 +197,27 @@ impl Membership {
     /// `lost` queues were taken away: their lag series go at once, so that an instance never
     /// shows a lag for a queue it no longer reads. Returns how many queues are held now.
     pub fn revoked(&self, lost: &[String]) -> usize {
-        let held = {
-            let mut held = self.lock();
+        let (held, moved, stalled) = {
+            let mut state = self.lock();
+            let mut moved = Vec::new();
             for queue in lost {
-                if let Some(Some(_)) = held.remove(queue) {
+                if let Some(Some(_)) = state.held.remove(queue) {
                     let _ = self
                         .inner
                         .lag
                         .remove_label_values(&[&*self.inner.side, queue]);
                 }
+                if state.stall.forget(queue) {
+                    moved.push(queue.clone());
+                }
             }
-            held.len()
+            (state.held.len(), moved, state.stall.stalled().len())
         };
         self.inner.assigned.set(held as i64);
+        if !moved.is_empty() {
+            self.inner.stalled.set(stalled as i64);
+            tracing::info!(side = %self.inner.side, partitions = ?moved, stalled, "stalled partitions taken away by a rebalance");
+        }
         held
     }
 
@@ -157,7 +226,8 @@ impl Membership {
     /// joined already; a change (and the first assignment) counts as a rebalance.
     pub fn reassigned(&self, now: &BTreeSet<String>) -> Option<(Vec<String>, Vec<String>)> {
         let (gained, lost) = {
-            let held = self.lock();
+            let state = self.lock();
+            let held = &state.held;
             let gained: Vec<String> = now
                 .iter()
                 .filter(|q| !held.contains_key(*q))
@@ -177,8 +247,11 @@ impl Membership {
     /// Sets the lag of a held queue; ignored (returns false) if the queue is not held any more,
     /// so a measurement that raced with a revocation cannot bring a stale series back.
     pub fn record_lag(&self, queue: &str, messages: i64) -> bool {
-        let mut held = self.lock();
-        let Some(gauge) = held.get_mut(queue) else {
+        self.set_lag(&mut self.lock(), queue, messages)
+    }
+
+    fn set_lag(&self, state: &mut State, queue: &str, messages: i64) -> bool {
+        let Some(gauge) = state.held.get_mut(queue) else {
             return false;
         };
         gauge
@@ -189,6 +262,54 @@ impl Membership {
             })
             .set(messages.max(0));
         true
+    }
+
+    /// One lag measurement: sets the lag of each held partition (queue) read, as
+    /// [`Membership::record_lag`] does, and feeds the stall detector. Readings of partitions
+    /// not held any more are ignored. Logs one WARN line when partitions become stalled and one
+    /// INFO line when they stop being stalled; never one per measurement.
+    pub fn measured(&self, readings: &[(String, Reading)]) {
+        // Tokio's clock, so that tests can move it (`tokio::time::pause`); the wall clock
+        // outside a runtime.
+        let now = tokio::time::Instant::now().into_std();
+        let (change, stalled, after) = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            // A pause that came and went since the last measurement counts too.
+            let paused = state.paused.as_mut().is_some_and(|p| {
+                let flipped = p.has_changed().unwrap_or(false);
+                flipped | *p.borrow_and_update()
+            });
+            let mut read = Vec::with_capacity(readings.len());
+            for (queue, r) in readings {
+                if self.set_lag(state, queue, r.lag) {
+                    read.push((queue.as_str(), *r));
+                }
+            }
+            let change = state.stall.observe(now, paused, read);
+            (change, state.stall.stalled().len(), state.stall.after())
+        };
+        self.inner.stalled.set(stalled as i64);
+        if !change.began.is_empty() {
+            self.inner.stalls.inc_by(change.began.len() as u64);
+            tracing::warn!(
+                side = %self.inner.side,
+                partitions = ?change.began,
+                stalled,
+                "side stalled: messages wait in these partitions (queues) and nothing was read \
+                 from them for the pipeline for {}, the side not paused on purpose; /readyz \
+                 answers 503 (docs/operations.md, MqCutoverSourceStalled)",
+                humantime::format_duration(after)
+            );
+        }
+        if !change.ended.is_empty() {
+            tracing::info!(
+                side = %self.inner.side,
+                partitions = ?change.ended,
+                stalled,
+                "stall over: these partitions (queues) are read again, have nothing waiting, or the side is paused on purpose"
+            );
+        }
     }
 
     /// The source left its group (shutdown): every lag series goes and nothing is held.
@@ -449,6 +570,107 @@ mod tests {
         );
         assert_eq!(m.rebalances.with_label_values(&["kafka"]).get(), 3);
         assert_eq!(m.assigned.with_label_values(&["kafka"]).get(), 1);
+    }
+
+    fn stuck(queue: &str) -> (String, Reading) {
+        let r = Reading {
+            lag: 9,
+            waiting: 9,
+            position: None,
+        };
+        (queue.to_string(), r)
+    }
+
+    fn moving(queue: &str, position: i64) -> (String, Reading) {
+        let r = Reading {
+            lag: 9,
+            waiting: 9,
+            position: Some(position),
+        };
+        (queue.to_string(), r)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_without_progress_stalls_once_and_a_pause_or_a_revocation_clears_it() {
+        let m = Metrics::default();
+        let (pause, paused) = watch::channel(false);
+        let ms = Membership::new("kafka".into(), &m, LAG_INTERVAL)
+            .watch_stalls(Duration::from_secs(20), paused);
+        ms.rebalanced(&["t/0".into(), "t/1".into()]);
+        let (gauge, counter) = (
+            m.stalled.with_label_values(&["kafka"]),
+            m.stalls.with_label_values(&["kafka"]),
+        );
+        for i in 0..=4 {
+            if i > 0 {
+                tokio::time::advance(LAG_INTERVAL).await;
+            }
+            assert!(ms.stalled().is_empty(), "not before 20 s (reading {i})");
+            ms.measured(&[stuck("t/0"), moving("t/1", i), stuck("t/9")]);
+        }
+        assert_eq!(
+            ms.stalled(),
+            vec!["t/0".to_string()],
+            "t/1 moves, t/9 is not held"
+        );
+        assert_eq!((gauge.get(), counter.get()), (1, 1));
+        assert_eq!(lag_of(&m, "t/0"), Some(9), "the readings set the lag too");
+        assert_eq!(lag_of(&m, "t/9"), None);
+        tokio::time::advance(LAG_INTERVAL).await;
+        ms.measured(&[stuck("t/0"), moving("t/1", 9)]);
+        assert_eq!(counter.get(), 1, "one stall, not one per measurement");
+
+        // A pause on purpose hides it at once, ends it at the next measurement, and restarts
+        // the clock.
+        pause.send_replace(true);
+        assert!(ms.stalled().is_empty());
+        ms.measured(&[stuck("t/0")]);
+        assert_eq!(gauge.get(), 0);
+        pause.send_replace(false);
+        // The first measurement after the resume still sees the pause: the clock starts there.
+        for _ in 0..4 {
+            tokio::time::advance(LAG_INTERVAL).await;
+            ms.measured(&[stuck("t/0")]);
+            assert!(ms.stalled().is_empty());
+        }
+        tokio::time::advance(LAG_INTERVAL).await;
+        ms.measured(&[stuck("t/0")]);
+        assert_eq!(
+            (gauge.get(), counter.get()),
+            (1, 2),
+            "stalled again 20 s after the first measurement since the resume"
+        );
+
+        // A pause and resume between two measurements restarts the clock as well.
+        pause.send_replace(true);
+        pause.send_replace(false);
+        tokio::time::advance(LAG_INTERVAL).await;
+        ms.measured(&[stuck("t/0")]);
+        assert_eq!(gauge.get(), 0);
+
+        tokio::time::advance(Duration::from_secs(20)).await;
+        ms.measured(&[stuck("t/0")]);
+        assert_eq!(gauge.get(), 1);
+        ms.revoked(&["t/0".into()]);
+        assert!(ms.stalled().is_empty());
+        assert_eq!(
+            gauge.get(),
+            0,
+            "a revoked partition is not stalled here any more"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_reported_by_lag_alone_is_never_stalled() {
+        let m = Metrics::default();
+        let ms = Membership::new("rocketmq".into(), &m, LAG_INTERVAL);
+        ms.rebalanced(&["b/t/0".into()]);
+        for _ in 0..30 {
+            ms.record_lag("b/t/0", 100);
+            tokio::time::advance(LAG_INTERVAL).await;
+        }
+        assert!(ms.stalled().is_empty());
+        assert_eq!(ms.stall_after(), DEFAULT_STALL_AFTER);
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub const CONSUMER_LAG: &str = "mqc_consumer_lag_messages";
 pub const ASSIGNED_QUEUES: &str = "mqc_assigned_queues";
 /// Rebalances (assignment changes) seen, by side.
 pub const REBALANCES_TOTAL: &str = "mqc_rebalances_total";
+/// Partitions or queues of a side stalled now: messages waiting, the side not paused on purpose,
+/// nothing handed to the pipeline for `pipeline.stall_after`.
+pub const STALLED_QUEUES: &str = "mqc_stalled_queues";
+/// Stalls begun, by side: one per partition or queue that became stalled.
+pub const STALLS_TOTAL: &str = "mqc_stalls_total";
 /// Ids first observed by this instance, by side (the parity counts, as this instance saw them).
 pub const PARITY_OBSERVED_TOTAL: &str = "mqc_parity_observed_total";
 /// Ids seen by this side only, for longer than the grace period (the parity gap), by side.
@@ -100,6 +105,8 @@ pub const NAMES: &[&str] = &[
     CONSUMER_LAG,
     ASSIGNED_QUEUES,
     REBALANCES_TOTAL,
+    STALLED_QUEUES,
+    STALLS_TOTAL,
     PARITY_OBSERVED_TOTAL,
     PARITY_ONE_SIDED,
     PARITY_UNTRACKED,
@@ -247,6 +254,10 @@ pub struct Metrics {
     pub assigned: IntGaugeVec,
     /// Rebalances by side.
     pub rebalances: IntCounterVec,
+    /// Stalled partitions / queues by side.
+    pub stalled: IntGaugeVec,
+    /// Stalls begun by side.
+    pub stalls: IntCounterVec,
     /// Ids newly observed by side.
     pub parity_observed: IntCounterVec,
     /// One-sided ids past the grace period, by side.
@@ -507,6 +518,30 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
+            stalled: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        STALLED_QUEUES,
+                        "Partitions (Kafka) or queues (RocketMQ) of a side with messages waiting \
+                         and nothing handed to the pipeline for pipeline.stall_after, the side \
+                         not paused on purpose.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            stalls: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        STALLS_TOTAL,
+                        "Stalls begun, by side: one per partition or queue that became stalled.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
             parity_observed: reg(
                 &r,
                 IntCounterVec::new(
@@ -661,6 +696,8 @@ mod tests {
         m.consumer_lag.with_label_values(&["kafka", "t/0"]).set(1);
         m.assigned.with_label_values(&["kafka"]).set(1);
         m.rebalances.with_label_values(&["kafka"]).inc();
+        m.stalled.with_label_values(&["kafka"]).set(0);
+        m.stalls.with_label_values(&["kafka"]).inc();
         m.parity_observed.with_label_values(&["kafka"]).inc();
         m.parity_one_sided.with_label_values(&["kafka"]).set(1);
         m.parity_untracked.with_label_values(&["kafka"]).set(1);

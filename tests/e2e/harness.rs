@@ -34,6 +34,12 @@ pub struct Setup {
     /// `arbiter.adopt_after`: long by default, so that a side that is merely slow (a rebalance
     /// on a busy machine) keeps its ids; the adoption tests make it short.
     pub adopt_after: &'static str,
+    /// `pipeline.channel`: copies buffered between a source and its pipeline.
+    pub channel: usize,
+    /// `pipeline.stall_after`.
+    pub stall_after: &'static str,
+    /// The Kafka consumer's `session.timeout.ms`: how long a killed daemon stays in the group.
+    pub kafka_session_timeout_ms: u32,
 }
 
 impl Default for Setup {
@@ -49,6 +55,9 @@ impl Default for Setup {
             circuit_threshold: 100_000,
             circuit_open_for: "10s",
             adopt_after: "2m",
+            channel: 16_384,
+            stall_after: "60s",
+            kafka_session_timeout_ms: 6000,
         }
     }
 }
@@ -159,7 +168,7 @@ bootstrap_servers = "{kafka}"
 topics = ["{topic}"]
 group_id = "{name}-g"
 [side.kafka.properties]
-"session.timeout.ms" = "6000"
+"session.timeout.ms" = "{session_timeout}"
 
 [[side]]
 name = "rocketmq"
@@ -184,6 +193,8 @@ open_for = "{open_for}"
 
 [pipeline]
 drain_timeout = "{drain}"
+channel = {channel}
+stall_after = "{stall_after}"
 
 [parity]
 grace = "2s"
@@ -204,6 +215,9 @@ level = "info"
             threshold = setup.circuit_threshold,
             open_for = setup.circuit_open_for,
             adopt_after = setup.adopt_after,
+            session_timeout = setup.kafka_session_timeout_ms,
+            channel = setup.channel,
+            stall_after = setup.stall_after,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())
@@ -260,6 +274,44 @@ level = "info"
         };
         tweak(&mut args);
         produce(&self.config, &args).await.expect("produce")
+    }
+
+    /// Like [`Bed::produce`], on a thread of its own, so that the test can kill and restart
+    /// daemons meanwhile.
+    pub fn produce_in_background(
+        &self,
+        id_prefix: &str,
+        count: u64,
+        tweak: impl FnOnce(&mut ProduceArgs),
+    ) -> tokio::task::JoinHandle<(Sent, Sent)> {
+        let mut args = ProduceArgs {
+            count,
+            id_prefix: Some(id_prefix.to_owned()),
+            users: 100_000,
+            duplicates_old: 0.0,
+            duplicates_new: 0.0,
+            missing_old: 0.0,
+            missing_new: 0.0,
+            lag_new: None,
+            lag_old: None,
+            malformed: 0,
+            rate: 0,
+            seed: 7,
+            stamp: false,
+            manifest: None,
+        };
+        tweak(&mut args);
+        let config = self.config.clone();
+        // A runtime of its own: `produce`'s future is not `Send` (a higher-ranked closure
+        // inside), so it cannot be spawned on the test's.
+        tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(produce(&config, &args))
+                .expect("produce")
+        })
     }
 
     pub fn grants(&self) -> HashMap<String, u32> {

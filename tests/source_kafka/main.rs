@@ -4,7 +4,7 @@
 //! what the broker ends up with: the committed offset never passes an unfinished copy, and a
 //! restart or a rebalance delivers again exactly what was not finished. The source's
 //! membership: lag per partition, partitions held, rebalances, joining with or without
-//! partitions.
+//! partitions; the stall detector fed by the source's readings.
 //!
 //! An unreachable broker fails the tests with a hint; they never skip.
 
@@ -189,6 +189,9 @@ struct Running {
 /// How often the tests' sources measure lag (the daemon: every 5 s).
 const TEST_LAG_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long the tests' sources may read nothing while messages wait (the daemon: 60 s).
+const TEST_STALL_AFTER: Duration = Duration::from_secs(2);
+
 fn start(side: &SideConfig, capacity: usize) -> Running {
     let source = match kafka::build(side) {
         Ok(s) => s,
@@ -198,7 +201,8 @@ fn start(side: &SideConfig, capacity: usize) -> Running {
     let (paused, paused_rx) = watch::channel(false);
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
-    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL);
+    let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL)
+        .watch_stalls(TEST_STALL_AFTER, paused_rx.clone());
     let cx = SourceContext {
         side: side.name.as_str().into(),
         out,
@@ -1073,4 +1077,239 @@ async fn a_record_is_read_again_by_its_position_and_a_missing_one_is_none() {
     assert!(past.is_none(), "{past:?}");
     // Reading again commits nothing for the group.
     assert_eq!(committed(&topic, &group, 2).await, vec![-1, -1]);
+}
+
+/// What holds the source's fetching while the group rebalances.
+#[derive(Clone, Copy, Debug)]
+enum Hold {
+    /// The daemon's pause switch (Redis down, circuit open).
+    Daemon,
+    /// Backpressure: the pipeline takes nothing, the source's channel is full.
+    Backpressure,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_pause_lifted_during_a_rebalance_leaves_no_partition_paused() {
+    paused_rebalance_scenario("kafka_pause_rebalance", Hold::Daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_lifted_during_a_rebalance_leaves_no_partition_paused() {
+    paused_rebalance_scenario("kafka_full_rebalance", Hold::Backpressure).await;
+}
+
+/// A group member that joins, takes its share, then stops polling: the next rebalance cannot
+/// complete until it is closed, so the other members sit revoked (with nothing assigned) for as
+/// long as the test likes.
+async fn staller(topic: &str, group: &str) -> BaseConsumer {
+    let (topic, group) = (topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "45000")
+            .create()
+            .expect("consumer");
+        c.subscribe(&[&topic]).expect("subscribe");
+        let deadline = Instant::now() + TAKE;
+        while c.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the staller never got partitions"
+            );
+            // Records it reads are never committed: the others read them again.
+            let _ = c.poll(Duration::from_millis(100));
+        }
+        c
+    })
+    .await
+    .expect("staller")
+}
+
+/// The order librdkafka does not forgive (confluentinc/librdkafka#1849): fetching is held (the
+/// daemon's pause, or backpressure), an eager rebalance revokes every partition, the hold is
+/// lifted while nothing is assigned, then the partitions come back. They must come back
+/// fetching. A member that stops polling keeps the rebalance open, so the lift lands in that
+/// window every time; then it leaves, and later the second member leaves too. Every record of
+/// the topic must reach the pipeline.
+async fn paused_rebalance_scenario(test: &str, hold: Hold) {
+    let (t, g, _cleanup) = topic(test, 4).await;
+    let p = Producer::new();
+    let mut want: BTreeSet<String> = BTreeSet::new();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let put = |prefix: &'static str| {
+        let (p, t) = (&p, &t);
+        async move {
+            let mut ids = Vec::new();
+            for part in 0..4 {
+                for i in 0..10 {
+                    let id = format!("{prefix}-{part}-{i}");
+                    p.good(t, part, &id).await;
+                    ids.push(id);
+                }
+            }
+            ids
+        }
+    };
+    let s = side(&t, &g);
+    want.extend(put("a").await);
+    let mut a = match hold {
+        Hold::Daemon => {
+            let mut a = start(&s, 1000);
+            for m in a.take(40, TAKE).await {
+                seen.insert(id(&m));
+                m.ack.done();
+            }
+            a.paused.send(true).unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            want.extend(put("b").await);
+            a
+        }
+        Hold::Backpressure => {
+            // Two copies fill the channel; the rest wait in the source, fetching paused.
+            let a = start(&s, 2);
+            joined(&a).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            a
+        }
+    };
+
+    let c = staller(&t, &g).await;
+    let settled = common::eventually(TAKE, || async {
+        a.membership.held().len() + c.assignment().map(|x| x.count()).unwrap_or(0) == 4
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "A and the staller never shared the partitions"
+    );
+    // B joins: A is revoked and waits for the staller, which never answers.
+    let mut b = start(&s, 1000);
+    let revoked = common::eventually(TAKE, || async { a.membership.held().is_empty() }).await;
+    assert!(revoked.is_some(), "A was never revoked");
+    match hold {
+        Hold::Daemon => a.paused.send(false).unwrap(),
+        Hold::Backpressure => {
+            while let Ok(m) = a.rx.try_recv() {
+                seen.insert(id(&m));
+                m.ack.done();
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        a.membership.held().is_empty(),
+        "the hold must be lifted while A holds nothing, or the test proves nothing"
+    );
+    // The staller leaves: the rebalance completes, A and B share the partitions.
+    tokio::task::spawn_blocking(move || drop(c))
+        .await
+        .expect("staller closed");
+
+    let started = Instant::now();
+    let mut by: BTreeMap<char, usize> = BTreeMap::new();
+    while !want.is_subset(&seen) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{hold:?}: {} of {} records within 30 s (deliveries {by:?}; A holds {:?}, B holds {:?}); missing e.g. {:?}",
+            want.intersection(&seen).count(),
+            want.len(),
+            a.membership.held(),
+            b.membership.held(),
+            want.difference(&seen).take(5).collect::<Vec<_>>()
+        );
+        let (who, m) = tokio::select! {
+            Some(m) = a.rx.recv() => ('A', m),
+            Some(m) = b.rx.recv() => ('B', m),
+            () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+        };
+        note(&mut by, &mut seen, who, m);
+    }
+    assert!(
+        !a.membership.held().is_empty(),
+        "A holds partitions again, and they flowed"
+    );
+    eprintln!(
+        "{hold:?}: every record within {:?} of the rebalance; deliveries {by:?}",
+        started.elapsed()
+    );
+
+    // B leaves: A takes every partition, and reads what comes next on each.
+    b.stop().await;
+    want.extend(put("c").await);
+    let started = Instant::now();
+    while !want.is_subset(&seen) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{hold:?}: after B left, missing e.g. {:?} (A holds {:?})",
+            want.difference(&seen).take(5).collect::<Vec<_>>(),
+            a.membership.held()
+        );
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), a.rx.recv()).await {
+            note(&mut by, &mut seen, 'A', m);
+        }
+    }
+    a.stop().await;
+}
+
+/// Counts a delivery by `who`, remembers its id and acknowledges it.
+fn note(by: &mut BTreeMap<char, usize>, seen: &mut BTreeSet<String>, who: char, m: Message) {
+    *by.entry(who).or_default() += 1;
+    seen.insert(id(&m));
+    m.ack.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_side_that_reads_nothing_while_messages_wait_is_stalled_until_it_reads_again() {
+    let (t, g, _cleanup) = topic("kafka_stall", 2).await;
+    let p = Producer::new();
+    let mut want = BTreeSet::new();
+    for part in 0..2 {
+        for i in 0..50 {
+            let id = format!("s-{part}-{i}");
+            p.good(&t, part, &id).await;
+            want.insert(id);
+        }
+    }
+    // The pipeline takes two copies and then nothing: the source holds back, messages wait.
+    let mut src = start(&side(&t, &g), 2);
+    joined(&src).await;
+    let all = vec![format!("{t}/0"), format!("{t}/1")];
+    let flagged = common::eventually(TAKE, || async { src.membership.stalled() == all }).await;
+    assert!(
+        flagged.is_some(),
+        "never stalled: {:?}",
+        src.membership.stalled()
+    );
+    let stalls = src.metrics.stalls.with_label_values(&["kafka"]);
+    let gauge = src.metrics.stalled.with_label_values(&["kafka"]);
+    assert_eq!((gauge.get(), stalls.get()), (2, 2));
+    eprintln!("both partitions stalled {flagged:?} after joining");
+
+    // Paused on purpose: not a stall (that pause has its own readiness reason).
+    src.paused.send(true).unwrap();
+    assert!(src.membership.stalled().is_empty());
+    tokio::time::sleep(TEST_STALL_AFTER * 2).await;
+    assert!(src.membership.stalled().is_empty());
+    assert_eq!(gauge.get(), 0);
+    src.paused.send(false).unwrap();
+    let again = common::eventually(TAKE, || async { src.membership.stalled() == all }).await;
+    assert!(
+        again.is_some(),
+        "still holding back after the resume: stalled again"
+    );
+
+    // The pipeline takes everything: the stall ends.
+    let mut seen = BTreeSet::new();
+    while !want.is_subset(&seen) {
+        for m in src.take(1, TAKE).await {
+            seen.insert(id(&m));
+            m.ack.done();
+        }
+    }
+    let over = common::eventually(TAKE, || async { src.membership.stalled().is_empty() }).await;
+    assert!(over.is_some(), "{:?}", src.membership.stalled());
+    assert_eq!((gauge.get(), stalls.get()), (0, 4));
+    src.stop().await;
 }
