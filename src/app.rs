@@ -56,6 +56,14 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.redis.urls.join(","),
                 cfg.redis.key_prefix
             );
+            println!(
+                "arbiter.retention {}: copies stamped earlier are parked as too old to arbitrate; \
+                 keep it at least as long as the brokers keep messages, and mind Kafka's \
+                 offsets.retention.minutes (a group idle longer re-reads from auto.offset.reset); \
+                 adoption after {}",
+                humantime::format_duration(cfg.arbiter.retention),
+                humantime::format_duration(cfg.arbiter.adopt_after)
+            );
             if let Some(pt) = &cfg.pipeline.pass_through {
                 println!(
                     "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",
