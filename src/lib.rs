@@ -25,6 +25,7 @@ pub mod grant_counter;
 pub mod message;
 pub mod parity;
 pub mod pipeline;
+pub mod printable;
 pub mod produce;
 pub mod reward;
 pub mod rmq;

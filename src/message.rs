@@ -119,7 +119,12 @@ pub fn read_identity<'h>(
                     .map_err(|e| BadInput(format!("{what}: body is not JSON ({e})")))?;
                 match doc.pointer(ptr) {
                     Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(serde_json::Value::Number(n)) => integer(n).ok_or_else(|| {
+                        BadInput(format!(
+                            "{what}: `{ptr}` is the number {n}, not an integer within 64 bits; \
+                             give ids that are not such integers as strings"
+                        ))
+                    })?,
                     Some(other) => {
                         return Err(BadInput(format!(
                             "{what}: `{ptr}` is {}, not a string or number",
@@ -138,6 +143,17 @@ pub fn read_identity<'h>(
     let id = read("message id", message_id)?;
     let business_id = read("business id", business_id)?;
     Ok(Identity { id, business_id })
+}
+
+/// The decimal text of an integer that fits in 64 bits (signed or not), exactly as it reads.
+/// Anything else (a fraction, an exponent, a larger integer) is parsed by serde_json into an
+/// `f64`, which rounds: two different large ids would become one, and `1.0` would differ from `1`.
+fn integer(n: &serde_json::Number) -> Option<String> {
+    if let Some(u) = n.as_u64() {
+        Some(u.to_string())
+    } else {
+        n.as_i64().map(|i| i.to_string())
+    }
 }
 
 fn kind(v: &serde_json::Value) -> &'static str {
@@ -233,6 +249,48 @@ mod tests {
                 .0,
             "message id: header `n` is not UTF-8"
         );
+    }
+
+    fn body_id(body: &str) -> Result<String, String> {
+        read_identity(&p("/id"), &p("/id"), headers(&[]), body.as_bytes())
+            .map(|i| i.id)
+            .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn numeric_ids_are_taken_exactly_as_64_bit_integers() {
+        for (body, id) in [
+            (r#"{"id":42}"#, "42"),
+            (r#"{"id":-7}"#, "-7"),
+            (r#"{"id":18446744073709551615}"#, "18446744073709551615"),
+            (r#"{"id":-9223372036854775808}"#, "-9223372036854775808"),
+            // Past 2^53 an f64 can no longer tell neighbours apart: these two must stay two.
+            (r#"{"id":9007199254740993}"#, "9007199254740993"),
+            (r#"{"id":9007199254740992}"#, "9007199254740992"),
+        ] {
+            assert_eq!(body_id(body).as_deref(), Ok(id), "{body}");
+        }
+    }
+
+    #[test]
+    fn non_integer_or_out_of_range_numeric_ids_are_bad_input() {
+        // Each of these went through an f64: `1.0` became an id other than `1`, and the two
+        // 23-digit ids below became one and the same id.
+        for body in [
+            r#"{"id":1.0}"#,
+            r#"{"id":1.5}"#,
+            r#"{"id":1e3}"#,
+            r#"{"id":12345678901234567890123}"#,
+            r#"{"id":12345678901234567890124}"#,
+            r#"{"id":-9223372036854775809}"#,
+        ] {
+            let e = body_id(body).unwrap_err();
+            assert!(
+                e.starts_with("message id: `/id` is the number ")
+                    && e.contains("not an integer within 64 bits"),
+                "{body}: {e}"
+            );
+        }
     }
 
     #[test]

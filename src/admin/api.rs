@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::arbiter::switches::{SwitchChange, WhitelistEdit};
 use crate::config::{Percent, Secret};
 use crate::control::{Control, ControlError};
+use crate::printable::{printable, printable_parity, printable_record};
 
 /// What the API needs.
 #[derive(Clone)]
@@ -119,7 +120,11 @@ fn actor(addr: Option<SocketAddr>) -> String {
 async fn get_switches(State(s): State<ApiState>) -> Response {
     match s.control.switches().await {
         Ok(sw) => {
-            let mut wl: Vec<_> = sw.whitelist.into_iter().collect();
+            let mut wl: Vec<_> = sw
+                .whitelist
+                .iter()
+                .map(|id| printable(id).into_owned())
+                .collect();
             wl.sort();
             Json(json!({
                 "consume": sw.consume,
@@ -234,7 +239,7 @@ async fn edit_whitelist(
 }
 
 async fn get_message(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
-    match s.control.inspect(&id).await {
+    match s.control.inspect(&id).await.map(printable_record) {
         Ok(r) => Json(json!({
             "id": r.id,
             "owner": r.owner,
@@ -262,7 +267,9 @@ async fn release(
         return r;
     }
     match s.control.release(&id, &actor(peer.0)).await {
-        Ok(reason) => Json(json!({ "released": id, "was": reason })).into_response(),
+        Ok(reason) => {
+            Json(json!({ "released": printable(&id), "was": printable(&reason) })).into_response()
+        }
         Err(e) => control_error(e),
     }
 }
@@ -285,8 +292,11 @@ async fn dead(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
                 .into_iter()
                 .map(|l| {
                     json!({
-                        "entry": l.entry, "message_id": l.message_id, "business_id": l.business_id,
-                        "reason": l.reason, "side": l.side, "topic": l.topic,
+                        "entry": printable(&l.entry),
+                        "message_id": l.message_id.as_deref().map(printable),
+                        "business_id": l.business_id.as_deref().map(printable),
+                        "reason": printable(&l.reason), "side": printable(&l.side),
+                        "topic": printable(&l.topic),
                         "partition": l.partition, "offset": l.offset, "attempts": l.attempts,
                         "payload": String::from_utf8_lossy(&l.payload),
                     })
@@ -320,10 +330,10 @@ async fn replay(
     .await;
     match replayed {
         Ok(Ok((letter, outcome))) => Json(json!({
-            "entry": letter.entry,
-            "message_id": letter.message_id,
+            "entry": printable(&letter.entry),
+            "message_id": letter.message_id.as_deref().map(printable),
             "outcome": outcome.as_str(),
-            "detail": outcome.to_string(),
+            "detail": printable(&outcome.to_string()),
         }))
         .into_response(),
         Ok(Err(e)) => control_error(e),
@@ -339,7 +349,14 @@ async fn audit(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
         Ok(entries) => Json(
             entries
                 .into_iter()
-                .map(|e| json!({ "at_ms": e.at_ms, "by": e.by, "action": e.action, "detail": e.detail }))
+                .map(|e| {
+                    json!({
+                        "at_ms": e.at_ms,
+                        "by": printable(&e.by),
+                        "action": printable(&e.action),
+                        "detail": printable(&e.detail),
+                    })
+                })
                 .collect::<Vec<_>>(),
         )
         .into_response(),
@@ -370,7 +387,7 @@ async fn parity(State(s): State<ApiState>, Query(q): Query<ParityQuery>) -> Resp
         .parity(span, q.limit.unwrap_or(100).min(10_000))
         .await
     {
-        Ok(report) => Json(report).into_response(),
+        Ok(report) => Json(printable_parity(report)).into_response(),
         Err(e) => control_error(e),
     }
 }

@@ -23,6 +23,7 @@ use tower::ServiceExt;
 use super::AdminState;
 use crate::config::{SideKind, Validated};
 use crate::control::Control;
+use crate::printable::printable;
 use crate::telemetry::metrics::SideSnapshot;
 
 /// The page, as served.
@@ -188,10 +189,10 @@ async fn dead_letters(control: &Control) -> Value {
         Ok(Ok((count, newest))) => json!({
             "count": count,
             "newest": newest.iter().map(|l| json!({
-                "entry": l.entry,
-                "message_id": l.message_id,
-                "side": l.side,
-                "reason": l.reason,
+                "entry": printable(&l.entry),
+                "message_id": l.message_id.as_deref().map(printable),
+                "side": printable(&l.side),
+                "reason": printable(&l.reason),
                 "attempts": l.attempts,
             })).collect::<Vec<_>>(),
             "error": null,

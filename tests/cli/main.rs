@@ -238,6 +238,102 @@ async fn inspect_and_release_a_dead_id() {
     common::cleanup(&[url], &prefix);
 }
 
+/// An id and a reason a hostile producer (or a hostile downstream's error text) chose: clear the
+/// screen, set the terminal title, turn the text red, and reverse the rest of the line.
+const HOSTILE_ID: &str = "evil\x1b[2J\x1b]0;owned\x07\u{9b}31m\u{202e}di";
+const HOSTILE_REASON: &str = "HTTP 400: \x1b[31mgranted\r\nall good";
+
+fn assert_no_terminal_controls(what: &str, out: &str) {
+    assert!(
+        !out.chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+        "{what} prints a terminal control character: {out:?}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_and_inspect_print_hostile_ids_and_reasons_escaped() {
+    use mq_cutover::dead::{DeadLetters, Parking};
+    use mq_cutover::message::Origin;
+
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-hostile");
+    let store = common::connect(RedisMode::Standalone, &prefix).await;
+    let origin = Origin {
+        side: "kafka".into(),
+        topic: "reward".into(),
+        partition: 0,
+        broker: None,
+        offset: 3,
+        born_ms: 0,
+    };
+    let entry = DeadLetters::new(&store, 1000)
+        .park(&[Parking {
+            message_id: Some(HOSTILE_ID),
+            business_id: Some("u\x1b[1m"),
+            reason: HOSTILE_REASON,
+            origin: &origin,
+            attempts: 1,
+            payload: b"{\"x\":\"\x1b[5mblink\"}",
+        }])
+        .await
+        .unwrap()
+        .remove(0);
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtMostOnce, 8),
+    );
+    let token = LeaseTokens::default().next();
+    arbiter
+        .claim(&ClaimRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            routed_owner: "kafka",
+            token: &token,
+        })
+        .await
+        .unwrap();
+    arbiter
+        .complete(&CompleteRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            token: &token,
+            outcome: &Outcome::Fatal(HOSTILE_REASON.into()),
+        })
+        .await
+        .unwrap();
+
+    let escaped_id = "evil\\x1b[2J\\x1b]0;owned\\x07\\u{9b}31m\\u{202e}di";
+    let escaped_reason = "HTTP 400: \\x1b[31mgranted\\r\\nall good";
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "list"]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead list", &out);
+    assert!(
+        out.contains(&format!("id={escaped_id}")) && out.contains(escaped_reason),
+        "{out}"
+    );
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "show", &entry]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead show", &out);
+    for want in [
+        format!("message id:  {escaped_id}"),
+        "business id: u\\x1b[1m".into(),
+        format!("reason:      {escaped_reason}"),
+        "payload:     {\"x\":\"\\x1b[5mblink\"}".into(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in\n{out}");
+    }
+    let (code, out, err) = run(mqc(&url, &prefix).args(["inspect", HOSTILE_ID]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("inspect", &out);
+    assert!(
+        out.contains(&format!("message {escaped_id}\n"))
+            && out.contains(&format!("reason:    {escaped_reason}")),
+        "{out}"
+    );
+    common::cleanup(&[url], &prefix);
+}
+
 #[test]
 fn run_seeds_the_switches_and_stops_cleanly_on_sigterm() {
     let url = common::redis_url();
