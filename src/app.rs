@@ -54,7 +54,12 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.cutover.from,
                 cfg.cutover.to,
                 cfg.redis.mode,
-                cfg.redis.urls.join(","),
+                cfg.redis
+                    .urls
+                    .iter()
+                    .map(|u| crate::config::masked_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 cfg.redis.key_prefix
             );
             if let Some(pt) = &cfg.pipeline.pass_through {

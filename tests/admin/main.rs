@@ -22,6 +22,9 @@ use mq_cutover::store::Store;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The operator token the tests configure (at least 32 bytes, as validation requires).
+const OPERATOR: &str = "op-3f9a1c7e5b2d4f6a8c0e1b3d5f7a9c2e";
+
 struct Api {
     router: Router,
     cfg: Validated,
@@ -108,7 +111,7 @@ async fn reads_are_open_and_writes_are_off_without_a_token() {
 
 #[tokio::test]
 async fn writes_need_the_right_token_and_are_audited() {
-    let a = api("api-token", Some("t0ken")).await;
+    let a = api("api-token", Some(OPERATOR)).await;
     for token in [None, Some("wrong")] {
         let (code, _) = call(
             &a,
@@ -124,7 +127,7 @@ async fn writes_need_the_right_token_and_are_audited() {
         &a,
         "PUT",
         "/api/switches",
-        Some("t0ken"),
+        Some(OPERATOR),
         Some(json!({"consume": true, "percent": 10})),
     )
     .await;
@@ -143,12 +146,12 @@ async fn writes_need_the_right_token_and_are_audited() {
 
 #[tokio::test]
 async fn a_percent_out_of_range_or_an_unknown_field_is_a_bad_request() {
-    let a = api("api-bad", Some("t")).await;
+    let a = api("api-bad", Some(OPERATOR)).await;
     let (code, body) = call(
         &a,
         "PUT",
         "/api/switches",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"percent": 101})),
     )
     .await;
@@ -164,7 +167,7 @@ async fn a_percent_out_of_range_or_an_unknown_field_is_a_bad_request() {
         &a,
         "PUT",
         "/api/switches",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"percnt": 5})),
     )
     .await;
@@ -175,12 +178,12 @@ async fn a_percent_out_of_range_or_an_unknown_field_is_a_bad_request() {
 
 #[tokio::test]
 async fn the_whitelist_is_edited_through_the_api() {
-    let a = api("api-whitelist", Some("t")).await;
+    let a = api("api-whitelist", Some(OPERATOR)).await;
     let (code, body) = call(
         &a,
         "POST",
         "/api/switches/whitelist",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"add": ["u2", "u1"]})),
     )
     .await;
@@ -190,7 +193,7 @@ async fn the_whitelist_is_edited_through_the_api() {
         &a,
         "POST",
         "/api/switches/whitelist",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"remove": ["u1"]})),
     )
     .await;
@@ -199,7 +202,7 @@ async fn the_whitelist_is_edited_through_the_api() {
 
 #[tokio::test]
 async fn one_message_is_shown_and_a_dead_one_released() {
-    let a = api("api-message", Some("t")).await;
+    let a = api("api-message", Some(OPERATOR)).await;
     let (code, _) = call(&a, "GET", "/api/messages/nope", None, None).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     let arbiter = Arbiter::new(
@@ -221,7 +224,7 @@ async fn one_message_is_shown_and_a_dead_one_released() {
         (body["owner"].clone(), body["state"].clone()),
         (json!("kafka"), json!("in-flight"))
     );
-    let (code, _) = call(&a, "POST", "/api/messages/m1/release", Some("t"), None).await;
+    let (code, _) = call(&a, "POST", "/api/messages/m1/release", Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::CONFLICT, "only dead ids can be released");
     arbiter
         .complete(&CompleteRequest {
@@ -232,7 +235,7 @@ async fn one_message_is_shown_and_a_dead_one_released() {
         })
         .await
         .unwrap();
-    let (code, body) = call(&a, "POST", "/api/messages/m1/release", Some("t"), None).await;
+    let (code, body) = call(&a, "POST", "/api/messages/m1/release", Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["was"], "HTTP 400");
     let (_, body) = call(&a, "GET", "/api/messages/m1", None, None).await;

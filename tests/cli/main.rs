@@ -84,6 +84,11 @@ fn bad_configs_exit_78_with_one_line_naming_the_key() {
             "ambiguous = \"maybe\"",
             "arbiter.ambiguous",
         ),
+        (
+            "# \"session.timeout.ms\" = \"10000\"",
+            "\"enable.auto.commit\" = \"false\"",
+            "side[0].kafka.properties.enable.auto.commit",
+        ),
     ];
     for (from, to, key) in cases {
         let f = config_with(from, to);
@@ -104,6 +109,40 @@ fn an_environment_override_with_a_bad_value_exits_78() {
         .arg("check-config"));
     assert_eq!(code, EXIT_CONFIG);
     assert!(err.contains("`arbiter.lease`"), "{err}");
+}
+
+#[test]
+fn check_config_prints_redis_urls_without_their_password() {
+    let (code, out, err) = run(mqc("redis://mqc:hunter2@127.0.0.1:1/0", "x").arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redis://mqc:***@127.0.0.1:1/0"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn a_weak_or_placeholder_admin_token_exits_78_without_showing_it() {
+    for (var, token) in [
+        ("MQ_CUTOVER__ADMIN__TOKEN", "s3cr3t-but-short"),
+        (
+            "MQ_CUTOVER__ADMIN__TOKEN",
+            "REPLACE-ME-with-openssl-rand-hex-32-output",
+        ),
+        ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", "change-me"),
+    ] {
+        let (code, _, err) = run(mqc("redis://127.0.0.1:1", "x")
+            .env(var, token)
+            .arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{token}: {err}");
+        let key = if var.ends_with("VIEWER_TOKEN") {
+            "`admin.viewer_token`"
+        } else {
+            "`admin.token`"
+        };
+        assert!(err.contains(key) && !err.contains(token), "{err}");
+    }
 }
 
 #[test]
