@@ -269,14 +269,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
     let operator =
         Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
-    let admin = crate::admin::router(admin_state.clone())
-        .merge(crate::admin::api::router(crate::admin::api::ApiState {
-            control: operator.clone(),
-            token: cfg.admin.token.clone(),
-        }))
-        .merge(crate::admin::page::router(
-            crate::admin::page::StatusState::new(admin_state, operator, &cfg),
-        ));
+    let admin = crate::admin::listener(admin_state, operator, &cfg);
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
     tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use mq_cutover::admin::api::{router, ApiState};
 use mq_cutover::arbiter::{Arbiter, ClaimRequest, CompleteRequest, LeaseTokens, Outcome, State};
 use mq_cutover::config::{Config, RedisMode};
 use mq_cutover::control::Control;
@@ -46,6 +45,7 @@ async fn replay_api(test: &str, token: &str) -> ReplayApi {
         ("MQ_CUTOVER__REDIS__URLS", common::redis_url()),
         ("MQ_CUTOVER__REDIS__KEY_PREFIX", prefix.clone()),
         ("MQ_CUTOVER__ADMIN__TOKEN", token.to_owned()),
+        ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", super::VIEWER.to_owned()),
         ("MQ_CUTOVER__SINK__URL", reward.url("/grant")),
     ]
     .into_iter()
@@ -68,10 +68,8 @@ async fn replay_api(test: &str, token: &str) -> ReplayApi {
         )
         .unwrap(),
     );
-    let router = router(ApiState {
-        control: Arc::new(Control::new(&store, &cfg).with_replay(shared, stop.clone())),
-        token: cfg.admin.token.clone(),
-    });
+    let control = Arc::new(Control::new(&store, &cfg).with_replay(shared, stop.clone()));
+    let router = mq_cutover::admin::listener(super::idle_admin_state(), control, &cfg);
     ReplayApi {
         api: Api {
             router,
@@ -165,7 +163,7 @@ async fn a_dead_letter_replayed_through_the_api_is_delivered_once_removed_and_au
         State::Done
     );
     assert_eq!(control.dead_letter_count().await.unwrap(), 0, "removed");
-    let (_, audit) = call(a, "GET", "/api/audit?count=1", None, None).await;
+    let (_, audit) = call(a, "GET", "/api/audit?count=1", Some(super::VIEWER), None).await;
     assert_eq!(audit[0]["action"], "replay");
     assert_eq!(audit[0]["by"], "api:unknown");
     assert_eq!(audit[0]["detail"], format!("m-replay ({entry}): delivered"));
@@ -198,7 +196,7 @@ async fn a_letter_without_a_message_id_is_skipped_and_kept() {
             .contains("no message id (no message id: header `msg-id` missing)"),
         "{body}"
     );
-    let (_, dead) = call(a, "GET", "/api/dead", None, None).await;
+    let (_, dead) = call(a, "GET", "/api/dead", Some(super::VIEWER), None).await;
     assert_eq!(dead[0]["entry"], entry.as_str(), "the letter stays");
     assert!(r.reward.state().grant_counts().is_empty());
 }
