@@ -785,6 +785,19 @@ impl Config {
                 ),
             ));
         }
+        // `MQ_CUTOVER__` alone, or with an empty segment (`MQ_CUTOVER__REDIS____X`), names no
+        // key; the config crate would report an unknown field without a name.
+        if let Some(var) = env.keys().find(|k| {
+            k.strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.strip_prefix("__"))
+                .is_some_and(|path| path.split("__").any(str::is_empty))
+        }) {
+            return Err(ConfigError::new(
+                var.as_str(),
+                "names no config key; use MQ_CUTOVER__<SECTION>__<KEY>, e.g. \
+                 MQ_CUTOVER__REDIS__PASSWORD",
+            ));
+        }
         let mut envsrc = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
@@ -816,7 +829,7 @@ impl Config {
         // name the key; the config crate's own messages only sometimes do.
         serde_path_to_error::deserialize(merged).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." {
+            let key = if path == "." || path.is_empty() {
                 "(top level)".to_owned()
             } else {
                 path
@@ -1502,6 +1515,24 @@ url = "http://127.0.0.1:8080/grant"
     }
 
     #[test]
+    fn an_environment_variable_naming_no_key_is_named() {
+        // Found by fuzz_config_environment_overrides: the error named no key at all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        for var in [
+            "MQ_CUTOVER__",
+            "MQ_CUTOVER__REDIS____PASSWORD",
+            "MQ_CUTOVER__ADMIN__",
+        ] {
+            let env = [(var.to_owned(), "x".to_owned())].into_iter().collect();
+            let e = Config::load_with_env(&path, env).unwrap_err();
+            assert_eq!(e.key, var);
+            assert!(e.problem.contains("names no config key"), "{e}");
+        }
+    }
+
+    #[test]
     fn missing_file_is_a_clear_error() {
         let e =
             Config::load_with_env(Path::new("/nonexistent/x.toml"), BTreeMap::new()).unwrap_err();
@@ -1641,6 +1672,91 @@ url = "http://127.0.0.1:8080/grant"
             ("not a url", "not a url"),
         ] {
             assert_eq!(masked_url(url), shown);
+        }
+    }
+
+    /// Keys the environment overrides, real ones and near misses.
+    fn env_key() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let real = prop::sample::select(
+            &[
+                "REDIS__URLS",
+                "REDIS__PASSWORD",
+                "REDIS__KEY_PREFIX",
+                "REDIS__MODE",
+                "ARBITER__LEASE",
+                "ARBITER__MAX_ATTEMPTS",
+                "SWITCHES__INITIAL__PERCENT",
+                "SWITCHES__INITIAL__WHITELIST",
+                "SWITCHES__INITIAL__CONSUME",
+                "CUTOVER__FROM",
+                "PIPELINE__CHANNEL",
+                "SINK__URL",
+                "SINK__CLASSIFY__RETRYABLE_STATUSES",
+                "ADMIN__TOKEN",
+                "ADMIN__VIEWER_TOKEN",
+                "ADMIN__ALLOWED_HOSTS",
+                "ADMIN__LISTEN",
+                "LOG__LEVEL",
+                "SIDE",
+                "SIDE__0__NAME",
+                "",
+            ][..],
+        )
+        .prop_map(str::to_owned);
+        prop_oneof![4 => real, 1 => "[A-Z_0-9]{0,12}(__[A-Z_0-9]{0,6}){0,3}"]
+            .prop_map(|k| format!("{ENV_PREFIX}__{k}"))
+    }
+
+    fn env_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("".to_owned()),
+            Just("true".to_owned()),
+            Just("150".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e400".to_owned()),
+            Just("99999999999999999999999".to_owned()),
+            Just("5s".to_owned()),
+            Just("redis://u:p@h:1,rediss://x".to_owned()),
+            Just("a,,b".to_owned()),
+            Just("[1, 2]".to_owned()),
+            "(?s).{0,24}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config(8))]
+
+        /// Whatever the environment says, loading gives a config or an error naming a key.
+        #[test]
+        fn fuzz_config_environment_overrides(
+            env in proptest::collection::btree_map(env_key(), env_value(), 0..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, GOOD).unwrap();
+            if let Err(e) = Config::load_with_env(&path, env).and_then(Config::validate) {
+                proptest::prop_assert!(!e.key.is_empty() && !e.problem.is_empty(), "{e:?}");
+            }
+        }
+
+        /// Any file, and the good one with a line replaced: a config or an error, never a panic.
+        #[test]
+        fn fuzz_config_files(
+            line in 0usize..40,
+            replacement in proptest::prop_oneof![
+                "(?s).{0,40}",
+                "[a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9-]{1,22}|\\[\\]|\\{\\}|true)",
+                "\\[[a-z_.]{0,20}\\]",
+            ],
+        ) {
+            let mut lines: Vec<&str> = GOOD.lines().collect();
+            let at = line % lines.len();
+            lines[at] = &replacement;
+            let text = lines.join("\n");
+            let _ = Config::from_toml_str(&text).and_then(Config::validate);
+            let _ = Config::from_toml_str(&replacement).and_then(Config::validate);
         }
     }
 

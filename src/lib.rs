@@ -21,6 +21,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dead;
+#[cfg(test)]
+pub(crate) mod fuzzing;
 pub mod grant_counter;
 pub mod message;
 pub mod parity;

@@ -169,6 +169,7 @@ fn kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn h(name: &str) -> IdSource {
         IdSource::Header(name.into())
@@ -290,6 +291,85 @@ mod tests {
                     && e.contains("not an integer within 64 bits"),
                 "{body}: {e}"
             );
+        }
+    }
+
+    /// A JSON document with ids in the places the fuzzed pointers look, of every JSON type.
+    fn json_doc() -> impl Strategy<Value = serde_json::Value> {
+        let scalar = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            any::<u64>().prop_map(|n| serde_json::json!(n)),
+            any::<f64>().prop_map(|n| serde_json::json!(n)),
+            "(?s).{0,12}".prop_map(serde_json::Value::String),
+        ];
+        scalar.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("u".to_owned()),
+                        "[a-z~/0-9]{0,3}"
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn id_source() -> impl Strategy<Value = IdSource> {
+        prop_oneof![
+            prop_oneof![Just("msg-id".to_owned()), "(?s).{0,6}"].prop_map(IdSource::Header),
+            prop_oneof![
+                Just("/id".to_owned()),
+                Just("/u".to_owned()),
+                Just("/id/0".to_owned()),
+                "/[a-z~0-9/]{0,8}",
+                "(?s).{0,8}",
+            ]
+            .prop_map(IdSource::JsonPointer),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(1))]
+
+        /// Whatever a producer sends, identity extraction answers with ids or a reason: no
+        /// panic, no empty id, and a numeric id only as the exact integer it is.
+        #[test]
+        fn fuzz_identity_extraction(
+            message_id in id_source(),
+            business_id in id_source(),
+            headers in prop::collection::vec(
+                (prop_oneof![Just("msg-id".to_owned()), "(?s).{0,6}"], crate::fuzzing::bytes(24)),
+                0..4,
+            ),
+            body in prop_oneof![
+                json_doc().prop_map(|d| serde_json::to_vec(&d).unwrap()),
+                crate::fuzzing::bytes(64),
+            ],
+        ) {
+            let lookup = |name: &str| {
+                headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+            };
+            match read_identity(&message_id, &business_id, lookup, &body) {
+                Ok(id) => {
+                    prop_assert!(!id.id.trim().is_empty());
+                    prop_assert!(!id.business_id.trim().is_empty());
+                    if let IdSource::JsonPointer(ptr) = &message_id {
+                        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        if let Some(serde_json::Value::Number(n)) = doc.pointer(ptr) {
+                            prop_assert!(n.is_i64() || n.is_u64());
+                            prop_assert_eq!(&id.id, &n.to_string());
+                        }
+                    }
+                }
+                Err(BadInput(reason)) => prop_assert!(!reason.is_empty()),
+            }
         }
     }
 
