@@ -17,6 +17,7 @@ use crate::config::Validated;
 use crate::control::{Control, ReplayOutcome};
 use crate::message::Side;
 use crate::pipeline::{Pause, PauseReason, Shared};
+use crate::printable::{printable_parity, printable_record, Printable};
 use crate::source::{Membership, SourceContext, LAG_INTERVAL};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
@@ -53,7 +54,12 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.cutover.from,
                 cfg.cutover.to,
                 cfg.redis.mode,
-                cfg.redis.urls.join(","),
+                cfg.redis
+                    .urls
+                    .iter()
+                    .map(|u| crate::config::masked_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 cfg.redis.key_prefix
             );
             if let Some(pt) = &cfg.pipeline.pass_through {
@@ -67,7 +73,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
         Command::Switch(sc) => switch(sc, &cfg).await,
         Command::Inspect { message_id } => {
             let control = Control::connect(&cfg).await?;
-            print!("{}", control.inspect(&message_id).await?);
+            print!("{}", printable_record(control.inspect(&message_id).await?));
             Ok(())
         }
         Command::Release { message_id } => {
@@ -75,7 +81,11 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             let reason = control
                 .release(&message_id, &switches::actor("cli"))
                 .await?;
-            println!("released {message_id}: dead ({reason}) -> pending");
+            println!(
+                "released {}: dead ({}) -> pending",
+                Printable(&message_id),
+                Printable(&reason)
+            );
             Ok(())
         }
         Command::Dead(dc) => dead(dc, &cfg).await,
@@ -86,7 +96,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             fail_on_gap,
         } => {
             let control = Control::connect(&cfg).await?;
-            let report = control.parity(since, limit).await?;
+            let report = printable_parity(control.parity(since, limit).await?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -114,9 +124,9 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 println!(
                     "{}  {:<8}  {:<28}  {}",
                     fmt_ms(e.at_ms),
-                    e.action,
-                    e.by,
-                    e.detail
+                    Printable(&e.action),
+                    Printable(&e.by),
+                    Printable(&e.detail)
                 );
             }
             Ok(())
@@ -142,7 +152,12 @@ async fn switch(sc: SwitchCommand, cfg: &Validated) -> anyhow::Result<()> {
             if !recent.is_empty() {
                 println!("recent changes:");
                 for e in recent {
-                    println!("  {}  {}  {}", fmt_ms(e.at_ms), e.by, e.detail);
+                    println!(
+                        "  {}  {}  {}",
+                        fmt_ms(e.at_ms),
+                        Printable(&e.by),
+                        Printable(&e.detail)
+                    );
                 }
             }
             return Ok(());
@@ -151,7 +166,7 @@ async fn switch(sc: SwitchCommand, cfg: &Validated) -> anyhow::Result<()> {
             let mut ids: Vec<_> = control.switches().await?.whitelist.into_iter().collect();
             ids.sort();
             for id in ids {
-                println!("{id}");
+                println!("{}", Printable(&id));
             }
             return Ok(());
         }
@@ -258,14 +273,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
     let operator =
         Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
-    let admin = crate::admin::router(admin_state.clone())
-        .merge(crate::admin::api::router(crate::admin::api::ApiState {
-            control: operator.clone(),
-            token: cfg.admin.token.clone(),
-        }))
-        .merge(crate::admin::page::router(
-            crate::admin::page::StatusState::new(admin_state, operator, &cfg),
-        ));
+    let admin = crate::admin::listener(admin_state, operator, &cfg);
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
     tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
@@ -398,14 +406,14 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
             for l in letters.list(count).await? {
                 println!(
                     "{}  {:<10} {}/{}@{}  id={}  attempts={}  {}",
-                    l.entry,
-                    l.side,
-                    l.topic,
+                    Printable(&l.entry),
+                    Printable(&l.side),
+                    Printable(&l.topic),
                     l.partition,
                     l.offset,
-                    l.message_id.as_deref().unwrap_or("-"),
+                    Printable(l.message_id.as_deref().unwrap_or("-")),
                     l.attempts,
-                    l.reason
+                    Printable(&l.reason)
                 );
             }
         }
@@ -414,22 +422,28 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                 .get(&entry)
                 .await?
                 .with_context(|| format!("no dead letter `{entry}`"))?;
-            println!("entry:       {}", l.entry);
+            println!("entry:       {}", Printable(&l.entry));
             println!(
                 "message id:  {}",
-                l.message_id.as_deref().unwrap_or("(none)")
+                Printable(l.message_id.as_deref().unwrap_or("(none)"))
             );
             println!(
                 "business id: {}",
-                l.business_id.as_deref().unwrap_or("(none)")
+                Printable(l.business_id.as_deref().unwrap_or("(none)"))
             );
-            println!("reason:      {}", l.reason);
+            println!("reason:      {}", Printable(&l.reason));
             println!(
                 "from:        {} {}/{}@{}",
-                l.side, l.topic, l.partition, l.offset
+                Printable(&l.side),
+                Printable(&l.topic),
+                l.partition,
+                l.offset
             );
             println!("attempts:    {}", l.attempts);
-            println!("payload:     {}", String::from_utf8_lossy(&l.payload));
+            println!(
+                "payload:     {}",
+                Printable(&String::from_utf8_lossy(&l.payload))
+            );
         }
         DeadCommand::Replay { entry, all } => {
             let todo = if all {
@@ -462,7 +476,12 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                     ReplayOutcome::Skipped(_) => skipped += 1,
                 }
                 let id = l.message_id.as_deref().unwrap_or("-");
-                println!("{}: {id}: {outcome}", l.entry);
+                println!(
+                    "{}: {}: {}",
+                    Printable(&l.entry),
+                    Printable(id),
+                    Printable(&outcome.to_string())
+                );
             }
             println!("replayed: {done} delivered, {again} parked again, {skipped} skipped");
         }

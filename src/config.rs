@@ -68,17 +68,97 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: where `/metrics`, `/healthz` and `/readyz` are served.
+/// `[admin]`: where `/metrics`, `/healthz`, `/readyz`, the status page and the operator API are
+/// served, and who may use the API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to listen on, e.g. `0.0.0.0:9464` in a container.
     #[serde(default = "default_admin_listen")]
     pub listen: std::net::SocketAddr,
-    /// Bearer token for the API's write routes; without one they are off. Prefer
-    /// `MQ_CUTOVER__ADMIN__TOKEN`. Never logged.
+    /// The operator's bearer token: every route under `/api`, reads and writes. At least
+    /// [`MIN_TOKEN_BYTES`] bytes, no placeholder. Prefer `MQ_CUTOVER__ADMIN__TOKEN`. Never logged.
     #[serde(default)]
     pub token: Option<Secret>,
+    /// The read-only bearer token: the `/api` reads (the status page's). Same rules as `token`,
+    /// and different from it. Prefer `MQ_CUTOVER__ADMIN__VIEWER_TOKEN`. Never logged.
+    #[serde(default)]
+    pub viewer_token: Option<Secret>,
+    /// `Host` header values the status page and `/api` answer to, besides `localhost`,
+    /// `127.0.0.1`, `[::1]` and the listen address (a defence against DNS rebinding); `host` or
+    /// `host:port`; `["*"]` answers to any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Shortest operator or viewer token accepted, in bytes (`openssl rand -hex 32` gives 64).
+pub const MIN_TOKEN_BYTES: usize = 32;
+
+/// Words that mark a value as a placeholder someone forgot to replace, matched anywhere in the
+/// value, ignoring case.
+const PLACEHOLDER_MARKS: &[&str] = &[
+    "change-me",
+    "change_me",
+    "changeme",
+    "replace-me",
+    "replace_me",
+    "replaceme",
+    "placeholder",
+    "example",
+    "your-token",
+    "your_token",
+];
+
+/// Well-known default secrets, matched as the whole value, ignoring case.
+const PLACEHOLDER_VALUES: &[&str] = &[
+    "secret", "token", "password", "passwd", "admin", "default", "test", "demo", "xxx", "todo",
+];
+
+/// Why `value` looks like a placeholder rather than a secret, if it does.
+pub fn placeholder(value: &str) -> Option<&'static str> {
+    let lower = value.trim().to_ascii_lowercase();
+    if lower.is_empty() {
+        return Some("it is empty");
+    }
+    if PLACEHOLDER_VALUES.contains(&lower.as_str()) {
+        return Some("it is a well-known default");
+    }
+    PLACEHOLDER_MARKS
+        .iter()
+        .any(|m| lower.contains(m))
+        .then_some("it is a placeholder (it says to change or replace it)")
+}
+
+/// Checks an operator or viewer token; the error never shows the token.
+fn validate_token(key: &str, token: &Secret) -> Result<(), ConfigError> {
+    let t = token.expose();
+    let refuse = |why: String| {
+        Err(ConfigError::new(
+            key,
+            format!("{why}; make one with `openssl rand -hex 32`"),
+        ))
+    };
+    if let Some(why) = placeholder(t) {
+        return refuse(format!("refused because {why}"));
+    }
+    if t.len() < MIN_TOKEN_BYTES {
+        return refuse(format!(
+            "is {} bytes; a token must be at least {MIN_TOKEN_BYTES}",
+            t.len()
+        ));
+    }
+    // What a client can send in `Authorization: Bearer …` (RFC 9110 visible characters).
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return refuse("must be printable ASCII without spaces".into());
+    }
+    let distinct: HashSet<u8> = t.bytes().collect();
+    if distinct.len() < 8 {
+        return refuse(format!(
+            "has only {} distinct characters: not a random token",
+            distinct.len()
+        ));
+    }
+    Ok(())
 }
 
 fn default_admin_listen() -> std::net::SocketAddr {
@@ -90,6 +170,8 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token: None,
+            viewer_token: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -119,6 +201,22 @@ pub struct RedisConfig {
     /// How long to wait for one reply before the call counts as failed (and Redis as unreachable).
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+}
+
+/// `url` with the password of its user information, if any, replaced by `***`
+/// (`redis://user:***@host:6379`), for printing. Fails safe: everything between `://` and the
+/// last `@` counts as user information, so a password holding `/` or `@` is masked whole.
+pub fn masked_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let Some(at) = url[scheme_end..].rfind('@').map(|i| scheme_end + i) else {
+        return url.into();
+    };
+    match url[scheme_end..at].find(':') {
+        Some(colon) => format!("{}:***{}", &url[..scheme_end + colon], &url[at..]).into(),
+        None => url.into(),
+    }
 }
 
 fn default_key_prefix() -> String {
@@ -422,9 +520,70 @@ pub struct KafkaSideConfig {
     pub topics: Vec<String>,
     /// Consumer group id.
     pub group_id: String,
-    /// Any further librdkafka property, passed through as is.
+    /// Any further librdkafka property, passed through as is, except those the source sets
+    /// itself and relies on ([`refused_kafka_property`]).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka consumer properties the Kafka side sets itself and depends on, each with why a
+/// `[side.kafka.properties]` entry may not change it.
+const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set it with `bootstrap_servers`"),
+    (
+        "metadata.broker.list",
+        "an alias of bootstrap.servers: set `bootstrap_servers`",
+    ),
+    ("group.id", "set it with `group_id`"),
+    (
+        "enable.auto.commit",
+        "the source stores each offset once its copy's fate is recorded, and librdkafka's \
+         auto-commit sends what is stored (docs/kafka.md)",
+    ),
+    (
+        "auto.commit.enable",
+        "a legacy alias of enable.auto.commit, which the source manages",
+    ),
+    (
+        "enable.auto.offset.store",
+        "only the source may store offsets: librdkafka would store the offset of every record \
+         as soon as it is read, before its fate is recorded, and a crash would skip it",
+    ),
+    (
+        "auto.commit.interval.ms",
+        "the source's commit cadence bounds redelivery after a crash; 0 would turn commits off",
+    ),
+    (
+        "enable.partition.eof",
+        "the consume loop takes every event from the consumer as a record or an error",
+    ),
+    (
+        "offset.store.method",
+        "offsets are committed to the group, never to a file or nowhere",
+    ),
+    (
+        "offset.store.path",
+        "offsets are committed to the group, never to a file",
+    ),
+    (
+        "offset.store.sync.interval.ms",
+        "offsets are committed to the group, never to a file",
+    ),
+    (
+        "plugin.library.paths",
+        "it loads native code into the daemon; the source uses no plugin",
+    ),
+];
+
+/// Why the Kafka source refuses `[side.kafka.properties]` key `key`, if it does: a property it
+/// sets itself and relies on. Others (security, timeouts, `auto.offset.reset`, `client.id`, the
+/// assignment strategy) pass through to librdkafka, which checks them.
+pub fn refused_kafka_property(key: &str) -> Option<&'static str> {
+    let key = key.trim();
+    MANAGED_KAFKA_PROPERTIES
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, why)| *why)
 }
 
 /// `[side.rocketmq]`: a RocketMQ consumer group in cluster mode.
@@ -606,6 +765,7 @@ pub const ENV_PREFIX: &str = "MQ_CUTOVER";
 /// Keys whose environment overrides are comma-separated lists.
 const ENV_LIST_KEYS: &[&str] = &[
     "redis.urls",
+    "admin.allowed_hosts",
     "switches.initial.whitelist",
     "sink.classify.retryable_statuses",
     "sink.classify.fatal_statuses",
@@ -632,6 +792,19 @@ impl Config {
                     "no config file at `{}` (start from config/mq-cutover.toml)",
                     path.display()
                 ),
+            ));
+        }
+        // `MQ_CUTOVER__` alone, or with an empty segment (`MQ_CUTOVER__REDIS____X`), names no
+        // key; the config crate would report an unknown field without a name.
+        if let Some(var) = env.keys().find(|k| {
+            k.strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.strip_prefix("__"))
+                .is_some_and(|path| path.split("__").any(str::is_empty))
+        }) {
+            return Err(ConfigError::new(
+                var.as_str(),
+                "names no config key; use MQ_CUTOVER__<SECTION>__<KEY>, e.g. \
+                 MQ_CUTOVER__REDIS__PASSWORD",
             ));
         }
         let mut envsrc = config::Environment::with_prefix(ENV_PREFIX)
@@ -665,7 +838,7 @@ impl Config {
         // name the key; the config crate's own messages only sometimes do.
         serde_path_to_error::deserialize(merged).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." {
+            let key = if path == "." || path.is_empty() {
                 "(top level)".to_owned()
             } else {
                 path
@@ -686,6 +859,7 @@ impl Config {
         self.validate_arbiter()?;
         self.validate_sides()?;
         self.validate_pipeline()?;
+        self.validate_admin()?;
         self.sink.validate()?;
         self.parity.validate()?;
         if self.log.level.trim().is_empty()
@@ -740,8 +914,47 @@ impl Config {
                 ),
             ));
         }
+        if let Some(why) = r.password.as_ref().and_then(|p| placeholder(p.expose())) {
+            return Err(ConfigError::new(
+                "redis.password",
+                format!("refused because {why}; set the password Redis requires"),
+            ));
+        }
         positive("redis.connect_timeout", r.connect_timeout)?;
         positive("redis.response_timeout", r.response_timeout)?;
+        Ok(())
+    }
+
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        if let Some(t) = &a.token {
+            validate_token("admin.token", t)?;
+        }
+        if let Some(t) = &a.viewer_token {
+            validate_token("admin.viewer_token", t)?;
+            if a.token.as_ref() == Some(t) {
+                return Err(ConfigError::new(
+                    "admin.viewer_token",
+                    "equals admin.token: a viewer would have the operator's rights; give each its own",
+                ));
+            }
+        }
+        for (i, h) in a.allowed_hosts.iter().enumerate() {
+            let bad = h.is_empty()
+                || (h.contains('*') && h != "*")
+                || h.contains("://")
+                || h.bytes()
+                    .any(|b| !b.is_ascii_graphic() || b"/?#@,".contains(&b));
+            if bad {
+                return Err(ConfigError::new(
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!(
+                        "`{h}` is not a host name, e.g. `mq-cutover.example.com`, \
+                         `10.0.0.5:9464`, or `*` for any"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -901,6 +1114,14 @@ impl Config {
                         at("kafka.topics"),
                         "needs one or more non-empty topic names, e.g. `[\"reward\"]`",
                     ));
+                }
+                for key in k.properties.keys() {
+                    if let Some(why) = refused_kafka_property(key) {
+                        return Err(ConfigError::new(
+                            at(&format!("kafka.properties.{key}")),
+                            format!("`{key}` is managed by mq-cutover and may not be set: {why}"),
+                        ));
+                    }
                 }
             }
             if let Some(r) = &side.rocketmq {
@@ -1331,6 +1552,24 @@ url = "http://127.0.0.1:8080/grant"
     }
 
     #[test]
+    fn an_environment_variable_naming_no_key_is_named() {
+        // Found by fuzz_config_environment_overrides: the error named no key at all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        for var in [
+            "MQ_CUTOVER__",
+            "MQ_CUTOVER__REDIS____PASSWORD",
+            "MQ_CUTOVER__ADMIN__",
+        ] {
+            let env = [(var.to_owned(), "x".to_owned())].into_iter().collect();
+            let e = Config::load_with_env(&path, env).unwrap_err();
+            assert_eq!(e.key, var);
+            assert!(e.problem.contains("names no config key"), "{e}");
+        }
+    }
+
+    #[test]
     fn missing_file_is_a_clear_error() {
         let e =
             Config::load_with_env(Path::new("/nonexistent/x.toml"), BTreeMap::new()).unwrap_err();
@@ -1342,6 +1581,220 @@ url = "http://127.0.0.1:8080/grant"
         let c =
             Config::from_toml_str(&with("[redis]\n", "[redis]\npassword = \"hunter2\"\n")).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    const OPERATOR: &str = "9f1c2e7a4b6d8f0a1c3e5b7d9f2a4c6e";
+    const VIEWER: &str = "0b8d6f4a2c1e3b5d7f9a8c6e4b2d0f1a";
+
+    fn admin(lines: &str) -> Result<Validated, ConfigError> {
+        Config::from_toml_str(&format!("{GOOD}\n[admin]\n{lines}\n")).and_then(Config::validate)
+    }
+
+    #[test]
+    fn good_tokens_are_accepted() {
+        let c = admin(&format!(
+            "token = \"{OPERATOR}\"\nviewer_token = \"{VIEWER}\""
+        ))
+        .unwrap();
+        assert_eq!(c.admin.token.as_ref().unwrap().expose(), OPERATOR);
+        assert_eq!(c.admin.viewer_token.as_ref().unwrap().expose(), VIEWER);
+    }
+
+    #[test]
+    fn short_placeholder_or_weak_tokens_are_refused_without_showing_them() {
+        let long_placeholder = "REPLACE-ME-with-openssl-rand-hex-32-output";
+        for (key, bad, says) in [
+            ("token", "t0ken", "is 5 bytes; a token must be at least 32"),
+            ("token", "change-me", "placeholder"),
+            ("token", "CHANGEME", "placeholder"),
+            ("token", "Secret", "well-known default"),
+            ("viewer_token", "token", "well-known default"),
+            ("viewer_token", long_placeholder, "placeholder"),
+            ("token", "", "empty"),
+            (
+                "token",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "distinct characters",
+            ),
+            (
+                "token",
+                "9f1c2e7a4b6d8f0a 1c3e5b7d9f2a4c6e",
+                "printable ASCII",
+            ),
+        ] {
+            let e = admin(&format!("{key} = \"{bad}\"")).unwrap_err();
+            assert_eq!(e.key, format!("admin.{key}"), "{bad}");
+            assert!(e.problem.contains(says), "{bad}: {e}");
+            assert!(
+                bad.is_empty() || !e.problem.contains(bad),
+                "the error shows the token: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_viewer_token_must_differ_from_the_operator_token() {
+        let e = admin(&format!(
+            "token = \"{OPERATOR}\"\nviewer_token = \"{OPERATOR}\""
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "admin.viewer_token");
+    }
+
+    #[test]
+    fn allowed_hosts_take_names_addresses_or_a_lone_star() {
+        let c =
+            admin("allowed_hosts = [\"mq.example.net\", \"10.0.0.5:9464\", \"[::1]:9\"]").unwrap();
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+        admin("allowed_hosts = [\"*\"]").unwrap();
+        for bad in ["", "*.example.net", "http://x", "a b", "x/y"] {
+            let e = admin(&format!("allowed_hosts = [\"ok\", \"{bad}\"]")).unwrap_err();
+            assert_eq!(e.key, "admin.allowed_hosts[1]", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_placeholder_redis_password_is_refused() {
+        let e = err_of(&with("[redis]\n", "[redis]\npassword = \"REPLACE-ME\"\n"));
+        assert_eq!(e.key, "redis.password");
+        assert!(!e.to_string().contains("REPLACE-ME"), "{e}");
+    }
+
+    #[test]
+    fn kafka_properties_the_source_depends_on_are_refused_by_name() {
+        for key in [
+            "group.id",
+            "bootstrap.servers",
+            "metadata.broker.list",
+            "enable.auto.commit",
+            "auto.commit.enable",
+            "enable.auto.offset.store",
+            "auto.commit.interval.ms",
+            "enable.partition.eof",
+            "offset.store.method",
+            "plugin.library.paths",
+            "Group.Id",
+        ] {
+            let e = err_of(&with(
+                "group_id = \"reward\"\n",
+                &format!("group_id = \"reward\"\n[side.kafka.properties]\n\"{key}\" = \"x\"\n"),
+            ));
+            assert_eq!(e.key, format!("side[0].kafka.properties.{key}"));
+            assert!(e.problem.contains("managed by mq-cutover"), "{e}");
+        }
+    }
+
+    #[test]
+    fn other_kafka_properties_pass_through() {
+        let c = Config::from_toml_str(&with(
+            "group_id = \"reward\"\n",
+            "group_id = \"reward\"\n[side.kafka.properties]\n\"auto.offset.reset\" = \"latest\"\n\
+             \"client.id\" = \"billing\"\n\"security.protocol\" = \"SASL_SSL\"\n\
+             \"session.timeout.ms\" = \"10000\"\n",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.sides[0].kafka.as_ref().unwrap().properties.len(), 4);
+    }
+
+    #[test]
+    fn urls_are_printed_without_their_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://user@h:1/0", "redis://user@h:1/0"),
+            ("redis://user:hunter2@h:1/0", "redis://user:***@h:1/0"),
+            ("rediss://:hunter2@h:1", "rediss://:***@h:1"),
+            ("redis://u:pa/ss@w@rd@h:1", "redis://u:***@h:1"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(masked_url(url), shown);
+        }
+    }
+
+    /// Keys the environment overrides, real ones and near misses.
+    fn env_key() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let real = prop::sample::select(
+            &[
+                "REDIS__URLS",
+                "REDIS__PASSWORD",
+                "REDIS__KEY_PREFIX",
+                "REDIS__MODE",
+                "ARBITER__LEASE",
+                "ARBITER__MAX_ATTEMPTS",
+                "SWITCHES__INITIAL__PERCENT",
+                "SWITCHES__INITIAL__WHITELIST",
+                "SWITCHES__INITIAL__CONSUME",
+                "CUTOVER__FROM",
+                "PIPELINE__CHANNEL",
+                "SINK__URL",
+                "SINK__CLASSIFY__RETRYABLE_STATUSES",
+                "ADMIN__TOKEN",
+                "ADMIN__VIEWER_TOKEN",
+                "ADMIN__ALLOWED_HOSTS",
+                "ADMIN__LISTEN",
+                "LOG__LEVEL",
+                "SIDE",
+                "SIDE__0__NAME",
+                "",
+            ][..],
+        )
+        .prop_map(str::to_owned);
+        prop_oneof![4 => real, 1 => "[A-Z_0-9]{0,12}(__[A-Z_0-9]{0,6}){0,3}"]
+            .prop_map(|k| format!("{ENV_PREFIX}__{k}"))
+    }
+
+    fn env_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("".to_owned()),
+            Just("true".to_owned()),
+            Just("150".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e400".to_owned()),
+            Just("99999999999999999999999".to_owned()),
+            Just("5s".to_owned()),
+            Just("redis://u:p@h:1,rediss://x".to_owned()),
+            Just("a,,b".to_owned()),
+            Just("[1, 2]".to_owned()),
+            "(?s).{0,24}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config(8))]
+
+        /// Whatever the environment says, loading gives a config or an error naming a key.
+        #[test]
+        fn fuzz_config_environment_overrides(
+            env in proptest::collection::btree_map(env_key(), env_value(), 0..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, GOOD).unwrap();
+            if let Err(e) = Config::load_with_env(&path, env).and_then(Config::validate) {
+                proptest::prop_assert!(!e.key.is_empty() && !e.problem.is_empty(), "{e:?}");
+            }
+        }
+
+        /// Any file, and the good one with a line replaced: a config or an error, never a panic.
+        #[test]
+        fn fuzz_config_files(
+            line in 0usize..40,
+            replacement in proptest::prop_oneof![
+                "(?s).{0,40}",
+                "[a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9-]{1,22}|\\[\\]|\\{\\}|true)",
+                "\\[[a-z_.]{0,20}\\]",
+            ],
+        ) {
+            let mut lines: Vec<&str> = GOOD.lines().collect();
+            let at = line % lines.len();
+            lines[at] = &replacement;
+            let text = lines.join("\n");
+            let _ = Config::from_toml_str(&text).and_then(Config::validate);
+            let _ = Config::from_toml_str(&replacement).and_then(Config::validate);
+        }
     }
 
     #[test]

@@ -21,10 +21,13 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dead;
+#[cfg(test)]
+pub(crate) mod fuzzing;
 pub mod grant_counter;
 pub mod message;
 pub mod parity;
 pub mod pipeline;
+pub mod printable;
 pub mod produce;
 pub mod reward;
 pub mod rmq;

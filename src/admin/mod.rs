@@ -2,7 +2,8 @@
 //! messages: every source has joined its consumer group and none is stalled, Redis answers, the
 //! switches are known, the sink's circuit is not open; each problem named in the JSON body), the
 //! operator API under `/api` ([`api`]), and the status page with the `/api/status` document it
-//! reads ([`page`]).
+//! reads ([`page`]). The first three are open; the page and the API are behind the guards of
+//! [`auth`] (Host check, tokens, caps on bodies and on requests in progress).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,9 +15,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub mod api;
+pub mod auth;
 pub mod page;
 
 use crate::arbiter::switches::SwitchFeed;
+use crate::config::Validated;
+use crate::control::Control;
 use crate::sink::breaker::CircuitBreaker;
 use crate::source::Membership;
 use crate::telemetry::metrics::Metrics;
@@ -37,7 +41,18 @@ pub struct AdminState {
     pub sources: Arc<[Membership]>,
 }
 
-/// The admin routes.
+/// Everything the daemon's admin listener serves: [`router`] open, the status page and the
+/// operator API (through `control`) behind [`auth::guard`], as `cfg`'s `[admin]` says.
+pub fn listener(state: AdminState, control: Arc<Control>, cfg: &Validated) -> Router {
+    let status = page::StatusState::new(state.clone(), control.clone(), cfg);
+    router(state).merge(auth::guard(
+        page::pages(),
+        api::router(api::ApiState { control }).merge(page::router(status)),
+        auth::AdminAuth::new(&cfg.admin),
+    ))
+}
+
+/// The open admin routes: `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))

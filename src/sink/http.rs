@@ -274,6 +274,62 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
+    fn http_date() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let wkday =
+            prop::sample::select(&["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "Xyz"][..]);
+        let month = prop::sample::select(
+            &[
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+                "Foo",
+            ][..],
+        );
+        (
+            wkday,
+            0u32..40,
+            month,
+            prop_oneof![1900u32..2200, 0u32..100_000],
+            0u32..30,
+            0u32..70,
+            0u32..70,
+        )
+            .prop_map(|(w, d, m, y, h, mi, s)| {
+                format!("{w}, {d:02} {m} {y:04} {h:02}:{mi:02}:{s:02} GMT")
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config(1))]
+
+        /// Whatever an endpoint sends as `Retry-After`, the wait it asks for is a value (or none)
+        /// and the retry waits no longer than the cap.
+        #[test]
+        fn fuzz_retry_after(
+            value in proptest::prop_oneof![
+                crate::fuzzing::number_text(),
+                http_date(),
+                "(?s).{0,40}",
+            ],
+            now_secs in proptest::prop_oneof![0u64..4_102_444_800, proptest::prelude::any::<u64>()],
+            attempt in proptest::prelude::any::<u32>(),
+            unit in proptest::prelude::any::<f64>(),
+        ) {
+            let Some(now) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(now_secs)) else {
+                return Ok(());
+            };
+            let asked = parse_retry_after(&value, now);
+            let b = crate::sink::retry::Backoff::try_new(
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+                2.0,
+                0.2,
+            )
+            .unwrap();
+            let wait = b.delay_with(attempt, asked, unit);
+            proptest::prop_assert!(wait <= b.retry_after_cap().max(b.max()));
+        }
+    }
+
     #[test]
     fn status_reason_is_one_line_with_the_start_of_the_body() {
         assert_eq!(status_reason(400, Ok(Vec::new())), "HTTP 400");

@@ -64,14 +64,15 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long each request of a lag measurement may wait for a broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Set before the user's properties, which may change them.
+/// Set before the user's properties. Only `auto.offset.reset` may be changed by them; the others
+/// are what the source depends on, and a property naming one is refused
+/// ([`crate::config::refused_kafka_property`]).
 const DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "true"),
     ("auto.commit.interval.ms", "1000"),
     ("auto.offset.reset", "earliest"),
     ("enable.partition.eof", "false"),
-    // Only offsets this source stores are committed: the heart of the guarantee. A user
-    // property may repeat it but not turn it on (see `KafkaSource::new`).
+    // Only offsets this source stores are committed: the heart of the guarantee.
     ("enable.auto.offset.store", "false"),
 ];
 
@@ -84,9 +85,6 @@ pub struct KafkaSource {
     topics: Vec<String>,
     message_id: IdSource,
     business_id: IdSource,
-    /// librdkafka commits stored offsets by itself; if the user turned that off, the source
-    /// commits them on every [`COMMIT_INTERVAL`].
-    auto_commit: bool,
     /// Where a partition without a committed offset starts (`auto.offset.reset`): at the
     /// beginning (true) or at the end; the lag of such a partition is measured from there.
     reset_to_start: bool,
@@ -99,9 +97,10 @@ pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
 }
 
 impl KafkaSource {
-    /// The source of `side`. Refuses a side without a `[side.kafka]` table, a librdkafka
-    /// property librdkafka does not accept, and `enable.auto.offset.store=true`, which would let
-    /// librdkafka commit copies whose fate is not recorded yet.
+    /// The source of `side`. Refuses a side without a `[side.kafka]` table, a property the source
+    /// sets itself and depends on (as config validation does: `group.id`,
+    /// `enable.auto.offset.store`, `enable.auto.commit`, …), and a property librdkafka does not
+    /// accept.
     pub fn new(side: &SideConfig) -> Result<KafkaSource, SourceError> {
         let name: Side = side.name.as_str().into();
         let refuse = |reason: String| SourceError::Start {
@@ -121,6 +120,11 @@ impl KafkaSource {
             config.set(*key, *value);
         }
         for (key, value) in &kafka.properties {
+            if let Some(why) = crate::config::refused_kafka_property(key) {
+                return Err(refuse(format!(
+                    "`{key}` is managed by mq-cutover and may not be set: {why}"
+                )));
+            }
             config.set(key, value);
         }
         // librdkafka's own parser decides what the properties mean (`true`, `1`, aliases).
@@ -132,14 +136,6 @@ impl KafkaSource {
                 .get(key)
                 .map_err(|e| refuse(format!("cannot read back `{key}`: {e}")))
         };
-        if effective("enable.auto.offset.store")? == "true" {
-            return Err(refuse(
-                "`enable.auto.offset.store = true` is refused: librdkafka would commit offsets of \
-                 copies whose fate is not recorded yet (a crash would skip them); leave it out"
-                    .into(),
-            ));
-        }
-        let auto_commit = effective("enable.auto.commit")? == "true";
         let reset_to_start = matches!(
             effective("auto.offset.reset")?.as_str(),
             "smallest" | "earliest" | "beginning"
@@ -155,7 +151,6 @@ impl KafkaSource {
             topics: kafka.topics.clone(),
             message_id: side.message_id.clone(),
             business_id: side.business_id.clone(),
-            auto_commit,
             reset_to_start,
         })
     }
@@ -169,7 +164,6 @@ impl fmt::Debug for KafkaSource {
             .field("bootstrap", &self.bootstrap)
             .field("group", &self.group)
             .field("topics", &self.topics)
-            .field("auto_commit", &self.auto_commit)
             .finish_non_exhaustive()
     }
 }
@@ -286,7 +280,7 @@ impl KafkaSource {
                     Err(_) => watching = false,
                 },
                 _ = tick.tick() => {
-                    consumer.context().store_finished(&*consumer, self.auto_commit);
+                    consumer.context().store_finished(&*consumer);
                     if reconciled.elapsed() >= RECONCILE_INTERVAL {
                         reconciled = Instant::now();
                         fetch.reconcile(&consumer, &side);
@@ -721,8 +715,8 @@ impl KafkaContext {
         self.books.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The periodic step: store what is finished; commit it too if auto-commit is off.
-    fn store_finished<C: Consumer<KafkaContext>>(&self, consumer: &C, auto_commit: bool) {
+    /// The periodic step: store what is finished (librdkafka's auto-commit sends it).
+    fn store_finished<C: Consumer<KafkaContext>>(&self, consumer: &C) {
         let moved = self.books().advance();
         if moved.is_empty() {
             return;
@@ -731,11 +725,6 @@ impl KafkaContext {
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition revoked a moment ago; the revocation committed it already.
             debug!(side = %self.side, error = %e, "cannot store Kafka offsets");
-        }
-        if !auto_commit {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                warn!(side = %self.side, error = %e, "cannot commit Kafka offsets");
-            }
         }
     }
 
@@ -1162,28 +1151,36 @@ mod tests {
     fn defaults_keep_the_offset_store_manual_and_read_from_the_start() {
         let s = KafkaSource::new(&side(&[])).unwrap();
         assert_eq!(s.config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(s.config.get("enable.auto.commit"), Some("true"));
         assert_eq!(s.config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(s.config.get("group.id"), Some("g"));
-        assert!(s.auto_commit);
     }
 
     #[test]
-    fn user_properties_win_over_defaults() {
+    fn user_properties_win_over_the_offset_reset_default() {
         let s = KafkaSource::new(&side(&[
             ("auto.offset.reset", "latest"),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
+            ("session.timeout.ms", "6000"),
         ]))
         .unwrap();
         assert_eq!(s.config.get("auto.offset.reset"), Some("latest"));
-        assert!(!s.auto_commit, "the source commits by itself then");
+        assert!(!s.reset_to_start);
     }
 
     #[test]
-    fn turning_on_the_automatic_offset_store_is_refused() {
-        for value in ["true", "1"] {
-            let reason = refusal(&[("enable.auto.offset.store", value)]);
-            assert!(reason.contains("enable.auto.offset.store"), "{reason}");
+    fn properties_the_source_depends_on_are_refused_whatever_their_value() {
+        for (key, value) in [
+            ("enable.auto.offset.store", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.auto.commit", "false"),
+            ("group.id", "other"),
+            ("plugin.library.paths", "/tmp/x.so"),
+        ] {
+            let reason = refusal(&[(key, value)]);
+            assert!(
+                reason.contains(key) && reason.contains("managed by mq-cutover"),
+                "{reason}"
+            );
         }
     }
 

@@ -154,7 +154,7 @@ async fn the_page_is_served_at_the_root_and_at_status_and_loads_nothing_from_els
     let control = Arc::new(Control::new(&a.store, &a.cfg));
     let router = page::router(StatusState::new(admin, control, &a.cfg));
     for path in ["/", "/status"] {
-        let (code, csp, body) = get(&router, path).await;
+        let (code, csp, body) = get(&page::pages(), path).await;
         assert_eq!(code, StatusCode::OK, "{path}");
         assert_eq!(body, page::STATUS_HTML, "{path}");
         let csp = csp.expect("a content security policy");

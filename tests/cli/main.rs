@@ -84,6 +84,11 @@ fn bad_configs_exit_78_with_one_line_naming_the_key() {
             "ambiguous = \"maybe\"",
             "arbiter.ambiguous",
         ),
+        (
+            "# \"session.timeout.ms\" = \"10000\"",
+            "\"enable.auto.commit\" = \"false\"",
+            "side[0].kafka.properties.enable.auto.commit",
+        ),
     ];
     for (from, to, key) in cases {
         let f = config_with(from, to);
@@ -104,6 +109,40 @@ fn an_environment_override_with_a_bad_value_exits_78() {
         .arg("check-config"));
     assert_eq!(code, EXIT_CONFIG);
     assert!(err.contains("`arbiter.lease`"), "{err}");
+}
+
+#[test]
+fn check_config_prints_redis_urls_without_their_password() {
+    let (code, out, err) = run(mqc("redis://mqc:hunter2@127.0.0.1:1/0", "x").arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redis://mqc:***@127.0.0.1:1/0"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn a_weak_or_placeholder_admin_token_exits_78_without_showing_it() {
+    for (var, token) in [
+        ("MQ_CUTOVER__ADMIN__TOKEN", "s3cr3t-but-short"),
+        (
+            "MQ_CUTOVER__ADMIN__TOKEN",
+            "REPLACE-ME-with-openssl-rand-hex-32-output",
+        ),
+        ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", "change-me"),
+    ] {
+        let (code, _, err) = run(mqc("redis://127.0.0.1:1", "x")
+            .env(var, token)
+            .arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{token}: {err}");
+        let key = if var.ends_with("VIEWER_TOKEN") {
+            "`admin.viewer_token`"
+        } else {
+            "`admin.token`"
+        };
+        assert!(err.contains(key) && !err.contains(token), "{err}");
+    }
 }
 
 #[test]
@@ -234,6 +273,102 @@ async fn inspect_and_release_a_dead_id() {
     assert!(
         err.contains("no record of message id `never-seen`"),
         "{err}"
+    );
+    common::cleanup(&[url], &prefix);
+}
+
+/// An id and a reason a hostile producer (or a hostile downstream's error text) chose: clear the
+/// screen, set the terminal title, turn the text red, and reverse the rest of the line.
+const HOSTILE_ID: &str = "evil\x1b[2J\x1b]0;owned\x07\u{9b}31m\u{202e}di";
+const HOSTILE_REASON: &str = "HTTP 400: \x1b[31mgranted\r\nall good";
+
+fn assert_no_terminal_controls(what: &str, out: &str) {
+    assert!(
+        !out.chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+        "{what} prints a terminal control character: {out:?}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_and_inspect_print_hostile_ids_and_reasons_escaped() {
+    use mq_cutover::dead::{DeadLetters, Parking};
+    use mq_cutover::message::Origin;
+
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-hostile");
+    let store = common::connect(RedisMode::Standalone, &prefix).await;
+    let origin = Origin {
+        side: "kafka".into(),
+        topic: "reward".into(),
+        partition: 0,
+        broker: None,
+        offset: 3,
+        born_ms: 0,
+    };
+    let entry = DeadLetters::new(&store, 1000)
+        .park(&[Parking {
+            message_id: Some(HOSTILE_ID),
+            business_id: Some("u\x1b[1m"),
+            reason: HOSTILE_REASON,
+            origin: &origin,
+            attempts: 1,
+            payload: b"{\"x\":\"\x1b[5mblink\"}",
+        }])
+        .await
+        .unwrap()
+        .remove(0);
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtMostOnce, 8),
+    );
+    let token = LeaseTokens::default().next();
+    arbiter
+        .claim(&ClaimRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            routed_owner: "kafka",
+            token: &token,
+        })
+        .await
+        .unwrap();
+    arbiter
+        .complete(&CompleteRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            token: &token,
+            outcome: &Outcome::Fatal(HOSTILE_REASON.into()),
+        })
+        .await
+        .unwrap();
+
+    let escaped_id = "evil\\x1b[2J\\x1b]0;owned\\x07\\u{9b}31m\\u{202e}di";
+    let escaped_reason = "HTTP 400: \\x1b[31mgranted\\r\\nall good";
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "list"]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead list", &out);
+    assert!(
+        out.contains(&format!("id={escaped_id}")) && out.contains(escaped_reason),
+        "{out}"
+    );
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "show", &entry]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead show", &out);
+    for want in [
+        format!("message id:  {escaped_id}"),
+        "business id: u\\x1b[1m".into(),
+        format!("reason:      {escaped_reason}"),
+        "payload:     {\"x\":\"\\x1b[5mblink\"}".into(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in\n{out}");
+    }
+    let (code, out, err) = run(mqc(&url, &prefix).args(["inspect", HOSTILE_ID]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("inspect", &out);
+    assert!(
+        out.contains(&format!("message {escaped_id}\n"))
+            && out.contains(&format!("reason:    {escaped_reason}")),
+        "{out}"
     );
     common::cleanup(&[url], &prefix);
 }
