@@ -53,9 +53,31 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.cutover.from,
                 cfg.cutover.to,
                 cfg.redis.mode,
-                cfg.redis.urls.join(","),
+                cfg.redis
+                    .urls
+                    .iter()
+                    .map(|u| crate::secrets::redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 cfg.redis.key_prefix
             );
+            for (i, side) in cfg.sides.iter().enumerate() {
+                if let Some(k) = &side.kafka {
+                    // Validation passed, so the check cannot fail here.
+                    if let Ok(s) = crate::source::kafka_security::check(i, &k.properties) {
+                        println!(
+                            "side {}: Kafka {}{}",
+                            side.name,
+                            s.protocol,
+                            s.mechanism.map(|m| format!(" {m}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            let secrets = cfg.secret_keys();
+            if !secrets.is_empty() {
+                println!("secrets set (values not shown): {}", secrets.join(", "));
+            }
             if let Some(pt) = &cfg.pipeline.pass_through {
                 println!(
                     "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",

@@ -987,6 +987,29 @@ pub enum WriteError {
     },
 }
 
+/// The properties of a consumer's settings that say how to reach and log in to the brokers
+/// (`security.protocol`, `sasl.*`, `ssl.*`, socket options), for a producer or admin client of
+/// the same cluster; consumer-only properties are left out (librdkafka warns about them).
+pub fn connection_properties(
+    properties: &crate::config::KafkaProperties,
+) -> impl Iterator<Item = (&str, &str)> {
+    const PREFIXES: &[&str] = &[
+        "security.",
+        "sasl.",
+        "ssl.",
+        "ssl_",
+        "enable.ssl.",
+        "enable.sasl.",
+        "socket.",
+        "broker.address.family",
+        "client.dns.lookup",
+    ];
+    properties
+        .iter()
+        .filter(|(k, _)| PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
 /// A thin Kafka producer for the traffic generator and the tests: each `send` waits for the
 /// broker's acknowledgement. Idempotent, so a retried send is never written twice.
 #[derive(Clone)]
@@ -1007,15 +1030,27 @@ impl KafkaWriter {
     /// A producer for `bootstrap` (`host:port[,host:port…]`). Blocks until a broker answers a
     /// metadata request (at most 5 s), so an unreachable broker is reported here.
     pub fn connect(bootstrap: &str) -> Result<KafkaWriter, WriteError> {
-        let producer: FutureProducer = ClientConfig::new()
+        Self::connect_with(bootstrap, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// [`KafkaWriter::connect`] with further librdkafka producer properties: the side's
+    /// [`connection_properties`] (TLS, SASL), or a codec (`compression.type`).
+    pub fn connect_with<K: AsRef<str>, V: AsRef<str>>(
+        bootstrap: &str,
+        properties: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<KafkaWriter, WriteError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|source| WriteError::Create {
-                bootstrap: bootstrap.to_owned(),
-                source,
-            })?;
+            .set("message.timeout.ms", "30000");
+        for (key, value) in properties {
+            config.set(key.as_ref(), value.as_ref());
+        }
+        let producer: FutureProducer = config.create().map_err(|source| WriteError::Create {
+            bootstrap: bootstrap.to_owned(),
+            source,
+        })?;
         producer
             .client()
             .fetch_metadata(None, CONNECT_TIMEOUT)
@@ -1091,6 +1126,7 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                secret_files: Default::default(),
             }),
             rocketmq: None,
         }

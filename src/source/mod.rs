@@ -22,6 +22,7 @@ use crate::message::{Finished, Message, Side};
 use crate::telemetry::metrics::Metrics;
 
 pub mod kafka;
+pub mod kafka_security;
 
 pub mod rocketmq;
 

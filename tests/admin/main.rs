@@ -296,6 +296,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
             topics: vec![name.clone()],
             group_id: format!("{name}-group"),
             properties: Default::default(),
+            secret_files: Default::default(),
         }),
         rocketmq: (kind == SideKind::Rocketmq).then(|| RocketMqSideConfig {
             name_server: std::env::var("MQC_ROCKETMQ_NAMESRV")

@@ -170,6 +170,7 @@ fn side_with(topic: &str, group: &str, extra: &[(&str, &str)]) -> SideConfig {
                 .chain(extra)
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            secret_files: Default::default(),
         }),
         rocketmq: None,
     }
