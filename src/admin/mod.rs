@@ -27,6 +27,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set by the Redis health task.
     pub redis_up: Arc<AtomicBool>,
+    /// Why Redis is unreachable, in words, while it is (set by the Redis health task).
+    pub redis_problem: Arc<std::sync::Mutex<Option<String>>>,
     /// The switches this instance follows.
     pub switches: SwitchFeed,
     /// The sink's circuit.
@@ -62,8 +64,21 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             source.side()
         ));
     }
+    for source in s.sources.iter() {
+        if let Some(why) = source.refused() {
+            problems.push(format!("side {}: {why}", source.side()));
+        }
+    }
     if !s.redis_up.load(Ordering::Relaxed) {
-        problems.push("redis unreachable: no message can be claimed".into());
+        let why = s
+            .redis_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        problems.push(match why {
+            Some(why) => format!("redis unreachable: no message can be claimed: {why}"),
+            None => "redis unreachable: no message can be claimed".into(),
+        });
     }
     if s.switches.borrow().is_none() {
         problems.push("switches not read yet".into());
@@ -103,6 +118,7 @@ mod tests {
         let s = AdminState {
             metrics: Arc::new(Metrics::default()),
             redis_up: Arc::new(AtomicBool::new(redis)),
+            redis_problem: Default::default(),
             switches: rx,
             breaker: Arc::new(CircuitBreaker::new(&Default::default())),
             sources: Arc::from([]),

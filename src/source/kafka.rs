@@ -50,6 +50,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the start-up check waits for a broker to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a source the brokers refuse (credentials, TLS) waits between two tries.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
+
 /// How long leaving the group may take before the source stops waiting for it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -201,23 +204,43 @@ impl KafkaSource {
                 .map_err(|e| start_error(format!("cannot create the Kafka consumer: {e}")))?,
         );
 
-        // Fail at start-up, with the address, rather than log connection errors forever.
-        let probe = {
-            let consumer = consumer.clone();
-            let topic = self.topics[0].clone();
-            tokio::task::spawn_blocking(move || {
-                consumer
-                    .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
-                    .map(drop)
-            })
-        };
-        tokio::select! {
-            () = cancel.cancelled() => {
-                close(consumer, &side).await;
-                return Ok(());
-            }
-            probed = probe => match probed {
-                Ok(Ok(())) => {}
+        // Fail at start-up, with the address, rather than log connection errors forever; but
+        // brokers that answer and refuse this client (credentials, TLS) keep the source up, not
+        // ready and consuming nothing, trying again: the reason is in `/readyz` and logged once.
+        loop {
+            let probe = {
+                let consumer = consumer.clone();
+                let topic = self.topics[0].clone();
+                tokio::task::spawn_blocking(move || {
+                    consumer
+                        .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                        .map(drop)
+                })
+            };
+            tokio::pin!(probe);
+            let probed = loop {
+                tokio::select! {
+                    () = cancel.cancelled() => {
+                        close(consumer, &side).await;
+                        return Ok(());
+                    }
+                    probed = &mut probe => break probed,
+                    // Serves librdkafka's log and error events meanwhile, so a refusal is seen
+                    // (and reported) when it happens, not when the probe gives up.
+                    _ = consumer.recv() => {}
+                }
+            };
+            match probed {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) if membership.refused().is_some() => {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            close(consumer, &side).await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(REFUSED_RETRY) => {}
+                    }
+                }
                 Ok(Err(e)) => {
                     close(consumer, &side).await;
                     return Err(start_error(format!(
@@ -226,8 +249,9 @@ impl KafkaSource {
                     )));
                 }
                 Err(e) => return Err(start_error(format!("start-up check failed: {e}"))),
-            },
+            }
         }
+        consumer.context().accepted();
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         if let Err(e) = consumer.subscribe(&topics) {
             close(consumer, &side).await;
@@ -806,6 +830,8 @@ async fn follow_lag(
         let c = consumer.clone();
         match tokio::task::spawn_blocking(move || measure_lag(&*c, reset_to_start)).await {
             Ok(Ok(lags)) => {
+                // The brokers answered this client's requests: they accept it.
+                consumer.context().accepted();
                 for (queue, messages) in lags {
                     membership.record_lag(&queue, messages);
                 }
@@ -884,9 +910,56 @@ fn describe_list(tpl: &TopicPartitionList) -> String {
         .join(", ")
 }
 
+/// A librdkafka message saying the brokers refuse this client for a reason in its own settings
+/// (credentials, the CA, TLS on one end only), as the reason `/readyz` gives: what happened and
+/// what to check. `None` for everything else (a broker down, a leader move).
+pub fn refusal(message: &str) -> Option<String> {
+    // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
+    let text = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
+        None => message,
+    };
+    // librdkafka appends `(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`.
+    let text = text.split(" (after ").next().unwrap_or(text).trim();
+    let check = if text.contains("SASL authentication error")
+        || text.contains("Authentication failed")
+    {
+        "authentication refused by the brokers: {} (check sasl.mechanism, sasl.username and sasl.password)"
+    } else if text.contains("SSL handshake failed") {
+        "TLS handshake failed: {} (check ssl.ca.location against the brokers' certificate, and security.protocol)"
+    } else if text.contains("incorrect security.protocol") {
+        "the brokers closed the connection unanswered: {} (a PLAINTEXT or SASL_PLAINTEXT client on a TLS listener? check security.protocol)"
+    } else {
+        return None;
+    };
+    Some(check.replacen("{}", text, 1))
+}
+
+impl KafkaContext {
+    /// The brokers refuse this consumer: `/readyz` says why; logged when it starts.
+    fn refused(&self, why: String) {
+        if self.membership.set_refused(Some(why.clone())) {
+            error!(side = %self.side, "Kafka brokers refuse this consumer: {why}; not ready, nothing is consumed until they accept it");
+        }
+    }
+
+    /// The brokers answered a request of this consumer: any refusal is over.
+    fn accepted(&self) {
+        if self.membership.set_refused(None) {
+            info!(side = %self.side, "Kafka brokers accept this consumer again");
+        }
+    }
+}
+
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         let side = &*self.side;
+        if let Some(why) = refusal(message) {
+            // Reported once, in words, by `refused`; librdkafka repeats it on every reconnect.
+            debug!(side, facility, "librdkafka: {message}");
+            self.refused(why);
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -901,6 +974,11 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(why) = refusal(reason) {
+            debug!(side = %self.side, error = %error, "Kafka client error: {reason}");
+            self.refused(why);
+            return;
+        }
         // Mostly transient (a broker down, a connection reset); librdkafka reconnects by itself.
         warn!(side = %self.side, error = %error, "Kafka client error: {reason}");
     }
@@ -931,6 +1009,7 @@ impl ConsumerContext for KafkaContext {
             // One line per rebalance round: what came, what went (an incremental round may
             // only revoke; an eager one revokes everything and assigns again).
             let gained = queue_labels(tpl);
+            self.accepted();
             let held = self.membership.rebalanced(&gained);
             let lost = std::mem::take(
                 &mut *self
@@ -1185,6 +1264,18 @@ mod tests {
             KafkaSource::new(&s),
             Err(SourceError::Start { .. })
         ));
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_outages_in_words() {
+        let auth = refusal("[thrd:sasl_ssl://127.0.0.1:19094/bootstrap]: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 365ms in state AUTH_REQ)").unwrap();
+        assert!(auth.starts_with("authentication refused by the brokers: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error"), "{auth}");
+        assert!(auth.contains("check sasl.mechanism") && !auth.contains("after 365ms"), "{auth}");
+        let tls = refusal("ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 4ms in state SSL_HANDSHAKE)").unwrap();
+        assert!(tls.starts_with("TLS handshake failed"), "{tls}");
+        let plain = refusal("127.0.0.1:19094/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10 (see api.version.request) (after 1ms in state APIVERSION_QUERY)").unwrap();
+        assert!(plain.contains("check security.protocol"), "{plain}");
+        assert_eq!(refusal("127.0.0.1:19092/bootstrap: Connect to ipv4#127.0.0.1:19092 failed: Connection refused (after 0ms in state CONNECT)"), None);
     }
 
     #[test]

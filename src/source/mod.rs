@@ -63,6 +63,8 @@ struct MembershipInner {
     /// Held queues by their `queue` label, with their lag gauge once measured: a series appears
     /// only with a measured value, never as a placeholder 0.
     held: Mutex<BTreeMap<String, Option<IntGauge>>>,
+    /// Why the brokers refuse this source (credentials, TLS), while they do.
+    refused: Mutex<Option<String>>,
 }
 
 impl Membership {
@@ -79,6 +81,7 @@ impl Membership {
                 lag_interval,
                 joined,
                 held: Mutex::new(BTreeMap::new()),
+                refused: Mutex::new(None),
             }),
         }
     }
@@ -190,6 +193,29 @@ impl Membership {
             })
             .set(messages.max(0));
         true
+    }
+
+    /// The brokers refuse the source (`Some(why)`: wrong credentials, an untrusted certificate,
+    /// a plaintext client on a TLS port) or accept it again (`None`); `/readyz` names the reason
+    /// while it lasts. Returns whether the source went from accepted to refused or back.
+    pub fn set_refused(&self, why: Option<String>) -> bool {
+        let mut refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let flipped = refused.is_some() != why.is_some();
+        *refused = why;
+        flipped
+    }
+
+    /// Why the brokers refuse the source, while they do.
+    pub fn refused(&self) -> Option<String> {
+        self.inner
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The source left its group (shutdown): every lag series goes and nothing is held.

@@ -316,6 +316,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
     let router = mq_cutover::admin::router(AdminState {
         metrics,
         redis_up: Arc::new(AtomicBool::new(true)),
+        redis_problem: Default::default(),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: memberships.clone(),
