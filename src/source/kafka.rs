@@ -88,6 +88,8 @@ pub struct KafkaSource {
     /// Where a partition without a committed offset starts (`auto.offset.reset`): at the
     /// beginning (true) or at the end; the lag of such a partition is measured from there.
     reset_to_start: bool,
+    /// Whether `security.protocol` is SSL or SASL_SSL.
+    tls: bool,
 }
 
 /// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
@@ -121,6 +123,11 @@ impl KafkaSource {
         for (key, value) in &kafka.properties {
             config.set(key, value);
         }
+        // rdkafka takes librdkafka's log level from the `log` filter of a target named
+        // `librdkafka`, which a filter like `mq_cutover=info` leaves at errors only: then the
+        // info-level line of a TLS listener dropping a plaintext client never comes, and the
+        // refusal goes unnamed. The context's `log` filters by our own target instead.
+        config.set_log_level(RDKafkaLogLevel::Info);
         // librdkafka's own parser decides what the properties mean (`true`, `1`, aliases).
         let native = config
             .create_native_config()
@@ -142,6 +149,7 @@ impl KafkaSource {
             effective("auto.offset.reset")?.as_str(),
             "smallest" | "earliest" | "beginning"
         );
+        let tls = effective("security.protocol")?.ends_with("ssl");
         Ok(KafkaSource {
             side: name,
             bootstrap: config
@@ -155,6 +163,7 @@ impl KafkaSource {
             business_id: side.business_id.clone(),
             auto_commit,
             reset_to_start,
+            tls,
         })
     }
 }
@@ -200,7 +209,12 @@ impl KafkaSource {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let consumer: Arc<KafkaConsumer> = Arc::new(
             self.config
-                .create_with_context(KafkaContext::new(side.clone(), ack_rx, membership.clone()))
+                .create_with_context(KafkaContext::new(
+                    side.clone(),
+                    ack_rx,
+                    membership.clone(),
+                    self.tls,
+                ))
                 .map_err(|e| start_error(format!("cannot create the Kafka consumer: {e}")))?,
         );
 
@@ -647,6 +661,8 @@ struct KafkaContext {
     paused: AtomicBool,
     /// Set by a revocation: the loop drops held copies of revoked partitions.
     revoked: AtomicBool,
+    /// Whether the client speaks TLS to the brokers.
+    tls: bool,
 }
 
 struct Books {
@@ -692,6 +708,7 @@ impl KafkaContext {
         side: Side,
         acks: mpsc::UnboundedReceiver<Finished>,
         membership: Membership,
+        tls: bool,
     ) -> KafkaContext {
         KafkaContext {
             side,
@@ -705,6 +722,7 @@ impl KafkaContext {
             }),
             paused: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
+            tls,
         }
     }
 
@@ -912,8 +930,14 @@ fn describe_list(tpl: &TopicPartitionList) -> String {
 
 /// A librdkafka message saying the brokers refuse this client for a reason in its own settings
 /// (credentials, the CA, TLS on one end only), as the reason `/readyz` gives: what happened and
-/// what to check. `None` for everything else (a broker down, a leader move).
-pub fn refusal(message: &str) -> Option<String> {
+/// what to check. `None` for everything else (a broker down, a leader move). `tls`: whether the
+/// client speaks TLS (`security.protocol` SSL or SASL_SSL).
+pub fn why_refused(message: &str, tls: bool) -> Option<String> {
+    // A TLS listener drops a plaintext client's first request (ApiVersion) unanswered; librdkafka
+    // 2.12 says only "Disconnected … in state APIVERSION_QUERY".
+    let dropped_first_request = !tls
+        && message.contains("in state APIVERSION_QUERY")
+        && message.contains("Disconnected");
     // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
     let text = match message.strip_prefix("[thrd:") {
         Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
@@ -927,7 +951,7 @@ pub fn refusal(message: &str) -> Option<String> {
         "authentication refused by the brokers: {} (check sasl.mechanism, sasl.username and sasl.password)"
     } else if text.contains("SSL handshake failed") {
         "TLS handshake failed: {} (check ssl.ca.location against the brokers' certificate, and security.protocol)"
-    } else if text.contains("incorrect security.protocol") {
+    } else if text.contains("incorrect security.protocol") || dropped_first_request {
         "the brokers closed the connection unanswered: {} (a PLAINTEXT or SASL_PLAINTEXT client on a TLS listener? check security.protocol)"
     } else {
         return None;
@@ -954,7 +978,7 @@ impl KafkaContext {
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         let side = &*self.side;
-        if let Some(why) = refusal(message) {
+        if let Some(why) = why_refused(message, self.tls) {
             // Reported once, in words, by `refused`; librdkafka repeats it on every reconnect.
             debug!(side, facility, "librdkafka: {message}");
             self.refused(why);
@@ -974,7 +998,7 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(why) = refusal(reason) {
+        if let Some(why) = why_refused(reason, self.tls) {
             debug!(side = %self.side, error = %error, "Kafka client error: {reason}");
             self.refused(why);
             return;
@@ -1268,14 +1292,35 @@ mod tests {
 
     #[test]
     fn refusals_are_told_apart_from_outages_in_words() {
-        let auth = refusal("[thrd:sasl_ssl://127.0.0.1:19094/bootstrap]: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 365ms in state AUTH_REQ)").unwrap();
-        assert!(auth.starts_with("authentication refused by the brokers: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error"), "{auth}");
+        let auth = why_refused(
+            "[thrd:sasl_ssl://127.0.0.1:19094/bootstrap]: sasl_ssl://127.0.0.1:19094/bootstrap: \
+             SASL authentication error: Authentication failed during authentication due to invalid \
+             credentials with SASL mechanism SCRAM-SHA-512 (after 365ms in state AUTH_REQ)",
+            true,
+        )
+        .unwrap();
+        assert!(
+            auth.starts_with("authentication refused by the brokers: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error"),
+            "{auth}"
+        );
         assert!(auth.contains("check sasl.mechanism") && !auth.contains("after 365ms"), "{auth}");
-        let tls = refusal("ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 4ms in state SSL_HANDSHAKE)").unwrap();
+        let tls = why_refused(
+            "ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL \
+             routines::certificate verify failed: broker certificate could not be verified \
+             (after 4ms in state SSL_HANDSHAKE)",
+            true,
+        )
+        .unwrap();
         assert!(tls.starts_with("TLS handshake failed"), "{tls}");
-        let plain = refusal("127.0.0.1:19094/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10 (see api.version.request) (after 1ms in state APIVERSION_QUERY)").unwrap();
+        // A plaintext client whose first request a TLS listener drops, in librdkafka 2.12's words.
+        let dropped = "127.0.0.1:19094/bootstrap: Disconnected: connection closed by peer: receive 0 \
+                       after POLLIN (after 0ms in state APIVERSION_QUERY)";
+        let plain = why_refused(dropped, false).unwrap();
         assert!(plain.contains("check security.protocol"), "{plain}");
-        assert_eq!(refusal("127.0.0.1:19092/bootstrap: Connect to ipv4#127.0.0.1:19092 failed: Connection refused (after 0ms in state CONNECT)"), None);
+        assert_eq!(why_refused(dropped, true), None, "not a plaintext client");
+        let refused = "127.0.0.1:19092/bootstrap: Connect to ipv4#127.0.0.1:19092 failed: \
+                       Connection refused (after 0ms in state CONNECT)";
+        assert_eq!(why_refused(refused, false), None, "a broker down is no refusal");
     }
 
     #[test]

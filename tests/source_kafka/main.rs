@@ -10,6 +10,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod security;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
