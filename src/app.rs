@@ -603,7 +603,9 @@ async fn watch_redis(
             }
             _ => {}
         }
-        *problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        *problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
         up = Some(now_up.is_ok());
         redis_up.store(now_up.is_ok(), Ordering::Relaxed);
         metrics.redis_up.set(if now_up.is_ok() { 1.0 } else { 0.0 });

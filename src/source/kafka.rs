@@ -935,9 +935,8 @@ fn describe_list(tpl: &TopicPartitionList) -> String {
 pub fn why_refused(message: &str, tls: bool) -> Option<String> {
     // A TLS listener drops a plaintext client's first request (ApiVersion) unanswered; librdkafka
     // 2.12 says only "Disconnected … in state APIVERSION_QUERY".
-    let dropped_first_request = !tls
-        && message.contains("in state APIVERSION_QUERY")
-        && message.contains("Disconnected");
+    let dropped_first_request =
+        !tls && message.contains("in state APIVERSION_QUERY") && message.contains("Disconnected");
     // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
     let text = match message.strip_prefix("[thrd:") {
         Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
@@ -1303,7 +1302,10 @@ mod tests {
             auth.starts_with("authentication refused by the brokers: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error"),
             "{auth}"
         );
-        assert!(auth.contains("check sasl.mechanism") && !auth.contains("after 365ms"), "{auth}");
+        assert!(
+            auth.contains("check sasl.mechanism") && !auth.contains("after 365ms"),
+            "{auth}"
+        );
         let tls = why_refused(
             "ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL \
              routines::certificate verify failed: broker certificate could not be verified \
@@ -1313,14 +1315,19 @@ mod tests {
         .unwrap();
         assert!(tls.starts_with("TLS handshake failed"), "{tls}");
         // A plaintext client whose first request a TLS listener drops, in librdkafka 2.12's words.
-        let dropped = "127.0.0.1:19094/bootstrap: Disconnected: connection closed by peer: receive 0 \
+        let dropped =
+            "127.0.0.1:19094/bootstrap: Disconnected: connection closed by peer: receive 0 \
                        after POLLIN (after 0ms in state APIVERSION_QUERY)";
         let plain = why_refused(dropped, false).unwrap();
         assert!(plain.contains("check security.protocol"), "{plain}");
         assert_eq!(why_refused(dropped, true), None, "not a plaintext client");
         let refused = "127.0.0.1:19092/bootstrap: Connect to ipv4#127.0.0.1:19092 failed: \
                        Connection refused (after 0ms in state CONNECT)";
-        assert_eq!(why_refused(refused, false), None, "a broker down is no refusal");
+        assert_eq!(
+            why_refused(refused, false),
+            None,
+            "a broker down is no refusal"
+        );
     }
 
     #[test]

@@ -497,7 +497,8 @@ impl Secured {
                     .to_owned()
             })
         };
-        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
         Secured {
             ca: file("ca.pem"),
             other_ca: file("other-ca.pem"),

@@ -70,7 +70,10 @@ async fn refused_with(t: &str, properties: Vec<(String, String)>, words: &str) {
             let r = (&mut src.task).await.expect("source task panicked");
             panic!("the source stopped instead of waiting to be accepted: {r:?}");
         }
-        assert!(Instant::now() < deadline, "never reported as refused ({words})");
+        assert!(
+            Instant::now() < deadline,
+            "never reported as refused ({words})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(why.contains(words), "{why}");
@@ -138,13 +141,12 @@ async fn records_of_every_producer_codec_arrive_once_each() {
                 let p = p.clone();
                 let t = t.clone();
                 async move {
-                    let record = FutureRecord::to(&t)
-                        .key(&id)
-                        .payload(&body)
-                        .headers(OwnedHeaders::new().insert(Header {
+                    let record = FutureRecord::to(&t).key(&id).payload(&body).headers(
+                        OwnedHeaders::new().insert(Header {
                             key: "msg-id",
                             value: Some(&id),
-                        }));
+                        }),
+                    );
                     p.send(record, Duration::from_secs(10))
                         .await
                         .unwrap_or_else(|(e, _)| unreachable("producing", &e));
