@@ -513,6 +513,15 @@ impl Secured {
         }
     }
 
+    /// The directory of the test bed's CA and certificates.
+    pub fn tls_dir(&self) -> String {
+        std::path::Path::new(&self.ca)
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    }
+
     /// librdkafka settings for the secured broker: SASL_SSL, SCRAM-SHA-512, the CA.
     pub fn kafka_properties(&self) -> Vec<(String, String)> {
         [
