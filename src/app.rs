@@ -632,7 +632,10 @@ fn explain_redis(e: &crate::store::StoreError, tls: bool) -> String {
             "TLS handshake failed: {detail} (check redis.tls.ca_file against the server's certificate)"
         );
     }
-    if !tls && (r.is_connection_dropped() || detail.contains("reset by peer")) {
+    if !tls
+        && !r.is_connection_refusal()
+        && (r.is_connection_dropped() || detail.contains("reset by peer"))
+    {
         return format!(
             "the server closed the connection: {detail} (a redis:// URL for a TLS port? use rediss://)"
         );
@@ -643,4 +646,50 @@ fn explain_redis(e: &crate::store::StoreError, tls: bool) -> String {
         );
     }
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn unavailable(kind: redis::ErrorKind, detail: &str) -> StoreError {
+        StoreError::Unavailable(redis::RedisError::from((kind, "x", detail.to_owned())))
+    }
+
+    #[test]
+    fn redis_failures_say_what_to_check() {
+        let io = |e: std::io::Error| StoreError::Unavailable(redis::RedisError::from(e));
+        let auth = explain_redis(
+            &unavailable(redis::ErrorKind::AuthenticationFailed, "WRONGPASS"),
+            true,
+        );
+        assert!(
+            auth.contains("check redis.username and redis.password"),
+            "{auth}"
+        );
+        let tls = explain_redis(
+            &io(std::io::Error::other(
+                "invalid peer certificate: UnknownIssuer",
+            )),
+            true,
+        );
+        assert!(
+            tls.starts_with("TLS handshake failed") && tls.contains("redis.tls.ca_file"),
+            "{tls}"
+        );
+        let plain = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            false,
+        );
+        assert!(plain.contains("use rediss://"), "{plain}");
+        let down = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            false,
+        );
+        assert!(
+            !down.contains("rediss") && !down.contains("check"),
+            "{down}"
+        );
+    }
 }

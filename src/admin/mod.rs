@@ -174,6 +174,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_source_and_the_redis_reason_are_named() {
+        let (mut s, _tx) = state(false, true);
+        let kafka = Membership::new("kafka".into(), &s.metrics, Duration::from_secs(5));
+        kafka.rebalanced(&[]);
+        s.sources = Arc::from([kafka.clone()]);
+        *s.redis_problem.lock().unwrap() = Some("authentication refused: WRONGPASS".into());
+        assert!(kafka.set_refused(Some("TLS handshake failed: x".into())));
+        assert!(
+            !kafka.set_refused(Some("TLS handshake failed: y".into())),
+            "no flip"
+        );
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("side kafka: TLS handshake failed: y")
+                && body.contains("redis unreachable: no message can be claimed: authentication refused: WRONGPASS"),
+            "{body}"
+        );
+        assert!(kafka.set_refused(None));
+        s.redis_up.store(true, Ordering::Relaxed);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
     async fn healthz_and_metrics_answer() {
         let (s, _tx) = state(false, false);
         s.metrics
