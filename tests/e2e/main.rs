@@ -9,6 +9,7 @@ mod common;
 mod harness;
 mod page;
 mod parity;
+mod secured;
 
 use std::collections::HashSet;
 use std::time::Duration;
