@@ -302,6 +302,20 @@ async fn https_reward() -> (
     (reward, front, stop)
 }
 
+/// `/readyz`, or `(0, "")` while the admin listener is not up yet.
+async fn readyz(d: &Daemon) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{}/readyz", d.admin_port);
+    let answer = async {
+        let r = reqwest::get(url).await.ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    };
+    tokio::time::timeout(Duration::from_secs(2), answer)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// Every admin answer a person or a scraper can read, concatenated.
 async fn everything_the_admin_listener_shows(d: &Daemon) -> String {
     let mut all = String::new();
@@ -465,14 +479,7 @@ async fn wrong_credentials_unknown_cas_and_plaintext_on_tls_ports_are_named_and_
     for (_, d, wrong, reason, _) in &running {
         let started = Instant::now();
         loop {
-            let (code, body) = match tokio::time::timeout(Duration::from_secs(2), async {
-                d.admin("readyz").await
-            })
-            .await
-            {
-                Ok(answer) => answer,
-                Err(_) => (0, String::new()),
-            };
+            let (code, body) = readyz(d).await;
             if code == 503 && body.contains(reason) {
                 break;
             }
