@@ -332,14 +332,21 @@ fn check_config_names_the_secrets_it_read_and_never_prints_them() {
     let token = file("token", "token-S3CRET-from-file");
     let cfg = config_with(
         "[side.kafka.properties]\n",
-        &format!(
-            "[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\
-             \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"mqc\"\n\
-             [side.kafka.secret_files]\n\"sasl.password\" = \"{kafka_pw}\"\n"
-        ),
+        "[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\
+         \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"mqc\"\n",
     );
-    let text = std::fs::read_to_string(cfg.path()).unwrap()
-        + &format!("\n[sink.header_files]\nX-Api-Key = \"{api_key}\"\n");
+    let text = std::fs::read_to_string(cfg.path())
+        .unwrap()
+        .replacen(
+            "[side.kafka.secret_files]\n",
+            &format!("[side.kafka.secret_files]\n\"sasl.password\" = \"{kafka_pw}\"\n"),
+            1,
+        )
+        .replacen(
+            "[sink.header_files]\n",
+            &format!("[sink.header_files]\nX-Api-Key = \"{api_key}\"\n"),
+            1,
+        );
     std::fs::write(
         cfg.path(),
         text.replace("# token = \"...\"", &format!("token_file = \"{token}\"")),
