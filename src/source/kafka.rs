@@ -129,17 +129,15 @@ impl KafkaSource {
         // refusal goes unnamed. The context's `log` filters by our own target instead.
         config.set_log_level(RDKafkaLogLevel::Info);
         // librdkafka's own parser decides what the properties mean (`true`, `1`, aliases).
-        let native = config
-            .create_native_config()
-            .map_err(|e| match &e {
-                // rdkafka's message repeats the value: not for a secret.
-                KafkaError::ClientConfig(_, problem, key, _) if kafka.properties.is_secret(key) => {
-                    refuse(format!(
-                        "bad Kafka consumer settings: `{key}`: {problem} (value not shown)"
-                    ))
-                }
-                _ => refuse(format!("bad Kafka consumer settings: {e}")),
-            })?;
+        let native = config.create_native_config().map_err(|e| match &e {
+            // rdkafka's message repeats the value: not for a secret.
+            KafkaError::ClientConfig(_, problem, key, _) if kafka.properties.is_secret(key) => {
+                refuse(format!(
+                    "bad Kafka consumer settings: `{key}`: {problem} (value not shown)"
+                ))
+            }
+            _ => refuse(format!("bad Kafka consumer settings: {e}")),
+        })?;
         let effective = |key: &str| {
             native
                 .get(key)
@@ -1290,7 +1288,10 @@ mod tests {
     #[test]
     fn a_refused_secret_property_is_named_without_its_value() {
         let reason = refusal(&[("ssl_key", "key-S3CRET")]);
-        assert!(reason.contains("ssl_key") && !reason.contains("S3CRET"), "{reason}");
+        assert!(
+            reason.contains("ssl_key") && !reason.contains("S3CRET"),
+            "{reason}"
+        );
     }
 
     #[test]
