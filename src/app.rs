@@ -57,11 +57,28 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.redis
                     .urls
                     .iter()
-                    .map(|u| crate::config::masked_url(u))
+                    .map(|u| crate::secrets::redact_url(u))
                     .collect::<Vec<_>>()
                     .join(","),
                 cfg.redis.key_prefix
             );
+            for (i, side) in cfg.sides.iter().enumerate() {
+                if let Some(k) = &side.kafka {
+                    // Validation passed, so the check cannot fail here.
+                    if let Ok(s) = crate::source::kafka_security::check(i, &k.properties) {
+                        println!(
+                            "side {}: Kafka {}{}",
+                            side.name,
+                            s.protocol,
+                            s.mechanism.map(|m| format!(" {m}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            let secrets = cfg.secret_keys();
+            if !secrets.is_empty() {
+                println!("secrets set (values not shown): {}", secrets.join(", "));
+            }
             if let Some(pt) = &cfg.pipeline.pass_through {
                 println!(
                     "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",
@@ -208,6 +225,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         .context("setting up the redis client")?;
     let metrics = Arc::new(Metrics::default());
     let redis_up = Arc::new(AtomicBool::new(false));
+    let redis_problem: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let switch_store = SwitchStore::new(&store);
     let control = TaskTracker::new();
     control.spawn(seed_switches(
@@ -217,6 +235,8 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     ));
     control.spawn(watch_redis(
         store.clone(),
+        cfg.redis.urls.iter().any(|u| u.starts_with("rediss://")),
+        redis_problem.clone(),
         redis_up.clone(),
         metrics.clone(),
         root.child_token(),
@@ -266,6 +286,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
         redis_up,
+        redis_problem,
         switches: feed,
         breaker: shared.breaker.clone(),
         sources: memberships.clone(),
@@ -574,9 +595,11 @@ async fn parity_gauges(
 }
 
 /// Logs each transition of Redis between reachable and unreachable, and keeps the readiness
-/// flag and the gauge in step.
+/// flag, its reason (for `/readyz`) and the gauge in step.
 async fn watch_redis(
     store: Store,
+    tls: bool,
+    problem: Arc<std::sync::Mutex<Option<String>>>,
     redis_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -589,16 +612,102 @@ async fn watch_redis(
             _ = tick.tick() => {}
         }
         let now_up = store.ping().await;
-        match (&now_up, up) {
-            (Ok(()), Some(false)) => tracing::info!("redis reachable again"),
-            (Ok(()), None) => tracing::info!("redis reachable"),
-            (Err(e), Some(true) | None) => {
-                tracing::error!(error = %e, "redis unreachable: no message can be claimed until it returns")
+        let why = now_up.as_ref().err().map(|e| explain_redis(e, tls));
+        match (&why, up) {
+            (None, Some(false)) => tracing::info!("redis reachable again"),
+            (None, None) => tracing::info!("redis reachable"),
+            (Some(why), Some(true) | None) => {
+                tracing::error!(reason = %why, "redis unreachable: no message can be claimed until it returns")
             }
             _ => {}
         }
+        *problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
         up = Some(now_up.is_ok());
         redis_up.store(now_up.is_ok(), Ordering::Relaxed);
         metrics.redis_up.set(if now_up.is_ok() { 1.0 } else { 0.0 });
+    }
+}
+
+/// A failure to reach Redis in words, saying what to check when the daemon's own settings are
+/// the likely cause: the credentials, the CA, or TLS on one end only.
+fn explain_redis(e: &crate::store::StoreError, tls: bool) -> String {
+    use crate::store::StoreError;
+    let (StoreError::Unavailable(r) | StoreError::Rejected(r) | StoreError::Setup(r)) = e else {
+        return e.to_string();
+    };
+    let detail = r.to_string();
+    if r.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(r.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    {
+        return format!(
+            "authentication refused: {detail} (check redis.username and redis.password)"
+        );
+    }
+    if detail.contains("certificate") || detail.contains("HandshakeFailure") {
+        return format!(
+            "TLS handshake failed: {detail} (check redis.tls.ca_file against the server's certificate)"
+        );
+    }
+    if !tls
+        && !r.is_connection_refusal()
+        && (r.is_connection_dropped() || detail.contains("reset by peer"))
+    {
+        return format!(
+            "the server closed the connection: {detail} (a redis:// URL for a TLS port? use rediss://)"
+        );
+    }
+    if tls && r.is_timeout() {
+        return format!(
+            "no answer to the TLS handshake: {detail} (a rediss:// URL for a plaintext port? use redis://)"
+        );
+    }
+    e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn unavailable(kind: redis::ErrorKind, detail: &str) -> StoreError {
+        StoreError::Unavailable(redis::RedisError::from((kind, "x", detail.to_owned())))
+    }
+
+    #[test]
+    fn redis_failures_say_what_to_check() {
+        let io = |e: std::io::Error| StoreError::Unavailable(redis::RedisError::from(e));
+        let auth = explain_redis(
+            &unavailable(redis::ErrorKind::AuthenticationFailed, "WRONGPASS"),
+            true,
+        );
+        assert!(
+            auth.contains("check redis.username and redis.password"),
+            "{auth}"
+        );
+        let tls = explain_redis(
+            &io(std::io::Error::other(
+                "invalid peer certificate: UnknownIssuer",
+            )),
+            true,
+        );
+        assert!(
+            tls.starts_with("TLS handshake failed") && tls.contains("redis.tls.ca_file"),
+            "{tls}"
+        );
+        let plain = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            false,
+        );
+        assert!(plain.contains("use rediss://"), "{plain}");
+        let down = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            false,
+        );
+        assert!(
+            !down.contains("rediss") && !down.contains("check"),
+            "{down}"
+        );
     }
 }

@@ -292,6 +292,8 @@ mod tests {
             token: operator.map(|t| serde_json::from_value(t.into()).unwrap()),
             viewer_token: viewer.map(|t| serde_json::from_value(t.into()).unwrap()),
             allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            token_file: None,
+            viewer_token_file: None,
         }
     }
 

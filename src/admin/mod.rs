@@ -32,6 +32,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set by the Redis health task.
     pub redis_up: Arc<AtomicBool>,
+    /// Why Redis is unreachable, in words, while it is (set by the Redis health task).
+    pub redis_problem: Arc<std::sync::Mutex<Option<String>>>,
     /// The switches this instance follows.
     pub switches: SwitchFeed,
     /// The sink's circuit.
@@ -89,9 +91,20 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
                 stalled.join(", ")
             ));
         }
+        if let Some(why) = source.refused() {
+            problems.push(format!("side {}: {why}", source.side()));
+        }
     }
     if !s.redis_up.load(Ordering::Relaxed) {
-        problems.push("redis unreachable: no message can be claimed".into());
+        let why = s
+            .redis_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        problems.push(match why {
+            Some(why) => format!("redis unreachable: no message can be claimed: {why}"),
+            None => "redis unreachable: no message can be claimed".into(),
+        });
     }
     if s.switches.borrow().is_none() {
         problems.push("switches not read yet".into());
@@ -131,6 +144,7 @@ mod tests {
         let s = AdminState {
             metrics: Arc::new(Metrics::default()),
             redis_up: Arc::new(AtomicBool::new(redis)),
+            redis_problem: Default::default(),
             switches: rx,
             breaker: Arc::new(CircuitBreaker::new(&Default::default())),
             sources: Arc::from([]),
@@ -215,6 +229,30 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(5)).await;
         kafka.measured(&[reading("t/0", Some(40)), reading("t/1", Some(3))]);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_refused_source_and_the_redis_reason_are_named() {
+        let (mut s, _tx) = state(false, true);
+        let kafka = Membership::new("kafka".into(), &s.metrics, Duration::from_secs(5));
+        kafka.rebalanced(&[]);
+        s.sources = Arc::from([kafka.clone()]);
+        *s.redis_problem.lock().unwrap() = Some("authentication refused: WRONGPASS".into());
+        assert!(kafka.set_refused(Some("TLS handshake failed: x".into())));
+        assert!(
+            !kafka.set_refused(Some("TLS handshake failed: y".into())),
+            "no flip"
+        );
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("side kafka: TLS handshake failed: y")
+                && body.contains("redis unreachable: no message can be claimed: authentication refused: WRONGPASS"),
+            "{body}"
+        );
+        assert!(kafka.set_refused(None));
+        s.redis_up.store(true, Ordering::Relaxed);
         assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
     }
 

@@ -47,7 +47,6 @@ pub enum BuildError {
 }
 
 /// The HTTP sink. Cheap to share behind an `Arc<dyn Sink>`; one connection pool for all callers.
-#[derive(Debug)]
 pub struct HttpSink {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -58,6 +57,18 @@ pub struct HttpSink {
     rate: Option<RateLimit>,
     /// `timeout after 5s`, formatted once.
     timeout_reason: String,
+}
+
+impl std::fmt::Debug for HttpSink {
+    // Not derived: the client holds the configured headers (an API key) and the URL may hold a
+    // password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("url", &crate::secrets::redact_url(self.url.as_str()))
+            .field("method", &self.method)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpSink {
@@ -71,7 +82,31 @@ impl HttpSink {
         // ring, which rustls-webpki already compiles. Installing fails only if one is already
         // installed, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        let tls = cfg.tls.read("sink.tls")?;
+        if let Some(ca) = &tls.ca {
+            // Only the configured CA: a private endpoint's certificate must chain to it.
+            let roots = reqwest::Certificate::from_pem_bundle(ca).map_err(|e| {
+                ConfigError::new(
+                    "sink.tls.ca_file",
+                    format!("not a PEM certificate bundle: {e}"),
+                )
+            })?;
+            builder = builder.tls_certs_only(roots);
+        }
+        if let Some((cert, key)) = &tls.client {
+            let mut pem = cert.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(key);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                ConfigError::new(
+                    "sink.tls.cert_file",
+                    format!("the certificate and key_file are not a PEM certificate and private key: {e}"),
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
             .default_headers(headers)
             .user_agent(concat!("mq-cutover/", env!("CARGO_PKG_VERSION")))
             .timeout(cfg.timeout)

@@ -52,6 +52,7 @@ fn idle_admin_state() -> AdminState {
             &Default::default(),
         )),
         sources: Arc::from([]),
+        redis_problem: Default::default(),
     }
 }
 
@@ -533,6 +534,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
             topics: vec![name.clone()],
             group_id: format!("{name}-group"),
             properties: Default::default(),
+            secret_files: Default::default(),
         }),
         rocketmq: (kind == SideKind::Rocketmq).then(|| RocketMqSideConfig {
             name_server: std::env::var("MQC_ROCKETMQ_NAMESRV")
@@ -552,6 +554,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
     let router = mq_cutover::admin::router(AdminState {
         metrics,
         redis_up: Arc::new(AtomicBool::new(true)),
+        redis_problem: Default::default(),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: memberships.clone(),

@@ -443,3 +443,140 @@ fn run_says_when_redis_is_unreachable_and_keeps_running() {
         "{err}"
     );
 }
+
+/// The binary with the config at `path`, pointed at `redis_url`.
+fn mqc_at(path: &std::path::Path, redis_url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    c.arg("--config")
+        .arg(path)
+        .env("MQ_CUTOVER__REDIS__URLS", redis_url)
+        .env_remove("RUST_LOG");
+    c
+}
+
+#[test]
+fn check_config_names_the_secrets_it_read_and_never_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, value: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, value).unwrap();
+        p.display().to_string()
+    };
+    let kafka_pw = file("kafka-password", "kafka-S3CRET-from-file\n");
+    let api_key = file("api-key", "api-S3CRET-from-file\n");
+    let token = file("token", "token-S3CRET-from-file-0b8d6f4a2c1e3b5d7f9a");
+    let cfg = config_with(
+        "[side.kafka.properties]\n",
+        "[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\
+         \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"mqc\"\n",
+    );
+    let text = std::fs::read_to_string(cfg.path())
+        .unwrap()
+        .replacen(
+            "[side.kafka.secret_files]\n",
+            &format!("[side.kafka.secret_files]\n\"sasl.password\" = \"{kafka_pw}\"\n"),
+            1,
+        )
+        .replacen(
+            "[sink.header_files]\n",
+            &format!("[sink.header_files]\nX-Api-Key = \"{api_key}\"\n"),
+            1,
+        );
+    std::fs::write(
+        cfg.path(),
+        text.replace("# token = \"...\"", &format!("token_file = \"{token}\"")),
+    )
+    .unwrap();
+    let (code, out, err) = run(mqc_at(cfg.path(), "redis://mqc:url-S3CRET@127.0.0.1:1")
+        .env("MQ_CUTOVER__REDIS__PASSWORD", "env-S3CRET")
+        .arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    for secret in [
+        "kafka-S3CRET",
+        "api-S3CRET",
+        "token-S3CRET",
+        "url-S3CRET",
+        "env-S3CRET",
+    ] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} printed:\n{out}{err}"
+        );
+    }
+    assert!(
+        out.contains("side kafka: Kafka SASL_PLAINTEXT SCRAM-SHA-512"),
+        "{out}"
+    );
+    assert!(out.contains("redis://mqc:***@127.0.0.1:1"), "{out}");
+    for named in [
+        "redis.password",
+        "admin.token (file ",
+        "side[0].kafka.properties.\"sasl.password\" (file ",
+        "sink.headers.X-Api-Key (file ",
+    ] {
+        assert!(out.contains(named), "{named} not listed:\n{out}");
+    }
+}
+
+#[test]
+fn a_missing_secret_file_or_a_secret_given_twice_exits_78_naming_the_key() {
+    let cfg = config_with(
+        "# token = \"...\"",
+        "token_file = \"/nonexistent/admin-token\"",
+    );
+    let (code, _, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1").arg("check-config"));
+    assert_eq!(code, EXIT_CONFIG);
+    assert!(
+        err.contains("`admin.token_file`") && err.contains("/nonexistent/admin-token"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pw");
+    std::fs::write(&p, "from-file-S3CRET").unwrap();
+    let cfg = config_with(
+        "# password = \"...\"",
+        &format!("password_file = \"{}\"", p.display()),
+    );
+    let (code, out, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1")
+        .env("MQ_CUTOVER__REDIS__PASSWORD", "env-S3CRET")
+        .arg("check-config"));
+    assert_eq!(code, EXIT_CONFIG, "{out}");
+    assert!(
+        err.contains("`redis.password_file`") && err.contains("`redis.password`"),
+        "{err}"
+    );
+    assert!(!err.contains("S3CRET"), "{err}");
+}
+
+#[test]
+fn kafka_security_gaps_exit_78_naming_the_property() {
+    let cases = [
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n",
+            "side[0].kafka.properties.\"sasl.mechanism\"",
+        ),
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"u\"\n",
+            "side[0].kafka.properties.\"sasl.password\"",
+        ),
+        (
+            "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"\n",
+            "side[0].kafka.properties.\"ssl.ca.location\"",
+        ),
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM\"\n",
+            "side[0].kafka.properties.\"sasl.mechanism\"",
+        ),
+    ];
+    for (props, key) in cases {
+        let cfg = config_with(
+            "[side.kafka.properties]\n",
+            &format!("[side.kafka.properties]\n{props}"),
+        );
+        let (code, _, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1").arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{props}");
+        assert!(err.contains(&format!("`{key}`")), "{props}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}

@@ -1093,6 +1093,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
     let state = AdminState {
         metrics: Arc::new(Metrics::default()),
         redis_up: Arc::new(AtomicBool::new(false)),
+        redis_problem: Default::default(),
         switches: rx,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: Arc::from([]),

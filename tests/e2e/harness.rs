@@ -105,7 +105,7 @@ async fn kafka_topic(name: &str, partitions: i32) {
     }
 }
 
-async fn rocketmq_topic(name: &str, queues: u32) {
+pub async fn rocketmq_topic(name: &str, queues: u32) {
     let testbed = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
     let out = tokio::process::Command::new(testbed)
         .args(["topic", "rocketmq", name, &queues.to_string()])
@@ -416,7 +416,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
+    pub fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
         let mut d = Daemon {
             admin_port: common::free_port(),
             child: None,

@@ -9,6 +9,7 @@ mod common;
 mod harness;
 mod page;
 mod parity;
+mod secured;
 mod stall;
 
 use std::collections::HashSet;
