@@ -17,6 +17,7 @@ use crate::config::Validated;
 use crate::control::{Control, ReplayOutcome};
 use crate::message::Side;
 use crate::pipeline::{Pause, PauseReason, Shared};
+use crate::printable::{printable_parity, printable_record, Printable};
 use crate::source::{Membership, SourceContext, LAG_INTERVAL};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
@@ -53,9 +54,31 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 cfg.cutover.from,
                 cfg.cutover.to,
                 cfg.redis.mode,
-                cfg.redis.urls.join(","),
+                cfg.redis
+                    .urls
+                    .iter()
+                    .map(|u| crate::secrets::redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 cfg.redis.key_prefix
             );
+            for (i, side) in cfg.sides.iter().enumerate() {
+                if let Some(k) = &side.kafka {
+                    // Validation passed, so the check cannot fail here.
+                    if let Ok(s) = crate::source::kafka_security::check(i, &k.properties) {
+                        println!(
+                            "side {}: Kafka {}{}",
+                            side.name,
+                            s.protocol,
+                            s.mechanism.map(|m| format!(" {m}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            let secrets = cfg.secret_keys();
+            if !secrets.is_empty() {
+                println!("secrets set (values not shown): {}", secrets.join(", "));
+            }
             println!(
                 "arbiter.retention {}: copies stamped earlier are parked as too old to arbitrate; \
                  keep it at least as long as the brokers keep messages, and mind Kafka's \
@@ -75,7 +98,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
         Command::Switch(sc) => switch(sc, &cfg).await,
         Command::Inspect { message_id } => {
             let control = Control::connect(&cfg).await?;
-            print!("{}", control.inspect(&message_id).await?);
+            print!("{}", printable_record(control.inspect(&message_id).await?));
             Ok(())
         }
         Command::Release { message_id } => {
@@ -83,7 +106,11 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             let reason = control
                 .release(&message_id, &switches::actor("cli"))
                 .await?;
-            println!("released {message_id}: dead ({reason}) -> pending");
+            println!(
+                "released {}: dead ({}) -> pending",
+                Printable(&message_id),
+                Printable(&reason)
+            );
             Ok(())
         }
         Command::Dead(dc) => dead(dc, &cfg).await,
@@ -94,7 +121,7 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             fail_on_gap,
         } => {
             let control = Control::connect(&cfg).await?;
-            let report = control.parity(since, limit).await?;
+            let report = printable_parity(control.parity(since, limit).await?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -122,9 +149,9 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
                 println!(
                     "{}  {:<8}  {:<28}  {}",
                     fmt_ms(e.at_ms),
-                    e.action,
-                    e.by,
-                    e.detail
+                    Printable(&e.action),
+                    Printable(&e.by),
+                    Printable(&e.detail)
                 );
             }
             Ok(())
@@ -150,7 +177,12 @@ async fn switch(sc: SwitchCommand, cfg: &Validated) -> anyhow::Result<()> {
             if !recent.is_empty() {
                 println!("recent changes:");
                 for e in recent {
-                    println!("  {}  {}  {}", fmt_ms(e.at_ms), e.by, e.detail);
+                    println!(
+                        "  {}  {}  {}",
+                        fmt_ms(e.at_ms),
+                        Printable(&e.by),
+                        Printable(&e.detail)
+                    );
                 }
             }
             return Ok(());
@@ -159,7 +191,7 @@ async fn switch(sc: SwitchCommand, cfg: &Validated) -> anyhow::Result<()> {
             let mut ids: Vec<_> = control.switches().await?.whitelist.into_iter().collect();
             ids.sort();
             for id in ids {
-                println!("{id}");
+                println!("{}", Printable(&id));
             }
             return Ok(());
         }
@@ -201,6 +233,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         .context("setting up the redis client")?;
     let metrics = Arc::new(Metrics::default());
     let redis_up = Arc::new(AtomicBool::new(false));
+    let redis_problem: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let switch_store = SwitchStore::new(&store);
     let control = TaskTracker::new();
     control.spawn(seed_switches(
@@ -210,6 +243,8 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     ));
     control.spawn(watch_redis(
         store.clone(),
+        cfg.redis.urls.iter().any(|u| u.starts_with("rediss://")),
+        redis_problem.clone(),
         redis_up.clone(),
         metrics.clone(),
         root.child_token(),
@@ -259,6 +294,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let admin_state = crate::admin::AdminState {
         metrics: metrics.clone(),
         redis_up,
+        redis_problem,
         switches: feed,
         breaker: shared.breaker.clone(),
         sources: memberships.clone(),
@@ -266,14 +302,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
     let operator =
         Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
-    let admin = crate::admin::router(admin_state.clone())
-        .merge(crate::admin::api::router(crate::admin::api::ApiState {
-            control: operator.clone(),
-            token: cfg.admin.token.clone(),
-        }))
-        .merge(crate::admin::page::router(
-            crate::admin::page::StatusState::new(admin_state, operator, &cfg),
-        ));
+    let admin = crate::admin::listener(admin_state, operator, &cfg);
     let admin_stop = root.child_token();
     let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
     tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
@@ -431,14 +460,14 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
             for l in letters.list(count).await? {
                 println!(
                     "{}  {:<10} {}/{}@{}  id={}  attempts={}  {}",
-                    l.entry,
-                    l.side,
-                    l.topic,
+                    Printable(&l.entry),
+                    Printable(&l.side),
+                    Printable(&l.topic),
                     l.partition,
                     l.offset,
-                    l.message_id.as_deref().unwrap_or("-"),
+                    Printable(l.message_id.as_deref().unwrap_or("-")),
                     l.attempts,
-                    l.reason
+                    Printable(&l.reason)
                 );
             }
         }
@@ -447,22 +476,28 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                 .get(&entry)
                 .await?
                 .with_context(|| format!("no dead letter `{entry}`"))?;
-            println!("entry:       {}", l.entry);
+            println!("entry:       {}", Printable(&l.entry));
             println!(
                 "message id:  {}",
-                l.message_id.as_deref().unwrap_or("(none)")
+                Printable(l.message_id.as_deref().unwrap_or("(none)"))
             );
             println!(
                 "business id: {}",
-                l.business_id.as_deref().unwrap_or("(none)")
+                Printable(l.business_id.as_deref().unwrap_or("(none)"))
             );
-            println!("reason:      {}", l.reason);
+            println!("reason:      {}", Printable(&l.reason));
             println!(
                 "from:        {} {}/{}@{}",
-                l.side, l.topic, l.partition, l.offset
+                Printable(&l.side),
+                Printable(&l.topic),
+                l.partition,
+                l.offset
             );
             println!("attempts:    {}", l.attempts);
-            println!("payload:     {}", String::from_utf8_lossy(&l.payload));
+            println!(
+                "payload:     {}",
+                Printable(&String::from_utf8_lossy(&l.payload))
+            );
         }
         DeadCommand::Replay { entry, all } => {
             let todo = if all {
@@ -495,7 +530,12 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
                     ReplayOutcome::Skipped(_) => skipped += 1,
                 }
                 let id = l.message_id.as_deref().unwrap_or("-");
-                println!("{}: {id}: {outcome}", l.entry);
+                println!(
+                    "{}: {}: {}",
+                    Printable(&l.entry),
+                    Printable(id),
+                    Printable(&outcome.to_string())
+                );
             }
             println!("replayed: {done} delivered, {again} parked again, {skipped} skipped");
         }
@@ -588,9 +628,11 @@ async fn parity_gauges(
 }
 
 /// Logs each transition of Redis between reachable and unreachable, and keeps the readiness
-/// flag and the gauge in step.
+/// flag, its reason (for `/readyz`) and the gauge in step.
 async fn watch_redis(
     store: Store,
+    tls: bool,
+    problem: Arc<std::sync::Mutex<Option<String>>>,
     redis_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -603,16 +645,102 @@ async fn watch_redis(
             _ = tick.tick() => {}
         }
         let now_up = store.ping().await;
-        match (&now_up, up) {
-            (Ok(()), Some(false)) => tracing::info!("redis reachable again"),
-            (Ok(()), None) => tracing::info!("redis reachable"),
-            (Err(e), Some(true) | None) => {
-                tracing::error!(error = %e, "redis unreachable: no message can be claimed until it returns")
+        let why = now_up.as_ref().err().map(|e| explain_redis(e, tls));
+        match (&why, up) {
+            (None, Some(false)) => tracing::info!("redis reachable again"),
+            (None, None) => tracing::info!("redis reachable"),
+            (Some(why), Some(true) | None) => {
+                tracing::error!(reason = %why, "redis unreachable: no message can be claimed until it returns")
             }
             _ => {}
         }
+        *problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
         up = Some(now_up.is_ok());
         redis_up.store(now_up.is_ok(), Ordering::Relaxed);
         metrics.redis_up.set(if now_up.is_ok() { 1.0 } else { 0.0 });
+    }
+}
+
+/// A failure to reach Redis in words, saying what to check when the daemon's own settings are
+/// the likely cause: the credentials, the CA, or TLS on one end only.
+fn explain_redis(e: &crate::store::StoreError, tls: bool) -> String {
+    use crate::store::StoreError;
+    let (StoreError::Unavailable(r) | StoreError::Rejected(r) | StoreError::Setup(r)) = e else {
+        return e.to_string();
+    };
+    let detail = r.to_string();
+    if r.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(r.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    {
+        return format!(
+            "authentication refused: {detail} (check redis.username and redis.password)"
+        );
+    }
+    if detail.contains("certificate") || detail.contains("HandshakeFailure") {
+        return format!(
+            "TLS handshake failed: {detail} (check redis.tls.ca_file against the server's certificate)"
+        );
+    }
+    if !tls
+        && !r.is_connection_refusal()
+        && (r.is_connection_dropped() || detail.contains("reset by peer"))
+    {
+        return format!(
+            "the server closed the connection: {detail} (a redis:// URL for a TLS port? use rediss://)"
+        );
+    }
+    if tls && r.is_timeout() {
+        return format!(
+            "no answer to the TLS handshake: {detail} (a rediss:// URL for a plaintext port? use redis://)"
+        );
+    }
+    e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn unavailable(kind: redis::ErrorKind, detail: &str) -> StoreError {
+        StoreError::Unavailable(redis::RedisError::from((kind, "x", detail.to_owned())))
+    }
+
+    #[test]
+    fn redis_failures_say_what_to_check() {
+        let io = |e: std::io::Error| StoreError::Unavailable(redis::RedisError::from(e));
+        let auth = explain_redis(
+            &unavailable(redis::ErrorKind::AuthenticationFailed, "WRONGPASS"),
+            true,
+        );
+        assert!(
+            auth.contains("check redis.username and redis.password"),
+            "{auth}"
+        );
+        let tls = explain_redis(
+            &io(std::io::Error::other(
+                "invalid peer certificate: UnknownIssuer",
+            )),
+            true,
+        );
+        assert!(
+            tls.starts_with("TLS handshake failed") && tls.contains("redis.tls.ca_file"),
+            "{tls}"
+        );
+        let plain = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            false,
+        );
+        assert!(plain.contains("use rediss://"), "{plain}");
+        let down = explain_redis(
+            &io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            false,
+        );
+        assert!(
+            !down.contains("rediss") && !down.contains("check"),
+            "{down}"
+        );
     }
 }

@@ -4,14 +4,18 @@
 //! Every error names the key it is about (`side[1].name`, `switches.initial.percent`) and says
 //! what a good value looks like, in one line.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::secrets::Secret;
+use crate::secrets::{fill_from_file, read_secret_file, redact_url, REDACTED};
+use crate::tls::TlsFiles;
 
 /// A configuration problem: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +28,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -68,17 +73,104 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// `[admin]`: where `/metrics`, `/healthz` and `/readyz` are served.
+/// `[admin]`: where `/metrics`, `/healthz`, `/readyz`, the status page and the operator API are
+/// served, and who may use the API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to listen on, e.g. `0.0.0.0:9464` in a container.
     #[serde(default = "default_admin_listen")]
     pub listen: std::net::SocketAddr,
-    /// Bearer token for the API's write routes; without one they are off. Prefer
-    /// `MQ_CUTOVER__ADMIN__TOKEN`. Never logged.
+    /// The operator's bearer token: every route under `/api`, reads and writes. At least
+    /// [`MIN_TOKEN_BYTES`] bytes, no placeholder. Prefer `MQ_CUTOVER__ADMIN__TOKEN`. Never logged.
     #[serde(default)]
     pub token: Option<Secret>,
+    /// The read-only bearer token: the `/api` reads (the status page's). Same rules as `token`,
+    /// and different from it. Prefer `MQ_CUTOVER__ADMIN__VIEWER_TOKEN`. Never logged.
+    #[serde(default)]
+    pub viewer_token: Option<Secret>,
+    /// `Host` header values the status page and `/api` answer to, besides `localhost`,
+    /// `127.0.0.1`, `[::1]` and the listen address (a defence against DNS rebinding); `host` or
+    /// `host:port`; `["*"]` answers to any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// A file holding the operator token (a mounted Secret), read at load time; instead of
+    /// `token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// A file holding the viewer token, read at load time; instead of `viewer_token`.
+    #[serde(default)]
+    pub viewer_token_file: Option<PathBuf>,
+}
+
+/// Shortest operator or viewer token accepted, in bytes (`openssl rand -hex 32` gives 64).
+pub const MIN_TOKEN_BYTES: usize = 32;
+
+/// Words that mark a value as a placeholder someone forgot to replace, matched anywhere in the
+/// value, ignoring case.
+const PLACEHOLDER_MARKS: &[&str] = &[
+    "change-me",
+    "change_me",
+    "changeme",
+    "replace-me",
+    "replace_me",
+    "replaceme",
+    "placeholder",
+    "example",
+    "your-token",
+    "your_token",
+];
+
+/// Well-known default secrets, matched as the whole value, ignoring case.
+const PLACEHOLDER_VALUES: &[&str] = &[
+    "secret", "token", "password", "passwd", "admin", "default", "test", "demo", "xxx", "todo",
+];
+
+/// Why `value` looks like a placeholder rather than a secret, if it does.
+pub fn placeholder(value: &str) -> Option<&'static str> {
+    let lower = value.trim().to_ascii_lowercase();
+    if lower.is_empty() {
+        return Some("it is empty");
+    }
+    if PLACEHOLDER_VALUES.contains(&lower.as_str()) {
+        return Some("it is a well-known default");
+    }
+    PLACEHOLDER_MARKS
+        .iter()
+        .any(|m| lower.contains(m))
+        .then_some("it is a placeholder (it says to change or replace it)")
+}
+
+/// Checks an operator or viewer token; the error never shows the token.
+fn validate_token(key: &str, token: &Secret) -> Result<(), ConfigError> {
+    let t = token.expose();
+    let refuse = |why: String| {
+        Err(ConfigError::new(
+            key,
+            format!("{why}; make one with `openssl rand -hex 32`"),
+        ))
+    };
+    if let Some(why) = placeholder(t) {
+        return refuse(format!("refused because {why}"));
+    }
+    if t.len() < MIN_TOKEN_BYTES {
+        return refuse(format!(
+            "is {} bytes; a token must be at least {MIN_TOKEN_BYTES}",
+            t.len()
+        ));
+    }
+    // What a client can send in `Authorization: Bearer …` (RFC 9110 visible characters).
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return refuse("must be printable ASCII without spaces".into());
+    }
+    let distinct: HashSet<u8> = t.bytes().collect();
+    if distinct.len() < 8 {
+        return refuse(format!(
+            "has only {} distinct characters: not a random token",
+            distinct.len()
+        ));
+    }
+    Ok(())
 }
 
 fn default_admin_listen() -> std::net::SocketAddr {
@@ -90,26 +182,38 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token: None,
+            viewer_token: None,
+            allowed_hosts: Vec::new(),
+            token_file: None,
+            viewer_token_file: None,
         }
     }
 }
 
 /// `[redis]`: the server (or cluster) holding claims and switches.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `standalone` (one server, or a proxy) or `cluster` (Redis Cluster).
     #[serde(default)]
     pub mode: RedisMode,
     /// `redis://host:port[/db]` or `rediss://…` for TLS; one URL for standalone, seed nodes for
-    /// cluster.
+    /// cluster. A password inside a URL is shown as `***` wherever the URL is printed.
+    #[serde(serialize_with = "redacted_urls")]
     pub urls: Vec<String>,
     /// ACL user name (Redis 6+); may also be given in the URL.
     #[serde(default)]
     pub username: Option<String>,
-    /// Password; prefer `MQ_CUTOVER__REDIS__PASSWORD` over writing it in the file. Never logged.
+    /// Password; prefer `MQ_CUTOVER__REDIS__PASSWORD` or `password_file` over writing it in the
+    /// file. Never logged.
     #[serde(default)]
     pub password: Option<Secret>,
+    /// A file holding the password (a mounted Secret), read at load time; instead of `password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `[redis.tls]`: the CA to trust and a client certificate, for `rediss://` URLs.
+    #[serde(default)]
+    pub tls: TlsFiles,
     /// Prefix of every key this daemon writes, so several migrations can share one Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -119,6 +223,30 @@ pub struct RedisConfig {
     /// How long to wait for one reply before the call counts as failed (and Redis as unreachable).
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+}
+
+fn redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+impl fmt::Debug for RedisConfig {
+    // Not derived: a URL may carry a password (`rediss://user:pw@host`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("mode", &self.mode)
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("key_prefix", &self.key_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
 }
 
 fn default_key_prefix() -> String {
@@ -166,24 +294,6 @@ named_choices!(AmbiguousPolicy { AtLeastOnce = "at_least_once", AtMostOnce = "at
 named_choices!(RecordLayout { Packed = "packed", Hash = "hash" });
 named_choices!(SideKind { Kafka = "kafka", Rocketmq = "rocketmq" });
 named_choices!(LogFormat { Text = "text", Json = "json" });
-
-/// A string that never shows in `Debug` or logs.
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for handing to the client library.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
 
 /// `[arbiter]`: the claim protocol's knobs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -431,9 +541,172 @@ pub struct KafkaSideConfig {
     pub topics: Vec<String>,
     /// Consumer group id.
     pub group_id: String,
-    /// Any further librdkafka property, passed through as is.
+    /// Any further librdkafka property, passed through as is (`security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`, …), except those the source sets itself and relies
+    /// on ([`refused_kafka_property`]). Secret ones show as `***`.
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub properties: KafkaProperties,
+    /// `[side.kafka.secret_files]`: librdkafka properties whose values are read from files at
+    /// load time (`"sasl.password" = "/etc/mq-cutover/secrets/kafka-password"`); a property is
+    /// given here or in `properties`, not both.
+    #[serde(default)]
+    pub secret_files: BTreeMap<String, PathBuf>,
+}
+
+/// librdkafka properties whose values are secrets: the ones librdkafka itself marks sensitive
+/// (and redacts in its own logs).
+pub const KAFKA_SECRET_PROPERTIES: &[&str] = &[
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.keystore.password",
+];
+
+/// `[side.kafka.properties]`: librdkafka properties by name. Values of secret properties (those
+/// in [`KAFKA_SECRET_PROPERTIES`], and every one read from a file) show as `***` in `Debug` and
+/// serialized output. Reads like the map it wraps.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "BTreeMap<String, String>")]
+pub struct KafkaProperties {
+    values: BTreeMap<String, String>,
+    from_files: BTreeSet<String>,
+}
+
+impl KafkaProperties {
+    /// Whether the value of `key` is a secret.
+    pub fn is_secret(&self, key: &str) -> bool {
+        KAFKA_SECRET_PROPERTIES.contains(&key) || self.from_files.contains(key)
+    }
+
+    /// Sets a property; returns the value it had.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        self.values.insert(key, value)
+    }
+
+    /// Sets a property whose value is a secret, whatever its name.
+    pub fn insert_secret(&mut self, key: impl Into<String>, value: &Secret) {
+        let key = key.into();
+        self.from_files.insert(key.clone());
+        self.values.insert(key, value.expose().to_owned());
+    }
+
+    fn redacted(&self) -> BTreeMap<&str, &str> {
+        self.values
+            .iter()
+            .map(|(k, v)| {
+                let v = if self.is_secret(k) { REDACTED } else { v };
+                (k.as_str(), v)
+            })
+            .collect()
+    }
+}
+
+impl From<BTreeMap<String, String>> for KafkaProperties {
+    fn from(values: BTreeMap<String, String>) -> Self {
+        KafkaProperties {
+            values,
+            from_files: BTreeSet::new(),
+        }
+    }
+}
+
+impl FromIterator<(String, String)> for KafkaProperties {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        BTreeMap::from_iter(iter).into()
+    }
+}
+
+impl Deref for KafkaProperties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.values
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.values.iter()
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.redacted()).finish()
+    }
+}
+
+impl Serialize for KafkaProperties {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.redacted())
+    }
+}
+
+/// librdkafka consumer properties the Kafka side sets itself and depends on, each with why a
+/// `[side.kafka.properties]` entry may not change it.
+const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set it with `bootstrap_servers`"),
+    (
+        "metadata.broker.list",
+        "an alias of bootstrap.servers: set `bootstrap_servers`",
+    ),
+    ("group.id", "set it with `group_id`"),
+    (
+        "enable.auto.commit",
+        "the source stores each offset once its copy's fate is recorded, and librdkafka's \
+         auto-commit sends what is stored (docs/kafka.md)",
+    ),
+    (
+        "auto.commit.enable",
+        "a legacy alias of enable.auto.commit, which the source manages",
+    ),
+    (
+        "enable.auto.offset.store",
+        "only the source may store offsets: librdkafka would store the offset of every record \
+         as soon as it is read, before its fate is recorded, and a crash would skip it",
+    ),
+    (
+        "auto.commit.interval.ms",
+        "the source's commit cadence bounds redelivery after a crash; 0 would turn commits off",
+    ),
+    (
+        "enable.partition.eof",
+        "the consume loop takes every event from the consumer as a record or an error",
+    ),
+    (
+        "offset.store.method",
+        "offsets are committed to the group, never to a file or nowhere",
+    ),
+    (
+        "offset.store.path",
+        "offsets are committed to the group, never to a file",
+    ),
+    (
+        "offset.store.sync.interval.ms",
+        "offsets are committed to the group, never to a file",
+    ),
+    (
+        "plugin.library.paths",
+        "it loads native code into the daemon; the source uses no plugin",
+    ),
+];
+
+/// Why the Kafka source refuses `[side.kafka.properties]` key `key`, if it does: a property it
+/// sets itself and relies on. Others (security, timeouts, `auto.offset.reset`, `client.id`, the
+/// assignment strategy) pass through to librdkafka, which checks them.
+pub fn refused_kafka_property(key: &str) -> Option<&'static str> {
+    let key = key.trim();
+    MANAGED_KAFKA_PROPERTIES
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, why)| *why)
 }
 
 /// `[side.rocketmq]`: a RocketMQ consumer group in cluster mode.
@@ -615,13 +888,26 @@ pub const ENV_PREFIX: &str = "MQ_CUTOVER";
 /// Keys whose environment overrides are comma-separated lists.
 const ENV_LIST_KEYS: &[&str] = &[
     "redis.urls",
+    "admin.allowed_hosts",
     "switches.initial.whitelist",
     "sink.classify.retryable_statuses",
     "sink.classify.fatal_statuses",
 ];
 
+/// Whether the environment override of `key` (`redis.password`) is taken as the text it is:
+/// secrets, user names and file paths are never parsed as numbers or booleans (`007` stays
+/// `007`, `TRUE` stays `TRUE`).
+fn env_verbatim(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    matches!(
+        last,
+        "password" | "token" | "username" | "access_key" | "secret_key"
+    ) || last.ends_with("_file")
+}
+
 impl Config {
-    /// Reads `path`, applies environment overrides, and parses (does not validate).
+    /// Reads `path`, applies environment overrides, parses (does not validate), and reads the
+    /// secrets named by `*_file` keys.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let env: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -643,18 +929,46 @@ impl Config {
                 ),
             ));
         }
+        // `MQ_CUTOVER__` alone, or with an empty segment (`MQ_CUTOVER__REDIS____X`), names no
+        // key; the config crate would report an unknown field without a name.
+        if let Some(var) = env.keys().find(|k| {
+            k.strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.strip_prefix("__"))
+                .is_some_and(|path| path.split("__").any(str::is_empty))
+        }) {
+            return Err(ConfigError::new(
+                var.as_str(),
+                "names no config key; use MQ_CUTOVER__<SECTION>__<KEY>, e.g. \
+                 MQ_CUTOVER__REDIS__PASSWORD",
+            ));
+        }
+        // The config crate parses every variable that looks like a number or a boolean; the
+        // verbatim ones go in as overrides instead, which keep their text.
+        let env_prefix = format!("{}__", ENV_PREFIX.to_lowercase());
+        let (verbatim, parsed): (Vec<_>, Vec<_>) = env.into_iter().partition(|(k, _)| {
+            k.to_lowercase()
+                .strip_prefix(&env_prefix)
+                .is_some_and(|rest| env_verbatim(&rest.replace("__", ".")))
+        });
         let mut envsrc = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
             .list_separator(",")
             .try_parsing(true)
-            .source(Some(env.into_iter().collect()));
+            .source(Some(parsed.into_iter().collect()));
         for key in ENV_LIST_KEYS {
             envsrc = envsrc.with_list_parse_key(key);
         }
-        let merged = config::Config::builder()
+        let mut builder = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(envsrc)
+            .add_source(envsrc);
+        for (name, value) in verbatim {
+            let key = name.to_lowercase()[env_prefix.len()..].replace("__", ".");
+            builder = builder
+                .set_override(key.as_str(), value)
+                .map_err(|e| ConfigError::new(key, e.to_string()))?;
+        }
+        let merged = builder
             .build()
             .map_err(|e| ConfigError::new("(file)", e.to_string()))?;
         Self::from_merged(merged)
@@ -672,9 +986,9 @@ impl Config {
     fn from_merged(merged: config::Config) -> Result<Config, ConfigError> {
         // serde_path_to_error tracks where in the tree a type error happened, so the message can
         // name the key; the config crate's own messages only sometimes do.
-        serde_path_to_error::deserialize(merged).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let path = e.path().to_string();
-            let key = if path == "." {
+            let key = if path == "." || path.is_empty() {
                 "(top level)".to_owned()
             } else {
                 path
@@ -686,7 +1000,51 @@ impl Config {
                 None => problem,
             };
             ConfigError::new(key, problem)
-        })
+        })?;
+        cfg.read_secret_files()?;
+        Ok(cfg)
+    }
+
+    /// Reads every secret named by a `*_file` key into its place (the value form stays empty
+    /// in the file: giving both is refused). Errors name the key and the path.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let r = &mut self.redis;
+        fill_from_file(
+            "redis.password",
+            &mut r.password,
+            "redis.password_file",
+            r.password_file.as_deref(),
+        )?;
+        let a = &mut self.admin;
+        fill_from_file(
+            "admin.token",
+            &mut a.token,
+            "admin.token_file",
+            a.token_file.as_deref(),
+        )?;
+        fill_from_file(
+            "admin.viewer_token",
+            &mut a.viewer_token,
+            "admin.viewer_token_file",
+            a.viewer_token_file.as_deref(),
+        )?;
+        for (i, side) in self.sides.iter_mut().enumerate() {
+            let Some(k) = side.kafka.as_mut() else {
+                continue;
+            };
+            for (property, path) in &k.secret_files {
+                let key = format!("side[{i}].kafka.secret_files.\"{property}\"");
+                if k.properties.contains_key(property) {
+                    return Err(crate::secrets::both(
+                        &format!("side[{i}].kafka.properties.\"{property}\""),
+                        &key,
+                    ));
+                }
+                let value = read_secret_file(&key, path)?;
+                k.properties.insert_secret(property.as_str(), &value);
+            }
+        }
+        self.sink.read_header_files()
     }
 
     /// Checks every rule that needs no I/O. The first problem found is returned.
@@ -695,6 +1053,7 @@ impl Config {
         self.validate_arbiter()?;
         self.validate_sides()?;
         self.validate_pipeline()?;
+        self.validate_admin()?;
         self.sink.validate()?;
         self.parity.validate()?;
         if self.log.level.trim().is_empty()
@@ -749,8 +1108,55 @@ impl Config {
                 ),
             ));
         }
+        if let Some(why) = r.password.as_ref().and_then(|p| placeholder(p.expose())) {
+            return Err(ConfigError::new(
+                "redis.password",
+                format!("refused because {why}; set the password Redis requires"),
+            ));
+        }
         positive("redis.connect_timeout", r.connect_timeout)?;
         positive("redis.response_timeout", r.response_timeout)?;
+        r.tls.check("redis.tls")?;
+        if !r.tls.is_empty() && !r.urls.iter().any(|u| u.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "redis.tls",
+                "`[redis.tls]` is set but no URL is rediss://, so TLS would not be used: write \
+                 `rediss://host:port`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        if let Some(t) = &a.token {
+            validate_token("admin.token", t)?;
+        }
+        if let Some(t) = &a.viewer_token {
+            validate_token("admin.viewer_token", t)?;
+            if a.token.as_ref() == Some(t) {
+                return Err(ConfigError::new(
+                    "admin.viewer_token",
+                    "equals admin.token: a viewer would have the operator's rights; give each its own",
+                ));
+            }
+        }
+        for (i, h) in a.allowed_hosts.iter().enumerate() {
+            let bad = h.is_empty()
+                || (h.contains('*') && h != "*")
+                || h.contains("://")
+                || h.bytes()
+                    .any(|b| !b.is_ascii_graphic() || b"/?#@,".contains(&b));
+            if bad {
+                return Err(ConfigError::new(
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!(
+                        "`{h}` is not a host name, e.g. `mq-cutover.example.com`, \
+                         `10.0.0.5:9464`, or `*` for any"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -921,6 +1327,15 @@ impl Config {
                         "needs one or more non-empty topic names, e.g. `[\"reward\"]`",
                     ));
                 }
+                for key in k.properties.keys() {
+                    if let Some(why) = refused_kafka_property(key) {
+                        return Err(ConfigError::new(
+                            at(&format!("kafka.properties.{key}")),
+                            format!("`{key}` is managed by mq-cutover and may not be set: {why}"),
+                        ));
+                    }
+                }
+                crate::source::kafka_security::check(i, &k.properties)?;
             }
             if let Some(r) = &side.rocketmq {
                 nonempty(
@@ -968,6 +1383,48 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The secrets this config sets, by key, each with where it was read from when that was a
+    /// file (`redis.password (file /run/secrets/redis)`): what `check-config` lists, never
+    /// the values.
+    pub fn secret_keys(&self) -> Vec<String> {
+        let from = |file: Option<&Path>| match file {
+            Some(p) => format!(" (file {})", p.display()),
+            None => String::new(),
+        };
+        let mut out = Vec::new();
+        if self.redis.password.is_some() {
+            out.push(format!(
+                "redis.password{}",
+                from(self.redis.password_file.as_deref())
+            ));
+        }
+        if self.redis.urls.iter().any(|u| redact_url(u) != *u) {
+            out.push("redis.urls (a password in a URL)".to_owned());
+        }
+        if self.admin.token.is_some() {
+            out.push(format!(
+                "admin.token{}",
+                from(self.admin.token_file.as_deref())
+            ));
+        }
+        for (i, side) in self.sides.iter().enumerate() {
+            let Some(k) = &side.kafka else { continue };
+            for name in k.properties.keys().filter(|n| k.properties.is_secret(n)) {
+                out.push(format!(
+                    "side[{i}].kafka.properties.\"{name}\"{}",
+                    from(k.secret_files.get(name).map(PathBuf::as_path))
+                ));
+            }
+        }
+        for name in self.sink.headers.keys() {
+            out.push(format!(
+                "sink.headers.{name}{}",
+                from(self.sink.header_files.get(name).map(PathBuf::as_path))
+            ));
+        }
+        out
     }
 
     fn side_names(&self) -> Vec<&str> {
@@ -1350,6 +1807,24 @@ url = "http://127.0.0.1:8080/grant"
     }
 
     #[test]
+    fn an_environment_variable_naming_no_key_is_named() {
+        // Found by fuzz_config_environment_overrides: the error named no key at all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        for var in [
+            "MQ_CUTOVER__",
+            "MQ_CUTOVER__REDIS____PASSWORD",
+            "MQ_CUTOVER__ADMIN__",
+        ] {
+            let env = [(var.to_owned(), "x".to_owned())].into_iter().collect();
+            let e = Config::load_with_env(&path, env).unwrap_err();
+            assert_eq!(e.key, var);
+            assert!(e.problem.contains("names no config key"), "{e}");
+        }
+    }
+
+    #[test]
     fn missing_file_is_a_clear_error() {
         let e =
             Config::load_with_env(Path::new("/nonexistent/x.toml"), BTreeMap::new()).unwrap_err();
@@ -1361,6 +1836,393 @@ url = "http://127.0.0.1:8080/grant"
         let c =
             Config::from_toml_str(&with("[redis]\n", "[redis]\npassword = \"hunter2\"\n")).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    const OPERATOR: &str = "9f1c2e7a4b6d8f0a1c3e5b7d9f2a4c6e";
+    const VIEWER: &str = "0b8d6f4a2c1e3b5d7f9a8c6e4b2d0f1a";
+
+    fn admin(lines: &str) -> Result<Validated, ConfigError> {
+        Config::from_toml_str(&format!("{GOOD}\n[admin]\n{lines}\n")).and_then(Config::validate)
+    }
+
+    #[test]
+    fn good_tokens_are_accepted() {
+        let c = admin(&format!(
+            "token = \"{OPERATOR}\"\nviewer_token = \"{VIEWER}\""
+        ))
+        .unwrap();
+        assert_eq!(c.admin.token.as_ref().unwrap().expose(), OPERATOR);
+        assert_eq!(c.admin.viewer_token.as_ref().unwrap().expose(), VIEWER);
+    }
+
+    #[test]
+    fn short_placeholder_or_weak_tokens_are_refused_without_showing_them() {
+        let long_placeholder = "REPLACE-ME-with-openssl-rand-hex-32-output";
+        for (key, bad, says) in [
+            ("token", "t0ken", "is 5 bytes; a token must be at least 32"),
+            ("token", "change-me", "placeholder"),
+            ("token", "CHANGEME", "placeholder"),
+            ("token", "Secret", "well-known default"),
+            ("viewer_token", "token", "well-known default"),
+            ("viewer_token", long_placeholder, "placeholder"),
+            ("token", "", "empty"),
+            (
+                "token",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "distinct characters",
+            ),
+            (
+                "token",
+                "9f1c2e7a4b6d8f0a 1c3e5b7d9f2a4c6e",
+                "printable ASCII",
+            ),
+        ] {
+            let e = admin(&format!("{key} = \"{bad}\"")).unwrap_err();
+            assert_eq!(e.key, format!("admin.{key}"), "{bad}");
+            assert!(e.problem.contains(says), "{bad}: {e}");
+            assert!(
+                bad.is_empty() || !e.problem.contains(bad),
+                "the error shows the token: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_viewer_token_must_differ_from_the_operator_token() {
+        let e = admin(&format!(
+            "token = \"{OPERATOR}\"\nviewer_token = \"{OPERATOR}\""
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "admin.viewer_token");
+    }
+
+    #[test]
+    fn allowed_hosts_take_names_addresses_or_a_lone_star() {
+        let c =
+            admin("allowed_hosts = [\"mq.example.net\", \"10.0.0.5:9464\", \"[::1]:9\"]").unwrap();
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+        admin("allowed_hosts = [\"*\"]").unwrap();
+        for bad in ["", "*.example.net", "http://x", "a b", "x/y"] {
+            let e = admin(&format!("allowed_hosts = [\"ok\", \"{bad}\"]")).unwrap_err();
+            assert_eq!(e.key, "admin.allowed_hosts[1]", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_placeholder_redis_password_is_refused() {
+        let e = err_of(&with("[redis]\n", "[redis]\npassword = \"REPLACE-ME\"\n"));
+        assert_eq!(e.key, "redis.password");
+        assert!(!e.to_string().contains("REPLACE-ME"), "{e}");
+    }
+
+    #[test]
+    fn kafka_properties_the_source_depends_on_are_refused_by_name() {
+        for key in [
+            "group.id",
+            "bootstrap.servers",
+            "metadata.broker.list",
+            "enable.auto.commit",
+            "auto.commit.enable",
+            "enable.auto.offset.store",
+            "auto.commit.interval.ms",
+            "enable.partition.eof",
+            "offset.store.method",
+            "plugin.library.paths",
+            "Group.Id",
+        ] {
+            let e = err_of(&with(
+                "group_id = \"reward\"\n",
+                &format!("group_id = \"reward\"\n[side.kafka.properties]\n\"{key}\" = \"x\"\n"),
+            ));
+            assert_eq!(e.key, format!("side[0].kafka.properties.{key}"));
+            assert!(e.problem.contains("managed by mq-cutover"), "{e}");
+        }
+    }
+
+    #[test]
+    fn other_kafka_properties_pass_through() {
+        let c = Config::from_toml_str(&with(
+            "group_id = \"reward\"\n",
+            "group_id = \"reward\"\n[side.kafka.properties]\n\"auto.offset.reset\" = \"latest\"\n\
+             \"client.id\" = \"billing\"\n\"security.protocol\" = \"SSL\"\n\
+             \"session.timeout.ms\" = \"10000\"\n",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.sides[0].kafka.as_ref().unwrap().properties.len(), 4);
+    }
+
+    #[test]
+    fn urls_are_printed_without_their_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://user@h:1/0", "redis://user@h:1/0"),
+            ("redis://user:hunter2@h:1/0", "redis://user:***@h:1/0"),
+            ("rediss://:hunter2@h:1", "rediss://:***@h:1"),
+            ("redis://u:pa/ss@w@rd@h:1", "redis://u:***@h:1"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(crate::secrets::redact_url(url), shown);
+        }
+    }
+
+    /// Keys the environment overrides, real ones and near misses.
+    fn env_key() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let real = prop::sample::select(
+            &[
+                "REDIS__URLS",
+                "REDIS__PASSWORD",
+                "REDIS__KEY_PREFIX",
+                "REDIS__MODE",
+                "ARBITER__LEASE",
+                "ARBITER__MAX_ATTEMPTS",
+                "SWITCHES__INITIAL__PERCENT",
+                "SWITCHES__INITIAL__WHITELIST",
+                "SWITCHES__INITIAL__CONSUME",
+                "CUTOVER__FROM",
+                "PIPELINE__CHANNEL",
+                "SINK__URL",
+                "SINK__CLASSIFY__RETRYABLE_STATUSES",
+                "ADMIN__TOKEN",
+                "ADMIN__VIEWER_TOKEN",
+                "ADMIN__ALLOWED_HOSTS",
+                "ADMIN__LISTEN",
+                "LOG__LEVEL",
+                "SIDE",
+                "SIDE__0__NAME",
+                "",
+            ][..],
+        )
+        .prop_map(str::to_owned);
+        prop_oneof![4 => real, 1 => "[A-Z_0-9]{0,12}(__[A-Z_0-9]{0,6}){0,3}"]
+            .prop_map(|k| format!("{ENV_PREFIX}__{k}"))
+    }
+
+    fn env_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("".to_owned()),
+            Just("true".to_owned()),
+            Just("150".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e400".to_owned()),
+            Just("99999999999999999999999".to_owned()),
+            Just("5s".to_owned()),
+            Just("redis://u:p@h:1,rediss://x".to_owned()),
+            Just("a,,b".to_owned()),
+            Just("[1, 2]".to_owned()),
+            "(?s).{0,24}",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config(8))]
+
+        /// Whatever the environment says, loading gives a config or an error naming a key.
+        #[test]
+        fn fuzz_config_environment_overrides(
+            env in proptest::collection::btree_map(env_key(), env_value(), 0..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, GOOD).unwrap();
+            if let Err(e) = Config::load_with_env(&path, env).and_then(Config::validate) {
+                proptest::prop_assert!(!e.key.is_empty() && !e.problem.is_empty(), "{e:?}");
+            }
+        }
+
+        /// Any file, and the good one with a line replaced: a config or an error, never a panic.
+        #[test]
+        fn fuzz_config_files(
+            line in 0usize..40,
+            replacement in proptest::prop_oneof![
+                "(?s).{0,40}",
+                "[a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9-]{1,22}|\\[\\]|\\{\\}|true)",
+                "\\[[a-z_.]{0,20}\\]",
+            ],
+        ) {
+            let mut lines: Vec<&str> = GOOD.lines().collect();
+            let at = line % lines.len();
+            lines[at] = &replacement;
+            let text = lines.join("\n");
+            let _ = Config::from_toml_str(&text).and_then(Config::validate);
+            let _ = Config::from_toml_str(&replacement).and_then(Config::validate);
+        }
+    }
+
+    /// A config file in a temporary directory beside the secret files it names.
+    fn with_files(body: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let text = body.replace("DIR", dir.path().to_str().unwrap());
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_at_load_time_without_their_line_break() {
+        let body = with(
+            "[redis]\n",
+            "[redis]\npassword_file = \"DIR/redis\"\n",
+        )
+        .replace(
+            "group_id = \"reward\"",
+            "group_id = \"reward\"\n[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"mqc\"\n[side.kafka.secret_files]\n\"sasl.password\" = \"DIR/kafka\"",
+        ) + "[sink.header_files]\nX-Api-Key = \"DIR/api\"\n[admin]\ntoken_file = \"DIR/token\"\n";
+        let (_dir, path) = with_files(
+            &body,
+            &[
+                ("redis", "r-pw\n"),
+                ("kafka", "k-pw\n"),
+                ("api", "key-1\n"),
+                ("token", "t-1-9f1c2e7a4b6d8f0a1c3e5b7d9f2a4c6e"),
+            ],
+        );
+        let c = Config::load_with_env(&path, BTreeMap::new())
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.redis.password.as_ref().unwrap().expose(), "r-pw");
+        assert_eq!(
+            c.admin.token.as_ref().unwrap().expose(),
+            "t-1-9f1c2e7a4b6d8f0a1c3e5b7d9f2a4c6e"
+        );
+        let k = c.sides[0].kafka.as_ref().unwrap();
+        assert_eq!(k.properties["sasl.password"], "k-pw");
+        assert_eq!(c.sink.headers["X-Api-Key"], "key-1");
+        // Nowhere printed: Debug, serialized, the check-config list.
+        let shown = format!(
+            "{c:?}{}{}",
+            serde_json::to_string(&*c).unwrap(),
+            c.secret_keys().join(",")
+        );
+        for secret in ["r-pw", "k-pw", "key-1", "t-1"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(
+            c.secret_keys()
+                .iter()
+                .any(|k| k.starts_with("side[0].kafka.properties.\"sasl.password\" (file ")),
+            "{:?}",
+            c.secret_keys()
+        );
+    }
+
+    #[test]
+    fn a_secret_given_as_value_and_as_file_is_refused_naming_both() {
+        let body = with(
+            "[redis]\n",
+            "[redis]\npassword = \"a\"\npassword_file = \"DIR/redis\"\n",
+        );
+        let (_dir, path) = with_files(&body, &[("redis", "b")]);
+        let e = Config::load_with_env(&path, BTreeMap::new()).unwrap_err();
+        assert_eq!(e.key, "redis.password_file");
+        assert!(e.problem.contains("`redis.password`"), "{e}");
+        // The environment's value counts as the value.
+        let body = with("[redis]\n", "[redis]\npassword_file = \"DIR/redis\"\n");
+        let (_dir, path) = with_files(&body, &[("redis", "b")]);
+        let env = [("MQ_CUTOVER__REDIS__PASSWORD".to_owned(), "c".to_owned())].into();
+        let e = Config::load_with_env(&path, env).unwrap_err();
+        assert_eq!(e.key, "redis.password_file");
+        let body = format!(
+            "{}[sink.header_files]\nx-api-key = \"DIR/api\"\n",
+            GOOD.replace("[sink]\n", "[sink.headers]\nX-Api-Key = \"v\"\n[sink]\n")
+        );
+        let (_dir, path) = with_files(&body, &[("api", "b")]);
+        let e = Config::load_with_env(&path, BTreeMap::new()).unwrap_err();
+        assert_eq!(e.key, "sink.header_files.x-api-key");
+    }
+
+    #[test]
+    fn a_missing_secret_file_names_the_key_and_the_path() {
+        let body = format!("{GOOD}[admin]\ntoken_file = \"DIR/nope\"\n");
+        let (_dir, path) = with_files(&body, &[]);
+        let e = Config::load_with_env(&path, BTreeMap::new()).unwrap_err();
+        assert_eq!(e.key, "admin.token_file");
+        assert!(e.problem.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn secrets_from_the_environment_keep_their_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        let env = [
+            ("MQ_CUTOVER__REDIS__PASSWORD", "007"),
+            ("MQ_CUTOVER__ADMIN__TOKEN", "TRUE"),
+            ("MQ_CUTOVER__REDIS__USERNAME", "1e3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let c = Config::load_with_env(&path, env).unwrap();
+        assert_eq!(c.redis.password.unwrap().expose(), "007");
+        assert_eq!(c.admin.token.unwrap().expose(), "TRUE");
+        assert_eq!(c.redis.username.as_deref(), Some("1e3"));
+    }
+
+    #[test]
+    fn a_password_inside_a_redis_url_is_never_printed() {
+        let c = Config::from_toml_str(&with(
+            "redis://127.0.0.1:6379",
+            "rediss://mqc:url-pw@127.0.0.1:6379",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        let shown = format!("{c:?}{}", serde_json::to_string(&*c).unwrap());
+        assert!(
+            !shown.contains("url-pw") && shown.contains("mqc:***@"),
+            "{shown}"
+        );
+        assert_eq!(c.secret_keys(), vec!["redis.urls (a password in a URL)"]);
+    }
+
+    #[test]
+    fn secret_kafka_properties_are_redacted_and_others_shown() {
+        let c = Config::from_toml_str(&with(
+            "group_id = \"reward\"",
+            "group_id = \"reward\"\n[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n\"sasl.username\" = \"u\"\n\"sasl.password\" = \"inline-pw\"\n\"ssl.key.password\" = \"key-pw\"",
+        ))
+        .unwrap();
+        let shown = format!("{c:?}{}", serde_json::to_string(&c).unwrap());
+        assert!(
+            !shown.contains("inline-pw") && !shown.contains("key-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("SASL_PLAINTEXT"), "{shown}");
+    }
+
+    #[test]
+    fn kafka_security_problems_are_named_by_check_config() {
+        let e = err_of(&with(
+            "group_id = \"reward\"",
+            "group_id = \"reward\"\n[side.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"",
+        ));
+        assert_eq!(e.key, "side[0].kafka.properties.\"sasl.mechanism\"");
+    }
+
+    #[test]
+    fn redis_tls_files_must_exist_and_need_a_rediss_url() {
+        let e = err_of(&with(
+            "[redis]\n",
+            "[redis]\ntls = { ca_file = \"/nonexistent/ca.pem\" }\n",
+        ));
+        assert_eq!(e.key, "redis.tls.ca_file");
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let e = err_of(&with(
+            "[redis]\n",
+            &format!("[redis]\ntls = {{ ca_file = \"{}\" }}\n", ca.display()),
+        ));
+        assert_eq!(e.key, "redis.tls");
+        assert!(e.problem.contains("rediss://"), "{e}");
     }
 
     #[test]

@@ -267,3 +267,77 @@ fn parse_entries(v: Value) -> Result<Vec<DeadLetter>, StoreError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing;
+    use proptest::prelude::*;
+
+    const FIELDS: &[&str] = &[
+        "id",
+        "bid",
+        "reason",
+        "side",
+        "topic",
+        "partition",
+        "offset",
+        "attempts",
+        "payload",
+    ];
+
+    #[test]
+    fn entries_read_back_with_numbers_that_do_not_fit_as_zero() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(
+                [
+                    ("id", "m-1"),
+                    ("bid", ""),
+                    ("reason", "HTTP 400"),
+                    ("partition", "99999999999"),
+                    ("offset", "-3"),
+                    ("attempts", "x"),
+                    ("payload", "{}"),
+                    ("lonely", ""),
+                ]
+                .iter()
+                .flat_map(|(k, v)| [bulk(k), bulk(v)])
+                .chain([bulk("odd")])
+                .collect(),
+            ),
+        ])]);
+        let l = parse_entries(reply).unwrap().remove(0);
+        assert_eq!(
+            (l.message_id.as_deref(), l.business_id, l.reason.as_str()),
+            (Some("m-1"), None, "HTTP 400")
+        );
+        assert_eq!((l.partition, l.offset, l.attempts), (0, -3, 0));
+        assert_eq!(l.payload, b"{}");
+    }
+
+    proptest! {
+        #![proptest_config(fuzzing::config(1))]
+
+        /// Whatever Redis answers (a foreign key of the same name, a newer server, a bug), reading
+        /// dead letters gives letters or an error, never a panic.
+        #[test]
+        fn fuzz_dead_letter_replies(reply in fuzzing::redis_value()) {
+            let _ = parse_entries(reply);
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(fuzzing::config(4))]
+
+        /// Entries of the right shape always read, one letter each, whatever their fields hold.
+        #[test]
+        fn fuzz_dead_letter_entries(entries in prop::collection::vec(fuzzing::stream_entry(FIELDS), 0..6)) {
+            let n = entries.len();
+            let letters = parse_entries(Value::Array(entries)).unwrap();
+            prop_assert_eq!(letters.len(), n);
+        }
+    }
+}

@@ -8,7 +8,8 @@
 //! retried by the owner only. The switches (consume on/off, a percentage of business-id buckets, a
 //! whitelist) live in Redis too, so every instance follows one operator command within a second.
 //!
-//! Modules, in data-path order: [`config`] (parse, validate), [`store`] (the Redis connection),
+//! Modules, in data-path order: [`config`] (parse, validate; [`secrets`] and [`tls`] for the
+//! credentials and certificates it names), [`store`] (the Redis connection),
 //! [`arbiter`] (claim / complete / renew, routing, switches), [`control`] (the operator actions
 //! shared by the CLI and, later, the admin API), [`app`] (wiring and the run loop), with
 //! [`telemetry`] and [`shutdown`] beside them.
@@ -21,15 +22,20 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dead;
+#[cfg(test)]
+pub(crate) mod fuzzing;
 pub mod grant_counter;
 pub mod message;
 pub mod parity;
 pub mod pipeline;
+pub mod printable;
 pub mod produce;
 pub mod reward;
 pub mod rmq;
+pub mod secrets;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

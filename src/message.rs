@@ -119,7 +119,12 @@ pub fn read_identity<'h>(
                     .map_err(|e| BadInput(format!("{what}: body is not JSON ({e})")))?;
                 match doc.pointer(ptr) {
                     Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(serde_json::Value::Number(n)) => integer(n).ok_or_else(|| {
+                        BadInput(format!(
+                            "{what}: `{ptr}` is the number {n}, not an integer within 64 bits; \
+                             give ids that are not such integers as strings"
+                        ))
+                    })?,
                     Some(other) => {
                         return Err(BadInput(format!(
                             "{what}: `{ptr}` is {}, not a string or number",
@@ -140,6 +145,17 @@ pub fn read_identity<'h>(
     Ok(Identity { id, business_id })
 }
 
+/// The decimal text of an integer that fits in 64 bits (signed or not), exactly as it reads.
+/// Anything else (a fraction, an exponent, a larger integer) is parsed by serde_json into an
+/// `f64`, which rounds: two different large ids would become one, and `1.0` would differ from `1`.
+fn integer(n: &serde_json::Number) -> Option<String> {
+    if let Some(u) = n.as_u64() {
+        Some(u.to_string())
+    } else {
+        n.as_i64().map(|i| i.to_string())
+    }
+}
+
 fn kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -153,6 +169,7 @@ fn kind(v: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn h(name: &str) -> IdSource {
         IdSource::Header(name.into())
@@ -233,6 +250,127 @@ mod tests {
                 .0,
             "message id: header `n` is not UTF-8"
         );
+    }
+
+    fn body_id(body: &str) -> Result<String, String> {
+        read_identity(&p("/id"), &p("/id"), headers(&[]), body.as_bytes())
+            .map(|i| i.id)
+            .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn numeric_ids_are_taken_exactly_as_64_bit_integers() {
+        for (body, id) in [
+            (r#"{"id":42}"#, "42"),
+            (r#"{"id":-7}"#, "-7"),
+            (r#"{"id":18446744073709551615}"#, "18446744073709551615"),
+            (r#"{"id":-9223372036854775808}"#, "-9223372036854775808"),
+            // Past 2^53 an f64 can no longer tell neighbours apart: these two must stay two.
+            (r#"{"id":9007199254740993}"#, "9007199254740993"),
+            (r#"{"id":9007199254740992}"#, "9007199254740992"),
+        ] {
+            assert_eq!(body_id(body).as_deref(), Ok(id), "{body}");
+        }
+    }
+
+    #[test]
+    fn non_integer_or_out_of_range_numeric_ids_are_bad_input() {
+        // Each of these went through an f64: `1.0` became an id other than `1`, and the two
+        // 23-digit ids below became one and the same id.
+        for body in [
+            r#"{"id":1.0}"#,
+            r#"{"id":1.5}"#,
+            r#"{"id":1e3}"#,
+            r#"{"id":12345678901234567890123}"#,
+            r#"{"id":12345678901234567890124}"#,
+            r#"{"id":-9223372036854775809}"#,
+        ] {
+            let e = body_id(body).unwrap_err();
+            assert!(
+                e.starts_with("message id: `/id` is the number ")
+                    && e.contains("not an integer within 64 bits"),
+                "{body}: {e}"
+            );
+        }
+    }
+
+    /// A JSON document with ids in the places the fuzzed pointers look, of every JSON type.
+    fn json_doc() -> impl Strategy<Value = serde_json::Value> {
+        let scalar = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            any::<u64>().prop_map(|n| serde_json::json!(n)),
+            any::<f64>().prop_map(|n| serde_json::json!(n)),
+            "(?s).{0,12}".prop_map(serde_json::Value::String),
+        ];
+        scalar.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("u".to_owned()),
+                        "[a-z~/0-9]{0,3}"
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn id_source() -> impl Strategy<Value = IdSource> {
+        prop_oneof![
+            prop_oneof![Just("msg-id".to_owned()), "(?s).{0,6}"].prop_map(IdSource::Header),
+            prop_oneof![
+                Just("/id".to_owned()),
+                Just("/u".to_owned()),
+                Just("/id/0".to_owned()),
+                "/[a-z~0-9/]{0,8}",
+                "(?s).{0,8}",
+            ]
+            .prop_map(IdSource::JsonPointer),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(1))]
+
+        /// Whatever a producer sends, identity extraction answers with ids or a reason: no
+        /// panic, no empty id, and a numeric id only as the exact integer it is.
+        #[test]
+        fn fuzz_identity_extraction(
+            message_id in id_source(),
+            business_id in id_source(),
+            headers in prop::collection::vec(
+                (prop_oneof![Just("msg-id".to_owned()), "(?s).{0,6}"], crate::fuzzing::bytes(24)),
+                0..4,
+            ),
+            body in prop_oneof![
+                json_doc().prop_map(|d| serde_json::to_vec(&d).unwrap()),
+                crate::fuzzing::bytes(64),
+            ],
+        ) {
+            let lookup = |name: &str| {
+                headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+            };
+            match read_identity(&message_id, &business_id, lookup, &body) {
+                Ok(id) => {
+                    prop_assert!(!id.id.trim().is_empty());
+                    prop_assert!(!id.business_id.trim().is_empty());
+                    if let IdSource::JsonPointer(ptr) = &message_id {
+                        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        if let Some(serde_json::Value::Number(n)) = doc.pointer(ptr) {
+                            prop_assert!(n.is_i64() || n.is_u64());
+                            prop_assert_eq!(&id.id, &n.to_string());
+                        }
+                    }
+                }
+                Err(BadInput(reason)) => prop_assert!(!reason.is_empty()),
+            }
+        }
     }
 
     #[test]

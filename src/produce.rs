@@ -91,8 +91,11 @@ impl Writer {
                     .context("kafka side without [side.kafka]")?;
                 Writer::Kafka(
                     Box::new(
-                        KafkaWriter::connect(&k.bootstrap_servers)
-                            .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
+                        KafkaWriter::connect_with(
+                            &k.bootstrap_servers,
+                            crate::source::kafka::connection_properties(&k.properties),
+                        )
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
                     ),
                     k.topics[0].clone(),
                 )

@@ -149,7 +149,12 @@ impl Store {
             .iter()
             .map(|u| node_info(cfg, u))
             .collect::<Result<Vec<_>, _>>()?;
-        let subscriber = redis::Client::open(infos[0].clone()).map_err(StoreError::Setup)?;
+        let certs = tls_certificates(cfg)?;
+        let subscriber = match &certs {
+            Some(c) => redis::Client::build_with_tls(infos[0].clone(), c.clone()),
+            None => redis::Client::open(infos[0].clone()),
+        }
+        .map_err(StoreError::Setup)?;
         let conn = match cfg.mode {
             RedisMode::Standalone => {
                 let mgr_cfg = ConnectionManagerConfig::new()
@@ -177,6 +182,9 @@ impl Store {
                 }
                 if let Some(p) = &cfg.password {
                     b = b.password(p.expose());
+                }
+                if let Some(c) = certs {
+                    b = b.certs(c);
                 }
                 let client = b.build().map_err(StoreError::Setup)?;
                 let conn = if lazy {
@@ -215,6 +223,30 @@ impl Store {
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
+}
+
+/// The CA and client certificate of `[redis.tls]`, read now, for `rediss://` URLs; `None`
+/// without any (the system's roots are trusted then).
+fn tls_certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    if cfg.tls.is_empty() {
+        return Ok(None);
+    }
+    let material = cfg.tls.read("redis.tls").map_err(|e| {
+        StoreError::Setup(RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "redis TLS files",
+            e.to_string(),
+        )))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: material
+            .client
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+        root_cert: material.ca,
+    }))
 }
 
 /// Connection info for one node, with the configured credentials added (the URL's own win).

@@ -25,6 +25,18 @@ KAFKA_PORT="${MQC_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${MQC_KAFKA_CONTROLLER_PORT:-19093}"
 KAFKA_HEAP="${MQC_KAFKA_HEAP:--Xms256m -Xmx768m}"
 
+# The secured components: their own processes, ports and data, beside the plain ones.
+# kafka-secure: a second Kafka broker with one SASL_SSL (SCRAM-SHA-512) listener.
+KAFKA_SECURE_PORT="${MQC_KAFKA_SECURE_PORT:-19094}"
+KAFKA_SECURE_CONTROLLER_PORT="${MQC_KAFKA_SECURE_CONTROLLER_PORT:-19095}"
+KAFKA_SECURE_HEAP="${MQC_KAFKA_SECURE_HEAP:--Xms128m -Xmx512m}"
+# The broker's own user (inter-broker and the tools) and the one clients log in as.
+KAFKA_SECURE_ADMIN_USER="admin"
+KAFKA_SECURE_USER="mqc"
+# redis-tls: Redis with TLS only and an ACL user (the default user off).
+REDIS_TLS_PORT="${MQC_REDIS_TLS_PORT:-16380}"
+REDIS_TLS_USER="mqc"
+
 # 5.5.1 is listed on Maven Central for some modules only (rocketmq-tiered-store), but
 # rocketmq-namesrv, -client, -srvutil, -filter, -auth and -tools 5.5.1 are not served:
 # 5.3.3 is the newest version verified to resolve whole.
@@ -275,4 +287,65 @@ fetch_jars() {
   rm -rf "$dir"
   mv "$dir.tmp" "$dir"
   printf '%s\n' "$dir/lib"
+}
+
+# ---------------------------------------------------------------------------------------------
+# TLS material: one CA per test bed
+# ---------------------------------------------------------------------------------------------
+tb_tls_dir() { echo "$TB_DIR/tls"; }
+
+# tb_tls_material : make, once per test bed, in $TB_DIR/tls/ (PEM, keys unencrypted, mode 600):
+#   ca.pem ca.key            the test bed's CA (10 years)
+#   server.pem server.key    a server certificate it signs, SAN IP:127.0.0.1, DNS:localhost
+#   client.pem client.key    a client certificate it signs (CN mqc-client), for mutual TLS
+#   other-ca.pem             an unrelated CA that signed nothing here (tests of "unknown CA")
+# Kept when present and the server certificate is valid for another day; made anew otherwise
+# (components using them then need a restart).
+tb_tls_material() {
+  local dir tmp
+  dir=$(tb_tls_dir)
+  if [[ -s $dir/ca.pem && -s $dir/server.key && -s $dir/client.key && -s $dir/other-ca.pem ]] &&
+    openssl x509 -in "$dir/server.pem" -noout -checkend 86400 >/dev/null 2>&1; then
+    return 0
+  fi
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (run scripts/testbed deps)"
+  log "tls: making the test bed's CA and certificates in $dir"
+  mkdir -p "$dir"
+  tmp=$(mktemp -d "$dir/.new.XXXXXX")
+  (
+    set -e
+    cd "$tmp"
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=mq-cutover test bed CA" \
+      -keyout ca.key -out ca.pem -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "extendedKeyUsage=serverAuth,clientAuth" \
+      "basicConstraints=CA:FALSE" >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 -sha256 \
+      -extfile server.ext -out server.pem
+    openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=mqc-client" -keyout client.key -out client.csr
+    printf '%s\n' "extendedKeyUsage=clientAuth" "basicConstraints=CA:FALSE" >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 -sha256 \
+      -extfile client.ext -out client.pem
+    openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=not the test bed CA" \
+      -keyout other-ca.key -out other-ca.pem -addext "basicConstraints=critical,CA:TRUE"
+    rm -f ./*.csr ./*.ext ./*.srl other-ca.key
+    chmod 644 ./*.pem
+  ) >"$tmp/openssl.log" 2>&1 || fail_with_logs "tls: openssl failed" "$tmp/openssl.log"
+  rm -f "$tmp/openssl.log"
+  mv -f "$tmp"/* "$dir"/
+  rmdir "$tmp"
+}
+
+# tb_secret NAME : a random password, made once per test bed and kept in $TB_DIR/tls/NAME.secret
+# (mode 600), printed on stdout.
+tb_secret() {
+  local file
+  file="$(tb_tls_dir)/$1.secret"
+  mkdir -p "$(tb_tls_dir)"
+  if [[ ! -s $file ]]; then
+    (umask 077 && openssl rand -hex 16 >"$file")
+  fi
+  tr -d '\n' <"$file"
 }

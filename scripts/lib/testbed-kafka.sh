@@ -225,3 +225,162 @@ kafka_smoke() {
   fi
   log "smoke kafka: OK (produced and consumed '$body' on $(kafka_bootstrap))"
 }
+
+# ---------------------------------------------------------------------------- kafka-secure ---
+# A second broker, its own process, ports and data dir ($TB_DIR/kafka-secure), so the plain one
+# is never touched: one SASL_SSL listener (SCRAM-SHA-512) on 127.0.0.1:$KAFKA_SECURE_PORT, the
+# test bed's server certificate in a PKCS12 keystore made with openssl, the SCRAM users
+# $KAFKA_SECURE_ADMIN_USER (inter-broker, tools) and $KAFKA_SECURE_USER (clients) written at format
+# time (`--add-scram`, KIP-900), their passwords in $TB_DIR/tls/kafka-*.secret.
+kafka_secure_dir() { echo "$TB_DIR/kafka-secure"; }
+kafka_secure_pidfile() { echo "$(kafka_secure_dir)/kafka.pid"; }
+kafka_secure_logfile() { echo "$(kafka_secure_dir)/logs/kafka.out"; }
+kafka_secure_config() { echo "$(kafka_secure_dir)/server.properties"; }
+kafka_secure_bootstrap() { echo "127.0.0.1:$KAFKA_SECURE_PORT"; }
+# The tools' client settings (SASL_SSL as the admin user).
+kafka_secure_client_config() { echo "$(kafka_secure_dir)/admin-client.properties"; }
+
+kafka_secure_pid() { our_pid "$(kafka_secure_pidfile)" "$(kafka_secure_config)" "$KAFKA_SECURE_PORT"; }
+
+kafka_secure_render_config() {
+  local dir tls kspw
+  dir=$(kafka_secure_dir)
+  tls=$(tb_tls_dir)
+  mkdir -p "$dir/data" "$dir/logs"
+  kspw=$(tb_secret kafka-secure-keystore)
+  # The keystore is made again whenever the certificate is newer (a renewed test bed CA).
+  if [[ ! -s $dir/server.p12 || $tls/server.pem -nt $dir/server.p12 ]]; then
+    (umask 077 && openssl pkcs12 -export -in "$tls/server.pem" -inkey "$tls/server.key" \
+      -certfile "$tls/ca.pem" -name kafka -out "$dir/server.p12" -passout "pass:$kspw") ||
+      die "kafka-secure: openssl could not make the PKCS12 keystore"
+  fi
+  (
+    umask 077
+    render "$TB_TEMPLATES/kafka-secure-server.properties.in" "$(kafka_secure_config)" \
+      "PORT=$KAFKA_SECURE_PORT" "CONTROLLER_PORT=$KAFKA_SECURE_CONTROLLER_PORT" "DATA_DIR=$dir/data" \
+      "ADMIN_USER=$KAFKA_SECURE_ADMIN_USER" "ADMIN_PASSWORD=$(tb_secret kafka-secure-admin)" \
+      "KEYSTORE=$dir/server.p12" "KEYSTORE_PASSWORD=$kspw" "CA_FILE=$tls/ca.pem"
+    printf '%s\n' "security.protocol=SASL_SSL" "sasl.mechanism=SCRAM-SHA-512" \
+      "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"$KAFKA_SECURE_ADMIN_USER\" password=\"$(tb_secret kafka-secure-admin)\";" \
+      "ssl.truststore.type=PEM" "ssl.truststore.location=$tls/ca.pem" >"$(kafka_secure_client_config)"
+  )
+}
+
+# kafka_secure_format : format the data dir once, with the SCRAM users.
+kafka_secure_format() {
+  local dir stamp id
+  dir=$(kafka_secure_dir)
+  stamp="127.0.0.1:$KAFKA_SECURE_PORT,127.0.0.1:$KAFKA_SECURE_CONTROLLER_PORT"
+  if [[ -f $dir/data/meta.properties ]]; then
+    if [[ $(cat "$dir/formatted-for" 2>/dev/null) == "$stamp" ]]; then
+      return 0
+    fi
+    warn "kafka-secure: data dir was formatted for other ports: wiping it"
+  fi
+  rm -rf "$dir/data"
+  mkdir -p "$dir/data"
+  id=$(kafka_tool kafka.tools.StorageTool random-uuid | tail -n1)
+  [[ $id =~ ^[A-Za-z0-9_-]{22}$ ]] || die "kafka-secure: StorageTool random-uuid printed '$id'"
+  log "kafka-secure: formatting storage (cluster id $id) with SCRAM-SHA-512 users $KAFKA_SECURE_ADMIN_USER, $KAFKA_SECURE_USER"
+  kafka_tool kafka.tools.StorageTool format --standalone -t "$id" -c "$(kafka_secure_config)" \
+    --add-scram "SCRAM-SHA-512=[name=$KAFKA_SECURE_ADMIN_USER,password=$(tb_secret kafka-secure-admin)]" \
+    --add-scram "SCRAM-SHA-512=[name=$KAFKA_SECURE_USER,password=$(tb_secret kafka-secure)]" \
+    >"$dir/logs/format.out" 2>&1 ||
+    fail_with_logs "kafka-secure: StorageTool format failed" "$dir/logs/format.out"
+  printf '%s\n' "$stamp" >"$dir/formatted-for"
+}
+
+# kafka_secure_topics : the topic list over SASL_SSL (fails when the broker does not answer).
+kafka_secure_topics() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$(kafka_secure_bootstrap)" \
+    --command-config "$(kafka_secure_client_config)" --list 2>"$(kafka_secure_dir)/logs/tools.err"
+}
+
+kafka_secure_up() {
+  local pid dir java lib deadline
+  dir=$(kafka_secure_dir)
+  tb_tls_material
+  kafka_secure_render_config
+  if pid=$(kafka_secure_pid); then
+    log "kafka-secure: already running (pid $pid); checking it answers"
+  else
+    if port_open "$KAFKA_SECURE_PORT" || port_open "$KAFKA_SECURE_CONTROLLER_PORT"; then
+      die "kafka-secure: port $KAFKA_SECURE_PORT or $KAFKA_SECURE_CONTROLLER_PORT is taken by a process the test bed did not start; set MQC_KAFKA_SECURE_PORT / MQC_KAFKA_SECURE_CONTROLLER_PORT"
+    fi
+    lib=$(kafka_lib) || exit 1
+    java=$(java_bin)
+    kafka_secure_format
+    rotate_log "$(kafka_secure_logfile)"
+    log "kafka-secure: starting $KAFKA_VERSION on SASL_SSL $(kafka_secure_bootstrap) (controller 127.0.0.1:$KAFKA_SECURE_CONTROLLER_PORT)"
+    # shellcheck disable=SC2086
+    launch "$(kafka_secure_pidfile)" "$(kafka_secure_logfile)" "$java" $KAFKA_SECURE_HEAP -XX:+UseG1GC \
+      -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true \
+      -Dlog4j2.configurationFile="$TB_TEMPLATES/kafka-log4j2.xml" -Dkafka.logs.dir="$dir/logs" \
+      -cp "$lib/*" kafka.Kafka "$(kafka_secure_config)"
+  fi
+  deadline=$(($(now_s) + TB_TIMEOUT))
+  while :; do
+    pid=$(kafka_secure_pid) || fail_with_logs "kafka-secure: the broker process exited during startup (if its data is broken: scripts/testbed down --purge kafka-secure)" "$(kafka_secure_logfile)"
+    if grep -q 'Kafka Server started' "$(kafka_secure_logfile)" 2>/dev/null && port_open "$KAFKA_SECURE_PORT"; then
+      break
+    fi
+    (($(now_s) < deadline)) || fail_with_logs "kafka-secure: not started after ${TB_TIMEOUT}s (pid $pid)" "$(kafka_secure_logfile)"
+    sleep 0.3
+  done
+  until kafka_secure_topics >/dev/null; do
+    (($(now_s) < deadline)) || fail_with_logs "kafka-secure: the broker does not answer a topic list over SASL_SSL after ${TB_TIMEOUT}s" "$dir/logs/tools.err" "$(kafka_secure_logfile)"
+    sleep 1
+  done
+  log "kafka-secure: ready on SASL_SSL $(kafka_secure_bootstrap) (topic list answers as $KAFKA_SECURE_ADMIN_USER)"
+}
+
+kafka_secure_down() {
+  local pid
+  if pid=$(kafka_secure_pid); then
+    stop_pid "$pid" "kafka-secure" 60
+  fi
+  rm -f "$(kafka_secure_pidfile)"
+}
+
+kafka_secure_status() {
+  local pid
+  if pid=$(kafka_secure_pid); then
+    if port_open "$KAFKA_SECURE_PORT"; then
+      printf '%-18s %-8s port=%-6s pid=%s controller=%s SASL_SSL SCRAM-SHA-512 user=%s\n' kafka-secure running "$KAFKA_SECURE_PORT" "$pid" "$KAFKA_SECURE_CONTROLLER_PORT" "$KAFKA_SECURE_USER"
+    else
+      printf '%-18s %-8s port=%-6s pid=%s (process up, port not open yet)\n' kafka-secure starting "$KAFKA_SECURE_PORT" "$pid"
+    fi
+  else
+    printf '%-18s %-8s port=%-6s\n' kafka-secure stopped "$KAFKA_SECURE_PORT"
+  fi
+}
+
+# kafka_secure_smoke : produce one unique record over SASL_SSL as the client user, read it back.
+kafka_secure_smoke() {
+  local run topic body out tls cfg
+  run="$(date +%s%N)-$$"
+  topic="mqc-smoke-$run"
+  body="mqc-smoke kafka-secure $run"
+  tls=$(tb_tls_dir)
+  port_open "$KAFKA_SECURE_PORT" || die "smoke kafka-secure: FAILED: nothing listens on $(kafka_secure_bootstrap) (run scripts/testbed up kafka-secure)"
+  cfg=$(mktemp)
+  printf '%s\n' "security.protocol=SASL_SSL" "sasl.mechanism=SCRAM-SHA-512" \
+    "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"$KAFKA_SECURE_USER\" password=\"$(tb_secret kafka-secure)\";" \
+    "ssl.truststore.type=PEM" "ssl.truststore.location=$tls/ca.pem" >"$cfg"
+  if ! out=$(printf '%s\n' "$body" | kafka_tool org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$(kafka_secure_bootstrap)" \
+    --topic "$topic" --command-config "$cfg" --command-property acks=all 2>&1); then
+    rm -f "$cfg"
+    printf '%s\n' "$out" >&2
+    die "smoke kafka-secure: ConsoleProducer failed"
+  fi
+  out=$(kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$(kafka_secure_bootstrap)" --topic "$topic" \
+    --command-config "$cfg" --from-beginning --max-messages 1 --timeout-ms 30000 --group "mqc-smoke-$run" 2>/dev/null) || true
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$(kafka_secure_bootstrap)" \
+    --command-config "$(kafka_secure_client_config)" --delete --topic "$topic" >/dev/null 2>&1 || warn "smoke kafka-secure: could not delete topic $topic"
+  rm -f "$cfg"
+  if ! grep -qxF "$body" <<<"$out"; then
+    printf '%s\n' "consumed: ${out:-<nothing>}" >&2
+    die "smoke kafka-secure: FAILED: the record produced to $topic did not come back"
+  fi
+  log "smoke kafka-secure: OK (produced and consumed over SASL_SSL as $KAFKA_SECURE_USER)"
+}

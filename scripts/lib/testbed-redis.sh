@@ -284,3 +284,94 @@ cluster_smoke() {
   done
   log "smoke redis cluster: OK (SET/GET across slots, cluster_state:ok)"
 }
+
+# ------------------------------------------------------------------------------- redis-tls ---
+# Redis with TLS only (no plaintext port) on 127.0.0.1:$REDIS_TLS_PORT, the test bed's server
+# certificate, client certificates optional (verified against the test bed's CA when given), and
+# ACL: the default user off, user $REDIS_TLS_USER with the password in $TB_DIR/tls/redis-tls.secret.
+redis_tls_dir() { echo "$TB_DIR/redis-tls"; }
+
+# redis_tls_cli ARGS... : redis-cli over TLS as the ACL user.
+redis_tls_cli() {
+  local tls
+  tls=$(tb_tls_dir)
+  REDISCLI_AUTH="$(tb_secret redis-tls)" timeout 5 redis-cli -h 127.0.0.1 -p "$REDIS_TLS_PORT" \
+    --tls --cacert "$tls/ca.pem" --user "$REDIS_TLS_USER" "$@"
+}
+
+redis_tls_ping() {
+  [[ -s "$(tb_tls_dir)/ca.pem" ]] || return 1
+  [[ $(redis_tls_cli ping 2>/dev/null) == PONG ]]
+}
+
+redis_tls_pid() { pidfile_pid "$(redis_tls_dir)/redis.pid" "redis-server"; }
+
+redis_tls_up() {
+  local dir tls pid deadline
+  dir=$(redis_tls_dir)
+  if pid=$(redis_tls_pid) && redis_tls_ping; then
+    log "redis-tls: already running on 127.0.0.1:$REDIS_TLS_PORT (pid $pid)"
+    return 0
+  fi
+  [[ -z ${pid:-} ]] || stop_pid "$pid" "redis-tls" 20
+  port_open "$REDIS_TLS_PORT" && die "redis-tls: port $REDIS_TLS_PORT is taken by a process the test bed did not start (set MQC_REDIS_TLS_PORT)"
+  tb_tls_material
+  tls=$(tb_tls_dir)
+  mkdir -p "$dir"
+  # The users are in a config file (there is no --user flag); it holds a password: mode 600.
+  (
+    umask 077
+    printf '%s\n' "user default off" \
+      "user $REDIS_TLS_USER on >$(tb_secret redis-tls) ~* &* +@all" >"$dir/redis.conf"
+  )
+  rm -f "$dir/redis.pid"
+  rotate_log "$dir/redis.log"
+  log "redis-tls: starting on 127.0.0.1:$REDIS_TLS_PORT (TLS only, ACL user $REDIS_TLS_USER)"
+  redis-server "$dir/redis.conf" --bind 127.0.0.1 --port 0 --tls-port "$REDIS_TLS_PORT" \
+    --tls-cert-file "$tls/server.pem" --tls-key-file "$tls/server.key" \
+    --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients optional \
+    --save "" --appendonly no --dir "$dir" \
+    --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
+    </dev/null >/dev/null 2>&1 9>&- ||
+    fail_with_logs "redis-tls did not start" "$dir/redis.log"
+  deadline=$(($(now_s) + TB_TIMEOUT))
+  until redis_tls_ping; do
+    (($(now_s) < deadline)) || fail_with_logs "redis-tls on 127.0.0.1:$REDIS_TLS_PORT does not answer PING over TLS after ${TB_TIMEOUT}s" "$dir/redis.log"
+    sleep 0.1
+  done
+  log "redis-tls: ready (PING over TLS as $REDIS_TLS_USER) on 127.0.0.1:$REDIS_TLS_PORT"
+}
+
+redis_tls_down() {
+  local pid
+  if pid=$(redis_tls_pid); then
+    stop_pid "$pid" "redis-tls" 20
+  fi
+  rm -f "$(redis_tls_dir)/redis.pid"
+}
+
+redis_tls_status() {
+  local pid
+  if pid=$(redis_tls_pid) && redis_tls_ping; then
+    printf '%-18s %-8s port=%-6s pid=%s tls user=%s\n' redis-tls running "$REDIS_TLS_PORT" "$pid" "$REDIS_TLS_USER"
+  elif [[ -n ${pid:-} ]]; then
+    printf '%-18s %-8s port=%-6s pid=%s (process up, no PING over TLS)\n' redis-tls starting "$REDIS_TLS_PORT" "$pid"
+  else
+    printf '%-18s %-8s port=%-6s\n' redis-tls stopped "$REDIS_TLS_PORT"
+  fi
+}
+
+redis_tls_smoke() {
+  local key="mqc:testbed:smoke:$$:$RANDOM" val got
+  val="v-$(date +%s%N)"
+  redis_tls_ping || die "smoke redis-tls: FAILED: no PING over TLS on 127.0.0.1:$REDIS_TLS_PORT (run scripts/testbed up redis-tls)"
+  redis_tls_cli set "$key" "$val" ex 60 >/dev/null
+  got=$(redis_tls_cli get "$key")
+  redis_tls_cli del "$key" >/dev/null
+  [[ $got == "$val" ]] || die "smoke redis-tls: FAILED: SET/GET returned '$got', expected '$val'"
+  # Without credentials the server must refuse (the default user is off).
+  if [[ $(timeout 5 redis-cli -h 127.0.0.1 -p "$REDIS_TLS_PORT" --tls --cacert "$(tb_tls_dir)/ca.pem" ping 2>&1) == PONG ]]; then
+    die "smoke redis-tls: FAILED: PING without credentials was answered"
+  fi
+  log "smoke redis-tls: OK (SET/GET over TLS as $REDIS_TLS_USER; anonymous PING refused)"
+}

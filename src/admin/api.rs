@@ -1,12 +1,13 @@
 //! The operator API under `/api`: the same actions as the CLI (both go through
-//! [`crate::control::Control`]), so validation and the audit trail are the same. Reads are open;
-//! writes need `Authorization: Bearer <admin.token>`, and are off when no token is configured.
+//! [`crate::control::Control`]), so validation and the audit trail are the same. Who may call it
+//! is decided before these handlers run ([`super::auth::guard`]): reads need the viewer or the
+//! operator token, writes the operator token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,19 +15,18 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::arbiter::switches::{SwitchChange, WhitelistEdit};
-use crate::config::{Percent, Secret};
+use crate::config::Percent;
 use crate::control::{Control, ControlError};
+use crate::printable::{printable, printable_parity, printable_record};
 
 /// What the API needs.
 #[derive(Clone)]
 pub struct ApiState {
     /// The operator actions.
     pub control: Arc<Control>,
-    /// The bearer token for writes; `None` turns the write routes off.
-    pub token: Option<Secret>,
 }
 
-/// The `/api` routes.
+/// The `/api` routes, unguarded: serve them through [`super::auth::guard`].
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/switches", get(get_switches).put(put_switches))
@@ -56,26 +56,6 @@ fn control_error(e: ControlError) -> Response {
     error(code, e.to_string())
 }
 
-/// Checks the bearer token: `Some(refusal)` if the write may not go on.
-fn refuse(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.token else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "write routes are off: set admin.token to enable them",
-        ));
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare in constant time so the token cannot be guessed byte by byte.
-    let ok = given.is_some_and(|g| {
-        let (a, b) = (g.as_bytes(), token.expose().as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    });
-    (!ok).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
-}
-
 /// The caller's address, when the listener records it (it does in the daemon).
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(Option<SocketAddr>);
@@ -96,17 +76,17 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     }
 }
 
-/// The preamble of every write with a body: the token, then the JSON.
+/// The JSON body of a write, or the 400 that says what is wrong with it.
 fn write_body<T>(
-    s: &ApiState,
-    headers: &HeaderMap,
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, Box<Response>> {
-    if let Some(r) = refuse(s, headers) {
-        return Err(Box::new(r));
-    }
-    body.map(|Json(b)| b)
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.body_text())))
+    body.map(|Json(b)| b).map_err(|e| {
+        let code = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Box::new(error(code, e.body_text()))
+    })
 }
 
 fn actor(addr: Option<SocketAddr>) -> String {
@@ -119,7 +99,11 @@ fn actor(addr: Option<SocketAddr>) -> String {
 async fn get_switches(State(s): State<ApiState>) -> Response {
     match s.control.switches().await {
         Ok(sw) => {
-            let mut wl: Vec<_> = sw.whitelist.into_iter().collect();
+            let mut wl: Vec<_> = sw
+                .whitelist
+                .iter()
+                .map(|id| printable(id).into_owned())
+                .collect();
             wl.sort();
             Json(json!({
                 "consume": sw.consume,
@@ -146,10 +130,9 @@ pub struct SwitchBody {
 async fn put_switches(
     State(s): State<ApiState>,
     peer: Peer,
-    headers: HeaderMap,
     body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let body = match write_body(&s, &headers, body) {
+    let body = match write_body(body) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -196,10 +179,9 @@ pub struct WhitelistBody {
 async fn edit_whitelist(
     State(s): State<ApiState>,
     peer: Peer,
-    headers: HeaderMap,
     body: Result<Json<WhitelistBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let body = match write_body(&s, &headers, body) {
+    let body = match write_body(body) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -234,7 +216,7 @@ async fn edit_whitelist(
 }
 
 async fn get_message(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
-    match s.control.inspect(&id).await {
+    match s.control.inspect(&id).await.map(printable_record) {
         Ok(r) => Json(json!({
             "id": r.id,
             "owner": r.owner,
@@ -252,17 +234,11 @@ async fn get_message(State(s): State<ApiState>, Path(id): Path<String>) -> Respo
     }
 }
 
-async fn release(
-    State(s): State<ApiState>,
-    peer: Peer,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
-        return r;
-    }
+async fn release(State(s): State<ApiState>, peer: Peer, Path(id): Path<String>) -> Response {
     match s.control.release(&id, &actor(peer.0)).await {
-        Ok(reason) => Json(json!({ "released": id, "was": reason })).into_response(),
+        Ok(reason) => {
+            Json(json!({ "released": printable(&id), "was": printable(&reason) })).into_response()
+        }
         Err(e) => control_error(e),
     }
 }
@@ -285,8 +261,11 @@ async fn dead(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
                 .into_iter()
                 .map(|l| {
                     json!({
-                        "entry": l.entry, "message_id": l.message_id, "business_id": l.business_id,
-                        "reason": l.reason, "side": l.side, "topic": l.topic,
+                        "entry": printable(&l.entry),
+                        "message_id": l.message_id.as_deref().map(printable),
+                        "business_id": l.business_id.as_deref().map(printable),
+                        "reason": printable(&l.reason), "side": printable(&l.side),
+                        "topic": printable(&l.topic),
                         "partition": l.partition, "offset": l.offset, "attempts": l.attempts,
                         "payload": String::from_utf8_lossy(&l.payload),
                     })
@@ -300,15 +279,7 @@ async fn dead(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
 
 /// `POST /api/dead/{entry}/replay`: the CLI's `dead replay ENTRY`. Answers 200 with what the
 /// replay came to (`delivered`, `parked_again`, `skipped` and why), 404 for an unknown entry.
-async fn replay(
-    State(s): State<ApiState>,
-    peer: Peer,
-    headers: HeaderMap,
-    Path(entry): Path<String>,
-) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
-        return r;
-    }
+async fn replay(State(s): State<ApiState>, peer: Peer, Path(entry): Path<String>) -> Response {
     // On a task of its own: a caller that hangs up does not cut a sink call off halfway.
     let control = s.control.clone();
     let by = actor(peer.0);
@@ -320,10 +291,10 @@ async fn replay(
     .await;
     match replayed {
         Ok(Ok((letter, outcome))) => Json(json!({
-            "entry": letter.entry,
-            "message_id": letter.message_id,
+            "entry": printable(&letter.entry),
+            "message_id": letter.message_id.as_deref().map(printable),
             "outcome": outcome.as_str(),
-            "detail": outcome.to_string(),
+            "detail": printable(&outcome.to_string()),
         }))
         .into_response(),
         Ok(Err(e)) => control_error(e),
@@ -339,7 +310,14 @@ async fn audit(State(s): State<ApiState>, Query(q): Query<Count>) -> Response {
         Ok(entries) => Json(
             entries
                 .into_iter()
-                .map(|e| json!({ "at_ms": e.at_ms, "by": e.by, "action": e.action, "detail": e.detail }))
+                .map(|e| {
+                    json!({
+                        "at_ms": e.at_ms,
+                        "by": printable(&e.by),
+                        "action": printable(&e.action),
+                        "detail": printable(&e.detail),
+                    })
+                })
                 .collect::<Vec<_>>(),
         )
         .into_response(),
@@ -370,7 +348,7 @@ async fn parity(State(s): State<ApiState>, Query(q): Query<ParityQuery>) -> Resp
         .parity(span, q.limit.unwrap_or(100).min(10_000))
         .await
     {
-        Ok(report) => Json(report).into_response(),
+        Ok(report) => Json(printable_parity(report)).into_response(),
         Err(e) => control_error(e),
     }
 }

@@ -2,7 +2,8 @@
 //! messages: every source has joined its consumer group and none is stalled, Redis answers, the
 //! switches are known, the sink's circuit is not open; each problem named in the JSON body), the
 //! operator API under `/api` ([`api`]), and the status page with the `/api/status` document it
-//! reads ([`page`]).
+//! reads ([`page`]). The first three are open; the page and the API are behind the guards of
+//! [`auth`] (Host check, tokens, caps on bodies and on requests in progress).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,9 +15,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub mod api;
+pub mod auth;
 pub mod page;
 
 use crate::arbiter::switches::SwitchFeed;
+use crate::config::Validated;
+use crate::control::Control;
 use crate::sink::breaker::CircuitBreaker;
 use crate::source::Membership;
 use crate::telemetry::metrics::Metrics;
@@ -28,6 +32,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set by the Redis health task.
     pub redis_up: Arc<AtomicBool>,
+    /// Why Redis is unreachable, in words, while it is (set by the Redis health task).
+    pub redis_problem: Arc<std::sync::Mutex<Option<String>>>,
     /// The switches this instance follows.
     pub switches: SwitchFeed,
     /// The sink's circuit.
@@ -37,7 +43,18 @@ pub struct AdminState {
     pub sources: Arc<[Membership]>,
 }
 
-/// The admin routes.
+/// Everything the daemon's admin listener serves: [`router`] open, the status page and the
+/// operator API (through `control`) behind [`auth::guard`], as `cfg`'s `[admin]` says.
+pub fn listener(state: AdminState, control: Arc<Control>, cfg: &Validated) -> Router {
+    let status = page::StatusState::new(state.clone(), control.clone(), cfg);
+    router(state).merge(auth::guard(
+        page::pages(),
+        api::router(api::ApiState { control }).merge(page::router(status)),
+        auth::AdminAuth::new(&cfg.admin),
+    ))
+}
+
+/// The open admin routes: `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -74,9 +91,20 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
                 stalled.join(", ")
             ));
         }
+        if let Some(why) = source.refused() {
+            problems.push(format!("side {}: {why}", source.side()));
+        }
     }
     if !s.redis_up.load(Ordering::Relaxed) {
-        problems.push("redis unreachable: no message can be claimed".into());
+        let why = s
+            .redis_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        problems.push(match why {
+            Some(why) => format!("redis unreachable: no message can be claimed: {why}"),
+            None => "redis unreachable: no message can be claimed".into(),
+        });
     }
     if s.switches.borrow().is_none() {
         problems.push("switches not read yet".into());
@@ -116,6 +144,7 @@ mod tests {
         let s = AdminState {
             metrics: Arc::new(Metrics::default()),
             redis_up: Arc::new(AtomicBool::new(redis)),
+            redis_problem: Default::default(),
             switches: rx,
             breaker: Arc::new(CircuitBreaker::new(&Default::default())),
             sources: Arc::from([]),
@@ -200,6 +229,30 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(5)).await;
         kafka.measured(&[reading("t/0", Some(40)), reading("t/1", Some(3))]);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_refused_source_and_the_redis_reason_are_named() {
+        let (mut s, _tx) = state(false, true);
+        let kafka = Membership::new("kafka".into(), &s.metrics, Duration::from_secs(5));
+        kafka.rebalanced(&[]);
+        s.sources = Arc::from([kafka.clone()]);
+        *s.redis_problem.lock().unwrap() = Some("authentication refused: WRONGPASS".into());
+        assert!(kafka.set_refused(Some("TLS handshake failed: x".into())));
+        assert!(
+            !kafka.set_refused(Some("TLS handshake failed: y".into())),
+            "no flip"
+        );
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("side kafka: TLS handshake failed: y")
+                && body.contains("redis unreachable: no message can be claimed: authentication refused: WRONGPASS"),
+            "{body}"
+        );
+        assert!(kafka.set_refused(None));
+        s.redis_up.store(true, Ordering::Relaxed);
         assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
     }
 

@@ -23,6 +23,7 @@ use tower::ServiceExt;
 use super::AdminState;
 use crate::config::{SideKind, Validated};
 use crate::control::Control;
+use crate::printable::printable;
 use crate::telemetry::metrics::SideSnapshot;
 
 /// The page, as served.
@@ -108,11 +109,16 @@ impl StatusState {
     }
 }
 
-/// `/`, `/status` and `/api/status`.
-pub fn router(state: StatusState) -> Router {
+/// `/` and `/status`: the page, which holds no data (it asks for a token and reads the API).
+pub fn pages() -> Router {
     Router::new()
         .route("/", get(page))
         .route("/status", get(page))
+}
+
+/// `/api/status`, unguarded: serve it through [`super::auth::guard`] with the API.
+pub fn router(state: StatusState) -> Router {
+    Router::new()
         .route("/api/status", get(status))
         .with_state(state)
 }
@@ -188,10 +194,10 @@ async fn dead_letters(control: &Control) -> Value {
         Ok(Ok((count, newest))) => json!({
             "count": count,
             "newest": newest.iter().map(|l| json!({
-                "entry": l.entry,
-                "message_id": l.message_id,
-                "side": l.side,
-                "reason": l.reason,
+                "entry": printable(&l.entry),
+                "message_id": l.message_id.as_deref().map(printable),
+                "side": printable(&l.side),
+                "reason": printable(&l.reason),
                 "attempts": l.attempts,
             })).collect::<Vec<_>>(),
             "error": null,
@@ -263,6 +269,21 @@ mod tests {
             assert!(!STATUS_HTML.contains(outside), "page refers to {outside}");
         }
         assert!(STATUS_HTML.contains("api/status") && STATUS_HTML.contains("api/parity?since=1h"));
+    }
+
+    #[test]
+    fn the_page_keeps_the_token_in_memory_only() {
+        for storage in [
+            "localStorage",
+            "sessionStorage",
+            "document.cookie",
+            "indexedDB",
+        ] {
+            assert!(!STATUS_HTML.contains(storage), "the page uses {storage}");
+        }
+        // It sends the token it holds, never the browser's credentials.
+        assert!(STATUS_HTML.contains("Authorization: 'Bearer ' + token"));
+        assert!(STATUS_HTML.contains("credentials: 'omit'"));
     }
 
     #[test]

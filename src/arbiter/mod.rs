@@ -1072,6 +1072,9 @@ fn parse_record(
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -228,7 +228,7 @@ impl SwitchStore {
     /// The newest `count` audit entries, newest first.
     pub async fn audit_log(&self, count: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let mut conn = self.store.conn();
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        let reply: Value = redis::cmd("XREVRANGE")
             .arg(&self.keys[2])
             .arg("+")
             .arg("-")
@@ -236,34 +236,42 @@ impl SwitchStore {
             .arg(count)
             .query_async(&mut conn)
             .await?;
-        Ok(entries
-            .into_iter()
-            .map(|(id, fields)| {
-                let mut e = AuditEntry {
-                    at_ms: id
-                        .split('-')
-                        .next()
-                        .and_then(|t| t.parse().ok())
-                        .unwrap_or(0),
-                    by: String::new(),
-                    action: String::new(),
-                    detail: String::new(),
-                };
-                for (k, v) in fields {
-                    match k.as_str() {
-                        "by" => e.by = v,
-                        "action" => e.action = v,
-                        "detail" => e.detail = v,
-                        _ => {}
-                    }
-                }
-                e
-            })
-            .collect())
+        audit_entries(reply)
     }
 }
 
-fn parse_switches(reply: Value) -> Result<Option<Switches>, StoreError> {
+/// The audit entries of an `XREVRANGE` reply; anything but stream entries is an error.
+pub(super) fn audit_entries(reply: Value) -> Result<Vec<AuditEntry>, StoreError> {
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::FromRedisValue::from_redis_value(reply)
+            .map_err(|e| StoreError::Reply(format!("audit trail: {e}")))?;
+    Ok(entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let mut e = AuditEntry {
+                at_ms: id
+                    .split('-')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0),
+                by: String::new(),
+                action: String::new(),
+                detail: String::new(),
+            };
+            for (k, v) in fields {
+                match k.as_str() {
+                    "by" => e.by = v,
+                    "action" => e.action = v,
+                    "detail" => e.detail = v,
+                    _ => {}
+                }
+            }
+            e
+        })
+        .collect())
+}
+
+pub(super) fn parse_switches(reply: Value) -> Result<Option<Switches>, StoreError> {
     let bad = |what: &str| StoreError::Reply(format!("switches: {what}"));
     let Value::Array(items) = reply else {
         return Err(bad("not an array"));

@@ -4,6 +4,8 @@
 //! `DefaultLitePullConsumer` and `DefaultMQProducer` do (docs/rocketmq.md, "The client").
 
 pub mod consumer;
+#[cfg(test)]
+mod fuzz;
 pub mod producer;
 pub mod remoting;
 pub mod wire;

@@ -77,6 +77,13 @@ struct QueueData {
     perm: i32,
 }
 
+/// Most queues of one topic on one broker a route may name (RocketMQ's default is 8 or 16;
+/// found by fuzzing: a name server's `readQueueNums` of 2^31 - 1 made as many entries).
+pub const MAX_QUEUES_PER_BROKER: i32 = 4096;
+
+/// Most queues of one topic a route may name across its brokers.
+pub const MAX_ROUTE_QUEUES: usize = 65_536;
+
 /// A topic's route: its brokers' master addresses and its queues.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Route {
@@ -103,6 +110,17 @@ impl Route {
         for q in data.queue_datas {
             if !route.masters.contains_key(&q.broker_name) {
                 continue; // no master: nothing to read from or write to there
+            }
+            // Each queue becomes an entry here: a route claiming billions would take the memory.
+            let most = q.read_queue_nums.max(q.write_queue_nums);
+            if most > MAX_QUEUES_PER_BROKER
+                || route.read.len().max(route.write.len()) + most.max(0) as usize > MAX_ROUTE_QUEUES
+            {
+                return Err(format!(
+                    "route of `{topic}`: broker {} claims {} read / {} write queues, more than \
+                     {MAX_QUEUES_PER_BROKER} per broker or {MAX_ROUTE_QUEUES} in all",
+                    q.broker_name, q.read_queue_nums, q.write_queue_nums
+                ));
             }
             if q.perm & PERM_READ != 0 {
                 for id in 0..q.read_queue_nums {

@@ -47,7 +47,6 @@ pub enum BuildError {
 }
 
 /// The HTTP sink. Cheap to share behind an `Arc<dyn Sink>`; one connection pool for all callers.
-#[derive(Debug)]
 pub struct HttpSink {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -58,6 +57,18 @@ pub struct HttpSink {
     rate: Option<RateLimit>,
     /// `timeout after 5s`, formatted once.
     timeout_reason: String,
+}
+
+impl std::fmt::Debug for HttpSink {
+    // Not derived: the client holds the configured headers (an API key) and the URL may hold a
+    // password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("url", &crate::secrets::redact_url(self.url.as_str()))
+            .field("method", &self.method)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpSink {
@@ -71,7 +82,31 @@ impl HttpSink {
         // ring, which rustls-webpki already compiles. Installing fails only if one is already
         // installed, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        let tls = cfg.tls.read("sink.tls")?;
+        if let Some(ca) = &tls.ca {
+            // Only the configured CA: a private endpoint's certificate must chain to it.
+            let roots = reqwest::Certificate::from_pem_bundle(ca).map_err(|e| {
+                ConfigError::new(
+                    "sink.tls.ca_file",
+                    format!("not a PEM certificate bundle: {e}"),
+                )
+            })?;
+            builder = builder.tls_certs_only(roots);
+        }
+        if let Some((cert, key)) = &tls.client {
+            let mut pem = cert.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(key);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                ConfigError::new(
+                    "sink.tls.cert_file",
+                    format!("the certificate and key_file are not a PEM certificate and private key: {e}"),
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
             .default_headers(headers)
             .user_agent(concat!("mq-cutover/", env!("CARGO_PKG_VERSION")))
             .timeout(cfg.timeout)
@@ -272,6 +307,62 @@ mod tests {
         );
         assert_eq!(parse_retry_after("-1", now), None);
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    fn http_date() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let wkday =
+            prop::sample::select(&["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "Xyz"][..]);
+        let month = prop::sample::select(
+            &[
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+                "Foo",
+            ][..],
+        );
+        (
+            wkday,
+            0u32..40,
+            month,
+            prop_oneof![1900u32..2200, 0u32..100_000],
+            0u32..30,
+            0u32..70,
+            0u32..70,
+        )
+            .prop_map(|(w, d, m, y, h, mi, s)| {
+                format!("{w}, {d:02} {m} {y:04} {h:02}:{mi:02}:{s:02} GMT")
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config(1))]
+
+        /// Whatever an endpoint sends as `Retry-After`, the wait it asks for is a value (or none)
+        /// and the retry waits no longer than the cap.
+        #[test]
+        fn fuzz_retry_after(
+            value in proptest::prop_oneof![
+                crate::fuzzing::number_text(),
+                http_date(),
+                "(?s).{0,40}",
+            ],
+            now_secs in proptest::prop_oneof![0u64..4_102_444_800, proptest::prelude::any::<u64>()],
+            attempt in proptest::prelude::any::<u32>(),
+            unit in proptest::prelude::any::<f64>(),
+        ) {
+            let Some(now) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(now_secs)) else {
+                return Ok(());
+            };
+            let asked = parse_retry_after(&value, now);
+            let b = crate::sink::retry::Backoff::try_new(
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+                2.0,
+                0.2,
+            )
+            .unwrap();
+            let wait = b.delay_with(attempt, asked, unit);
+            proptest::prop_assert!(wait <= b.retry_after_cap().max(b.max()));
+        }
     }
 
     #[test]

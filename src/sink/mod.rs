@@ -18,6 +18,8 @@ pub mod retry;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -179,8 +181,17 @@ pub struct SinkConfig {
     pub method: String,
     /// Extra headers sent with every call (e.g. an API key or `Content-Type`). The sink's own
     /// headers (`Idempotency-Key`, `X-Mq-Cutover-Side`, `X-Mq-Cutover-Attempt`) may not be set.
+    /// Their values never show in `Debug` or serialized output.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: SinkHeaders,
+    /// `[sink.header_files]`: headers whose values are read from files at load time (an API
+    /// key in a mounted Secret), by header name; a header is given here or in `headers`.
+    #[serde(default)]
+    pub header_files: BTreeMap<String, PathBuf>,
+    /// `[sink.tls]`: the CA to trust for an `https://` endpoint, and a client certificate for
+    /// an endpoint that requires mutual TLS.
+    #[serde(default)]
+    pub tls: crate::tls::TlsFiles,
     /// How long one call may take, connecting included; a call that has sent its request and
     /// times out is ambiguous.
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -205,6 +216,53 @@ pub struct SinkConfig {
     /// A ceiling on calls started per second, across both sides; absent means no ceiling.
     #[serde(default)]
     pub rate_limit_per_second: Option<u32>,
+}
+
+/// `[sink.headers]`: header name to value. Reads like the map it wraps; every value shows as
+/// `***` in `Debug` and serialized output (an `Authorization` or API key header is a secret).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SinkHeaders(BTreeMap<String, String>);
+
+impl Deref for SinkHeaders {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for SinkHeaders {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a SinkHeaders {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(String, String)> for SinkHeaders {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        SinkHeaders(BTreeMap::from_iter(iter))
+    }
+}
+
+impl fmt::Debug for SinkHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, crate::secrets::REDACTED)))
+            .finish()
+    }
+}
+
+impl Serialize for SinkHeaders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.keys().map(|k| (k, crate::secrets::REDACTED)))
+    }
 }
 
 fn default_method() -> String {
@@ -443,7 +501,9 @@ impl SinkConfig {
         Self {
             url: url.into(),
             method: default_method(),
-            headers: BTreeMap::new(),
+            headers: SinkHeaders::default(),
+            header_files: BTreeMap::new(),
+            tls: Default::default(),
             timeout: default_timeout(),
             max_concurrency: default_max_concurrency(),
             pool_idle_timeout: default_pool_idle_timeout(),
@@ -454,12 +514,36 @@ impl SinkConfig {
         }
     }
 
-    /// Checks every rule that needs no I/O; the first problem found is returned, naming its key
-    /// (`sink.url`, `sink.retry.jitter`, …).
+    /// Reads the values of `[sink.header_files]` into `headers` (load time). A header named in
+    /// both tables (in any letter case) is refused.
+    pub fn read_header_files(&mut self) -> Result<(), ConfigError> {
+        for (name, path) in &self.header_files {
+            let key = format!("sink.header_files.{name}");
+            if let Some(other) = self.headers.keys().find(|h| h.eq_ignore_ascii_case(name)) {
+                return Err(crate::secrets::both(&format!("sink.headers.{other}"), &key));
+            }
+            let value = crate::secrets::read_secret_file(&key, path)?;
+            self.headers.insert(name.clone(), value.expose().to_owned());
+        }
+        Ok(())
+    }
+
+    /// Checks every rule that needs no network I/O (the TLS files must exist); the first problem
+    /// found is returned, naming its key (`sink.url`, `sink.retry.jitter`, …).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.parse_url()?;
+        let url = self.parse_url()?;
         self.parse_method()?;
         self.parse_headers()?;
+        self.tls.check("sink.tls")?;
+        if !self.tls.is_empty() && url.scheme() != "https" {
+            return Err(problem(
+                "sink.tls",
+                format!(
+                    "`[sink.tls]` is set but sink.url `{}` is not https://: TLS would not be used",
+                    crate::secrets::redact_url(&self.url)
+                ),
+            ));
+        }
         if self.timeout.is_zero() {
             return Err(problem("sink.timeout", "must be more than zero, e.g. `5s`"));
         }
@@ -518,7 +602,10 @@ impl SinkConfig {
         let url = reqwest::Url::parse(self.url.trim()).map_err(|e| {
             problem(
                 "sink.url",
-                format!("`{}` is not a URL ({e}), {example}", self.url),
+                format!(
+                    "`{}` is not a URL ({e}), {example}",
+                    crate::secrets::redact_url(&self.url)
+                ),
             )
         })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
@@ -526,7 +613,7 @@ impl SinkConfig {
                 "sink.url",
                 format!(
                     "`{}` must be an http:// or https:// URL with a host, {example}",
-                    self.url
+                    crate::secrets::redact_url(&self.url)
                 ),
             ));
         }
@@ -563,9 +650,11 @@ impl SinkConfig {
                     format!("`{name}` is set by the sink itself for every call and may not be configured"),
                 ));
             }
-            let value = HeaderValue::from_str(value).map_err(|_| {
+            let mut value = HeaderValue::from_str(value).map_err(|_| {
                 problem(&key, "the value must be visible ASCII without line breaks")
             })?;
+            // Sensitive: hyper's `Debug` hides it, and HTTP/2 never puts it in its header table.
+            value.set_sensitive(true);
             map.append(header, value);
         }
         Ok(map)

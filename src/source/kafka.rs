@@ -51,6 +51,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the start-up check waits for a broker to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a source the brokers refuse (credentials, TLS) waits between two tries.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
+
 /// How long leaving the group may take before the source stops waiting for it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,14 +67,15 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long each request of a lag measurement may wait for a broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Set before the user's properties, which may change them.
+/// Set before the user's properties. Only `auto.offset.reset` may be changed by them; the others
+/// are what the source depends on, and a property naming one is refused
+/// ([`crate::config::refused_kafka_property`]).
 const DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "true"),
     ("auto.commit.interval.ms", "1000"),
     ("auto.offset.reset", "earliest"),
     ("enable.partition.eof", "false"),
-    // Only offsets this source stores are committed: the heart of the guarantee. A user
-    // property may repeat it but not turn it on (see `KafkaSource::new`).
+    // Only offsets this source stores are committed: the heart of the guarantee.
     ("enable.auto.offset.store", "false"),
 ];
 
@@ -84,12 +88,11 @@ pub struct KafkaSource {
     topics: Vec<String>,
     message_id: IdSource,
     business_id: IdSource,
-    /// librdkafka commits stored offsets by itself; if the user turned that off, the source
-    /// commits them on every [`COMMIT_INTERVAL`].
-    auto_commit: bool,
     /// Where a partition without a committed offset starts (`auto.offset.reset`): at the
     /// beginning (true) or at the end; the lag of such a partition is measured from there.
     reset_to_start: bool,
+    /// Whether `security.protocol` is SSL or SASL_SSL.
+    tls: bool,
 }
 
 /// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
@@ -99,9 +102,10 @@ pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
 }
 
 impl KafkaSource {
-    /// The source of `side`. Refuses a side without a `[side.kafka]` table, a librdkafka
-    /// property librdkafka does not accept, and `enable.auto.offset.store=true`, which would let
-    /// librdkafka commit copies whose fate is not recorded yet.
+    /// The source of `side`. Refuses a side without a `[side.kafka]` table, a property the source
+    /// sets itself and depends on (as config validation does: `group.id`,
+    /// `enable.auto.offset.store`, `enable.auto.commit`, …), and a property librdkafka does not
+    /// accept.
     pub fn new(side: &SideConfig) -> Result<KafkaSource, SourceError> {
         let name: Side = side.name.as_str().into();
         let refuse = |reason: String| SourceError::Start {
@@ -121,29 +125,38 @@ impl KafkaSource {
             config.set(*key, *value);
         }
         for (key, value) in &kafka.properties {
+            if let Some(why) = crate::config::refused_kafka_property(key) {
+                return Err(refuse(format!(
+                    "`{key}` is managed by mq-cutover and may not be set: {why}"
+                )));
+            }
             config.set(key, value);
         }
+        // rdkafka takes librdkafka's log level from the `log` filter of a target named
+        // `librdkafka`, which a filter like `mq_cutover=info` leaves at errors only: then the
+        // info-level line of a TLS listener dropping a plaintext client never comes, and the
+        // refusal goes unnamed. The context's `log` filters by our own target instead.
+        config.set_log_level(RDKafkaLogLevel::Info);
         // librdkafka's own parser decides what the properties mean (`true`, `1`, aliases).
-        let native = config
-            .create_native_config()
-            .map_err(|e| refuse(format!("bad Kafka consumer settings: {e}")))?;
+        let native = config.create_native_config().map_err(|e| match &e {
+            // rdkafka's message repeats the value: not for a secret.
+            KafkaError::ClientConfig(_, problem, key, _) if kafka.properties.is_secret(key) => {
+                refuse(format!(
+                    "bad Kafka consumer settings: `{key}`: {problem} (value not shown)"
+                ))
+            }
+            _ => refuse(format!("bad Kafka consumer settings: {e}")),
+        })?;
         let effective = |key: &str| {
             native
                 .get(key)
                 .map_err(|e| refuse(format!("cannot read back `{key}`: {e}")))
         };
-        if effective("enable.auto.offset.store")? == "true" {
-            return Err(refuse(
-                "`enable.auto.offset.store = true` is refused: librdkafka would commit offsets of \
-                 copies whose fate is not recorded yet (a crash would skip them); leave it out"
-                    .into(),
-            ));
-        }
-        let auto_commit = effective("enable.auto.commit")? == "true";
         let reset_to_start = matches!(
             effective("auto.offset.reset")?.as_str(),
             "smallest" | "earliest" | "beginning"
         );
+        let tls = effective("security.protocol")?.ends_with("ssl");
         Ok(KafkaSource {
             side: name,
             bootstrap: config
@@ -155,8 +168,8 @@ impl KafkaSource {
             topics: kafka.topics.clone(),
             message_id: side.message_id.clone(),
             business_id: side.business_id.clone(),
-            auto_commit,
             reset_to_start,
+            tls,
         })
     }
 }
@@ -169,7 +182,6 @@ impl fmt::Debug for KafkaSource {
             .field("bootstrap", &self.bootstrap)
             .field("group", &self.group)
             .field("topics", &self.topics)
-            .field("auto_commit", &self.auto_commit)
             .finish_non_exhaustive()
     }
 }
@@ -202,27 +214,52 @@ impl KafkaSource {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let consumer: Arc<KafkaConsumer> = Arc::new(
             self.config
-                .create_with_context(KafkaContext::new(side.clone(), ack_rx, membership.clone()))
+                .create_with_context(KafkaContext::new(
+                    side.clone(),
+                    ack_rx,
+                    membership.clone(),
+                    self.tls,
+                ))
                 .map_err(|e| start_error(format!("cannot create the Kafka consumer: {e}")))?,
         );
 
-        // Fail at start-up, with the address, rather than log connection errors forever.
-        let probe = {
-            let consumer = consumer.clone();
-            let topic = self.topics[0].clone();
-            tokio::task::spawn_blocking(move || {
-                consumer
-                    .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
-                    .map(drop)
-            })
-        };
-        tokio::select! {
-            () = cancel.cancelled() => {
-                close(consumer, &side).await;
-                return Ok(());
-            }
-            probed = probe => match probed {
-                Ok(Ok(())) => {}
+        // Fail at start-up, with the address, rather than log connection errors forever; but
+        // brokers that answer and refuse this client (credentials, TLS) keep the source up, not
+        // ready and consuming nothing, trying again: the reason is in `/readyz` and logged once.
+        loop {
+            let probe = {
+                let consumer = consumer.clone();
+                let topic = self.topics[0].clone();
+                tokio::task::spawn_blocking(move || {
+                    consumer
+                        .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                        .map(drop)
+                })
+            };
+            tokio::pin!(probe);
+            let probed = loop {
+                tokio::select! {
+                    () = cancel.cancelled() => {
+                        close(consumer, &side).await;
+                        return Ok(());
+                    }
+                    probed = &mut probe => break probed,
+                    // Serves librdkafka's log and error events meanwhile, so a refusal is seen
+                    // (and reported) when it happens, not when the probe gives up.
+                    _ = consumer.recv() => {}
+                }
+            };
+            match probed {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) if membership.refused().is_some() => {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            close(consumer, &side).await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(REFUSED_RETRY) => {}
+                    }
+                }
                 Ok(Err(e)) => {
                     close(consumer, &side).await;
                     return Err(start_error(format!(
@@ -231,8 +268,9 @@ impl KafkaSource {
                     )));
                 }
                 Err(e) => return Err(start_error(format!("start-up check failed: {e}"))),
-            },
+            }
         }
+        consumer.context().accepted();
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
         if let Err(e) = consumer.subscribe(&topics) {
             close(consumer, &side).await;
@@ -286,7 +324,7 @@ impl KafkaSource {
                     Err(_) => watching = false,
                 },
                 _ = tick.tick() => {
-                    consumer.context().store_finished(&*consumer, self.auto_commit);
+                    consumer.context().store_finished(&*consumer);
                     if reconciled.elapsed() >= RECONCILE_INTERVAL {
                         reconciled = Instant::now();
                         fetch.reconcile(&consumer, &side);
@@ -658,6 +696,8 @@ struct KafkaContext {
     paused: AtomicBool,
     /// Set by a revocation: the loop drops held copies of revoked partitions.
     revoked: AtomicBool,
+    /// Whether the client speaks TLS to the brokers.
+    tls: bool,
 }
 
 struct Books {
@@ -703,6 +743,7 @@ impl KafkaContext {
         side: Side,
         acks: mpsc::UnboundedReceiver<Finished>,
         membership: Membership,
+        tls: bool,
     ) -> KafkaContext {
         KafkaContext {
             side,
@@ -716,6 +757,7 @@ impl KafkaContext {
             }),
             paused: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
+            tls,
         }
     }
 
@@ -724,8 +766,8 @@ impl KafkaContext {
         self.books.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The periodic step: store what is finished; commit it too if auto-commit is off.
-    fn store_finished<C: Consumer<KafkaContext>>(&self, consumer: &C, auto_commit: bool) {
+    /// The periodic step: store what is finished (librdkafka's auto-commit sends it).
+    fn store_finished<C: Consumer<KafkaContext>>(&self, consumer: &C) {
         let moved = self.books().advance();
         if moved.is_empty() {
             return;
@@ -734,11 +776,6 @@ impl KafkaContext {
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition revoked a moment ago; the revocation committed it already.
             debug!(side = %self.side, error = %e, "cannot store Kafka offsets");
-        }
-        if !auto_commit {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                warn!(side = %self.side, error = %e, "cannot commit Kafka offsets");
-            }
         }
     }
 
@@ -840,7 +877,11 @@ async fn follow_lag(
         }
         let c = consumer.clone();
         match tokio::task::spawn_blocking(move || measure_lag(&*c, reset_to_start)).await {
-            Ok(Ok(readings)) => membership.measured(&readings),
+            Ok(Ok(readings)) => {
+                // The brokers answered this client's requests: they accept it.
+                consumer.context().accepted();
+                membership.measured(&readings);
+            }
             Ok(Err(e)) => {
                 debug!(side = %membership.side(), error = %e, "cannot measure the Kafka lag now")
             }
@@ -930,9 +971,61 @@ fn describe_list(tpl: &TopicPartitionList) -> String {
         .join(", ")
 }
 
+/// A librdkafka message saying the brokers refuse this client for a reason in its own settings
+/// (credentials, the CA, TLS on one end only), as the reason `/readyz` gives: what happened and
+/// what to check. `None` for everything else (a broker down, a leader move). `tls`: whether the
+/// client speaks TLS (`security.protocol` SSL or SASL_SSL).
+pub fn why_refused(message: &str, tls: bool) -> Option<String> {
+    // A TLS listener drops a plaintext client's first request (ApiVersion) unanswered; librdkafka
+    // 2.12 says only "Disconnected … in state APIVERSION_QUERY".
+    let dropped_first_request =
+        !tls && message.contains("in state APIVERSION_QUERY") && message.contains("Disconnected");
+    // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
+    let text = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
+        None => message,
+    };
+    // librdkafka appends `(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`.
+    let text = text.split(" (after ").next().unwrap_or(text).trim();
+    let check = if text.contains("SASL authentication error")
+        || text.contains("Authentication failed")
+    {
+        "authentication refused by the brokers: {} (check sasl.mechanism, sasl.username and sasl.password)"
+    } else if text.contains("SSL handshake failed") {
+        "TLS handshake failed: {} (check ssl.ca.location against the brokers' certificate, and security.protocol)"
+    } else if text.contains("incorrect security.protocol") || dropped_first_request {
+        "the brokers closed the connection unanswered: {} (a PLAINTEXT or SASL_PLAINTEXT client on a TLS listener? check security.protocol)"
+    } else {
+        return None;
+    };
+    Some(check.replacen("{}", text, 1))
+}
+
+impl KafkaContext {
+    /// The brokers refuse this consumer: `/readyz` says why; logged when it starts.
+    fn refused(&self, why: String) {
+        if self.membership.set_refused(Some(why.clone())) {
+            error!(side = %self.side, "Kafka brokers refuse this consumer: {why}; not ready, nothing is consumed until they accept it");
+        }
+    }
+
+    /// The brokers answered a request of this consumer: any refusal is over.
+    fn accepted(&self) {
+        if self.membership.set_refused(None) {
+            info!(side = %self.side, "Kafka brokers accept this consumer again");
+        }
+    }
+}
+
 impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         let side = &*self.side;
+        if let Some(why) = why_refused(message, self.tls) {
+            // Reported once, in words, by `refused`; librdkafka repeats it on every reconnect.
+            debug!(side, facility, "librdkafka: {message}");
+            self.refused(why);
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -947,6 +1040,11 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(why) = why_refused(reason, self.tls) {
+            debug!(side = %self.side, error = %error, "Kafka client error: {reason}");
+            self.refused(why);
+            return;
+        }
         // Mostly transient (a broker down, a connection reset); librdkafka reconnects by itself.
         warn!(side = %self.side, error = %error, "Kafka client error: {reason}");
     }
@@ -977,6 +1075,7 @@ impl ConsumerContext for KafkaContext {
             // One line per rebalance round: what came, what went (an incremental round may
             // only revoke; an eager one revokes everything and assigns again).
             let gained = queue_labels(tpl);
+            self.accepted();
             let held = self.membership.rebalanced(&gained);
             let lost = std::mem::take(
                 &mut *self
@@ -1044,6 +1143,29 @@ pub enum WriteError {
     },
 }
 
+/// The properties of a consumer's settings that say how to reach and log in to the brokers
+/// (`security.protocol`, `sasl.*`, `ssl.*`, socket options), for a producer or admin client of
+/// the same cluster; consumer-only properties are left out (librdkafka warns about them).
+pub fn connection_properties(
+    properties: &crate::config::KafkaProperties,
+) -> impl Iterator<Item = (&str, &str)> {
+    const PREFIXES: &[&str] = &[
+        "security.",
+        "sasl.",
+        "ssl.",
+        "ssl_",
+        "enable.ssl.",
+        "enable.sasl.",
+        "socket.",
+        "broker.address.family",
+        "client.dns.lookup",
+    ];
+    properties
+        .iter()
+        .filter(|(k, _)| PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
 /// A thin Kafka producer for the traffic generator and the tests: each `send` waits for the
 /// broker's acknowledgement. Idempotent, so a retried send is never written twice.
 #[derive(Clone)]
@@ -1064,15 +1186,27 @@ impl KafkaWriter {
     /// A producer for `bootstrap` (`host:port[,host:port…]`). Blocks until a broker answers a
     /// metadata request (at most 5 s), so an unreachable broker is reported here.
     pub fn connect(bootstrap: &str) -> Result<KafkaWriter, WriteError> {
-        let producer: FutureProducer = ClientConfig::new()
+        Self::connect_with(bootstrap, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// [`KafkaWriter::connect`] with further librdkafka producer properties: the side's
+    /// [`connection_properties`] (TLS, SASL), or a codec (`compression.type`).
+    pub fn connect_with<K: AsRef<str>, V: AsRef<str>>(
+        bootstrap: &str,
+        properties: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<KafkaWriter, WriteError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|source| WriteError::Create {
-                bootstrap: bootstrap.to_owned(),
-                source,
-            })?;
+            .set("message.timeout.ms", "30000");
+        for (key, value) in properties {
+            config.set(key.as_ref(), value.as_ref());
+        }
+        let producer: FutureProducer = config.create().map_err(|source| WriteError::Create {
+            bootstrap: bootstrap.to_owned(),
+            source,
+        })?;
         producer
             .client()
             .fetch_metadata(None, CONNECT_TIMEOUT)
@@ -1148,6 +1282,7 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                secret_files: Default::default(),
             }),
             rocketmq: None,
         }
@@ -1165,28 +1300,36 @@ mod tests {
     fn defaults_keep_the_offset_store_manual_and_read_from_the_start() {
         let s = KafkaSource::new(&side(&[])).unwrap();
         assert_eq!(s.config.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(s.config.get("enable.auto.commit"), Some("true"));
         assert_eq!(s.config.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(s.config.get("group.id"), Some("g"));
-        assert!(s.auto_commit);
     }
 
     #[test]
-    fn user_properties_win_over_defaults() {
+    fn user_properties_win_over_the_offset_reset_default() {
         let s = KafkaSource::new(&side(&[
             ("auto.offset.reset", "latest"),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
+            ("session.timeout.ms", "6000"),
         ]))
         .unwrap();
         assert_eq!(s.config.get("auto.offset.reset"), Some("latest"));
-        assert!(!s.auto_commit, "the source commits by itself then");
+        assert!(!s.reset_to_start);
     }
 
     #[test]
-    fn turning_on_the_automatic_offset_store_is_refused() {
-        for value in ["true", "1"] {
-            let reason = refusal(&[("enable.auto.offset.store", value)]);
-            assert!(reason.contains("enable.auto.offset.store"), "{reason}");
+    fn properties_the_source_depends_on_are_refused_whatever_their_value() {
+        for (key, value) in [
+            ("enable.auto.offset.store", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.auto.commit", "false"),
+            ("group.id", "other"),
+            ("plugin.library.paths", "/tmp/x.so"),
+        ] {
+            let reason = refusal(&[(key, value)]);
+            assert!(
+                reason.contains(key) && reason.contains("managed by mq-cutover"),
+                "{reason}"
+            );
         }
     }
 
@@ -1199,6 +1342,15 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_secret_property_is_named_without_its_value() {
+        let reason = refusal(&[("ssl_key", "key-S3CRET")]);
+        assert!(
+            reason.contains("ssl_key") && !reason.contains("S3CRET"),
+            "{reason}"
+        );
+    }
+
+    #[test]
     fn a_side_without_a_kafka_table_is_refused() {
         let mut s = side(&[]);
         s.kafka = None;
@@ -1206,6 +1358,47 @@ mod tests {
             KafkaSource::new(&s),
             Err(SourceError::Start { .. })
         ));
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_outages_in_words() {
+        let auth = why_refused(
+            "[thrd:sasl_ssl://127.0.0.1:19094/bootstrap]: sasl_ssl://127.0.0.1:19094/bootstrap: \
+             SASL authentication error: Authentication failed during authentication due to invalid \
+             credentials with SASL mechanism SCRAM-SHA-512 (after 365ms in state AUTH_REQ)",
+            true,
+        )
+        .unwrap();
+        assert!(
+            auth.starts_with("authentication refused by the brokers: sasl_ssl://127.0.0.1:19094/bootstrap: SASL authentication error"),
+            "{auth}"
+        );
+        assert!(
+            auth.contains("check sasl.mechanism") && !auth.contains("after 365ms"),
+            "{auth}"
+        );
+        let tls = why_refused(
+            "ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL \
+             routines::certificate verify failed: broker certificate could not be verified \
+             (after 4ms in state SSL_HANDSHAKE)",
+            true,
+        )
+        .unwrap();
+        assert!(tls.starts_with("TLS handshake failed"), "{tls}");
+        // A plaintext client whose first request a TLS listener drops, in librdkafka 2.12's words.
+        let dropped =
+            "127.0.0.1:19094/bootstrap: Disconnected: connection closed by peer: receive 0 \
+                       after POLLIN (after 0ms in state APIVERSION_QUERY)";
+        let plain = why_refused(dropped, false).unwrap();
+        assert!(plain.contains("check security.protocol"), "{plain}");
+        assert_eq!(why_refused(dropped, true), None, "not a plaintext client");
+        let refused = "127.0.0.1:19092/bootstrap: Connect to ipv4#127.0.0.1:19092 failed: \
+                       Connection refused (after 0ms in state CONNECT)";
+        assert_eq!(
+            why_refused(refused, false),
+            None,
+            "a broker down is no refusal"
+        );
     }
 
     #[test]

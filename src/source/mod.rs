@@ -24,6 +24,7 @@ use crate::message::{Finished, Message, Side};
 use crate::telemetry::metrics::Metrics;
 
 pub mod kafka;
+pub mod kafka_security;
 
 pub mod rocketmq;
 
@@ -78,6 +79,8 @@ struct MembershipInner {
     stalled: IntGauge,
     stalls: IntCounter,
     state: Mutex<State>,
+    /// Why the brokers refuse this source (credentials, TLS), while they do.
+    refused: Mutex<Option<String>>,
 }
 
 struct State {
@@ -113,6 +116,7 @@ impl Membership {
                     stall: StallDetector::new(DEFAULT_STALL_AFTER),
                     paused: None,
                 }),
+                refused: Mutex::new(None),
             }),
         }
     }
@@ -310,6 +314,29 @@ impl Membership {
                 "stall over: these partitions (queues) are read again, have nothing waiting, or the side is paused on purpose"
             );
         }
+    }
+
+    /// The brokers refuse the source (`Some(why)`: wrong credentials, an untrusted certificate,
+    /// a plaintext client on a TLS port) or accept it again (`None`); `/readyz` names the reason
+    /// while it lasts. Returns whether the source went from accepted to refused or back.
+    pub fn set_refused(&self, why: Option<String>) -> bool {
+        let mut refused = self
+            .inner
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let flipped = refused.is_some() != why.is_some();
+        *refused = why;
+        flipped
+    }
+
+    /// Why the brokers refuse the source, while they do.
+    pub fn refused(&self) -> Option<String> {
+        self.inner
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The source left its group (shutdown): every lag series goes and nothing is held.

@@ -1,7 +1,8 @@
-//! The operator API on real Redis, through `Router::oneshot` (no socket): reads open, writes
-//! behind the bearer token (off without one), the same validation and audit as the CLI. And
-//! `/readyz` against the real brokers: not ready, naming the side, until each source has joined
-//! its consumer group.
+//! The admin listener as the daemon assembles it (`admin::listener`), on real Redis, through
+//! `Router::oneshot` (no socket): reads behind the viewer or the operator token, writes behind
+//! the operator token (each off without its token), the Host check, the body cap, hostile text
+//! escaped, the same validation and audit as the CLI. And `/readyz` against the real brokers: not
+//! ready, naming the side, until each source has joined its consumer group.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -14,13 +15,18 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use mq_cutover::admin::api::{router, ApiState};
+use mq_cutover::admin::AdminState;
 use mq_cutover::arbiter::{Arbiter, ClaimRequest, CompleteRequest, LeaseTokens, Outcome};
 use mq_cutover::config::{Config, Validated};
 use mq_cutover::control::Control;
 use mq_cutover::store::Store;
 use serde_json::{json, Value};
 use tower::ServiceExt;
+
+/// The operator token the tests configure (at least 32 bytes, as validation requires).
+const OPERATOR: &str = "op-3f9a1c7e5b2d4f6a8c0e1b3d5f7a9c2e";
+/// The viewer token the tests configure.
+const VIEWER: &str = "vw-8e6c4a2f0d1b3e5c7a9f8d6b4e2c0a1f";
 
 struct Api {
     router: Router,
@@ -35,7 +41,34 @@ impl Drop for Api {
     }
 }
 
+/// The admin state of an instance with nothing running: no sources, Redis up, no switches read.
+fn idle_admin_state() -> AdminState {
+    let (_tx, feed) = tokio::sync::watch::channel(None);
+    AdminState {
+        metrics: Arc::new(mq_cutover::telemetry::metrics::Metrics::default()),
+        redis_up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        switches: feed,
+        breaker: Arc::new(mq_cutover::sink::breaker::CircuitBreaker::new(
+            &Default::default(),
+        )),
+        sources: Arc::from([]),
+        redis_problem: Default::default(),
+    }
+}
+
+/// The example config on this test's prefix, with the operator token `token` (if any) and the
+/// viewer token [`VIEWER`].
 async fn api(test: &str, token: Option<&str>) -> Api {
+    api_with(test, token, Some(VIEWER), &[]).await
+}
+
+/// The listener with these tokens and more environment overrides.
+async fn api_with(
+    test: &str,
+    token: Option<&str>,
+    viewer: Option<&str>,
+    more: &[(&str, &str)],
+) -> Api {
     let prefix = common::unique_prefix(test);
     let mut env: std::collections::BTreeMap<String, String> = [
         ("MQ_CUTOVER__REDIS__URLS", common::redis_url()),
@@ -47,15 +80,19 @@ async fn api(test: &str, token: Option<&str>) -> Api {
     if let Some(t) = token {
         env.insert("MQ_CUTOVER__ADMIN__TOKEN".into(), t.into());
     }
+    if let Some(t) = viewer {
+        env.insert("MQ_CUTOVER__ADMIN__VIEWER_TOKEN".into(), t.into());
+    }
+    for (k, v) in more {
+        env.insert((*k).into(), (*v).into());
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mq-cutover.toml");
     let cfg = Config::load_with_env(&path, env)
         .and_then(Config::validate)
         .unwrap();
     let store = common::connect(mq_cutover::config::RedisMode::Standalone, &prefix).await;
-    let router = router(ApiState {
-        control: Arc::new(Control::new(&store, &cfg)),
-        token: cfg.admin.token.clone(),
-    });
+    let control = Arc::new(Control::new(&store, &cfg));
+    let router = mq_cutover::admin::listener(idle_admin_state(), control, &cfg);
     Api {
         router,
         cfg,
@@ -89,26 +126,227 @@ async fn call(
 }
 
 #[tokio::test]
-async fn reads_are_open_and_writes_are_off_without_a_token() {
+async fn writes_are_off_without_the_operator_token() {
     let a = api("api-off", None).await;
-    let (code, body) = call(&a, "GET", "/api/switches", None, None).await;
+    let (code, body) = call(&a, "GET", "/api/switches", Some(VIEWER), None).await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(body["percent"], 0);
+    for token in [Some("x"), Some(VIEWER)] {
+        let (code, body) = call(
+            &a,
+            "PUT",
+            "/api/switches",
+            token,
+            Some(json!({"percent": 10})),
+        )
+        .await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("admin.token"));
+    }
+}
+
+/// Every read route of the API, as the status page and an operator call them.
+const READS: &[&str] = &[
+    "/api/switches",
+    "/api/messages/m-1",
+    "/api/dead",
+    "/api/audit",
+    "/api/parity",
+    "/api/status",
+];
+
+#[tokio::test]
+async fn every_api_read_needs_the_viewer_or_the_operator_token() {
+    let a = api("api-reads", Some(OPERATOR)).await;
+    for path in READS {
+        for token in [None, Some("wrong"), Some(&VIEWER[..31])] {
+            let (code, _) = call(&a, "GET", path, token, None).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{path} with {token:?}");
+        }
+        for token in [VIEWER, OPERATOR] {
+            let (code, body) = call(&a, "GET", path, Some(token), None).await;
+            // /api/messages/m-1: no such id, but the read was let through to say so.
+            let want = if path.starts_with("/api/messages/") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::OK
+            };
+            assert_eq!(code, want, "{path}: {body}");
+        }
+    }
+    // The viewer token writes nothing.
     let (code, body) = call(
         &a,
         "PUT",
         "/api/switches",
-        Some("x"),
+        Some(VIEWER),
         Some(json!({"percent": 10})),
     )
     .await;
     assert_eq!(code, StatusCode::FORBIDDEN, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("admin.token"));
+}
+
+#[tokio::test]
+async fn without_tokens_the_api_is_off_and_metrics_health_and_the_page_stay_open() {
+    let a = api_with("api-none", None, None, &[]).await;
+    for path in READS {
+        let (code, body) = call(&a, "GET", path, None, None).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{path}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("admin.viewer_token"),
+            "{body}"
+        );
+    }
+    for path in ["/metrics", "/healthz", "/readyz", "/", "/status"] {
+        let r = a
+            .router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert!(
+            r.status() == StatusCode::OK || r.status() == StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {}",
+            r.status()
+        );
+    }
+}
+
+/// `GET path` with `Host: host` and the viewer token.
+async fn get_with_host(a: &Api, path: &str, host: &str) -> StatusCode {
+    let r = Request::get(path)
+        .header("host", host)
+        .header("authorization", format!("Bearer {VIEWER}"))
+        .body(Body::empty())
+        .unwrap();
+    a.router.clone().oneshot(r).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn a_rebound_host_gets_neither_the_page_nor_the_api_but_metrics_stay_open() {
+    let a = api_with(
+        "api-host",
+        Some(OPERATOR),
+        Some(VIEWER),
+        &[(
+            "MQ_CUTOVER__ADMIN__ALLOWED_HOSTS",
+            "mq.internal.example,10.1.2.3:9464",
+        )],
+    )
+    .await;
+    for path in ["/", "/api/dead", "/api/status"] {
+        for host in ["attacker.example:9464", "10.1.2.3:80"] {
+            assert_eq!(
+                get_with_host(&a, path, host).await,
+                StatusCode::FORBIDDEN,
+                "{path} {host}"
+            );
+        }
+        for host in [
+            "localhost:9464",
+            "127.0.0.1:9464",
+            "mq.internal.example",
+            "10.1.2.3:9464",
+        ] {
+            assert_eq!(
+                get_with_host(&a, path, host).await,
+                StatusCode::OK,
+                "{path} {host}"
+            );
+        }
+    }
+    // Prometheus and the kubelet name the pod's address: the open routes answer any Host.
+    for path in ["/metrics", "/healthz"] {
+        assert_eq!(
+            get_with_host(&a, path, "10.9.8.7:9464").await,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_token_is_checked_before_the_body_and_bodies_are_capped() {
+    let a = api("api-body", Some(OPERATOR)).await;
+    // A body that fails the test if it is read: refused for its token first.
+    let poisoned = || {
+        Body::from_stream(futures::stream::once(async {
+            panic!("the request body was read before the token was checked");
+            #[allow(unreachable_code)]
+            Ok::<_, std::io::Error>(axum::body::Bytes::new())
+        }))
+    };
+    for token in [None, Some(VIEWER)] {
+        let mut r = Request::put("/api/switches").header("content-type", "application/json");
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        let r = a
+            .router
+            .clone()
+            .oneshot(r.body(poisoned()).unwrap())
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{token:?}: {}", r.status());
+    }
+    // Past the cap: 413, and nothing changed.
+    let mut ids: Vec<String> = Vec::new();
+    while ids.iter().map(|i| i.len() + 3).sum::<usize>() <= mq_cutover::admin::auth::MAX_BODY_BYTES
+    {
+        ids.push(format!("user-{:06}", ids.len()));
+    }
+    let (code, body) = call(
+        &a,
+        "POST",
+        "/api/switches/whitelist",
+        Some(OPERATOR),
+        Some(json!({ "add": ids })),
+    )
+    .await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let (_, body) = call(&a, "GET", "/api/switches", Some(VIEWER), None).await;
+    assert_eq!(body["version"], 0, "nothing changed");
+}
+
+#[tokio::test]
+async fn hostile_ids_and_reasons_come_back_escaped() {
+    use mq_cutover::dead::{DeadLetters, Parking};
+    let a = api("api-hostile", Some(OPERATOR)).await;
+    let origin = mq_cutover::message::Origin {
+        side: "kafka".into(),
+        topic: "reward".into(),
+        partition: 0,
+        broker: None,
+        offset: 1,
+        born_ms: 0,
+    };
+    DeadLetters::new(&a.store, 1000)
+        .park(&[Parking {
+            message_id: Some("id\x1b]0;owned\x07"),
+            business_id: Some("u\u{202e}1"),
+            reason: "HTTP 400: \x1b[2Jok",
+            origin: &origin,
+            attempts: 1,
+            payload: b"{}",
+        }])
+        .await
+        .unwrap();
+    let (_, dead) = call(&a, "GET", "/api/dead", Some(VIEWER), None).await;
+    assert_eq!(dead[0]["message_id"], "id\\x1b]0;owned\\x07");
+    assert_eq!(dead[0]["business_id"], "u\\u{202e}1");
+    assert_eq!(dead[0]["reason"], "HTTP 400: \\x1b[2Jok");
+    let (_, st) = call(&a, "GET", "/api/status", Some(VIEWER), None).await;
+    let newest = &st["dead_letters"]["newest"][0];
+    assert_eq!(newest["message_id"], "id\\x1b]0;owned\\x07");
+    assert_eq!(newest["reason"], "HTTP 400: \\x1b[2Jok");
 }
 
 #[tokio::test]
 async fn writes_need_the_right_token_and_are_audited() {
-    let a = api("api-token", Some("t0ken")).await;
+    let a = api("api-token", Some(OPERATOR)).await;
     for token in [None, Some("wrong")] {
         let (code, _) = call(
             &a,
@@ -124,7 +362,7 @@ async fn writes_need_the_right_token_and_are_audited() {
         &a,
         "PUT",
         "/api/switches",
-        Some("t0ken"),
+        Some(OPERATOR),
         Some(json!({"consume": true, "percent": 10})),
     )
     .await;
@@ -136,19 +374,19 @@ async fn writes_need_the_right_token_and_are_audited() {
     // The CLI's implementation sees the same change, and the audit says it came from the API.
     let control = Control::new(&a.store, &a.cfg);
     assert_eq!(control.switches().await.unwrap().percent.get(), 10);
-    let (_, audit) = call(&a, "GET", "/api/audit?count=1", None, None).await;
+    let (_, audit) = call(&a, "GET", "/api/audit?count=1", Some(VIEWER), None).await;
     assert_eq!(audit[0]["by"], "api:unknown");
     assert_eq!(audit[0]["detail"], "v1: consume off -> on; percent 0 -> 10");
 }
 
 #[tokio::test]
 async fn a_percent_out_of_range_or_an_unknown_field_is_a_bad_request() {
-    let a = api("api-bad", Some("t")).await;
+    let a = api("api-bad", Some(OPERATOR)).await;
     let (code, body) = call(
         &a,
         "PUT",
         "/api/switches",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"percent": 101})),
     )
     .await;
@@ -164,23 +402,23 @@ async fn a_percent_out_of_range_or_an_unknown_field_is_a_bad_request() {
         &a,
         "PUT",
         "/api/switches",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"percnt": 5})),
     )
     .await;
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    let (_, body) = call(&a, "GET", "/api/switches", None, None).await;
+    let (_, body) = call(&a, "GET", "/api/switches", Some(VIEWER), None).await;
     assert_eq!(body["version"], 0, "nothing changed");
 }
 
 #[tokio::test]
 async fn the_whitelist_is_edited_through_the_api() {
-    let a = api("api-whitelist", Some("t")).await;
+    let a = api("api-whitelist", Some(OPERATOR)).await;
     let (code, body) = call(
         &a,
         "POST",
         "/api/switches/whitelist",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"add": ["u2", "u1"]})),
     )
     .await;
@@ -190,7 +428,7 @@ async fn the_whitelist_is_edited_through_the_api() {
         &a,
         "POST",
         "/api/switches/whitelist",
-        Some("t"),
+        Some(OPERATOR),
         Some(json!({"remove": ["u1"]})),
     )
     .await;
@@ -199,8 +437,8 @@ async fn the_whitelist_is_edited_through_the_api() {
 
 #[tokio::test]
 async fn one_message_is_shown_and_a_dead_one_released() {
-    let a = api("api-message", Some("t")).await;
-    let (code, _) = call(&a, "GET", "/api/messages/nope", None, None).await;
+    let a = api("api-message", Some(OPERATOR)).await;
+    let (code, _) = call(&a, "GET", "/api/messages/nope", Some(VIEWER), None).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     let arbiter = Arbiter::new(
         &a.store,
@@ -216,12 +454,12 @@ async fn one_message_is_shown_and_a_dead_one_released() {
         })
         .await
         .unwrap();
-    let (_, body) = call(&a, "GET", "/api/messages/m1", None, None).await;
+    let (_, body) = call(&a, "GET", "/api/messages/m1", Some(VIEWER), None).await;
     assert_eq!(
         (body["owner"].clone(), body["state"].clone()),
         (json!("kafka"), json!("in-flight"))
     );
-    let (code, _) = call(&a, "POST", "/api/messages/m1/release", Some("t"), None).await;
+    let (code, _) = call(&a, "POST", "/api/messages/m1/release", Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::CONFLICT, "only dead ids can be released");
     arbiter
         .complete(&CompleteRequest {
@@ -232,10 +470,10 @@ async fn one_message_is_shown_and_a_dead_one_released() {
         })
         .await
         .unwrap();
-    let (code, body) = call(&a, "POST", "/api/messages/m1/release", Some("t"), None).await;
+    let (code, body) = call(&a, "POST", "/api/messages/m1/release", Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["was"], "HTTP 400");
-    let (_, body) = call(&a, "GET", "/api/messages/m1", None, None).await;
+    let (_, body) = call(&a, "GET", "/api/messages/m1", Some(VIEWER), None).await;
     assert_eq!(body["state"], "pending");
 }
 
@@ -296,6 +534,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
             topics: vec![name.clone()],
             group_id: format!("{name}-group"),
             properties: Default::default(),
+            secret_files: Default::default(),
         }),
         rocketmq: (kind == SideKind::Rocketmq).then(|| RocketMqSideConfig {
             name_server: std::env::var("MQC_ROCKETMQ_NAMESRV")
@@ -315,6 +554,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
     let router = mq_cutover::admin::router(AdminState {
         metrics,
         redis_up: Arc::new(AtomicBool::new(true)),
+        redis_problem: Default::default(),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: memberships.clone(),

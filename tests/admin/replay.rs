@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use mq_cutover::admin::api::{router, ApiState};
 use mq_cutover::arbiter::{Arbiter, ClaimRequest, CompleteRequest, LeaseTokens, Outcome, State};
 use mq_cutover::config::{Config, RedisMode};
 use mq_cutover::control::Control;
 use mq_cutover::dead::{DeadLetters, Parking};
 use mq_cutover::message::Origin;
 use mq_cutover::pipeline::{Pause, Shared};
+
+use super::OPERATOR;
 use mq_cutover::reward::{FaultPlan, RewardServer};
 use mq_cutover::telemetry::metrics::Metrics;
 use serde_json::json;
@@ -44,6 +45,7 @@ async fn replay_api(test: &str, token: &str) -> ReplayApi {
         ("MQ_CUTOVER__REDIS__URLS", common::redis_url()),
         ("MQ_CUTOVER__REDIS__KEY_PREFIX", prefix.clone()),
         ("MQ_CUTOVER__ADMIN__TOKEN", token.to_owned()),
+        ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", super::VIEWER.to_owned()),
         ("MQ_CUTOVER__SINK__URL", reward.url("/grant")),
     ]
     .into_iter()
@@ -66,10 +68,8 @@ async fn replay_api(test: &str, token: &str) -> ReplayApi {
         )
         .unwrap(),
     );
-    let router = router(ApiState {
-        control: Arc::new(Control::new(&store, &cfg).with_replay(shared, stop.clone())),
-        token: cfg.admin.token.clone(),
-    });
+    let control = Arc::new(Control::new(&store, &cfg).with_replay(shared, stop.clone()));
+    let router = mq_cutover::admin::listener(super::idle_admin_state(), control, &cfg);
     ReplayApi {
         api: Api {
             router,
@@ -137,7 +137,7 @@ async fn park(a: &Api, id: Option<&str>, reason: &str) -> String {
 
 #[tokio::test]
 async fn a_dead_letter_replayed_through_the_api_is_delivered_once_removed_and_audited() {
-    let r = replay_api("api-replay", "t").await;
+    let r = replay_api("api-replay", OPERATOR).await;
     let a = &r.api;
     let entry = park_fatal(a, "m-replay").await;
     let path = format!("/api/dead/{entry}/replay");
@@ -148,7 +148,7 @@ async fn a_dead_letter_replayed_through_the_api_is_delivered_once_removed_and_au
     }
     assert!(r.reward.state().grant_counts().is_empty(), "nothing sent");
 
-    let (code, body) = call(a, "POST", &path, Some("t"), None).await;
+    let (code, body) = call(a, "POST", &path, Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(
         body,
@@ -164,27 +164,27 @@ async fn a_dead_letter_replayed_through_the_api_is_delivered_once_removed_and_au
         State::Done
     );
     assert_eq!(control.dead_letter_count().await.unwrap(), 0, "removed");
-    let (_, audit) = call(a, "GET", "/api/audit?count=1", None, None).await;
+    let (_, audit) = call(a, "GET", "/api/audit?count=1", Some(super::VIEWER), None).await;
     assert_eq!(audit[0]["action"], "replay");
     assert_eq!(audit[0]["by"], "api:unknown");
     assert_eq!(audit[0]["detail"], format!("m-replay ({entry}): delivered"));
 
     // The letter is gone: a second replay is a 404, and nothing is sent again.
-    let (code, body) = call(a, "POST", &path, Some("t"), None).await;
+    let (code, body) = call(a, "POST", &path, Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(r.reward.state().grant_counts().len(), 1);
 }
 
 #[tokio::test]
 async fn a_letter_without_a_message_id_is_skipped_and_kept() {
-    let r = replay_api("api-replay-noid", "t").await;
+    let r = replay_api("api-replay-noid", OPERATOR).await;
     let a = &r.api;
     let entry = park(a, None, "no message id: header `msg-id` missing").await;
     let (code, body) = call(
         a,
         "POST",
         &format!("/api/dead/{entry}/replay"),
-        Some("t"),
+        Some(OPERATOR),
         None,
     )
     .await;
@@ -197,7 +197,7 @@ async fn a_letter_without_a_message_id_is_skipped_and_kept() {
             .contains("no message id (no message id: header `msg-id` missing)"),
         "{body}"
     );
-    let (_, dead) = call(a, "GET", "/api/dead", None, None).await;
+    let (_, dead) = call(a, "GET", "/api/dead", Some(super::VIEWER), None).await;
     assert_eq!(dead[0]["entry"], entry.as_str(), "the letter stays");
     assert!(r.reward.state().grant_counts().is_empty());
 }
@@ -206,21 +206,21 @@ async fn a_letter_without_a_message_id_is_skipped_and_kept() {
 async fn replay_is_a_write_route_and_needs_a_pipeline() {
     // No token configured: off, like every write.
     let a = super::api("api-replay-off", None).await;
-    let (code, _) = call(&a, "POST", "/api/dead/1-0/replay", Some("t"), None).await;
+    let (code, _) = call(&a, "POST", "/api/dead/1-0/replay", Some(OPERATOR), None).await;
     assert_eq!(code, StatusCode::FORBIDDEN);
     // A control built without a pipeline refuses instead of pretending.
-    let a = super::api("api-replay-nopipe", Some("t")).await;
+    let a = super::api("api-replay-nopipe", Some(OPERATOR)).await;
     let entry = park_fatal(&a, "m-nopipe").await;
     let (code, body) = call(
         &a,
         "POST",
         &format!("/api/dead/{entry}/replay"),
-        Some("t"),
+        Some(OPERATOR),
         None,
     )
     .await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let (code, _) = call(&a, "POST", "/api/dead/1-0/replay", Some("t"), None).await;
+    let (code, _) = call(&a, "POST", "/api/dead/1-0/replay", Some(OPERATOR), None).await;
     assert_eq!(
         code,
         StatusCode::NOT_FOUND,

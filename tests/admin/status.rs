@@ -60,6 +60,7 @@ async fn the_status_document_carries_the_counts_switches_readiness_and_dead_lett
         metrics: metrics.clone(),
         // Redis reported away: the status must say not ready, and why, as /readyz does.
         redis_up: Arc::new(AtomicBool::new(false)),
+        redis_problem: Default::default(),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: Arc::from([]),
@@ -147,6 +148,7 @@ async fn the_page_is_served_at_the_root_and_at_status_and_loads_nothing_from_els
     let admin = AdminState {
         metrics: Arc::new(Metrics::default()),
         redis_up: Arc::new(AtomicBool::new(true)),
+        redis_problem: Default::default(),
         switches: feed,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: Arc::from([]),
@@ -154,7 +156,7 @@ async fn the_page_is_served_at_the_root_and_at_status_and_loads_nothing_from_els
     let control = Arc::new(Control::new(&a.store, &a.cfg));
     let router = page::router(StatusState::new(admin, control, &a.cfg));
     for path in ["/", "/status"] {
-        let (code, csp, body) = get(&router, path).await;
+        let (code, csp, body) = get(&page::pages(), path).await;
         assert_eq!(code, StatusCode::OK, "{path}");
         assert_eq!(body, page::STATUS_HTML, "{path}");
         let csp = csp.expect("a content security policy");

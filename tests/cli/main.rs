@@ -84,6 +84,11 @@ fn bad_configs_exit_78_with_one_line_naming_the_key() {
             "ambiguous = \"maybe\"",
             "arbiter.ambiguous",
         ),
+        (
+            "# \"session.timeout.ms\" = \"10000\"",
+            "\"enable.auto.commit\" = \"false\"",
+            "side[0].kafka.properties.enable.auto.commit",
+        ),
     ];
     for (from, to, key) in cases {
         let f = config_with(from, to);
@@ -104,6 +109,40 @@ fn an_environment_override_with_a_bad_value_exits_78() {
         .arg("check-config"));
     assert_eq!(code, EXIT_CONFIG);
     assert!(err.contains("`arbiter.lease`"), "{err}");
+}
+
+#[test]
+fn check_config_prints_redis_urls_without_their_password() {
+    let (code, out, err) = run(mqc("redis://mqc:hunter2@127.0.0.1:1/0", "x").arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("redis://mqc:***@127.0.0.1:1/0"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn a_weak_or_placeholder_admin_token_exits_78_without_showing_it() {
+    for (var, token) in [
+        ("MQ_CUTOVER__ADMIN__TOKEN", "s3cr3t-but-short"),
+        (
+            "MQ_CUTOVER__ADMIN__TOKEN",
+            "REPLACE-ME-with-openssl-rand-hex-32-output",
+        ),
+        ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", "change-me"),
+    ] {
+        let (code, _, err) = run(mqc("redis://127.0.0.1:1", "x")
+            .env(var, token)
+            .arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{token}: {err}");
+        let key = if var.ends_with("VIEWER_TOKEN") {
+            "`admin.viewer_token`"
+        } else {
+            "`admin.token`"
+        };
+        assert!(err.contains(key) && !err.contains(token), "{err}");
+    }
 }
 
 #[test]
@@ -238,6 +277,103 @@ async fn inspect_and_release_a_dead_id() {
     common::cleanup(&[url], &prefix);
 }
 
+/// An id and a reason a hostile producer (or a hostile downstream's error text) chose: clear the
+/// screen, set the terminal title, turn the text red, and reverse the rest of the line.
+const HOSTILE_ID: &str = "evil\x1b[2J\x1b]0;owned\x07\u{9b}31m\u{202e}di";
+const HOSTILE_REASON: &str = "HTTP 400: \x1b[31mgranted\r\nall good";
+
+fn assert_no_terminal_controls(what: &str, out: &str) {
+    assert!(
+        !out.chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+        "{what} prints a terminal control character: {out:?}"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_and_inspect_print_hostile_ids_and_reasons_escaped() {
+    use mq_cutover::dead::{DeadLetters, Parking};
+    use mq_cutover::message::Origin;
+
+    let url = common::redis_url();
+    let prefix = common::unique_prefix("cli-hostile");
+    let store = common::connect(RedisMode::Standalone, &prefix).await;
+    let origin = Origin {
+        side: "kafka".into(),
+        topic: "reward".into(),
+        partition: 0,
+        broker: None,
+        offset: 3,
+        born_ms: 0,
+    };
+    let entry = DeadLetters::new(&store, 1000)
+        .park(&[Parking {
+            message_id: Some(HOSTILE_ID),
+            business_id: Some("u\x1b[1m"),
+            reason: HOSTILE_REASON,
+            origin: &origin,
+            attempts: 1,
+            payload: b"{\"x\":\"\x1b[5mblink\"}",
+        }])
+        .await
+        .unwrap()
+        .0
+        .remove(0);
+    let arbiter = Arbiter::new(
+        &store,
+        &common::arbiter_config(Duration::from_secs(30), AmbiguousPolicy::AtMostOnce, 8),
+    );
+    let token = LeaseTokens::default().next();
+    arbiter
+        .claim(&ClaimRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            routed_owner: "kafka",
+            token: &token,
+        })
+        .await
+        .unwrap();
+    arbiter
+        .complete(&CompleteRequest {
+            id: HOSTILE_ID,
+            side: "kafka",
+            token: &token,
+            outcome: &Outcome::Fatal(HOSTILE_REASON.into()),
+        })
+        .await
+        .unwrap();
+
+    let escaped_id = "evil\\x1b[2J\\x1b]0;owned\\x07\\u{9b}31m\\u{202e}di";
+    let escaped_reason = "HTTP 400: \\x1b[31mgranted\\r\\nall good";
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "list"]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead list", &out);
+    assert!(
+        out.contains(&format!("id={escaped_id}")) && out.contains(escaped_reason),
+        "{out}"
+    );
+    let (code, out, err) = run(mqc(&url, &prefix).args(["dead", "show", &entry]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("dead show", &out);
+    for want in [
+        format!("message id:  {escaped_id}"),
+        "business id: u\\x1b[1m".into(),
+        format!("reason:      {escaped_reason}"),
+        "payload:     {\"x\":\"\\x1b[5mblink\"}".into(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in\n{out}");
+    }
+    let (code, out, err) = run(mqc(&url, &prefix).args(["inspect", HOSTILE_ID]));
+    assert_eq!(code, 0, "{err}");
+    assert_no_terminal_controls("inspect", &out);
+    assert!(
+        out.contains(&format!("message {escaped_id}\n"))
+            && out.contains(&format!("reason:    {escaped_reason}")),
+        "{out}"
+    );
+    common::cleanup(&[url], &prefix);
+}
+
 #[test]
 fn run_seeds_the_switches_and_stops_cleanly_on_sigterm() {
     let url = common::redis_url();
@@ -307,4 +443,141 @@ fn run_says_when_redis_is_unreachable_and_keeps_running() {
         err.contains("redis unreachable: no message can be claimed until it returns"),
         "{err}"
     );
+}
+
+/// The binary with the config at `path`, pointed at `redis_url`.
+fn mqc_at(path: &std::path::Path, redis_url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    c.arg("--config")
+        .arg(path)
+        .env("MQ_CUTOVER__REDIS__URLS", redis_url)
+        .env_remove("RUST_LOG");
+    c
+}
+
+#[test]
+fn check_config_names_the_secrets_it_read_and_never_prints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, value: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, value).unwrap();
+        p.display().to_string()
+    };
+    let kafka_pw = file("kafka-password", "kafka-S3CRET-from-file\n");
+    let api_key = file("api-key", "api-S3CRET-from-file\n");
+    let token = file("token", "token-S3CRET-from-file-0b8d6f4a2c1e3b5d7f9a");
+    let cfg = config_with(
+        "[side.kafka.properties]\n",
+        "[side.kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\
+         \"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"mqc\"\n",
+    );
+    let text = std::fs::read_to_string(cfg.path())
+        .unwrap()
+        .replacen(
+            "[side.kafka.secret_files]\n",
+            &format!("[side.kafka.secret_files]\n\"sasl.password\" = \"{kafka_pw}\"\n"),
+            1,
+        )
+        .replacen(
+            "[sink.header_files]\n",
+            &format!("[sink.header_files]\nX-Api-Key = \"{api_key}\"\n"),
+            1,
+        );
+    std::fs::write(
+        cfg.path(),
+        text.replace("# token = \"...\"", &format!("token_file = \"{token}\"")),
+    )
+    .unwrap();
+    let (code, out, err) = run(mqc_at(cfg.path(), "redis://mqc:url-S3CRET@127.0.0.1:1")
+        .env("MQ_CUTOVER__REDIS__PASSWORD", "env-S3CRET")
+        .arg("check-config"));
+    assert_eq!(code, 0, "{err}");
+    for secret in [
+        "kafka-S3CRET",
+        "api-S3CRET",
+        "token-S3CRET",
+        "url-S3CRET",
+        "env-S3CRET",
+    ] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} printed:\n{out}{err}"
+        );
+    }
+    assert!(
+        out.contains("side kafka: Kafka SASL_PLAINTEXT SCRAM-SHA-512"),
+        "{out}"
+    );
+    assert!(out.contains("redis://mqc:***@127.0.0.1:1"), "{out}");
+    for named in [
+        "redis.password",
+        "admin.token (file ",
+        "side[0].kafka.properties.\"sasl.password\" (file ",
+        "sink.headers.X-Api-Key (file ",
+    ] {
+        assert!(out.contains(named), "{named} not listed:\n{out}");
+    }
+}
+
+#[test]
+fn a_missing_secret_file_or_a_secret_given_twice_exits_78_naming_the_key() {
+    let cfg = config_with(
+        "# token = \"...\"",
+        "token_file = \"/nonexistent/admin-token\"",
+    );
+    let (code, _, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1").arg("check-config"));
+    assert_eq!(code, EXIT_CONFIG);
+    assert!(
+        err.contains("`admin.token_file`") && err.contains("/nonexistent/admin-token"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("pw");
+    std::fs::write(&p, "from-file-S3CRET").unwrap();
+    let cfg = config_with(
+        "# password = \"...\"",
+        &format!("password_file = \"{}\"", p.display()),
+    );
+    let (code, out, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1")
+        .env("MQ_CUTOVER__REDIS__PASSWORD", "env-S3CRET")
+        .arg("check-config"));
+    assert_eq!(code, EXIT_CONFIG, "{out}");
+    assert!(
+        err.contains("`redis.password_file`") && err.contains("`redis.password`"),
+        "{err}"
+    );
+    assert!(!err.contains("S3CRET"), "{err}");
+}
+
+#[test]
+fn kafka_security_gaps_exit_78_naming_the_property() {
+    let cases = [
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n",
+            "side[0].kafka.properties.\"sasl.mechanism\"",
+        ),
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"u\"\n",
+            "side[0].kafka.properties.\"sasl.password\"",
+        ),
+        (
+            "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"\n",
+            "side[0].kafka.properties.\"ssl.ca.location\"",
+        ),
+        (
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM\"\n",
+            "side[0].kafka.properties.\"sasl.mechanism\"",
+        ),
+    ];
+    for (props, key) in cases {
+        let cfg = config_with(
+            "[side.kafka.properties]\n",
+            &format!("[side.kafka.properties]\n{props}"),
+        );
+        let (code, _, err) = run(mqc_at(cfg.path(), "redis://127.0.0.1:1").arg("check-config"));
+        assert_eq!(code, EXIT_CONFIG, "{props}");
+        assert!(err.contains(&format!("`{key}`")), "{props}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 }

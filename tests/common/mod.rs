@@ -453,3 +453,131 @@ pub async fn lags_become(
     }
     started.elapsed()
 }
+
+/// The secured components of the test bed (`scripts/testbed up redis-tls kafka-secure`): the
+/// CA, the client certificate, the users and their passwords, from `scripts/testbed env`'s
+/// variables or else from the test bed's directory. Fails loudly when they are not there.
+#[derive(Debug, Clone)]
+pub struct Secured {
+    /// The test bed's CA (PEM).
+    pub ca: String,
+    /// A CA that signed nothing of the test bed's.
+    pub other_ca: String,
+    /// A client certificate and key the test bed's CA signed.
+    pub client_cert: String,
+    pub client_key: String,
+    /// `rediss://127.0.0.1:16380`, its ACL user and password.
+    pub redis_url: String,
+    pub redis_user: String,
+    pub redis_password: String,
+    /// The SASL_SSL listener of the secured Kafka broker, its SCRAM user and password.
+    pub kafka_bootstrap: String,
+    pub kafka_user: String,
+    pub kafka_password: String,
+}
+
+impl Secured {
+    pub fn get() -> Secured {
+        let dir = std::env::var("MQC_TESTBED_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed").into());
+        let tls = std::env::var("MQC_TLS_DIR").unwrap_or_else(|_| format!("{dir}/tls"));
+        let file = |name: &str| {
+            let p = format!("{tls}/{name}");
+            assert!(
+                std::path::Path::new(&p).is_file(),
+                "{p} is missing: start the secured test bed with `scripts/testbed up redis-tls \
+                 kafka-secure` (the README's test command does it for you)"
+            );
+            p
+        };
+        let secret = |var: &str, name: &str| {
+            std::env::var(var).unwrap_or_else(|_| {
+                std::fs::read_to_string(file(&format!("{name}.secret")))
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            })
+        };
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        Secured {
+            ca: file("ca.pem"),
+            other_ca: file("other-ca.pem"),
+            client_cert: file("client.pem"),
+            client_key: file("client.key"),
+            redis_url: var("MQC_REDIS_TLS_URL", "rediss://127.0.0.1:16380"),
+            redis_user: var("MQC_REDIS_TLS_USER", "mqc"),
+            redis_password: secret("MQC_REDIS_TLS_PASSWORD", "redis-tls"),
+            kafka_bootstrap: var("MQC_KAFKA_SECURE_BOOTSTRAP", "127.0.0.1:19094"),
+            kafka_user: var("MQC_KAFKA_SECURE_USER", "mqc"),
+            kafka_password: secret("MQC_KAFKA_SECURE_PASSWORD", "kafka-secure"),
+        }
+    }
+
+    /// The directory of the test bed's CA and certificates.
+    pub fn tls_dir(&self) -> String {
+        std::path::Path::new(&self.ca)
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    }
+
+    /// librdkafka settings for the secured broker: SASL_SSL, SCRAM-SHA-512, the CA.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", self.kafka_user.as_str()),
+            ("sasl.password", self.kafka_password.as_str()),
+            ("ssl.ca.location", self.ca.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// An rdkafka client config for the secured broker (admin clients, producers).
+    pub fn kafka_client(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.kafka_bootstrap);
+        for (k, v) in self.kafka_properties() {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Creates a topic on the secured broker, failing loudly when it does not answer.
+    pub async fn kafka_topic(&self, name: &str, partitions: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            self.kafka_client().create().expect("admin client");
+        let opts = AdminOptions::new()
+            .request_timeout(Some(Duration::from_secs(15)))
+            .operation_timeout(Some(Duration::from_secs(15)));
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &opts,
+            )
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the secured Kafka at {} does not answer ({e}): `scripts/testbed up kafka-secure`",
+                    self.kafka_bootstrap
+                )
+            });
+        for r in results {
+            r.unwrap_or_else(|(t, e)| panic!("creating topic {t} on the secured Kafka: {e}"));
+        }
+    }
+
+    /// `[redis]` settings for the TLS Redis as the ACL user, with the test bed's CA.
+    pub fn redis_config(&self, prefix: &str) -> RedisConfig {
+        let mut cfg = redis_config_for(RedisMode::Standalone, vec![self.redis_url.clone()], prefix);
+        cfg.username = Some(self.redis_user.clone());
+        cfg.password = Some(mq_cutover::config::Secret::new(self.redis_password.clone()));
+        cfg.tls.ca_file = Some(self.ca.clone().into());
+        cfg
+    }
+}

@@ -119,10 +119,14 @@ pub fn pinned(image: &str) -> Result<(), String> {
     }
 }
 
-/// Resolves compose variable interpolation the way `docker compose` does with no variables set:
-/// `${NAME:-default}` and `${NAME-default}` give the default, `${NAME}` / `$NAME` the
-/// placeholder `placeholder-NAME`, `$$` a `$`.
-pub fn interpolate(s: &str) -> String {
+/// The variables a compose `.env` file sets.
+pub type Vars = BTreeMap<String, String>;
+
+/// Resolves compose variable interpolation the way `docker compose` does with `vars` as its
+/// `.env`: `${NAME:-default}` / `${NAME-default}` give the variable or the default,
+/// `${NAME:?message}` / `${NAME?message}` the variable or a panic with compose's refusal,
+/// `${NAME}` / `$NAME` the variable or the placeholder `placeholder-NAME`, `$$` a `$`.
+pub fn interpolate(s: &str, vars: &Vars) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -136,23 +140,86 @@ pub fn interpolate(s: &str) -> String {
                 .find('}')
                 .unwrap_or_else(|| panic!("unclosed ${{ in `{s}`"));
             let inner = &body[..close];
-            match inner.find(":-").or_else(|| inner.find('-')) {
-                Some(j) => {
-                    let skip = if inner[j..].starts_with(":-") { 2 } else { 1 };
-                    out.push_str(&inner[j + skip..]);
+            let name_end = inner
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(inner.len());
+            let (name, op) = inner.split_at(name_end);
+            let set = vars.get(name).filter(|v| !v.is_empty());
+            let value = match op {
+                "" => set
+                    .cloned()
+                    .unwrap_or_else(|| format!("placeholder-{name}")),
+                _ if op.starts_with(":-") => set.cloned().unwrap_or_else(|| op[2..].to_owned()),
+                _ if op.starts_with('-') => set.cloned().unwrap_or_else(|| op[1..].to_owned()),
+                _ if op.starts_with(":?") || op.starts_with('?') => {
+                    set.cloned().unwrap_or_else(|| {
+                        panic!("compose refuses to start: `{name}` is unset ({op})")
+                    })
                 }
-                None => out.push_str(&format!("placeholder-{inner}")),
-            }
+                _ => panic!("unsupported interpolation `${{{inner}}}` in `{s}`"),
+            };
+            out.push_str(&value);
             rest = &body[close + 1..];
         } else {
             let n = after
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(after.len());
-            out.push_str(&format!("placeholder-{}", &after[..n]));
+            let name = &after[..n];
+            match vars.get(name) {
+                Some(v) => out.push_str(v),
+                None => out.push_str(&format!("placeholder-{name}")),
+            }
             rest = &after[n..];
         }
     }
     out.push_str(rest);
+    out
+}
+
+/// Every `${NAME}` of `s`: the name and what follows it inside the braces (`:?message`,
+/// `:-default`, or nothing).
+pub fn interpolations(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        let body = &rest[i + 2..];
+        let Some(close) = body.find('}') else { break };
+        let inner = &body[..close];
+        let name_end = inner
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(inner.len());
+        out.push((inner[..name_end].to_owned(), inner[name_end..].to_owned()));
+        rest = &body[close + 1..];
+    }
+    out
+}
+
+/// A `KEY=VALUE` file (`.env`), comments and blank lines left out.
+pub fn dotenv(rel: &str) -> Vars {
+    read(rel)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("{rel}: `{l}` is not KEY=VALUE"));
+            (k.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect()
+}
+
+/// A secret as a user would make one (`openssl rand -hex 32`): 64 hex digits, the same for the
+/// same name, different for different names.
+pub fn strong_secret(name: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut out = String::new();
+    for round in 0u8..4 {
+        for b in name.bytes().chain([round]) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        out.push_str(&format!("{h:016x}"));
+    }
     out
 }
 
@@ -215,21 +282,21 @@ pub fn compose_services(compose: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// A compose service's environment (map or `KEY=VALUE` list form), interpolated.
-pub fn compose_environment(service: &Value) -> BTreeMap<String, String> {
+/// A compose service's environment (map or `KEY=VALUE` list form), interpolated with `vars`.
+pub fn compose_environment(service: &Value, vars: &Vars) -> BTreeMap<String, String> {
     let env = &service["environment"];
     let mut out = BTreeMap::new();
     if let Some(map) = env.as_mapping() {
         for (k, v) in map {
             out.insert(
                 text(k).expect("variable name"),
-                interpolate(&text(v).unwrap_or_default()),
+                interpolate(&text(v).unwrap_or_default(), vars),
             );
         }
     } else {
         for item in strings(env) {
             let (k, v) = item.split_once('=').unwrap_or((&item, ""));
-            out.insert(k.to_owned(), interpolate(v));
+            out.insert(k.to_owned(), interpolate(v, vars));
         }
     }
     out
@@ -302,11 +369,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn interpolation_takes_defaults_and_placeholders() {
+    fn interpolation_takes_variables_defaults_and_placeholders() {
+        let none = Vars::new();
         assert_eq!(
-            interpolate("${A:-x}/${B-y}/${C}/$D/$$E"),
+            interpolate("${A:-x}/${B-y}/${C}/$D/$$E", &none),
             "x/y/placeholder-C/placeholder-D/$E"
         );
+        let vars: Vars = [("A".into(), "a".into()), ("R".into(), "r".into())].into();
+        assert_eq!(interpolate("${A:-x}-${R:?set R}-$A", &vars), "a-r-a");
+        assert_eq!(
+            interpolations("${A:-x} ${R:?set R (see .env)}"),
+            vec![
+                ("A".into(), ":-x".into()),
+                ("R".into(), ":?set R (see .env)".into())
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "compose refuses to start: `R` is unset")]
+    fn a_required_variable_that_is_unset_is_compose_refusing() {
+        interpolate("${R:?set R}", &Vars::new());
+    }
+
+    #[test]
+    fn strong_secrets_pass_the_token_rules() {
+        let s = strong_secret("MQ_CUTOVER_ADMIN_TOKEN");
+        assert_eq!(s.len(), 64);
+        assert_ne!(s, strong_secret("MQ_CUTOVER_VIEWER_TOKEN"));
+        assert!(mq_cutover::config::placeholder(&s).is_none());
     }
 
     #[test]

@@ -41,6 +41,41 @@ const RUNBOOK: &str = "docs/operations.md";
 /// The image built from the Dockerfile, by name (its tag is the crate's version).
 const IMAGE: &str = "mq-cutover";
 
+/// The compose file's secrets: from `.env` beside it, which the user makes from this.
+const ENV_EXAMPLE: &str = ".env.example";
+
+/// Where the secrets a deploy file hands over come from in a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    /// What a user puts in `.env` / the Secret: a strong random value each.
+    User,
+    /// The placeholders shipped in `.env.example` / the Secret template.
+    Shipped,
+}
+
+/// The variables the compose file requires (`${NAME:?…}`): compose refuses to start without them.
+fn compose_required_variables() -> BTreeSet<String> {
+    interpolations(&read(COMPOSE))
+        .into_iter()
+        .filter(|(_, op)| op.starts_with(":?") || op.starts_with('?'))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// The compose file's `.env` in a check.
+fn compose_vars(secrets: Secrets) -> Vars {
+    match secrets {
+        Secrets::User => compose_required_variables()
+            .into_iter()
+            .map(|name| {
+                let v = strong_secret(&name);
+                (name, v)
+            })
+            .collect(),
+        Secrets::Shipped => dotenv(ENV_EXAMPLE),
+    }
+}
+
 /// A config file the deploy files hand to the daemon, with what comes with it.
 struct HandedConfig {
     /// Where it is handed over, e.g. "docker-compose.yml service `mq-cutover`".
@@ -67,7 +102,8 @@ fn is_our_image(image: &str) -> bool {
 }
 
 /// The compose services running the image with a `--config`.
-fn compose_configs() -> Vec<HandedConfig> {
+fn compose_configs(secrets: Secrets) -> Vec<HandedConfig> {
+    let vars = compose_vars(secrets);
     let compose = yaml(COMPOSE);
     let mut out = Vec::new();
     for (name, svc) in compose_services(&compose) {
@@ -87,7 +123,7 @@ fn compose_configs() -> Vec<HandedConfig> {
         out.push(HandedConfig {
             origin,
             file: root().join(host),
-            env: compose_environment(&svc)
+            env: compose_environment(&svc, &vars)
                 .into_iter()
                 .filter(|(k, _)| k.starts_with("MQ_CUTOVER"))
                 .collect(),
@@ -147,7 +183,7 @@ fn containers(pod: &Value) -> Vec<Value> {
 }
 
 /// The Kubernetes containers running the image with a `--config`.
-fn k8s_configs() -> Vec<HandedConfig> {
+fn k8s_configs(secrets: Secrets) -> Vec<HandedConfig> {
     let docs = k8s_documents();
     let mut out = Vec::new();
     for (file, workload, pod, _) in k8s_pods(&docs) {
@@ -220,9 +256,13 @@ fn k8s_configs() -> Vec<HandedConfig> {
                     let secret = k8s_named(&docs, "Secret", sname).unwrap_or_else(|| {
                         panic!("{origin}: env {name}: Secret `{sname}` is not under {K8S}")
                     });
-                    text(&secret["stringData"][skey]).unwrap_or_else(|| {
+                    let shipped = text(&secret["stringData"][skey]).unwrap_or_else(|| {
                         panic!("{origin}: env {name}: Secret `{sname}` has no stringData `{skey}`")
-                    })
+                    });
+                    match secrets {
+                        Secrets::User => strong_secret(skey),
+                        Secrets::Shipped => shipped,
+                    }
                 } else {
                     panic!("{origin}: env {name}: neither a value nor a secretKeyRef")
                 };
@@ -240,9 +280,14 @@ fn k8s_configs() -> Vec<HandedConfig> {
     out
 }
 
+/// Every config handed to the daemon, with the secrets a user gives it.
 fn handed_configs() -> Vec<HandedConfig> {
-    let mut all = compose_configs();
-    let k8s = k8s_configs();
+    handed_configs_with(Secrets::User)
+}
+
+fn handed_configs_with(secrets: Secrets) -> Vec<HandedConfig> {
+    let mut all = compose_configs(secrets);
+    let k8s = k8s_configs(secrets);
     assert!(
         all.iter().any(|c| c.daemon),
         "{COMPOSE}: no service runs `{IMAGE} run --config …`"
@@ -436,7 +481,321 @@ fn handed_over_configs_pass_check_config() {
                 c.origin
             );
         }
+        if c.daemon {
+            // The daemon gets both admin tokens, so the status page and the API can be used.
+            let a = &cfg.admin;
+            for (var, token) in [
+                ("MQ_CUTOVER__ADMIN__TOKEN", &a.token),
+                ("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", &a.viewer_token),
+            ] {
+                assert_eq!(
+                    token.as_ref().map(|t| t.expose()),
+                    c.env.get(var).map(String::as_str),
+                    "{}: {var} is not handed to the daemon",
+                    c.origin
+                );
+            }
+        }
     }
+}
+
+/// `mq-cutover check-config` on `c`'s file with exactly the overrides `env`: exit code, stderr.
+fn check_config(c: &HandedConfig, env: &BTreeMap<String, String>) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MQ_CUTOVER")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .arg("--config")
+        .arg(&c.file)
+        .arg("check-config")
+        .envs(env)
+        .output()
+        .expect("run mq-cutover check-config");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `MQ_CUTOVER__ADMIN__VIEWER_TOKEN` → `admin.viewer_token`.
+fn config_key(var: &str) -> String {
+    var.trim_start_matches("MQ_CUTOVER__")
+        .to_ascii_lowercase()
+        .replace("__", ".")
+}
+
+#[test]
+fn every_shipped_placeholder_is_refused_by_the_daemon() {
+    let user = handed_configs_with(Secrets::User);
+    let shipped = handed_configs_with(Secrets::Shipped);
+    assert_eq!(user.len(), shipped.len());
+    for (u, s) in user.iter().zip(&shipped) {
+        assert_eq!(u.origin, s.origin);
+        let secrets: Vec<&String> = u.env.keys().filter(|k| u.env[*k] != s.env[*k]).collect();
+        if u.daemon {
+            for var in [
+                "MQ_CUTOVER__REDIS__PASSWORD",
+                "MQ_CUTOVER__ADMIN__TOKEN",
+                "MQ_CUTOVER__ADMIN__VIEWER_TOKEN",
+            ] {
+                assert!(
+                    secrets.iter().any(|k| *k == var),
+                    "{}: {var} is not a secret the user supplies",
+                    u.origin
+                );
+            }
+        }
+        // One shipped value at a time, the others as a user would set them: each alone stops
+        // the daemon, naming its key.
+        for var in secrets {
+            let mut env = u.env.clone();
+            env.insert(var.clone(), s.env[var].clone());
+            let (code, err) = check_config(u, &env);
+            let key = config_key(var);
+            assert_eq!(
+                code, 78,
+                "{}: the shipped {var} = {:?} is accepted: {err}",
+                u.origin, s.env[var]
+            );
+            assert!(err.contains(&format!("`{key}`")), "{}: {err}", u.origin);
+        }
+    }
+}
+
+/// Whether a variable's name says it holds a secret.
+fn secret_name(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    ["PASSWORD", "TOKEN", "SECRET"]
+        .iter()
+        .any(|w| n.contains(w))
+        || n.ends_with("_AUTH")
+        || n.ends_with("_KEY")
+}
+
+/// Whether `raw` (uninterpolated) is exactly one required variable: `${NAME:?message}`.
+fn is_required_variable(raw: &str) -> bool {
+    let found = interpolations(raw);
+    raw.starts_with("${") && raw.ends_with('}') && found.len() == 1 && found[0].1.starts_with(":?")
+}
+
+#[test]
+fn compose_has_no_default_secret_and_refuses_to_start_without_env() {
+    for (name, op) in interpolations(&read(COMPOSE)) {
+        assert!(
+            !secret_name(&name) || op.starts_with(":?"),
+            "{COMPOSE}: ${{{name}{op}}} has a default; a secret must be `${{{name}:?message}}`"
+        );
+    }
+    let compose = yaml(COMPOSE);
+    let mut grafana_password = false;
+    for (service, svc) in compose_services(&compose) {
+        for (k, v) in svc["environment"].as_mapping().into_iter().flatten() {
+            let (k, raw) = (text(k).unwrap_or_default(), text(v).unwrap_or_default());
+            if secret_name(&k) {
+                assert!(
+                    is_required_variable(&raw),
+                    "{COMPOSE} service `{service}`: {k} = `{raw}` is not read from .env (`${{NAME:?message}}`)"
+                );
+            }
+            grafana_password |= k == "GF_SECURITY_ADMIN_PASSWORD";
+        }
+        let args = compose_command(&svc);
+        if let Some(pw) = flag_value(&args, "--requirepass") {
+            assert!(
+                is_required_variable(pw),
+                "{COMPOSE} service `{service}`: --requirepass `{pw}` is not read from .env"
+            );
+        }
+    }
+    assert!(
+        grafana_password,
+        "{COMPOSE}: Grafana's admin password is not set (its default is admin / admin)"
+    );
+    // Compose refuses to start without .env, and .env.example says what to put there.
+    let required = compose_required_variables();
+    assert!(
+        required.contains("REDIS_PASSWORD") && required.contains("MQ_CUTOVER_ADMIN_TOKEN"),
+        "{required:?}"
+    );
+    assert_eq!(
+        dotenv(ENV_EXAMPLE).keys().cloned().collect::<BTreeSet<_>>(),
+        required,
+        "{ENV_EXAMPLE} must list exactly the variables {COMPOSE} requires"
+    );
+    let refused = std::panic::catch_unwind(|| {
+        let svc = &compose_services(&compose)["mq-cutover"];
+        compose_environment(svc, &Vars::new())
+    });
+    assert!(refused.is_err(), "{COMPOSE}: starts with no .env");
+    assert!(
+        read(".gitignore")
+            .lines()
+            .any(|l| matches!(l.trim(), "/.env" | ".env")),
+        ".gitignore does not keep .env out of version control"
+    );
+}
+
+#[test]
+fn compose_publishes_ports_on_the_hosts_loopback_only() {
+    for (service, svc) in compose_services(&yaml(COMPOSE)) {
+        for p in svc["ports"].as_sequence().into_iter().flatten() {
+            let on_loopback = match p {
+                Value::Mapping(_) => text(&p["host_ip"]).as_deref() == Some("127.0.0.1"),
+                other => text(other).is_some_and(|s| s.starts_with("127.0.0.1:")),
+            };
+            assert!(
+                on_loopback,
+                "{COMPOSE} service `{service}`: port {p:?} is published on every interface; \
+                 bind it to 127.0.0.1"
+            );
+        }
+    }
+}
+
+/// The files `kubectl apply -k deploy/k8s` applies.
+fn kustomized() -> BTreeSet<String> {
+    strings(&yaml(&format!("{K8S}/kustomization.yaml"))["resources"])
+        .into_iter()
+        .map(|r| format!("{K8S}/{r}"))
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_secret_is_a_template_with_no_real_value_and_is_not_applied() {
+    let docs = k8s_documents();
+    let secrets: Vec<_> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some("Secret"))
+        .collect();
+    assert!(!secrets.is_empty(), "{K8S}: no Secret template");
+    for (file, d) in secrets {
+        assert!(
+            d["data"].is_null(),
+            "{file}: a template has stringData placeholders, not data"
+        );
+        let values = d["stringData"].as_mapping().expect("stringData");
+        assert!(!values.is_empty(), "{file}: an empty Secret");
+        for (k, v) in values {
+            let v = text(v).unwrap_or_default();
+            assert!(
+                mq_cutover::config::placeholder(&v).is_some(),
+                "{file}: {k:?} holds `{v}`, which is not a placeholder the daemon refuses"
+            );
+        }
+        assert!(
+            !kustomized().contains(file),
+            "{file}: applying the kustomization would overwrite the real Secret with placeholders"
+        );
+    }
+}
+
+/// A label selector's `matchLabels` holds only labels of `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector["matchLabels"].as_mapping().is_some_and(|m| {
+        m.iter()
+            .all(|(k, v)| labels[k.as_str().unwrap_or("")] == *v)
+    })
+}
+
+/// A NetworkPolicy peer that names who it lets in: a non-empty pod or namespace selector, no
+/// address block.
+fn is_narrow_peer(peer: &Value) -> bool {
+    let narrow = |s: &Value| {
+        s.is_null()
+            || s["matchLabels"].as_mapping().is_some_and(|m| !m.is_empty())
+            || s["matchExpressions"]
+                .as_sequence()
+                .is_some_and(|m| !m.is_empty())
+    };
+    peer["ipBlock"].is_null()
+        && !(peer["podSelector"].is_null() && peer["namespaceSelector"].is_null())
+        && narrow(&peer["podSelector"])
+        && narrow(&peer["namespaceSelector"])
+}
+
+#[test]
+fn in_kubernetes_only_prometheus_and_operators_reach_the_admin_port() {
+    let docs = k8s_documents();
+    let policies: Vec<&(String, Value)> = docs
+        .iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some("NetworkPolicy"))
+        .collect();
+    let mut checked = 0;
+    for (file, d) in &docs {
+        let pod = &d["spec"]["template"];
+        let daemons: Vec<Value> = containers(&pod["spec"])
+            .into_iter()
+            .filter(runs_daemon)
+            .collect();
+        if daemons.is_empty() {
+            continue;
+        }
+        let origin = format!(
+            "{file} `{}`",
+            text(&d["metadata"]["name"]).unwrap_or_default()
+        );
+        let labels = &pod["metadata"]["labels"];
+        let admin_port: u16 = daemons[0]["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"].as_str() == Some("admin"))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("{origin}: no container port named admin"))
+            as u16;
+        let covering: Vec<_> = policies
+            .iter()
+            .filter(|(_, p)| selects(&p["spec"]["podSelector"], labels))
+            .filter(|(_, p)| strings(&p["spec"]["policyTypes"]).contains(&"Ingress".to_owned()))
+            .collect();
+        assert!(
+            !covering.is_empty(),
+            "{origin}: no NetworkPolicy restricts who reaches the admin port"
+        );
+        let mut prometheus = false;
+        for (pfile, p) in &covering {
+            for rule in p["spec"]["ingress"].as_sequence().into_iter().flatten() {
+                let admits_admin = match rule["ports"].as_sequence() {
+                    None => true,
+                    Some(ports) => ports.iter().any(|port| {
+                        port["port"].as_str() == Some("admin")
+                            || port["port"].as_u64() == Some(admin_port.into())
+                    }),
+                };
+                if !admits_admin {
+                    continue;
+                }
+                let from = rule["from"].as_sequence().cloned().unwrap_or_default();
+                assert!(
+                    !from.is_empty(),
+                    "{pfile}: an ingress rule lets anyone reach the admin port of {origin}"
+                );
+                for peer in &from {
+                    assert!(
+                        is_narrow_peer(peer),
+                        "{pfile}: peer {peer:?} reaching the admin port of {origin} is not a \
+                         named set of pods"
+                    );
+                    prometheus |= peer["podSelector"]["matchLabels"]
+                        .as_mapping()
+                        .is_some_and(|m| m.values().any(|v| v.as_str() == Some("prometheus")));
+                }
+            }
+            if kustomized().contains(file) {
+                assert!(
+                    kustomized().contains(pfile),
+                    "{pfile}: not applied with {file} by the kustomization"
+                );
+            }
+        }
+        assert!(
+            prometheus,
+            "{origin}: Prometheus cannot reach the admin port"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "the Deployment and the sidecar example");
 }
 
 #[test]
@@ -542,7 +901,7 @@ fn admin_port_agrees_everywhere() {
     let compose = yaml(COMPOSE);
     let services = compose_services(&compose);
     let mut daemons = Vec::new();
-    for c in compose_configs().iter().filter(|c| c.daemon) {
+    for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
         let name = c.origin.split('`').nth(1).unwrap().to_owned();
         let svc = &services[&name];
         let published = compose_container_ports(svc);
@@ -677,7 +1036,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
     paths.push((format!("{DOCKERFILE} HEALTHCHECK"), hc_path));
 
     let services = compose_services(&yaml(COMPOSE));
-    for c in compose_configs().iter().filter(|c| c.daemon) {
+    for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
         let name = c.origin.split('`').nth(1).unwrap();
         let hc = strings(&services[name]["healthcheck"]["test"]).join(" ");
         let (_, path) = http_port_and_path(&hc).expect("checked by admin_port_agrees_everywhere");
@@ -734,6 +1093,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
     let state = AdminState {
         metrics: Arc::new(Metrics::default()),
         redis_up: Arc::new(AtomicBool::new(false)),
+        redis_problem: Default::default(),
         switches: rx,
         breaker: Arc::new(CircuitBreaker::new(&Default::default())),
         sources: Arc::from([]),
@@ -952,7 +1312,7 @@ fn dockerfile_builds_a_non_root_image_with_a_healthcheck() {
 fn compose_daemon_starts_after_what_its_config_names() {
     let compose = yaml(COMPOSE);
     let services = compose_services(&compose);
-    for c in compose_configs().iter().filter(|c| c.daemon) {
+    for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
         let name = c.origin.split('`').nth(1).unwrap();
         let cfg = c.load();
         let mut hosts: Vec<String> = cfg

@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common;
 
+/// The viewer token every daemon of these tests is started with (`admin.viewer_token`): what the
+/// status page and [`Daemon::admin`] read the API with.
+pub const VIEWER_TOKEN: &str = "e2e-viewer-6f3a9c1e7b5d2f8a4c0e6b2d9f7a5c3e";
+
 /// Knobs of one test's deployment.
 #[derive(Clone)]
 pub struct Setup {
@@ -105,7 +109,7 @@ async fn kafka_topic(name: &str, partitions: i32) {
     }
 }
 
-async fn rocketmq_topic(name: &str, queues: u32) {
+pub async fn rocketmq_topic(name: &str, queues: u32) {
     let testbed = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
     let out = tokio::process::Command::new(testbed)
         .args(["topic", "rocketmq", name, &queues.to_string()])
@@ -418,7 +422,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
+    pub fn start(config: &std::path::Path, log: PathBuf) -> Daemon {
         let mut d = Daemon {
             admin_port: common::free_port(),
             child: None,
@@ -445,6 +449,7 @@ impl Daemon {
                 "MQ_CUTOVER__ADMIN__LISTEN",
                 format!("127.0.0.1:{}", self.admin_port),
             )
+            .env("MQ_CUTOVER__ADMIN__VIEWER_TOKEN", VIEWER_TOKEN)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -482,9 +487,12 @@ impl Daemon {
         None
     }
 
-    /// `GET /<path>` on the admin listener: status and body.
+    /// `GET /<path>` on the admin listener, with the viewer token: status and body.
     pub async fn admin(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("http://127.0.0.1:{}/{path}", self.admin_port))
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/{path}", self.admin_port))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
             .await
             .expect("admin listener answers");
         (r.status().as_u16(), r.text().await.unwrap())

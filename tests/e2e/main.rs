@@ -11,6 +11,7 @@ mod fates;
 mod harness;
 mod page;
 mod parity;
+mod secured;
 mod stall;
 
 use std::collections::HashSet;

@@ -18,7 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::harness::{Bed, Daemon, Setup};
+use crate::harness::{Bed, Daemon, Setup, VIEWER_TOKEN};
 
 /// Virtual time the page gets in the browser: room for three refreshes (every 2 s).
 const PAGE_BUDGET_MS: u64 = 5000;
@@ -222,7 +222,19 @@ async fn the_status_page_shows_what_the_api_says_once_traffic_has_stopped() {
     assert_eq!(st["dead_letters"]["count"], 2, "{st:#}");
 
     let d = &bed.daemons[0];
+    // Without a token the page asks for one and shows nothing of the API.
     let url = format!("http://127.0.0.1:{}/", d.admin_port);
+    let dom = rendered_dom(&url, PAGE_BUDGET_MS).await;
+    assert!(
+        dom.contains("data-auth=\"needed\"") && !dom.contains("data-state=\"loaded\""),
+        "the page did not ask for a token:\n{dom}"
+    );
+    assert!(
+        fields(&dom)["error"].contains("/api/status refused: missing or wrong bearer token"),
+        "{dom}"
+    );
+    // The token in the address's fragment, as an operator's bookmark or script would pass it.
+    let url = format!("http://127.0.0.1:{}/#token={VIEWER_TOKEN}", d.admin_port);
     let (before, switches, parity) = (
         admin_json(d, "api/status").await.1,
         admin_json(d, "api/switches").await.1,
@@ -385,13 +397,31 @@ fn check_parity(page: &BTreeMap<String, String>, p: &Value) {
     assert!(!page.contains_key(&format!("parity.one_sided.{}.id", listed.len().min(10))));
 }
 
+/// The token the scripted listener wants.
+const SCRIPTED_TOKEN: &str = "scripted-0f2e4d6c8b0a1f3e5d7c9b1a3f5e7d9c";
+
+/// Whether a request carries the scripted listener's token.
+fn authorized(headers: &axum::http::HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {SCRIPTED_TOKEN}"))
+}
+
 /// A scripted listener: the page, a `/api/status` whose counts grow by a fixed step per sample
-/// (one second apart on the daemon's clock), and a fixed `/api/parity`.
+/// (one second apart on the daemon's clock), and a fixed `/api/parity`; both API routes answer
+/// 401 without `Authorization: Bearer SCRIPTED_TOKEN`. The page's address carries the token.
 async fn scripted(parity: Option<Value>) -> (String, tokio_util::sync::CancellationToken) {
     let samples = Arc::new(AtomicU64::new(0));
-    let status = move || {
-        let n = samples.fetch_add(1, Ordering::SeqCst);
+    let status = move |headers: axum::http::HeaderMap| {
+        let n = if authorized(&headers) {
+            samples.fetch_add(1, Ordering::SeqCst)
+        } else {
+            u64::MAX
+        };
         async move {
+            if n == u64::MAX {
+                return (StatusCode::UNAUTHORIZED, Json(json!({"error": "no token"})))
+                    .into_response();
+            }
             let side = |name: &str, role: &str, step: u64| {
                 json!({
                     "name": name, "kind": name, "role": role,
@@ -413,11 +443,15 @@ async fn scripted(parity: Option<Value>) -> (String, tokio_util::sync::Cancellat
                 "dead_letters": {"count": 1, "newest": [{"entry": "1-0", "message_id": "m<1>",
                     "side": "kafka", "reason": "HTTP 400 & more", "attempts": 1}], "error": null},
             }))
+            .into_response()
         }
     };
-    let parity = move || {
+    let parity = move |headers: axum::http::HeaderMap| {
         let parity = parity.clone();
         async move {
+            if !authorized(&headers) {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
             match parity {
                 Some(p) => Json(p).into_response(),
                 None => StatusCode::NOT_FOUND.into_response(),
@@ -432,7 +466,10 @@ async fn scripted(parity: Option<Value>) -> (String, tokio_util::sync::Cancellat
         .route("/api/status", get(status))
         .route("/api/parity", get(parity));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let url = format!(
+        "http://{}/#token={SCRIPTED_TOKEN}",
+        listener.local_addr().unwrap()
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let until = stop.clone();
     tokio::spawn(async move {

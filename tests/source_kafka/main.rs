@@ -10,6 +10,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod security;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -170,6 +171,7 @@ fn side_with(topic: &str, group: &str, extra: &[(&str, &str)]) -> SideConfig {
                 .chain(extra)
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            secret_files: Default::default(),
         }),
         rocketmq: None,
     }
