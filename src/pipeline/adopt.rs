@@ -17,11 +17,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{deliver, letter_then_ack, Held, Shared};
+use super::{deliver, letter_then_ack, renewing, Held, Shared};
 use crate::arbiter::waiting::{self, WaitEntry, Waiting, SHARDS};
 use crate::arbiter::{Adopt, AdoptRequest, Completion, LeaseToken, Outcome, State};
 use crate::message::{Ack, Finished, Identity, Message, Origin, Side};
-use crate::source::{Refetch, Refetched};
+use crate::source::{Position, Refetch, Refetched};
 use crate::telemetry::metrics::SideMetrics;
 
 /// How often the index is swept.
@@ -71,6 +71,15 @@ struct Sweeper {
     holder: String,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// An id this sweep adopted (or holds as adopter), waiting for its copy to be read again.
+struct Adopting {
+    member: String,
+    entry: WaitEntry,
+    token: LeaseToken,
+    attempt: u32,
+    permit: OwnedSemaphorePermit,
 }
 
 /// What one round of a shard came to, for the log line.
@@ -162,6 +171,7 @@ impl Sweeper {
     ) -> Result<(), ()> {
         let mut resolved = Vec::new();
         let mut later = Vec::new();
+        let mut adopting: Vec<Adopting> = Vec::new();
         let mut entries = Vec::with_capacity(due.len());
         for (member, entry) in due {
             match entry {
@@ -191,7 +201,6 @@ impl Sweeper {
                 token,
             })
             .collect();
-        let sent = Instant::now();
         let answers = match self.shared.arbiter.adopt_batch(&reqs).await {
             Ok(a) => a,
             Err(e) => {
@@ -243,15 +252,12 @@ impl Sweeper {
                     }
                     // Out of the way while it is delivered; due again only if this instance dies.
                     later.push((member.clone(), now + hold));
-                    let me = self.clone();
-                    let lease = Held {
+                    adopting.push(Adopting {
+                        member,
+                        entry,
                         token,
                         attempt,
-                        confirmed: sent,
-                    };
-                    self.tracker.spawn(async move {
-                        me.deliver(n, member, entry, lease).await;
-                        drop(permit);
+                        permit,
                     });
                 }
                 Err(e) => {
@@ -263,15 +269,57 @@ impl Sweeper {
         // Both before the next chunk is read: what was dealt with is never handed out twice.
         let done = self.index.resolve(n, &resolved).await;
         let moved = self.index.later(n, &later).await;
+        if !adopting.is_empty() {
+            let me = self.clone();
+            self.tracker
+                .spawn(async move { me.fetch_and_deliver(n, adopting).await });
+        }
         if done.is_err() || moved.is_err() {
             return Err(());
         }
         Ok(())
     }
 
-    /// Reads an adopted id's copy again and delivers it; the entry goes once its fate is recorded.
-    async fn deliver(&self, n: u32, member: String, entry: WaitEntry, lease: Held) {
-        let copy = match self.refetch.refetch(&entry.position).await {
+    /// Reads a chunk's adopted ids' copies again, in one go (the leases renewed meanwhile: a
+    /// broker may take a while), then delivers each with its own call slot.
+    async fn fetch_and_deliver(self: Arc<Self>, n: u32, adopting: Vec<Adopting>) {
+        let positions: Vec<Position> = adopting.iter().map(|a| a.entry.position.clone()).collect();
+        let leases: Vec<(&str, &LeaseToken)> = adopting
+            .iter()
+            .map(|a| (a.entry.id.as_str(), &a.token))
+            .collect();
+        let copies = renewing(&self.shared, &leases, self.refetch.refetch_many(&positions)).await;
+        drop(leases);
+        // The leases were renewed while the copies were read, but a renewal may have failed:
+        // each copy confirms its lease right before its call.
+        let confirmed = Instant::now()
+            .checked_sub(self.shared.arbiter.lease())
+            .unwrap_or_else(Instant::now);
+        for (a, copy) in adopting.into_iter().zip(copies) {
+            let lease = Held {
+                token: a.token,
+                attempt: a.attempt,
+                confirmed,
+            };
+            let me = self.clone();
+            let permit = a.permit;
+            self.tracker.spawn(async move {
+                me.deliver(n, a.member, a.entry, lease, copy).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Delivers an adopted id's copy read again; the entry goes once its fate is recorded.
+    async fn deliver(
+        &self,
+        n: u32,
+        member: String,
+        entry: WaitEntry,
+        lease: Held,
+        copy: Result<Option<Refetched>, crate::source::SourceError>,
+    ) {
+        let copy = match copy {
             Ok(Some(copy)) => copy,
             Ok(None) => {
                 self.metrics.refetch_gone.inc();

@@ -1081,6 +1081,69 @@ async fn a_record_is_read_again_by_its_position_and_a_missing_one_is_none() {
     assert_eq!(committed(&topic, &group, 2).await, vec![-1, -1]);
 }
 
+/// Many positions at once (what a broker outage on the owner's side brings): two partitions,
+/// out of order, repeats, gaps long enough to seek over, and offsets never written; one answer
+/// per position, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_records_are_read_again_in_one_batch_across_partitions_and_gaps() {
+    let (topic, group, _cleanup) = topic("kafka-refetch-many", 2).await;
+    let producer = Producer::new();
+    let mut at = [Vec::new(), Vec::new()];
+    for i in 0..1200 {
+        let p = i % 2;
+        at[p as usize].push(producer.good(&topic, p, &format!("m-{i}")).await);
+    }
+    let source = kafka::build(&side(&topic, &group)).expect("build");
+    let refetch = source
+        .refetcher()
+        .expect("a Kafka source reads by position");
+    // Partition p's record k holds id m-{2k+p}.
+    let wanted: Vec<(i32, usize)> = vec![
+        (1, 599),
+        (0, 3),
+        (1, 0),
+        (0, 3),
+        (0, 1),
+        (1, 2),
+        (0, 580),
+        (1, 598),
+        (0, 2),
+    ];
+    let mut positions: Vec<mq_cutover::source::Position> = wanted
+        .iter()
+        .map(|(p, k)| mq_cutover::source::Position {
+            topic: topic.as_str().into(),
+            partition: *p,
+            offset: at[*p as usize][*k],
+            broker: None,
+        })
+        .collect();
+    // Never written: past the end of partition 0.
+    let mut past = positions[1].clone();
+    past.offset = at[0][599] + 5;
+    positions.push(past);
+    let start = Instant::now();
+    let got = refetch.refetch_many(&positions).await;
+    let took = start.elapsed();
+    assert_eq!(got.len(), positions.len());
+    for ((p, k), copy) in wanted.iter().zip(&got) {
+        let copy = copy
+            .as_ref()
+            .expect("broker answers")
+            .as_ref()
+            .unwrap_or_else(|| panic!("partition {p} record {k} is there"));
+        assert_eq!(
+            copy.identity.as_ref().expect("identity").id,
+            format!("m-{}", 2 * k + *p as usize)
+        );
+    }
+    assert!(
+        got.last().unwrap().as_ref().expect("answers").is_none(),
+        "never written"
+    );
+    eprintln!("{} positions read again in {took:?}", positions.len());
+}
+
 /// What holds the source's fetching while the group rebalances.
 #[derive(Clone, Copy, Debug)]
 enum Hold {
