@@ -79,6 +79,14 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             if !secrets.is_empty() {
                 println!("secrets set (values not shown): {}", secrets.join(", "));
             }
+            println!(
+                "arbiter.retention {}: copies stamped earlier are parked as too old to arbitrate; \
+                 keep it at least as long as the brokers keep messages, and mind Kafka's \
+                 offsets.retention.minutes (a group idle longer re-reads from auto.offset.reset); \
+                 adoption after {}",
+                humantime::format_duration(cfg.arbiter.retention),
+                humantime::format_duration(cfg.arbiter.adopt_after)
+            );
             if let Some(pt) = &cfg.pipeline.pass_through {
                 println!(
                     "WARNING: pipeline.pass_through: side {} forwards every copy WITHOUT arbitration (duplicates delivered); for measurement only",
@@ -321,10 +329,27 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let calls = TaskTracker::new();
     let mut sources = tokio::task::JoinSet::new();
     let mut pipelines = Vec::new();
+    let mut sweepers = Vec::new();
     for (side, membership) in cfg.sides.iter().zip(memberships.iter()) {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
         let source = crate::source::build(side)?;
+        // Pass-through claims nothing, so nothing waits for adoption.
+        match source
+            .refetcher()
+            .map(|r| (r, cfg.pipeline.pass_through.is_none()))
+        {
+            Ok((_, false)) => {}
+            Ok((refetch, true)) => sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
+                shared.clone(),
+                name.clone(),
+                refetch,
+                root.child_token(),
+                calls.clone(),
+            ))),
+            Err(e) => tracing::error!(side = %name, error = %e,
+                "adoption is off for this side: ids whose owner never observes them stay pending"),
+        }
         sources.spawn(source.run(SourceContext {
             side: name.clone(),
             out: tx,
@@ -360,7 +385,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             root.cancel();
         }
     }
-    for p in pipelines {
+    for p in pipelines.into_iter().chain(sweepers) {
         let _ = p.await;
     }
     calls.close();
@@ -424,6 +449,14 @@ async fn dead(dc: DeadCommand, cfg: &Validated) -> anyhow::Result<()> {
     match dc {
         DeadCommand::List { count } => {
             println!("{} dead letter(s)", letters.count().await?);
+            let trimmed = letters.trimmed().await?;
+            if trimmed > 0 {
+                println!(
+                    "{trimmed} older letter(s) were trimmed to keep the stream at about {} (dead_letters.max_len): \
+                     their ids stay dead, `mq-cutover inspect ID` shows each",
+                    letters.cap()
+                );
+            }
             for l in letters.list(count).await? {
                 println!(
                     "{}  {:<10} {}/{}@{}  id={}  attempts={}  {}",

@@ -314,8 +314,16 @@ pub struct ArbiterConfig {
     /// How a new id's record is stored; existing records keep theirs (docs/arbiter.md).
     #[serde(default)]
     pub record_layout: RecordLayout,
+    /// How long, from an id's first sighting, its owner has to observe it before a side that did
+    /// observe it adopts it (the owner's copy may never come: dual writes are not atomic). Longer
+    /// than the usual lag between the two sides' consumers.
+    #[serde(default = "default_adopt_after", with = "humantime_serde")]
+    pub adopt_after: Duration,
 }
 
+fn default_adopt_after() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_lease() -> Duration {
     Duration::from_secs(30)
 }
@@ -334,6 +342,7 @@ impl Default for ArbiterConfig {
             ambiguous: AmbiguousPolicy::default(),
             max_attempts: default_max_attempts(),
             record_layout: RecordLayout::default(),
+            adopt_after: default_adopt_after(),
         }
     }
 }
@@ -1172,6 +1181,16 @@ impl Config {
             return Err(ConfigError::new(
                 "arbiter.retention",
                 "must be longer than arbiter.lease",
+            ));
+        }
+        if a.adopt_after < Duration::from_secs(1) || a.adopt_after * 2 > a.retention {
+            return Err(ConfigError::new(
+                "arbiter.adopt_after",
+                format!(
+                    "{} is outside 1s..(arbiter.retention / 2); give the owner's copy time to \
+                     come, e.g. `5m`",
+                    humantime::format_duration(a.adopt_after)
+                ),
             ));
         }
         let s = &self.switches;

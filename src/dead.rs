@@ -2,7 +2,10 @@
 //! outcome in doubt under `at_most_once` — kept in a capped Redis stream with their reason, where
 //! they came from, and the payload, so they can be read and replayed.
 //!
-//! Key: `<prefix>:{dead}:letters` (a stream; trimmed to about `cap` entries, oldest first).
+//! Keys: `<prefix>:{dead}:letters` (a stream; trimmed to about `cap` entries, oldest first) and
+//! `<prefix>:{dead}:trimmed` (how many letters the trimming removed, ever). A trimmed letter's id
+//! stays dead in the arbiter (`inspect` shows it); only its copy and reason are gone from the
+//! stream, and `dead list` says how many went that way.
 
 use std::sync::Arc;
 
@@ -58,6 +61,7 @@ pub struct Parking<'a> {
 pub struct DeadLetters {
     store: Store,
     key: Arc<str>,
+    trimmed_key: Arc<str>,
     cap: u64,
 }
 
@@ -67,22 +71,21 @@ impl DeadLetters {
         Self {
             store: store.clone(),
             key: format!("{}:{{dead}}:letters", store.prefix()).into(),
+            trimmed_key: format!("{}:{{dead}}:trimmed", store.prefix()).into(),
             cap,
         }
     }
 
-    /// Parks copies, all in one round trip; returns their entry ids.
-    pub async fn park(&self, letters: &[Parking<'_>]) -> Result<Vec<String>, StoreError> {
+    /// Parks copies, all in one round trip; returns their entry ids and how many old letters
+    /// the stream's cap removed to make room (counted in Redis, see [`DeadLetters::trimmed`]).
+    pub async fn park(&self, letters: &[Parking<'_>]) -> Result<(Vec<String>, u64), StoreError> {
         if letters.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let mut pipe = redis::pipe();
         for l in letters {
             pipe.cmd("XADD")
                 .arg(&*self.key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.cap)
                 .arg("*")
                 .arg("id")
                 .arg(l.message_id.unwrap_or(""))
@@ -103,8 +106,49 @@ impl DeadLetters {
                 .arg("payload")
                 .arg(l.payload);
         }
+        // Trimmed apart from the XADDs, so that the number removed is known and kept: a letter
+        // that vanished silently would be a dead id nobody can find.
+        pipe.cmd("XTRIM")
+            .arg(&*self.key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.cap);
         let mut conn = self.store.conn();
-        Ok(pipe.query_async(&mut conn).await?)
+        let mut replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+        let trimmed = match replies.pop() {
+            Some(Value::Int(n)) if n > 0 => n as u64,
+            _ => 0,
+        };
+        if trimmed > 0 {
+            let _: i64 = redis::cmd("INCRBY")
+                .arg(&*self.trimmed_key)
+                .arg(trimmed)
+                .query_async(&mut conn)
+                .await?;
+        }
+        let entries = replies
+            .into_iter()
+            .map(|v| {
+                redis::from_redis_value(v)
+                    .map_err(|e| StoreError::Reply(format!("dead letters: {e}")))
+            })
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok((entries, trimmed))
+    }
+
+    /// How many letters the stream's cap has removed so far.
+    pub async fn trimmed(&self) -> Result<u64, StoreError> {
+        let mut conn = self.store.conn();
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(&*self.trimmed_key)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// The cap the stream is trimmed to.
+    pub fn cap(&self) -> u64 {
+        self.cap
     }
 
     /// The newest `count` letters, newest first.

@@ -276,6 +276,19 @@ impl Parity {
         Ok(())
     }
 
+    /// Counts `n` ids adopted by `side` (its routed owner never observed them): the report
+    /// shows them beside the one-sided ids they once were.
+    pub async fn add_adopted(&self, side: &str, n: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("HINCRBY")
+            .arg(format!("{}:adopted", self.base))
+            .arg(side)
+            .arg(n)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Ids seen by one side only for longer than the grace period, and ids left unlisted, per
     /// side (for the gap metrics).
     pub async fn gaps(&self) -> Result<Vec<SideGap>, StoreError> {
@@ -337,6 +350,7 @@ impl Parity {
             pipe.zcount(&key, since_ms, cutoff);
             pipe.get(format!("{}:untracked:{side}", self.base));
         }
+        pipe.hgetall(format!("{}:adopted", self.base));
         let mut conn = self.conn.clone();
         let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let mut replies = replies.into_iter();
@@ -369,6 +383,7 @@ impl Parity {
             one_sided_total: BTreeMap::new(),
             untracked: BTreeMap::new(),
             truncated: false,
+            adopted: BTreeMap::new(),
         };
         for side in &self.sides {
             let listed: Vec<(String, f64)> = decode(replies.next())?;
@@ -397,6 +412,7 @@ impl Parity {
                 .sum();
             report.totals.insert(side.clone(), sum);
         }
+        report.adopted = decode(replies.next())?;
         Ok(report)
     }
 }
@@ -498,6 +514,10 @@ pub struct ParityReport {
     pub untracked: BTreeMap<String, u64>,
     /// True when `one_sided` does not list every one-sided id.
     pub truncated: bool,
+    /// Side → ids that side adopted because their routed owner never observed them (since the
+    /// deployment began; docs/arbiter.md, "Adoption").
+    #[serde(default)]
+    pub adopted: BTreeMap<String, u64>,
 }
 
 impl ParityReport {
@@ -578,6 +598,14 @@ impl fmt::Display for ParityReport {
                 )?;
             }
         }
+        for (side, n) in &self.adopted {
+            if *n > 0 {
+                writeln!(
+                    f,
+                    "{n} id(s) adopted by {side} so far: their routed owner never observed them (`inspect` shows each)"
+                )?;
+            }
+        }
         Ok(())
     }
 }
@@ -614,6 +642,7 @@ mod tests {
             one_sided_total: counts(2, 0),
             untracked: counts(0, 0),
             truncated: true,
+            adopted: BTreeMap::new(),
         }
     }
 

@@ -7,6 +7,8 @@
 //! A copy answered BUSY waits beside the stream, not in it. While Redis is unreachable the
 //! sources are paused and the batch in hand waits; nothing proceeds without a claim.
 
+pub mod adopt;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,15 +20,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::arbiter::routing::{route, Route};
 use crate::arbiter::switches::{SwitchFeed, Switches};
+use crate::arbiter::waiting::{self, WaitEntry, Waiting};
 use crate::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
     Sighting, State,
 };
 use crate::dead::{DeadLetters, Parking};
 use crate::message::{Identity, Message, Side};
-use crate::sink::breaker::CircuitBreaker;
+use crate::sink::breaker::{Admission, CircuitBreaker};
 use crate::sink::retry::Backoff;
 use crate::sink::{Sink, SinkRequest, Turn};
+use crate::source::Position;
 use crate::store::StoreError;
 use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
 
@@ -107,6 +111,9 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Shortest wait before re-claiming a BUSY copy.
     pub busy_retry: Duration,
+    /// `arbiter.retention`: a copy older than this (by its broker timestamp) cannot be
+    /// arbitrated any more — its record may be gone — and is parked instead of claimed.
+    pub retention: Duration,
     /// Measurement only (`[pipeline.pass_through]`): the side that forwards every copy with no
     /// claim; `None` in normal operation.
     pub pass_through: Option<Side>,
@@ -191,6 +198,7 @@ impl Shared {
                 claims_in_flight: cfg.pipeline.claims_in_flight,
                 max_in_flight: cfg.pipeline.max_in_flight,
                 busy_retry: cfg.pipeline.busy_retry,
+                retention: cfg.arbiter.retention,
                 pass_through: cfg
                     .pipeline
                     .pass_through
@@ -242,7 +250,7 @@ pub async fn replay(
     let attempt = match claim {
         Claim::Proceed { attempt, .. } => attempt,
         Claim::Done => return Ok(Replayed::Done),
-        Claim::Dead { reason } => return Ok(Replayed::DeadAgain(reason)),
+        Claim::Dead { reason, .. } => return Ok(Replayed::DeadAgain(reason)),
         other => return Ok(Replayed::Elsewhere(format!("{other:?}"))),
     };
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
@@ -390,6 +398,10 @@ async fn claim(
             metrics.dead_letters.inc_by(n);
         }
     }
+    let (good, old) = split_too_old(good, shared.settings.retention);
+    if !old.is_empty() {
+        park_too_old(&shared, &metrics, old, &cancel).await;
+    }
     if good.is_empty() {
         return None;
     }
@@ -450,6 +462,13 @@ async fn dispatch(
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
     let mut refused: Vec<(Message, String)> = Vec::new();
+    // Copies of ids whose owner has not observed them yet: acknowledged once their positions are
+    // in the adoption index.
+    let mut kept: Vec<Message> = Vec::new();
+    // Copies of dead ids whose letter is not written yet: acknowledged once it is.
+    let mut unlettered: Vec<(Message, String)> = Vec::new();
+    // Copies this side may call for, with their leases: started once the others are settled.
+    let mut proceeds: Vec<(Message, LeaseToken, u32)> = Vec::new();
     for ((msg, token), claim) in copies.into_iter().zip(tokens).zip(claims) {
         match claim.map(|(claim, _)| claim) {
             Ok(Claim::Proceed { attempt, takeover }) => {
@@ -458,42 +477,34 @@ async fn dispatch(
                     tracing::warn!(id = %id_of(&msg), side = %side, attempt,
                         "took over an expired lease: the earlier call's outcome is unknown (counted as ambiguous)");
                 }
-                let permit = tokio::select! {
-                    p = calls.clone().acquire_owned() => p.expect("semaphore open"),
-                    _ = cancel.cancelled() => {
-                        // Shutting down before the call: give the lease back unused.
-                        let _ = shared.completer.complete(id_of(&msg), side, token, Outcome::NotCalled).await;
-                        continue;
-                    }
-                };
-                // Counted once the call is sure to start (not when handed back at shutdown).
-                metrics.decided(Fate::Proceed, msg.received);
-                let shared = shared.clone();
-                let side = side.clone();
-                let cancel = cancel.clone();
-                let retry_tx = retry_tx.clone();
-                let metrics = metrics.clone();
-                tracker.spawn(async move {
-                    let lease = Held {
-                        token,
-                        attempt,
-                        confirmed: sent,
-                    };
-                    deliver(&shared, &side, &metrics, msg, lease, &cancel, &retry_tx).await;
-                    drop(permit);
-                });
+                proceeds.push((msg, token, attempt));
             }
-            Ok(Claim::NotMine { .. }) => {
+            Ok(Claim::NotMine {
+                owner_seen: true, ..
+            }) => {
                 metrics.decided(Fate::NotMine, msg.received);
                 msg.ack.done()
+            }
+            Ok(Claim::NotMine {
+                owner_seen: false, ..
+            }) => {
+                metrics.decided(Fate::NotMine, msg.received);
+                kept.push(msg);
             }
             Ok(Claim::Done) => {
                 metrics.decided(Fate::Duplicate, msg.received);
                 msg.ack.done()
             }
-            Ok(Claim::Dead { .. }) => {
+            Ok(Claim::Dead { letter: true, .. }) => {
                 metrics.decided(Fate::Dead, msg.received);
                 msg.ack.done()
+            }
+            Ok(Claim::Dead {
+                reason,
+                letter: false,
+            }) => {
+                metrics.decided(Fate::Dead, msg.received);
+                unlettered.push((msg, reason));
             }
             Ok(Claim::Busy { retry_in }) => {
                 metrics.message(Fate::Busy, 1);
@@ -508,8 +519,225 @@ async fn dispatch(
             }
         }
     }
+    start_calls(
+        shared, side, metrics, proceeds, sent, calls, retry_tx, cancel, tracker,
+    )
+    .await;
     if !refused.is_empty() {
         park_refused(shared, metrics, refused, cancel).await;
+    }
+    if !kept.is_empty() {
+        keep_for_adoption(shared, side, metrics, kept, cancel).await;
+    }
+    for (msg, reason) in unlettered {
+        letter_then_ack(shared, metrics, msg, &reason, 0, cancel).await;
+    }
+}
+
+/// Starts a call for each claimed copy, in order, as call slots (`pipeline.max_in_flight`) free
+/// up. While the batch waits for a slot, the leases of every copy still waiting are renewed, so
+/// none lapses before its call: a lapsed lease would let a second copy of the id (a producer's
+/// duplicate, a redelivery) take it over — as an ambiguous call, or under `at_most_once` parked
+/// in doubt — although no call was ever made. Waiting here (and not in a task per copy) keeps the
+/// claim loop from taking more copies than there are slots: the backpressure that pauses the
+/// source. On cancel, the leases not started are handed back unused.
+#[allow(clippy::too_many_arguments)]
+async fn start_calls(
+    shared: &Arc<Shared>,
+    side: &Side,
+    metrics: &SideMetrics,
+    proceeds: Vec<(Message, LeaseToken, u32)>,
+    sent: Instant,
+    calls: &Arc<Semaphore>,
+    retry_tx: &mpsc::UnboundedSender<Message>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let mut proceeds: std::collections::VecDeque<_> = proceeds.into();
+    let mut confirmed = sent;
+    while let Some((msg, token, attempt)) = proceeds.pop_front() {
+        let permit = match calls.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Renewals can fail (Redis away for a moment): once the batch has waited, each
+                // copy confirms its lease again right before its call (`deliver`).
+                confirmed = sent.checked_sub(shared.arbiter.lease()).unwrap_or(sent);
+                // This copy and the ones after it keep their leases while they wait.
+                let waiting: Vec<(&str, &LeaseToken)> = std::iter::once((id_of(&msg), &token))
+                    .chain(proceeds.iter().map(|(m, t, _)| (id_of(m), t)))
+                    .collect();
+                let slot = renewing(shared, &waiting, calls.clone().acquire_owned());
+                tokio::select! {
+                    p = slot => p.expect("semaphore open"),
+                    _ = cancel.cancelled() => {
+                        // Shutting down before the calls: give the leases back unused.
+                        drop(waiting);
+                        let _ = shared.completer.complete(id_of(&msg), side, token, Outcome::NotCalled).await;
+                        for (m, t, _) in proceeds {
+                            let _ = shared.completer.complete(id_of(&m), side, t, Outcome::NotCalled).await;
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        // Counted once the call is sure to start (not when handed back at shutdown).
+        metrics.decided(Fate::Proceed, msg.received);
+        let shared = shared.clone();
+        let side = side.clone();
+        let cancel = cancel.clone();
+        let retry_tx = retry_tx.clone();
+        let metrics = metrics.clone();
+        tracker.spawn(async move {
+            let lease = Held {
+                token,
+                attempt,
+                confirmed,
+            };
+            deliver(&shared, &side, &metrics, msg, lease, &cancel, &retry_tx).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Runs `wait` while renewing `leases` every third of the lease length, in one round trip each
+/// time.
+async fn renewing<F: std::future::Future>(
+    shared: &Shared,
+    leases: &[(&str, &LeaseToken)],
+    wait: F,
+) -> F::Output {
+    let every = shared.arbiter.lease() / 3;
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut wait => return out,
+            _ = tick.tick() => {
+                if let Err(e) = shared.arbiter.renew_batch(leases).await {
+                    tracing::warn!(error = %e, leases = leases.len(), "cannot renew the leases of copies waiting for a call slot");
+                }
+            }
+        }
+    }
+}
+
+/// Puts the positions of copies whose owner has not observed their ids yet into this side's
+/// adoption index, then acknowledges them: should the owner's copy never come, this side reads
+/// the copy again and adopts the id (`adopt`). Waits for Redis; if cancelled first, the copies
+/// are handed back unacknowledged (claimed again after a restart, with the same answer).
+async fn keep_for_adoption(
+    shared: &Shared,
+    side: &Side,
+    metrics: &SideMetrics,
+    kept: Vec<Message>,
+    cancel: &CancellationToken,
+) {
+    let entries: Vec<WaitEntry> = kept
+        .iter()
+        .map(|m| WaitEntry {
+            id: id_of(m).to_owned(),
+            position: Position::of(&m.origin),
+        })
+        .collect();
+    let index = Waiting::new(&shared.arbiter, side);
+    let due = waiting::now_ms() + waiting::FIRST_CHECK.as_millis() as u64;
+    if until_redis_answers(shared, cancel, || index.add(&entries, due))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    metrics.adoption_kept.inc_by(kept.len() as u64);
+    for m in kept {
+        m.ack.done();
+    }
+}
+
+/// Makes sure the dead letter of a dead id exists (writes one with this copy, then notes it in
+/// the record), then acknowledges the copy: every DEAD answer has its letter (DESIGN.md
+/// invariant 6). A letter lost between the two steps is written again by the next copy, so an
+/// id may have two letters, never none. If cancelled while Redis is away, the copy is handed back.
+async fn letter_then_ack(
+    shared: &Shared,
+    metrics: &SideMetrics,
+    msg: Message,
+    reason: &str,
+    attempts: u32,
+    cancel: &CancellationToken,
+) {
+    let ident = msg.identity.as_ref().ok();
+    let letter = [Parking {
+        message_id: ident.map(|i| i.id.as_str()),
+        business_id: ident.map(|i| i.business_id.as_str()),
+        reason,
+        origin: &msg.origin,
+        attempts,
+        payload: &msg.payload,
+    }];
+    let Some((_, trimmed)) =
+        until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
+    else {
+        return;
+    };
+    note_trimmed(shared, trimmed);
+    let id = id_of(&msg);
+    if until_redis_answers(shared, cancel, || shared.arbiter.letter_written(id))
+        .await
+        .is_none()
+    {
+        return;
+    }
+    metrics.dead_letters.inc();
+    tracing::warn!(%id, side = %msg.origin.side, %reason, "parked in dead letters");
+    msg.ack.done();
+}
+
+/// Splits off the copies older than the retention by their broker timestamp (0: unknown, kept).
+fn split_too_old(good: Vec<Message>, retention: Duration) -> (Vec<Message>, Vec<Message>) {
+    let now = waiting::now_ms() as i64;
+    let limit = retention.as_millis() as i64;
+    good.into_iter()
+        .partition(|m| m.origin.born_ms <= 0 || now - m.origin.born_ms <= limit)
+}
+
+/// Parks copies older than the retention without claiming them: their ids' records may be gone,
+/// so a claim could take such a copy for a new message and grant it again (a rollback to a side
+/// whose consumer group re-reads weeks of messages). One log line per batch, not per copy.
+async fn park_too_old(
+    shared: &Shared,
+    metrics: &SideMetrics,
+    old: Vec<Message>,
+    cancel: &CancellationToken,
+) {
+    let retention = humantime::format_duration(shared.settings.retention).to_string();
+    let now = waiting::now_ms() as i64;
+    let reasons: Vec<String> = old
+        .iter()
+        .map(|m| {
+            let age = Duration::from_millis((now - m.origin.born_ms).max(0) as u64);
+            format!(
+                "too old to arbitrate: stamped {} ago by its broker, longer than arbiter.retention ({retention})",
+                humantime::format_duration(Duration::from_secs(age.as_secs()))
+            )
+        })
+        .collect();
+    let copies: Vec<(&Message, &str)> = old
+        .iter()
+        .zip(&reasons)
+        .map(|(m, r)| (m, r.as_str()))
+        .collect();
+    if !park_copies(shared, &copies, cancel).await {
+        return;
+    }
+    let n = old.len() as u64;
+    metrics.too_old.inc_by(n);
+    metrics.dead_letters.inc_by(n);
+    metrics.message(Fate::Dead, n);
+    tracing::warn!(side = %old[0].origin.side, copies = n, oldest = %reasons[0],
+        "copies older than arbiter.retention parked in dead letters without a claim");
+    for m in old {
+        m.ack.done();
     }
 }
 
@@ -555,9 +783,26 @@ async fn park_copies(
             }
         })
         .collect();
-    until_redis_answers(shared, cancel, || shared.dead.park(&letters))
-        .await
-        .is_some()
+    match until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await {
+        Some((_, trimmed)) => {
+            note_trimmed(shared, trimmed);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Counts and logs dead letters the stream's cap removed to make room.
+fn note_trimmed(shared: &Shared, trimmed: u64) {
+    if trimmed > 0 {
+        shared.metrics.dead_trimmed.inc_by(trimmed);
+        tracing::warn!(
+            trimmed,
+            max_len = shared.dead.cap(),
+            "dead-letter stream full: its oldest letters were trimmed (their ids stay dead; \
+             `mq-cutover dead list` counts them, `inspect` shows each)"
+        );
+    }
 }
 
 /// Hands this batch's first sights to the parity recorder, which sends them beside the claims
@@ -731,7 +976,10 @@ async fn deliver(
     loop {
         // Wait for a turn at the sink that the circuit lets through; hand the lease back if
         // shutting down.
-        let Some(turn) = call_turn(shared, Some((&ident.id, &token)), cancel).await else {
+        // The admission goes with the call: a lapsed lease below drops it, giving a half-open
+        // circuit's probe slot back to a call that will happen.
+        let Some((turn, admission)) = call_turn(shared, Some((&ident.id, &token)), cancel).await
+        else {
             let _ = shared
                 .completer
                 .complete(&ident.id, side, token, Outcome::NotCalled)
@@ -773,15 +1021,30 @@ async fn deliver(
         if matches!(result, crate::sink::CallResult::Ambiguous { .. }) {
             metrics.ambiguous.inc();
         }
-        shared.breaker.record(&result);
+        admission.record(&result);
         let retry_after = result.retry_after();
         let outcome = result.outcome();
-        let Some(completion) = shared
+        let completion = match shared
             .completer
             .complete(&ident.id, side, token, outcome.clone())
             .await
-        else {
-            return; // cancelled while Redis was away: the copy is handed back unacked
+        {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                // The id's key is not a record any more (overwritten by something else): the
+                // outcome cannot be kept, so the copy is parked with what happened.
+                let reason = format!(
+                    "the outcome of attempt {attempt} ({outcome:?}) could not be recorded: {e}"
+                );
+                let copies = [(&msg, reason.as_str())];
+                if park_copies(shared, &copies, cancel).await {
+                    metrics.dead_letters.inc();
+                    tracing::error!(id = %ident.id, side = %side, %reason, "parked in dead letters");
+                    msg.ack.done();
+                }
+                return;
+            }
+            None => return, // cancelled while Redis was away: the copy is handed back unacked
         };
         match completion {
             Completion::Recorded(State::Done) | Completion::Repeated(State::Done) => {
@@ -805,23 +1068,7 @@ async fn deliver(
                     Ok(Some(r)) => r.reason.unwrap_or_default(),
                     _ => format!("{outcome:?}"),
                 };
-                let parked = {
-                    let letter = [Parking {
-                        message_id: Some(&ident.id),
-                        business_id: Some(&ident.business_id),
-                        reason: &reason,
-                        origin: &msg.origin,
-                        attempts: attempt,
-                        payload: &msg.payload,
-                    }];
-                    until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
-                };
-                if parked.is_some() {
-                    metrics.dead_letters.inc();
-                    tracing::warn!(id = %ident.id, side = %side, %reason, "parked in dead letters");
-                    msg.ack.done();
-                }
-                return;
+                return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await;
             }
             Completion::Recorded(State::Pending)
             | Completion::Repeated(State::Pending)
@@ -855,6 +1102,10 @@ async fn deliver(
                 let _ = retry_tx.send(msg);
                 return;
             }
+            Some(Claim::Dead {
+                reason,
+                letter: false,
+            }) => return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await,
             Some(_) => return msg.ack.done(),
         }
     }
@@ -864,19 +1115,29 @@ async fn deliver(
 /// takes the circuit's probe slot if it is half-open. The circuit is waited on first, holding no
 /// slot, and asked again once the turn is in hand: a copy that queued for a slot while the circuit
 /// opened gives the turn back and waits again instead of calling a failing endpoint. While it
-/// queues for a slot, the copy's `lease` (if it has one) is renewed, as during its call: the wait
-/// is part of this worker's work on the id. None if cancelled meanwhile.
+/// waits for the circuit or queues for a slot, the copy's `lease` (if it has one) is renewed, as
+/// during its call: the wait is part of this worker's work on the id. None if cancelled meanwhile.
 async fn call_turn<'s>(
     shared: &'s Shared,
     lease: Option<(&str, &LeaseToken)>,
     cancel: &CancellationToken,
-) -> Option<Turn<'s>> {
+) -> Option<(Turn<'s>, Admission<'s>)> {
     loop {
         if !shared.breaker.would_allow() {
+            // The circuit may stay open for longer than a lease: the lease is kept meanwhile,
+            // as while queueing for a slot, so no other copy takes the id over uncalled.
+            let closed = async {
+                match lease {
+                    Some((id, token)) => {
+                        with_renewal(shared, id, token, shared.breaker.callable()).await
+                    }
+                    None => shared.breaker.callable().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return None,
-                _ = shared.breaker.callable() => {}
+                _ = closed => {}
             }
         }
         let queued = async {
@@ -896,8 +1157,8 @@ async fn call_turn<'s>(
             _ = cancel.cancelled() => return None,
             turn = queued => turn,
         };
-        if shared.breaker.allow() {
-            return Some(turn);
+        if let Some(admission) = shared.breaker.allow() {
+            return Some((turn, admission));
         }
     }
 }
@@ -992,7 +1253,7 @@ async fn forward_unclaimed(
 ) {
     let id = id_of(&msg);
     for attempt in 1.. {
-        let Some(turn) = call_turn(shared, None, cancel).await else {
+        let Some((turn, admission)) = call_turn(shared, None, cancel).await else {
             return;
         };
         let req = SinkRequest {
@@ -1007,7 +1268,7 @@ async fn forward_unclaimed(
         timer.observe_duration();
         metrics.in_flight.dec();
         metrics.call(result.kind());
-        shared.breaker.record(&result);
+        admission.record(&result);
         match result {
             crate::sink::CallResult::Success => break,
             crate::sink::CallResult::Fatal { reason } => {
@@ -1037,12 +1298,14 @@ struct Pending {
     side: Side,
     token: LeaseToken,
     outcome: Outcome,
-    reply: oneshot::Sender<Completion>,
+    reply: oneshot::Sender<Result<Completion, StoreError>>,
 }
 
 impl Completer {
     /// Starts the batching task. It runs until every handle is dropped; once `stop` fires it
     /// gives up on a batch Redis will not take (the waiting callers then hand their copies back).
+    /// An id Redis refuses for good (its key overwritten with another type) is answered with the
+    /// refusal at once, and the rest of its batch is recorded: one bad key never holds up others.
     pub fn start(
         arbiter: Arbiter,
         pause: Arc<Pause>,
@@ -1054,32 +1317,51 @@ impl Completer {
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(batch);
             while rx.recv_many(&mut buf, batch).await > 0 {
-                let reqs: Vec<CompleteRequest> = buf
-                    .iter()
-                    .map(|p| CompleteRequest {
-                        id: &p.id,
-                        side: &p.side,
-                        token: &p.token,
-                        outcome: &p.outcome,
-                    })
-                    .collect();
                 let mut wait = Duration::from_millis(50);
                 let mut paused = false;
-                let results = loop {
+                while !buf.is_empty() {
+                    let reqs: Vec<CompleteRequest> = buf
+                        .iter()
+                        .map(|p| CompleteRequest {
+                            id: &p.id,
+                            side: &p.side,
+                            token: &p.token,
+                            outcome: &p.outcome,
+                        })
+                        .collect();
                     let timer = seconds.start_timer();
-                    let failure = match arbiter
-                        .complete_batch(&reqs)
-                        .await
-                        .inspect(|_| timer.observe_duration())
-                    {
-                        Ok(r) => match r.iter().find_map(|x| x.as_ref().err()) {
-                            None => break Some(r),
-                            Some(e) => e.to_string(),
-                        },
+                    let answered = arbiter.complete_batch(&reqs).await;
+                    drop(reqs);
+                    let failure = match answered {
+                        Ok(results) => {
+                            timer.observe_duration();
+                            // Answer what is decided; keep what Redis could not take now.
+                            let mut again = Vec::new();
+                            let mut failure = None;
+                            for (p, r) in buf.drain(..).zip(results) {
+                                match r {
+                                    Err(e) if e.is_retryable() => {
+                                        failure.get_or_insert_with(|| e.to_string());
+                                        again.push(p);
+                                    }
+                                    r => {
+                                        let _ = p.reply.send(r);
+                                    }
+                                }
+                            }
+                            buf = again;
+                            match failure {
+                                None => break,
+                                Some(f) => f,
+                            }
+                        }
                         Err(e) => e.to_string(),
                     };
                     if stop.is_cancelled() {
-                        break None;
+                        // Shutting down with Redis away: the waiting calls hand their copies
+                        // back.
+                        buf.clear();
+                        break;
                     }
                     if !paused {
                         tracing::error!(error = %failure, "cannot record outcomes: pausing until redis answers");
@@ -1088,19 +1370,9 @@ impl Completer {
                     }
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(2));
-                };
+                }
                 if paused {
                     pause.set(PauseReason::RedisDown, false);
-                }
-                drop(reqs);
-                match results {
-                    Some(results) => {
-                        for (p, r) in buf.drain(..).zip(results) {
-                            let _ = p.reply.send(r.expect("checked all ok"));
-                        }
-                    }
-                    // Shutting down with Redis away: the waiting calls hand their copies back.
-                    None => buf.clear(),
                 }
             }
         });
@@ -1108,14 +1380,15 @@ impl Completer {
     }
 
     /// Records one outcome (batched with others). `None` if it could not be recorded before
-    /// shutdown: the caller must then hand its copy back, unacknowledged.
+    /// shutdown: the caller must then hand its copy back, unacknowledged. `Some(Err(_))` when
+    /// Redis refused this id for good: the caller parks the copy with the reason.
     pub async fn complete(
         &self,
         id: &str,
         side: &Side,
         token: LeaseToken,
         outcome: Outcome,
-    ) -> Option<Completion> {
+    ) -> Option<Result<Completion, StoreError>> {
         let (reply, rx) = oneshot::channel();
         let p = Pending {
             id: id.to_owned(),

@@ -10,6 +10,7 @@
 pub mod model;
 pub mod routing;
 pub mod switches;
+pub mod waiting;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,9 +63,11 @@ impl LuaScript {
 struct Scripts {
     claim: LuaScript,
     complete: LuaScript,
+    adopt: LuaScript,
     renew: LuaScript,
     release: LuaScript,
     read: LuaScript,
+    letter: LuaScript,
 }
 
 /// A script that reads or writes records: `record.lua` (the layouts) in front of its own code.
@@ -88,14 +91,29 @@ macro_rules! batch_script {
     };
 }
 
+/// A many-id script that hands out leases: `batch_script!` with `owner.lua` (the owner's claim)
+/// before its own code.
+macro_rules! owner_script {
+    ($file:literal) => {
+        LuaScript::new(concat!(
+            include_str!("scripts/record.lua"),
+            include_str!("scripts/batch.lua"),
+            include_str!("scripts/owner.lua"),
+            include_str!(concat!("scripts/", $file))
+        ))
+    };
+}
+
 impl Scripts {
     fn load() -> Self {
         Self {
-            claim: batch_script!("claim.lua"),
+            claim: owner_script!("claim.lua"),
             complete: batch_script!("complete.lua"),
+            adopt: owner_script!("adopt.lua"),
             renew: record_script!("renew.lua"),
             release: record_script!("release.lua"),
             read: record_script!("read.lua"),
+            letter: record_script!("letter.lua"),
         }
     }
 }
@@ -206,10 +224,14 @@ pub enum Claim {
         /// An earlier worker's lease expired with its outcome unknown (counted as ambiguous).
         takeover: bool,
     },
-    /// The other side owns the id: acknowledge this copy and do nothing else.
+    /// The other side owns the id: acknowledge this copy and do nothing else — but if the owner
+    /// has not observed the id yet, keep the copy's position first, so that this side can adopt
+    /// the id should the owner's copy never come (DESIGN.md invariant 2).
     NotMine {
         /// The owning side.
         owner: String,
+        /// Whether the owner has observed the id (its copy will decide).
+        owner_seen: bool,
     },
     /// Already delivered: acknowledge the duplicate.
     Done,
@@ -218,11 +240,63 @@ pub enum Claim {
         /// Time until that lease runs out if not renewed.
         retry_in: Duration,
     },
-    /// Parked in dead letters: acknowledge.
+    /// Parked in dead letters: acknowledge, once its letter is written.
     Dead {
         /// Why it was parked.
         reason: String,
+        /// Whether the letter of this dead state is written; if not, the caller writes it (with
+        /// this copy) and notes it with [`Arbiter::letter_written`] before acknowledging.
+        letter: bool,
     },
+}
+
+/// One adoption attempt: `side` observed `id`, whose owner never did, and asks to take it over.
+#[derive(Debug, Clone, Copy)]
+pub struct AdoptRequest<'a> {
+    /// The cross-broker message id.
+    pub id: &'a str,
+    /// The side that observed it and would adopt it.
+    pub side: &'a str,
+    /// The token the lease will carry if granted.
+    pub token: &'a LeaseToken,
+}
+
+/// The answer to an adoption attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopt {
+    /// This side owns the id (adopted now, or before) and holds its lease: read the copy again
+    /// and call the sink.
+    Proceed {
+        /// Which call this is for the id, 1-based.
+        attempt: u32,
+        /// An earlier worker's lease expired with its outcome unknown (counted as ambiguous).
+        takeover: bool,
+        /// This very call adopted the id (the owner changed to this side now).
+        adopted: bool,
+    },
+    /// The owner has observed the id: its copy decides; nothing to adopt.
+    OwnerSeen,
+    /// Already delivered.
+    Done,
+    /// Parked; see [`Claim::Dead`].
+    Dead {
+        /// Why it was parked.
+        reason: String,
+        /// Whether its letter is written.
+        letter: bool,
+    },
+    /// A live lease is held: try again later.
+    Busy {
+        /// Time until that lease runs out if not renewed.
+        retry_in: Duration,
+    },
+    /// The owner still has time to observe it.
+    NotYet {
+        /// Time until the id may be adopted.
+        wait: Duration,
+    },
+    /// No record any more (it outlived the retention): nothing can be arbitrated.
+    Gone,
 }
 
 /// What a claim learned about who has observed the id, for parity ([`crate::parity`]).
@@ -306,6 +380,10 @@ pub struct Record {
     pub lease: Option<(String, Duration)>,
     /// The sides that have observed a copy.
     pub seen: Vec<String>,
+    /// The owner was changed by adoption: the side routed to own it never observed it.
+    pub adopted: bool,
+    /// Dead, and its dead letter is written.
+    pub letter: bool,
     /// Calls whose outcome was ambiguous (timeouts, expired leases).
     pub ambiguous: u32,
     /// Successes recorded after their lease was lost.
@@ -334,6 +412,19 @@ impl fmt::Display for Record {
             None => writeln!(f, "  lease:     none")?,
         }
         writeln!(f, "  seen by:   {}", self.seen.join(", "))?;
+        if self.adopted {
+            writeln!(
+                f,
+                "  adopted:   by {}, the routed owner never observed it",
+                self.owner
+            )?;
+        }
+        if self.state == State::Dead && !self.letter {
+            writeln!(
+                f,
+                "  letter:    not written yet (the next copy or sweep writes it)"
+            )?;
+        }
         if self.ambiguous > 0 {
             writeln!(
                 f,
@@ -375,6 +466,8 @@ pub struct Arbiter {
     max_attempts: u32,
     /// The layout of a new record: `p` packed, `h` hash.
     layout: &'static str,
+    /// How long the owner has to observe an id before an observer may adopt it, ms.
+    adopt_after_ms: u64,
 }
 
 /// A record lives `arbiter.retention` plus this after the claim that last set its TTL. A claim
@@ -419,7 +512,38 @@ impl Arbiter {
                 RecordLayout::Packed => "p",
                 RecordLayout::Hash => "h",
             },
+            adopt_after_ms: cfg.adopt_after.as_millis() as u64,
         }
+    }
+
+    /// How long the owner has to observe an id before an observer may adopt it.
+    pub fn adopt_after(&self) -> Duration {
+        Duration::from_millis(self.adopt_after_ms)
+    }
+
+    /// The connection and key prefix this arbiter uses (for the adoption index, which lives
+    /// beside the records).
+    pub(crate) fn conn(&self) -> (Conn, &str) {
+        (self.conn.clone(), &self.prefix)
+    }
+
+    /// Tries to adopt many ids in one round trip (`adopt.lua`); see [`Adopt`].
+    pub async fn adopt_batch(
+        &self,
+        reqs: &[AdoptRequest<'_>],
+    ) -> Result<Vec<Result<Adopt, StoreError>>, StoreError> {
+        self.run_many(&self.scripts.adopt, reqs, Arbiter::adopt_args, parse_adopt)
+            .await
+    }
+
+    /// Notes that the dead letter of `id`'s current dead state is written (after parking it),
+    /// so that later claims answer DEAD without asking for it again. False if `id` is not dead.
+    pub async fn letter_written(&self, id: &str) -> Result<bool, StoreError> {
+        let key = record_key(&self.prefix, id);
+        let n: i64 = self
+            .eval(|whole| self.scripts.letter.cmd(&key, whole))
+            .await?;
+        Ok(n == 1)
     }
 
     /// The lease length.
@@ -549,6 +673,19 @@ impl Arbiter {
             .arg(EXPIRY_SLACK.as_millis() as u64);
         for r in reqs {
             c.arg(r.side).arg(r.routed_owner).arg(r.token.as_str());
+        }
+    }
+
+    /// The keys and arguments of `adopt.lua` for `reqs`.
+    fn adopt_args(&self, reqs: &[AdoptRequest<'_>], c: &mut Cmd) {
+        self.key_args(reqs.iter().map(|r| r.id), c);
+        c.arg(self.lease_ms)
+            .arg(self.ttl_ms)
+            .arg(self.policy)
+            .arg(self.layout)
+            .arg(self.adopt_after_ms);
+        for r in reqs {
+            c.arg(r.side).arg(r.token.as_str());
         }
     }
 
@@ -801,17 +938,18 @@ fn parse_claim(e: Entry<'_>) -> Result<(Claim, Sighting), StoreError> {
             attempt: e.attempts,
             takeover: e.extra == b"1",
         },
-        b'2' => Claim::NotMine { owner: e.text() },
+        b'2' | b'6' => Claim::NotMine {
+            owner: e.text(),
+            owner_seen: e.code == b'2',
+        },
         b'3' => Claim::Done,
         b'4' => Claim::Busy {
-            retry_in: Duration::from_millis(
-                std::str::from_utf8(e.extra)
-                    .ok()
-                    .and_then(|ms| ms.parse().ok())
-                    .unwrap_or(0),
-            ),
+            retry_in: millis(e.extra),
         },
-        b'5' => Claim::Dead { reason: e.text() },
+        b'5' | b'7' => Claim::Dead {
+            reason: e.text(),
+            letter: e.code == b'5',
+        },
         other => {
             return Err(StoreError::Reply(format!(
                 "claim: unknown code {:?}",
@@ -820,6 +958,45 @@ fn parse_claim(e: Entry<'_>) -> Result<(Claim, Sighting), StoreError> {
         }
     };
     Ok((claim, sighting))
+}
+
+/// A number of milliseconds in an answer's extra (0 if absent or not a number).
+fn millis(extra: &[u8]) -> Duration {
+    Duration::from_millis(
+        std::str::from_utf8(extra)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+fn parse_adopt(e: Entry<'_>) -> Result<Adopt, StoreError> {
+    Ok(match e.code {
+        b'1' => Adopt::Proceed {
+            attempt: e.attempts,
+            takeover: e.extra == b"1",
+            adopted: e.flag == b'1',
+        },
+        b'2' => Adopt::OwnerSeen,
+        b'3' => Adopt::Done,
+        b'4' => Adopt::Busy {
+            retry_in: millis(e.extra),
+        },
+        b'5' | b'7' => Adopt::Dead {
+            reason: e.text(),
+            letter: e.code == b'5',
+        },
+        b'8' => Adopt::Gone,
+        b'9' => Adopt::NotYet {
+            wait: millis(e.extra),
+        },
+        other => {
+            return Err(StoreError::Reply(format!(
+                "adopt: unknown code {:?}",
+                other as char
+            )))
+        }
+    })
 }
 
 fn parse_completion(e: Entry<'_>) -> Result<Completion, StoreError> {
@@ -852,6 +1029,8 @@ fn parse_record(
         attempts: 0,
         lease: None,
         seen: Vec::new(),
+        adopted: false,
+        letter: false,
         ambiguous: 0,
         overlaps: 0,
         reason: None,
@@ -875,6 +1054,10 @@ fn parse_record(
             "v" => r.overlaps = num() as u32,
             "r" => r.reason = Some(v),
             "f" => r.first_seen_ms = num(),
+            "@^a" => r.adopted = true,
+            "@^l" => r.letter = true,
+            // Other flags of later versions are not sides.
+            flag if flag.starts_with("@^") => {}
             side if side.starts_with('@') => r.seen.push(side[1..].to_owned()),
             _ => {}
         }
@@ -935,7 +1118,8 @@ mod tests {
                 ),
                 (
                     Claim::NotMine {
-                        owner: "kafka".into()
+                        owner: "kafka".into(),
+                        owner_seen: true,
                     },
                     Sighting::Pair
                 ),
@@ -948,7 +1132,8 @@ mod tests {
                 ),
                 (
                     Claim::Dead {
-                        reason: reason.into()
+                        reason: reason.into(),
+                        letter: true,
                     },
                     Sighting::Pair
                 ),
@@ -972,6 +1157,72 @@ mod tests {
             claims("00,17:LOADING try again", 1).unwrap()[0],
             Err(StoreError::Unavailable(_))
         ));
+    }
+
+    #[test]
+    fn an_unseen_owner_and_a_missing_letter_have_their_own_codes() {
+        let got = claims("610,8:rocketmq702,9:in doubt!", 2).unwrap();
+        assert_eq!(
+            got[0].as_ref().unwrap(),
+            &(
+                Claim::NotMine {
+                    owner: "rocketmq".into(),
+                    owner_seen: false,
+                },
+                Sighting::First
+            )
+        );
+        assert_eq!(
+            got[1].as_ref().unwrap().0,
+            Claim::Dead {
+                reason: "in doubt!".into(),
+                letter: false,
+            }
+        );
+    }
+
+    #[test]
+    fn adoption_replies_decode() {
+        let got = entries(
+            b"112,1:0102,1:0202,0:302,0:402,3:900502,1:r702,1:r80,0:902,5:12000",
+            9,
+            parse_adopt,
+        )
+        .unwrap();
+        let got: Vec<Adopt> = got.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            got,
+            vec![
+                Adopt::Proceed {
+                    attempt: 2,
+                    takeover: false,
+                    adopted: true
+                },
+                Adopt::Proceed {
+                    attempt: 2,
+                    takeover: false,
+                    adopted: false
+                },
+                Adopt::OwnerSeen,
+                Adopt::Done,
+                Adopt::Busy {
+                    retry_in: Duration::from_millis(900)
+                },
+                Adopt::Dead {
+                    reason: "r".into(),
+                    letter: true
+                },
+                Adopt::Dead {
+                    reason: "r".into(),
+                    letter: false
+                },
+                Adopt::Gone,
+                Adopt::NotYet {
+                    wait: Duration::from_millis(12_000)
+                },
+            ]
+        );
+        assert!(entries(b"x0,0:", 1, parse_adopt).unwrap()[0].is_err());
     }
 
     #[test]

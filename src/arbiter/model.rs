@@ -1,5 +1,6 @@
 //! The claim protocol as pure functions over one record: the executable specification of
-//! `scripts/claim.lua`, `complete.lua`, `renew.lua` and `release.lua`.
+//! `scripts/claim.lua`, `complete.lua`, `adopt.lua`, `renew.lua`, `release.lua` and
+//! `letter.lua`.
 //!
 //! Redis runs the scripts (that is what makes them atomic across instances); this model is what
 //! they are checked against. The unit tests here pin each transition without a server, and
@@ -8,7 +9,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Claim, Completion, Outcome, Sighting, State};
+use super::{Adopt, Claim, Completion, Outcome, Sighting, State};
 use crate::config::AmbiguousPolicy;
 
 /// The protocol settings the scripts receive.
@@ -44,6 +45,10 @@ pub struct Rec {
     pub overlaps: u32,
     /// `r`.
     pub reason: Option<String>,
+    /// `^a`: the owner was changed by adoption.
+    pub adopted: bool,
+    /// `^l`: the dead letter of the current dead state is written.
+    pub letter: bool,
 }
 
 impl Rec {
@@ -59,6 +64,8 @@ impl Rec {
             ambiguous: 0,
             overlaps: 0,
             reason: None,
+            adopted: false,
+            letter: false,
         }
     }
 
@@ -66,6 +73,48 @@ impl Rec {
         self.state = State::Dead;
         self.reason = Some(reason);
         self.expiry = None;
+        self.letter = false;
+    }
+
+    /// The owner's claim (`owner.lua`): at most one live lease.
+    fn owner_step(&mut self, token: &str, now_ms: u64, p: Params) -> Claim {
+        let mut takeover = false;
+        if self.state == State::InFlight {
+            if self.token.as_deref() == Some(token) {
+                return Claim::Proceed {
+                    attempt: self.attempts,
+                    takeover: false,
+                };
+            }
+            if let Some(e) = self.expiry.filter(|&e| e > now_ms) {
+                return Claim::Busy {
+                    retry_in: std::time::Duration::from_millis(e - now_ms),
+                };
+            }
+            self.ambiguous += 1;
+            if p.policy == AmbiguousPolicy::AtMostOnce {
+                let reason = format!(
+                    "in doubt: lease of attempt {} expired before its outcome was recorded",
+                    self.attempts
+                );
+                self.park(reason.clone());
+                // The stale worker's late success is then LATE, never REPEATED.
+                self.token = None;
+                return Claim::Dead {
+                    reason,
+                    letter: false,
+                };
+            }
+            takeover = true;
+        }
+        self.attempts += 1;
+        self.state = State::InFlight;
+        self.token = Some(token.to_owned());
+        self.expiry = Some(now_ms + p.lease_ms);
+        Claim::Proceed {
+            attempt: self.attempts,
+            takeover,
+        }
     }
 }
 
@@ -90,50 +139,89 @@ pub fn claim(
     let r = rec.get_or_insert_with(|| Rec::new(routed_owner));
     r.seen.insert(side.to_owned());
     match r.state {
-        State::Done => return Claim::Done,
+        State::Done => Claim::Done,
+        State::Dead => Claim::Dead {
+            reason: r.reason.clone().unwrap_or_default(),
+            letter: r.letter,
+        },
+        _ if r.owner != side => Claim::NotMine {
+            owner: r.owner.clone(),
+            owner_seen: r.seen.contains(&r.owner),
+        },
+        _ => r.owner_step(token, now_ms, p),
+    }
+}
+
+/// `adopt.lua`: `side`, which observed the id, takes it over if its owner has not observed it
+/// within `adopt_after_ms` of the first sighting (`first_ms`), then claims it as owner.
+pub fn adopt(
+    rec: &mut Option<Rec>,
+    side: &str,
+    token: &str,
+    now_ms: u64,
+    first_ms: u64,
+    adopt_after_ms: u64,
+    p: Params,
+) -> Adopt {
+    let Some(r) = rec.as_mut() else {
+        return Adopt::Gone;
+    };
+    match r.state {
+        State::Done => return Adopt::Done,
         State::Dead => {
-            return Claim::Dead {
+            return Adopt::Dead {
                 reason: r.reason.clone().unwrap_or_default(),
-            }
-        }
-        _ if r.owner != side => {
-            return Claim::NotMine {
-                owner: r.owner.clone(),
+                letter: r.letter,
             }
         }
         _ => {}
     }
-    let mut takeover = false;
-    if r.state == State::InFlight {
-        if r.token.as_deref() == Some(token) {
-            return Claim::Proceed {
-                attempt: r.attempts,
-                takeover: false,
-            };
+    if !r.seen.contains(side) {
+        return Adopt::OwnerSeen;
+    }
+    let mut adopted = false;
+    if r.owner != side {
+        if r.seen.contains(&r.owner) {
+            return Adopt::OwnerSeen;
         }
-        if let Some(e) = r.expiry.filter(|&e| e > now_ms) {
-            return Claim::Busy {
+        if let Some(e) = r
+            .expiry
+            .filter(|&e| r.state == State::InFlight && e > now_ms)
+        {
+            return Adopt::Busy {
                 retry_in: std::time::Duration::from_millis(e - now_ms),
             };
         }
-        r.ambiguous += 1;
-        if p.policy == AmbiguousPolicy::AtMostOnce {
-            let reason = format!(
-                "in doubt: lease of attempt {} expired before its outcome was recorded",
-                r.attempts
-            );
-            r.park(reason.clone());
-            return Claim::Dead { reason };
+        let since = now_ms.saturating_sub(first_ms);
+        if since < adopt_after_ms {
+            return Adopt::NotYet {
+                wait: std::time::Duration::from_millis(adopt_after_ms - since),
+            };
         }
-        takeover = true;
+        r.owner = side.to_owned();
+        r.adopted = true;
+        adopted = true;
     }
-    r.attempts += 1;
-    r.state = State::InFlight;
-    r.token = Some(token.to_owned());
-    r.expiry = Some(now_ms + p.lease_ms);
-    Claim::Proceed {
-        attempt: r.attempts,
-        takeover,
+    match r.owner_step(token, now_ms, p) {
+        Claim::Proceed { attempt, takeover } => Adopt::Proceed {
+            attempt,
+            takeover,
+            adopted,
+        },
+        Claim::Busy { retry_in } => Adopt::Busy { retry_in },
+        Claim::Dead { reason, letter } => Adopt::Dead { reason, letter },
+        other => unreachable!("the owner's step answers {other:?}"),
+    }
+}
+
+/// `letter.lua`: notes that the dead letter is written; false if the id is not dead.
+pub fn letter_written(rec: &mut Option<Rec>) -> bool {
+    match rec {
+        Some(r) if r.state == State::Dead => {
+            r.letter = true;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -221,6 +309,7 @@ pub fn release(rec: &mut Option<Rec>) -> Option<String> {
     r.state = State::Pending;
     r.attempts = 0;
     r.expiry = None;
+    r.letter = false;
     Some(r.reason.take().unwrap_or_default())
 }
 
@@ -251,7 +340,10 @@ mod tests {
         let mut r = None;
         assert_eq!(
             claim(&mut r, "b", "a", "t1", 0, P),
-            Claim::NotMine { owner: "a".into() }
+            Claim::NotMine {
+                owner: "a".into(),
+                owner_seen: false
+            }
         );
         assert_eq!(claim(&mut r, "a", "b", "t2", 0, P), proceed(1));
         assert_eq!(r.as_ref().unwrap().seen.len(), 2);
@@ -280,7 +372,7 @@ mod tests {
         let mut r = None;
         claim(&mut r, "a", "a", "t1", 0, STRICT);
         assert!(
-            matches!(claim(&mut r, "a", "a", "t2", 5000, STRICT), Claim::Dead { reason } if reason.starts_with("in doubt"))
+            matches!(claim(&mut r, "a", "a", "t2", 5000, STRICT), Claim::Dead { reason, letter: false } if reason.starts_with("in doubt"))
         );
     }
 

@@ -5,8 +5,11 @@
 //! Closed → Open after `failure_threshold` consecutive endpoint failures (retryable or ambiguous;
 //! a fatal answer is the message's fault and proves the endpoint is up, so it neither counts nor
 //! resets the run). Open → HalfOpen once `open_for` has passed: `half_open_probes` calls are let
-//! through; a success closes the circuit, a failure opens it again. A probe that never reports
-//! (its task was cancelled) is presumed lost after another `open_for`, and new probes go out.
+//! through; a success closes the circuit, a failure opens it again. Each call let through holds an
+//! [`Admission`]: its outcome is recorded through it, and a probe whose call never happens (the
+//! copy's lease lapsed, its task was cancelled) gives its slot back when the admission is dropped.
+//! A probe still in flight keeps its slot however long its call takes: no second probe goes out
+//! meanwhile.
 //!
 //! State is a std `Mutex` held only for a few instructions, never across an `.await`; changes are
 //! published on a `watch` channel for whoever pauses the sources.
@@ -53,10 +56,37 @@ impl CircuitState {
 struct Inner {
     state: CircuitState,
     consecutive_failures: u32,
-    /// Probes let through in the current half-open round.
+    /// Probes let through in the current half-open round and not reported yet.
     probes_out: u32,
-    /// When the current half-open round began (to re-arm lost probes).
-    round_started: Instant,
+    /// Changes with every state change, so that a probe of an earlier round gives nothing back.
+    epoch: u64,
+}
+
+/// One call the circuit let through. Report its outcome with [`Admission::record`]; an admission
+/// dropped unrecorded (the call never happened) gives its probe slot back, if it held one.
+#[derive(Debug)]
+#[must_use = "an admission unrecorded gives its probe slot back at once"]
+pub struct Admission<'a> {
+    breaker: &'a CircuitBreaker,
+    /// The half-open round whose probe slot this holds, if any.
+    probe: Option<u64>,
+}
+
+impl Admission<'_> {
+    /// Reports how the call went.
+    pub fn record(mut self, result: &CallResult) {
+        // Recorded: the slot is settled by the outcome, not given back on drop.
+        self.probe = None;
+        self.breaker.record(result);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(epoch) = self.probe {
+            self.breaker.give_back(epoch);
+        }
+    }
 }
 
 /// A circuit breaker shared by every caller of one sink.
@@ -83,7 +113,7 @@ impl CircuitBreaker {
                 state: CircuitState::Closed,
                 consecutive_failures: 0,
                 probes_out: 0,
-                round_started: Instant::now(),
+                epoch: 0,
             }),
             published,
             wake: Notify::new(),
@@ -109,71 +139,81 @@ impl CircuitBreaker {
         self.published.subscribe()
     }
 
-    /// Whether one call may go now. In half-open state a `true` takes one probe slot, so call it
-    /// only right before calling the sink, and report the result with [`CircuitBreaker::record`].
-    pub fn allow(&self) -> bool {
-        self.look(true)
+    /// Lets one call go now, or not. In half-open state the admission holds one probe slot: take
+    /// it only right before calling the sink, and report the result through it
+    /// ([`Admission::record`]); dropped unrecorded, it gives the slot back.
+    pub fn allow(&self) -> Option<Admission<'_>> {
+        self.look(true).map(|probe| Admission {
+            breaker: self,
+            probe,
+        })
     }
 
     /// Whether [`CircuitBreaker::allow`] would let a call go now, without taking a probe slot.
     pub fn would_allow(&self) -> bool {
-        self.look(false)
+        self.look(false).is_some()
     }
 
-    fn look(&self, take: bool) -> bool {
+    /// Whether a call may go now: `None` if not; `Some(None)` if so without a probe (closed),
+    /// `Some(Some(epoch))` when it is a probe of the half-open round `epoch`, which `take` takes.
+    #[allow(clippy::option_option)]
+    fn look(&self, take: bool) -> Option<Option<u64>> {
         let mut inner = self.lock();
         self.advance(&mut inner, Instant::now());
         match inner.state {
-            CircuitState::Closed => true,
-            CircuitState::Open { .. } => false,
+            CircuitState::Closed => Some(None),
+            CircuitState::Open { .. } => None,
             CircuitState::HalfOpen if inner.probes_out < self.half_open_probes => {
                 if take {
                     inner.probes_out += 1;
                 }
-                true
+                Some(Some(inner.epoch))
             }
-            CircuitState::HalfOpen => false,
+            CircuitState::HalfOpen => None,
         }
     }
 
     /// Waits until a call is allowed, and takes its slot (as [`CircuitBreaker::allow`] does).
-    pub async fn ready(&self) {
-        self.wait(true).await
+    pub async fn ready(&self) -> Admission<'_> {
+        loop {
+            self.callable().await;
+            // Another caller may have taken the last probe slot since: then wait again.
+            if let Some(admission) = self.allow() {
+                return admission;
+            }
+        }
     }
 
     /// Waits until a call would be allowed, without taking a probe slot: for a caller that has
     /// more waiting to do before its call and asks [`CircuitBreaker::allow`] right before it.
     pub async fn callable(&self) {
-        self.wait(false).await
-    }
-
-    async fn wait(&self, take: bool) {
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             // Registered before looking, so a wake-up between the look and the wait is not lost.
             woken.as_mut().enable();
-            if self.look(take) {
+            if self.look(false).is_some() {
                 return;
             }
-            let look_again = {
-                let inner = self.lock();
-                match inner.state {
-                    CircuitState::Open { until } => until,
-                    CircuitState::HalfOpen => inner.round_started + self.open_for,
-                    // Closed since the look: look again at once.
-                    CircuitState::Closed => Instant::now(),
-                }
+            let look_again = match self.lock().state {
+                CircuitState::Open { until } => Some(until),
+                // Every probe is out: a report or a slot given back wakes the waiters.
+                CircuitState::HalfOpen => None,
+                // Closed since the look: look again at once.
+                CircuitState::Closed => Some(Instant::now()),
             };
-            tokio::select! {
-                _ = &mut woken => {}
-                _ = tokio::time::sleep_until(look_again) => {}
+            match look_again {
+                Some(at) => tokio::select! {
+                    _ = &mut woken => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                },
+                None => woken.await,
             }
         }
     }
 
-    /// Reports how a call went.
-    pub fn record(&self, result: &CallResult) {
+    /// Reports how a call went (through its [`Admission`]).
+    fn record(&self, result: &CallResult) {
         let now = Instant::now();
         let mut inner = self.lock();
         self.advance(&mut inner, now);
@@ -221,28 +261,29 @@ impl CircuitBreaker {
         );
     }
 
-    /// Time-driven changes: an open circuit whose time is up turns half-open; a half-open round
-    /// whose probes never reported is re-armed.
+    /// The time-driven change: an open circuit whose time is up turns half-open.
     fn advance(&self, inner: &mut Inner, now: Instant) {
-        match inner.state {
-            CircuitState::Open { until } if now >= until => {
+        if let CircuitState::Open { until } = inner.state {
+            if now >= until {
                 self.set(inner, CircuitState::HalfOpen, now);
             }
-            CircuitState::HalfOpen
-                if inner.probes_out >= self.half_open_probes
-                    && now >= inner.round_started + self.open_for =>
-            {
-                inner.probes_out = 0;
-                inner.round_started = now;
-            }
-            _ => {}
         }
     }
 
-    fn set(&self, inner: &mut Inner, state: CircuitState, now: Instant) {
+    /// A probe of round `epoch` whose call never happened: its slot goes to another call.
+    fn give_back(&self, epoch: u64) {
+        let mut inner = self.lock();
+        if inner.state == CircuitState::HalfOpen && inner.epoch == epoch {
+            inner.probes_out = inner.probes_out.saturating_sub(1);
+            drop(inner);
+            self.wake.notify_waiters();
+        }
+    }
+
+    fn set(&self, inner: &mut Inner, state: CircuitState, _now: Instant) {
         inner.state = state;
         inner.probes_out = 0;
-        inner.round_started = now;
+        inner.epoch += 1;
         if state == CircuitState::Closed {
             inner.consecutive_failures = 0;
         }
@@ -290,11 +331,11 @@ mod tests {
         let b = breaker(3, 1);
         b.record(&retryable());
         b.record(&ambiguous());
-        assert!(b.allow());
+        assert!(b.allow().is_some());
         assert_eq!(b.state(), CircuitState::Closed);
         b.record(&retryable());
         assert!(b.state().is_open());
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -329,17 +370,19 @@ mod tests {
     async fn half_open_after_open_for_lets_probes_through_and_success_closes() {
         let b = breaker(1, 2);
         b.record(&retryable());
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
         tokio::time::advance(Duration::from_millis(9_999)).await;
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(b.state(), CircuitState::HalfOpen);
-        assert!(b.allow());
-        assert!(b.allow());
-        assert!(!b.allow(), "only half_open_probes calls may go");
-        b.record(&CallResult::Success);
+        let first = b.allow().expect("probe 1");
+        let second = b.allow().expect("probe 2");
+        assert!(b.allow().is_none(), "only half_open_probes calls may go");
+        first.record(&CallResult::Success);
         assert_eq!(b.state(), CircuitState::Closed);
-        assert!(b.allow());
+        // The other probe of that round settles nothing any more.
+        drop(second);
+        assert!(b.allow().is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -347,13 +390,12 @@ mod tests {
         let b = breaker(1, 1);
         b.record(&ambiguous());
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow());
-        b.record(&retryable());
+        b.allow().expect("the probe").record(&retryable());
         let CircuitState::Open { until } = b.state() else {
             panic!("not reopened: {:?}", b.state());
         };
         assert_eq!(until, Instant::now() + Duration::from_secs(10));
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -361,24 +403,45 @@ mod tests {
         let b = breaker(1, 1);
         b.record(&retryable());
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow());
-        assert!(!b.allow());
-        b.record(&fatal());
+        let probe = b.allow().expect("the probe");
+        assert!(b.allow().is_none());
+        probe.record(&fatal());
         assert_eq!(b.state(), CircuitState::HalfOpen);
-        assert!(b.allow());
+        assert!(b.allow().is_some());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lost_probe_is_rearmed_after_open_for() {
+    async fn a_probe_whose_call_never_happens_gives_its_slot_back() {
+        let b = Arc::new(breaker(1, 1));
+        b.record(&retryable());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The copy's lease lapsed before its call, or its task was cancelled.
+        let probe = b.allow().expect("the probe");
+        assert!(b.allow().is_none());
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.callable().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the only probe is out");
+        drop(probe);
+        waiter.await.unwrap();
+        assert!(b.allow().is_some(), "the slot is free at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_in_flight_keeps_its_slot_however_long_its_call_takes() {
         let b = breaker(1, 1);
         b.record(&retryable());
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow());
-        // The probe's task never reports.
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(!b.allow());
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(b.allow());
+        let probe = b.allow().expect("the probe");
+        // A slow endpoint: the call outlasts several open periods; no second probe goes out.
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert!(b.allow().is_none());
+        }
+        probe.record(&CallResult::Success);
+        assert_eq!(b.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
@@ -402,9 +465,9 @@ mod tests {
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().is_open());
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow());
+        let probe = b.allow().expect("the probe");
         assert_eq!(*rx.borrow_and_update(), CircuitState::HalfOpen);
-        b.record(&CallResult::Success);
+        probe.record(&CallResult::Success);
         assert_eq!(*rx.borrow_and_update(), CircuitState::Closed);
     }
 
@@ -413,7 +476,7 @@ mod tests {
         let b = breaker(1, 1);
         b.record(&retryable());
         let start = Instant::now();
-        b.ready().await;
+        let _probe = b.ready().await;
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         assert_eq!(b.state(), CircuitState::HalfOpen);
     }
@@ -423,13 +486,13 @@ mod tests {
         let b = Arc::new(breaker(1, 1));
         b.record(&retryable());
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(b.allow(), "the probe");
+        let probe = b.allow().expect("the probe");
         let waiter = {
             let b = b.clone();
             tokio::spawn(async move {
                 let start = Instant::now();
                 if take {
-                    b.ready().await;
+                    drop(b.ready().await);
                 } else {
                     b.callable().await;
                 }
@@ -438,7 +501,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!waiter.is_finished());
-        b.record(&CallResult::Success);
+        probe.record(&CallResult::Success);
         assert_eq!(waiter.await.unwrap(), Duration::from_secs(2));
         assert_eq!(b.state(), CircuitState::Closed);
     }
@@ -457,7 +520,7 @@ mod tests {
     async fn ready_returns_at_once_when_closed() {
         let b = breaker(5, 1);
         let start = Instant::now();
-        b.ready().await;
+        let _call = b.ready().await;
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
@@ -472,8 +535,8 @@ mod tests {
         // Looking took nothing: the probe slot is still there, once.
         assert!(b.would_allow());
         b.callable().await;
-        assert!(b.allow(), "the probe");
+        let _probe = b.allow().expect("the probe");
         assert!(!b.would_allow(), "the only probe is out");
-        assert!(!b.allow());
+        assert!(b.allow().is_none());
     }
 }

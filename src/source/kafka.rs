@@ -17,7 +17,7 @@
 //! blocking pool: its lag (the group's committed offset against the end of the log) and, for the
 //! stall detector, the consumer's position (docs/kafka.md, "Lag").
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -570,16 +570,20 @@ fn identity_of(
 /// How long a refetch waits for the broker to hand over the record asked for.
 const REFETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads single records again by topic, partition and offset (adoption). A consumer of its own,
-/// with the side's client settings (so TLS and SASL apply) but outside the group: it `assign`s
-/// the one partition at the offset, commits nothing and stores nothing. Refetches are rare (an id
-/// whose owner never observed it), so one at a time, on the blocking pool.
+/// Reads records again by topic, partition and offset (adoption). A consumer of its own, with
+/// the side's client settings (so TLS and SASL apply) but outside the group: it `assign`s a
+/// partition at the lowest offset asked for and reads forward, picking the offsets asked for
+/// (seeking over long gaps), and commits and stores nothing. One batch at a time, on the blocking
+/// pool.
 struct KafkaRefetch {
     side: Side,
     consumer: Arc<Mutex<BaseConsumer>>,
     message_id: IdSource,
     business_id: IdSource,
 }
+
+/// Reading forward past this many unwanted records costs more than a seek to the next wanted one.
+const REFETCH_SEEK_GAP: i64 = 500;
 
 impl KafkaRefetch {
     fn new(source: &KafkaSource) -> Result<KafkaRefetch, SourceError> {
@@ -604,67 +608,160 @@ impl KafkaRefetch {
     }
 }
 
+/// What one position came to: the record, gone, or why it could not be read now.
+type Read = Result<Option<super::Refetched>, String>;
+
+/// Reads `at` (any order, any partitions, repeats allowed); one answer per position. Blocks.
+fn read_positions(
+    consumer: &BaseConsumer,
+    at: &[super::Position],
+    message_id: &IdSource,
+    business_id: &IdSource,
+) -> Vec<Read> {
+    let mut out: Vec<Option<Read>> = vec![None; at.len()];
+    // Positions by partition, each partition's offsets in order.
+    let mut parts: BTreeMap<(&str, i32), Vec<(i64, usize)>> = BTreeMap::new();
+    for (i, p) in at.iter().enumerate() {
+        parts
+            .entry((&*p.topic, p.partition))
+            .or_default()
+            .push((p.offset, i));
+    }
+    for ((topic, partition), mut wanted) in parts {
+        wanted.sort_unstable();
+        let answers = read_partition(consumer, topic, partition, &wanted, message_id, business_id);
+        for ((_, i), answer) in wanted.iter().zip(answers) {
+            out[*i] = Some(answer);
+        }
+    }
+    out.into_iter()
+        .map(|a| a.unwrap_or_else(|| Err("not read".into())))
+        .collect()
+}
+
+/// Reads the sorted `wanted` offsets of one partition; one answer per entry.
+fn read_partition(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    wanted: &[(i64, usize)],
+    message_id: &IdSource,
+    business_id: &IdSource,
+) -> Vec<Read> {
+    let here = |o: i64| format!("refetch {topic}[{partition}]@{o}");
+    let mut answers: Vec<Read> = Vec::with_capacity(wanted.len());
+    let mut tpl = TopicPartitionList::new();
+    let assigned = tpl
+        .add_partition_offset(topic, partition, Offset::Offset(wanted[0].0))
+        .and_then(|()| consumer.assign(&tpl));
+    if let Err(e) = assigned {
+        return wanted
+            .iter()
+            .map(|(o, _)| Err(format!("{}: {e}", here(*o))))
+            .collect();
+    }
+    // A record is answered for every wanted entry of its offset (repeats included).
+    let answer_up_to = |answers: &mut Vec<Read>, offset: i64, found: Option<&super::Refetched>| {
+        while let Some((o, _)) = wanted.get(answers.len()) {
+            match o.cmp(&offset) {
+                // Skipped: the log has no record there (compacted away, a transaction marker).
+                std::cmp::Ordering::Less => answers.push(Ok(None)),
+                std::cmp::Ordering::Equal => answers.push(Ok(found.cloned())),
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+    };
+    // Longer batches get longer: about a millisecond per record beyond the fixed allowance.
+    let deadline = Instant::now() + REFETCH_TIMEOUT + Duration::from_millis(wanted.len() as u64);
+    while answers.len() < wanted.len() {
+        let next = wanted[answers.len()].0;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            while let Some((o, _)) = wanted.get(answers.len()) {
+                answers.push(Err(format!(
+                    "{}: no answer within {REFETCH_TIMEOUT:?}",
+                    here(*o)
+                )));
+            }
+            break;
+        }
+        match consumer.poll(left) {
+            None => {}
+            Some(Ok(record)) => {
+                let offset = record.offset();
+                if offset < next {
+                    continue;
+                }
+                let copy = (offset == next).then(|| {
+                    let (identity, payload) = identity_of(&record, message_id, business_id);
+                    super::Refetched {
+                        identity,
+                        payload,
+                        born_ms: record.timestamp().to_millis().unwrap_or(0),
+                    }
+                });
+                answer_up_to(&mut answers, offset, copy.as_ref());
+                if let Some((o, _)) = wanted.get(answers.len()) {
+                    if *o > offset + REFETCH_SEEK_GAP {
+                        let _ = consumer.seek(topic, partition, Offset::Offset(*o), LAG_TIMEOUT);
+                    }
+                }
+            }
+            // The end of the log came before the rest: never written here.
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                while answers.len() < wanted.len() {
+                    answers.push(Ok(None));
+                }
+            }
+            // Outside the log (deleted by retention, or past its end): with
+            // `auto.offset.reset = error` librdkafka says so instead of jumping. The offset
+            // asked for is gone; go on with the next one.
+            Some(Err(KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange
+                | rdkafka::types::RDKafkaErrorCode::AutoOffsetReset,
+            ))) => {
+                answer_up_to(&mut answers, next, None);
+                if let Some((o, _)) = wanted.get(answers.len()) {
+                    let _ = consumer.seek(topic, partition, Offset::Offset(*o), LAG_TIMEOUT);
+                }
+            }
+            Some(Err(e)) => {
+                while let Some((o, _)) = wanted.get(answers.len()) {
+                    answers.push(Err(format!("{}: {e}", here(*o))));
+                }
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    answers
+}
+
 #[async_trait::async_trait]
 impl super::Refetch for KafkaRefetch {
-    async fn refetch(&self, at: &super::Position) -> Result<Option<super::Refetched>, SourceError> {
+    async fn refetch_many(
+        &self,
+        at: &[super::Position],
+    ) -> Vec<Result<Option<super::Refetched>, SourceError>> {
+        if at.is_empty() {
+            return Vec::new();
+        }
         let consumer = self.consumer.clone();
         let (message_id, business_id) = (self.message_id.clone(), self.business_id.clone());
-        let at = at.clone();
-        let side = self.side.clone();
-        let failed = move |reason: String| SourceError::Failed {
-            side: side.clone(),
-            reason,
-        };
-        let task_failed = failed.clone();
-        tokio::task::spawn_blocking(move || {
+        let positions = at.to_vec();
+        let read = tokio::task::spawn_blocking(move || {
             let consumer = consumer.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&at.topic, at.partition, Offset::Offset(at.offset))
-                .map_err(|e| failed(format!("refetch {}[{}]: {e}", at.topic, at.partition)))?;
-            consumer
-                .assign(&tpl)
-                .map_err(|e| failed(format!("refetch {}[{}]: {e}", at.topic, at.partition)))?;
-            let deadline = Instant::now() + REFETCH_TIMEOUT;
-            let found = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break Err(failed(format!(
-                        "refetch {}[{}]@{}: no answer within {REFETCH_TIMEOUT:?}",
-                        at.topic, at.partition, at.offset
-                    )));
-                }
-                match consumer.poll(left) {
-                    None => continue,
-                    Some(Ok(record)) if record.offset() == at.offset => {
-                        let (identity, payload) = identity_of(&record, &message_id, &business_id);
-                        break Ok(Some(super::Refetched {
-                            identity,
-                            payload,
-                            born_ms: record.timestamp().to_millis().unwrap_or(0),
-                        }));
-                    }
-                    // Past the offset: the record is gone (compacted away, or a transaction
-                    // marker's slot).
-                    Some(Ok(record)) if record.offset() > at.offset => break Ok(None),
-                    Some(Ok(_)) => continue,
-                    // The end of the log came before the offset: it was never written here.
-                    Some(Err(KafkaError::PartitionEOF(_))) => break Ok(None),
-                    Some(Err(KafkaError::MessageConsumption(
-                        rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange,
-                    ))) => break Ok(None),
-                    Some(Err(e)) => {
-                        break Err(failed(format!(
-                            "refetch {}[{}]@{}: {e}",
-                            at.topic, at.partition, at.offset
-                        )))
-                    }
-                }
-            };
-            let _ = consumer.unassign();
-            found
+            read_positions(&consumer, &positions, &message_id, &business_id)
         })
         .await
-        .map_err(|e| task_failed(format!("refetch task failed: {e}")))?
+        .unwrap_or_else(|e| vec![Err(format!("refetch task failed: {e}")); at.len()]);
+        read.into_iter()
+            .map(|r| {
+                r.map_err(|reason| SourceError::Failed {
+                    side: self.side.clone(),
+                    reason,
+                })
+            })
+            .collect()
     }
 }
 

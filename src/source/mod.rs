@@ -421,7 +421,7 @@ impl Position {
 }
 
 /// A copy read again from its broker: what the pipeline needs to deliver it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Refetched {
     /// The ids as read from the copy's headers / body (the caller checks the message id).
     pub identity: Result<crate::message::Identity, crate::message::BadInput>,
@@ -437,7 +437,15 @@ pub struct Refetched {
 pub trait Refetch: Send + Sync {
     /// The copy at `at`; `Ok(None)` when the broker no longer has it (retention, compaction).
     /// An unreachable broker is an error: the caller tries again later.
-    async fn refetch(&self, at: &Position) -> Result<Option<Refetched>, SourceError>;
+    async fn refetch(&self, at: &Position) -> Result<Option<Refetched>, SourceError> {
+        let mut one = self.refetch_many(std::slice::from_ref(at)).await;
+        one.pop().unwrap_or(Ok(None))
+    }
+
+    /// The copies at `at`, one answer per position in order, as [`Refetch::refetch`] answers:
+    /// a broker reads many positions of one partition (queue) faster together than one by one
+    /// (a broker outage on the owner's side makes for many adoptions at once).
+    async fn refetch_many(&self, at: &[Position]) -> Vec<Result<Option<Refetched>, SourceError>>;
 }
 
 /// Tracks, per topic-partition (queue), which delivered offsets are not finished yet, and so

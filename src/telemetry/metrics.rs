@@ -24,6 +24,9 @@ pub const IN_FLIGHT: &str = "mqc_in_flight";
 pub const CLAIMS_IN_FLIGHT: &str = "mqc_claims_in_flight";
 /// Copies parked in dead letters, by side.
 pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
+/// Dead letters the stream's cap (`dead_letters.max_len`) removed to make room for newer ones;
+/// their ids stay dead in the arbiter.
+pub const DEAD_LETTERS_TRIMMED_TOTAL: &str = "mqc_dead_letters_trimmed_total";
 /// Ambiguous outcomes (timeouts after sending, expired leases taken over), by side.
 pub const AMBIGUOUS_TOTAL: &str = "mqc_ambiguous_total";
 /// Successes recorded after their lease was lost, by side.
@@ -31,6 +34,19 @@ pub const OVERLAPS_TOTAL: &str = "mqc_overlaps_total";
 /// Calls not made because the lease lapsed while the copy waited and another worker held the id,
 /// by side.
 pub const LAPSED_TOTAL: &str = "mqc_lapsed_total";
+/// Ids adopted by a side because their routed owner never observed them, by side.
+pub const ADOPTED_TOTAL: &str = "mqc_adopted_total";
+/// Copies acknowledged with their position kept for adoption (the owner had not observed the id
+/// yet), by side.
+pub const ADOPTION_KEPT_TOTAL: &str = "mqc_adoption_kept_total";
+/// Gauge by side: copies in the adoption index, waiting for their owner's copy.
+pub const ADOPTION_WAITING: &str = "mqc_adoption_waiting";
+/// Copies an adopting side could not read again from its broker (gone, or the broker away), by
+/// side and reason (`gone`, `error`).
+pub const REFETCH_FAILURES_TOTAL: &str = "mqc_refetch_failures_total";
+/// Copies older than `arbiter.retention` by their broker timestamp, parked without a claim, by
+/// side.
+pub const TOO_OLD_TOTAL: &str = "mqc_too_old_total";
 /// The switches this instance follows.
 pub const SWITCH_CONSUME: &str = "mqc_switch_consume";
 /// The percentage routed to the new side.
@@ -71,9 +87,15 @@ pub const NAMES: &[&str] = &[
     IN_FLIGHT,
     CLAIMS_IN_FLIGHT,
     DEAD_LETTERS_TOTAL,
+    DEAD_LETTERS_TRIMMED_TOTAL,
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
     LAPSED_TOTAL,
+    ADOPTED_TOTAL,
+    ADOPTION_KEPT_TOTAL,
+    ADOPTION_WAITING,
+    REFETCH_FAILURES_TOTAL,
+    TOO_OLD_TOTAL,
     SWITCH_CONSUME,
     SWITCH_PERCENT,
     SWITCH_WHITELIST_SIZE,
@@ -151,6 +173,18 @@ pub struct SideMetrics {
     pub lapsed: IntCounter,
     /// Ids this side observed for the first time.
     pub parity_observed: IntCounter,
+    /// Ids this side adopted.
+    pub adopted: IntCounter,
+    /// Copies acknowledged with their position kept for adoption.
+    pub adoption_kept: IntCounter,
+    /// Copies in this side's adoption index.
+    pub adoption_waiting: IntGauge,
+    /// Adopted copies that were gone from the broker.
+    pub refetch_gone: IntCounter,
+    /// Adopted copies the broker could not hand over now (tried again later).
+    pub refetch_error: IntCounter,
+    /// Copies too old to arbitrate.
+    pub too_old: IntCounter,
     decision_seconds: Histogram,
 }
 
@@ -188,6 +222,11 @@ pub struct Metrics {
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
     lapsed: IntCounterVec,
+    adopted: IntCounterVec,
+    adoption_kept: IntCounterVec,
+    adoption_waiting: IntGaugeVec,
+    refetch_failures: IntCounterVec,
+    too_old: IntCounterVec,
     /// Sink call durations.
     pub sink_seconds: Histogram,
     /// Claim round trips.
@@ -207,6 +246,8 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// Pauses of the sources.
     pub pauses: IntCounter,
+    /// Dead letters removed by the stream's cap.
+    pub dead_trimmed: IntCounter,
     /// Lag by side and partition / queue.
     pub consumer_lag: IntGaugeVec,
     /// Assigned partitions / queues by side.
@@ -339,6 +380,61 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
+            adopted: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        ADOPTED_TOTAL,
+                        "Ids adopted by this side because their routed owner never observed them.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            adoption_kept: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        ADOPTION_KEPT_TOTAL,
+                        "Copies acknowledged with their position kept for adoption (owner unseen).",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            adoption_waiting: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        ADOPTION_WAITING,
+                        "Copies in the side's adoption index, waiting for their owner's copy.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            refetch_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        REFETCH_FAILURES_TOTAL,
+                        "Adopted copies not read again from the broker, by reason (gone, error).",
+                    ),
+                    &["side", "reason"],
+                )
+                .expect("valid"),
+            ),
+            too_old: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        TOO_OLD_TOTAL,
+                        "Copies older than arbiter.retention, parked without a claim.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
             sink_seconds: reg(
                 &r,
                 Histogram::with_opts(
@@ -382,6 +478,14 @@ impl Default for Metrics {
             pauses: reg(
                 &r,
                 IntCounter::new(PAUSES_TOTAL, "Times the sources were paused.").expect("valid"),
+            ),
+            dead_trimmed: reg(
+                &r,
+                IntCounter::new(
+                    DEAD_LETTERS_TRIMMED_TOTAL,
+                    "Dead letters the stream's cap removed (their ids stay dead).",
+                )
+                .expect("valid"),
             ),
             consumer_lag: reg(
                 &r,
@@ -489,6 +593,12 @@ impl Metrics {
             overlaps: self.overlaps.with_label_values(&[side]),
             lapsed: self.lapsed.with_label_values(&[side]),
             parity_observed: self.parity_observed.with_label_values(&[side]),
+            adopted: self.adopted.with_label_values(&[side]),
+            adoption_kept: self.adoption_kept.with_label_values(&[side]),
+            adoption_waiting: self.adoption_waiting.with_label_values(&[side]),
+            refetch_gone: self.refetch_failures.with_label_values(&[side, "gone"]),
+            refetch_error: self.refetch_failures.with_label_values(&[side, "error"]),
+            too_old: self.too_old.with_label_values(&[side]),
             decision_seconds: self.decision.with_label_values(&[side]),
         }
     }

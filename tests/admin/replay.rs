@@ -131,6 +131,7 @@ async fn park(a: &Api, id: Option<&str>, reason: &str) -> String {
         }])
         .await
         .unwrap()
+        .0
         .remove(0)
 }
 

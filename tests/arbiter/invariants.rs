@@ -376,7 +376,7 @@ async fn worker(
                     // The call is over before its outcome is recorded.
                     t.in_flight.store(false, Ordering::Release);
                 }
-                Claim::NotMine { owner } => {
+                Claim::NotMine { owner, .. } => {
                     t.owners
                         .fetch_or(side_bit(side_index(&owner)), Ordering::Relaxed);
                     acked += 1;

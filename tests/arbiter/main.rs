@@ -4,11 +4,13 @@
 mod common;
 mod instances;
 mod invariants;
+mod letters;
 mod memory;
 mod model;
 mod parity;
 mod pipelined;
 mod transitions;
+mod waits;
 
 use mq_cutover::config::{AmbiguousPolicy, RedisMode};
 

@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng};
 
 use mq_cutover::arbiter::model::{self, Params, Rec};
 use mq_cutover::arbiter::{
-    record_key, Arbiter, Claim, ClaimRequest, CompleteRequest, LeaseToken, LeaseTokens, Outcome,
-    State,
+    record_key, Adopt, AdoptRequest, Arbiter, Claim, ClaimRequest, CompleteRequest, LeaseToken,
+    LeaseTokens, Outcome, State,
 };
 use mq_cutover::config::{AmbiguousPolicy, RecordLayout, RedisMode};
 use mq_cutover::store::Store;
@@ -37,6 +37,28 @@ fn normalise(c: Claim) -> Claim {
     }
 }
 
+/// The same for adoption's waits.
+fn normalise_adopt(a: Adopt) -> Adopt {
+    match a {
+        Adopt::Busy { .. } => Adopt::Busy {
+            retry_in: Duration::ZERO,
+        },
+        Adopt::NotYet { .. } => Adopt::NotYet {
+            wait: Duration::ZERO,
+        },
+        other => other,
+    }
+}
+
+/// The record's first sighting (`f`, ms by Redis's clock), if it has a record.
+async fn first_seen(store: &Store, prefix: &str, id: &str) -> Option<u64> {
+    let (_, fields) = common::raw_record(store, &record_key(prefix, id)).await?;
+    fields
+        .into_iter()
+        .find(|(k, _)| k == "f")
+        .map(|(_, v)| v.parse().unwrap())
+}
+
 /// The record as Redis holds it (either layout, read with plain commands), in the model's shape.
 async fn stored(store: &Store, prefix: &str, id: &str) -> Option<Rec> {
     let (_, fields) = common::raw_record(store, &record_key(prefix, id)).await?;
@@ -60,6 +82,8 @@ async fn stored(store: &Store, prefix: &str, id: &str) -> Option<Rec> {
             "v" => r.overlaps = v.parse().unwrap(),
             "r" => r.reason = Some(v),
             "f" => {}
+            "@^a" => r.adopted = true,
+            "@^l" => r.letter = true,
             s if s.starts_with('@') => {
                 r.seen.insert(s[1..].to_owned());
             }
@@ -124,7 +148,7 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
             let context = format!(
                 "seed {seed} history {h} step {step} ({policy:?}, max {max_attempts}, {layout:?})"
             );
-            if what < 40 {
+            if what < 36 {
                 let w = rng.random_range(0..3);
                 let side = SIDES[rng.random_range(0..2)];
                 let routed = SIDES[rng.random_range(0..2)];
@@ -151,7 +175,7 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                 if matches!(got, Claim::Proceed { .. }) {
                     held[w] = Some((token, side));
                 }
-            } else if what < 75 {
+            } else if what < 64 {
                 let w = rng.random_range(0..3);
                 let Some((token, side)) = held[w].clone() else {
                     continue;
@@ -177,7 +201,7 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                 if rng.random_bool(0.7) {
                     held[w] = None; // most workers move on; some complete twice
                 }
-            } else if what < 85 {
+            } else if what < 72 {
                 let w = rng.random_range(0..3);
                 let Some((token, _)) = held[w].clone() else {
                     continue;
@@ -185,16 +209,51 @@ async fn replay(mode: RedisMode, seed: u64, histories: usize) {
                 let got = arbiter.renew(&id, &token).await.unwrap();
                 let want = model::renew(&mut rec, token.as_str(), now_ms(), p);
                 assert_eq!(got, want, "renew: {context}");
-            } else if what < 92 {
+            } else if what < 78 {
                 // The lease runs out: move the expiry into the past on both.
                 if let Some(r) = rec.as_mut().filter(|r| r.state == State::InFlight) {
                     r.expiry = Some(0);
                     expire_lease(&store, &prefix, &id).await;
                 }
-            } else {
+            } else if what < 82 {
                 let got = arbiter.release(&id).await.unwrap();
                 let want = model::release(&mut rec);
                 assert_eq!(got, want, "release: {context}");
+            } else if what < 86 {
+                let got = arbiter.letter_written(&id).await.unwrap();
+                let want = model::letter_written(&mut rec);
+                assert_eq!(got, want, "letter: {context}");
+            } else if what < 90 {
+                // Time passes beyond `adopt_after` (60 s) since the first sighting.
+                if let Some(f) = first_seen(&store, &prefix, &id).await {
+                    let aged = f.saturating_sub(61_000).to_string();
+                    common::set_record_field(&store, &record_key(&prefix, &id), "f", &aged).await;
+                }
+            } else {
+                let w = rng.random_range(0..3);
+                let side = SIDES[rng.random_range(0..2)];
+                let token = tokens.next();
+                let first = first_seen(&store, &prefix, &id).await.unwrap_or(0);
+                let got = arbiter
+                    .adopt_batch(&[AdoptRequest {
+                        id: &id,
+                        side,
+                        token: &token,
+                    }])
+                    .await
+                    .unwrap()
+                    .pop()
+                    .unwrap()
+                    .unwrap();
+                let want = model::adopt(&mut rec, side, token.as_str(), now_ms(), first, 60_000, p);
+                assert_eq!(
+                    normalise_adopt(got.clone()),
+                    normalise_adopt(want),
+                    "adopt: {context}"
+                );
+                if matches!(got, Adopt::Proceed { .. }) {
+                    held[w] = Some((token, side));
+                }
             }
             assert_eq!(
                 comparable(stored(&store, &prefix, &id).await),

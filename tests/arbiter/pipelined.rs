@@ -321,13 +321,13 @@ impl Sink for GateSink {
 }
 
 /// A copy claimed in the same batch as another but kept from its call (one call slot, held by the
-/// other copy's long call) outlives its lease; meanwhile another worker takes the id over. When
-/// the slot frees, the copy must not call on the lapsed lease: it renews first, finds the id
-/// another's, and goes back through the pipeline, where it is acknowledged once that worker has
-/// recorded the id done. Without the renewal before the call, the id would be granted twice.
+/// other copy's long call) loses its lease anyway (its renewals failed; here the lease is made to
+/// run out in Redis) and another worker takes the id over. When the slot frees, the copy must not
+/// call on the lapsed lease: it renews first, finds the id another's, and goes back through the
+/// pipeline, where it is acknowledged once that worker has recorded the id done. Without the
+/// renewal before the call, the id would be granted twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
-    const LEASE: Duration = Duration::from_millis(1500);
     let prefix = common::unique_prefix("lapsed");
     let cfg = common::offline_config(
         &common::redis_url(),
@@ -376,8 +376,14 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
         "pl-1 is claimed while it waits"
     );
 
-    // pl-1's lease lapses (nothing renews a lease before its call); another worker takes it over.
-    tokio::time::sleep(LEASE + Duration::from_millis(300)).await;
+    // pl-1's lease runs out (as if its renewals had failed); another worker takes it over.
+    common::set_record_field(
+        &store,
+        &mq_cutover::arbiter::record_key(&prefix, "pl-1"),
+        "e",
+        "0",
+    )
+    .await;
     let other = LeaseTokens::default().next();
     let taken = shared
         .arbiter

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mq_cutover::arbiter::{
-    record_key, Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens,
-    Outcome, State,
+    record_key, Adopt, AdoptRequest, Arbiter, Claim, ClaimRequest, CompleteRequest, Completion,
+    LeaseToken, LeaseTokens, Outcome, State,
 };
 use mq_cutover::config::{AmbiguousPolicy, RecordLayout, RedisMode};
 use mq_cutover::store::StoreError;
@@ -132,7 +132,13 @@ async fn first_observer_decides_the_owner_for_both_sides(mode: Topo) {
     // The old side's switches say "old" (e.g. the percentage moved meanwhile): the stored
     // decision wins, the old copy is not processed.
     let (c, _) = b.claim("m1", OLD, OLD).await;
-    assert_eq!(c, Claim::NotMine { owner: NEW.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: true
+        }
+    );
     let r = b.state("m1").await;
     assert_eq!(r.owner, NEW);
     assert_eq!(r.seen, vec![OLD, NEW]);
@@ -141,7 +147,13 @@ async fn first_observer_decides_the_owner_for_both_sides(mode: Topo) {
 async fn non_owner_first_observer_still_records_the_routed_owner(mode: Topo) {
     let b = Bed::standard(mode, "non-owner-first").await;
     let (c, _) = b.claim("m1", OLD, NEW).await;
-    assert_eq!(c, Claim::NotMine { owner: NEW.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: false
+        }
+    );
     let (c, _) = b.claim("m1", NEW, OLD).await;
     assert!(proceeds(&c), "{c:?}");
 }
@@ -154,14 +166,23 @@ async fn other_side_never_proceeds_once_owner_decided(mode: Topo) {
         let (c, _) = b.claim("m1", NEW, NEW).await;
         assert_eq!(
             c,
-            Claim::NotMine { owner: OLD.into() },
+            Claim::NotMine {
+                owner: OLD.into(),
+                owner_seen: true
+            },
             "round {state_maker}"
         );
     }
     b.complete("m1", OLD, &t, Outcome::Retryable("503".into()))
         .await;
     let (c, _) = b.claim("m1", NEW, NEW).await;
-    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
+    );
 }
 
 async fn success_marks_done_and_duplicates_are_acknowledged(mode: Topo) {
@@ -214,7 +235,7 @@ async fn exhausted_retries_park_the_id_as_dead(mode: Topo) {
             .await;
     }
     match b.claim("m1", OLD, OLD).await.0 {
-        Claim::Dead { reason } => {
+        Claim::Dead { reason, .. } => {
             assert!(
                 reason.contains("retries exhausted after 3 attempts: HTTP 500"),
                 "{reason}"
@@ -312,7 +333,7 @@ async fn expired_lease_parks_the_id_in_doubt_under_at_most_once(mode: Topo) {
     let _ = b.claim("m1", OLD, OLD).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     match b.claim("m1", OLD, OLD).await.0 {
-        Claim::Dead { reason } => assert!(reason.starts_with("in doubt"), "{reason}"),
+        Claim::Dead { reason, .. } => assert!(reason.starts_with("in doubt"), "{reason}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(b.state("m1").await.ambiguous, 1);
@@ -445,7 +466,10 @@ async fn release_hands_a_dead_id_back_to_pending_with_its_owner(mode: Topo) {
     assert!(ttl > Duration::from_secs(650), "{ttl:?}");
     assert_eq!(
         b.claim("m1", OLD, OLD).await.0,
-        Claim::NotMine { owner: NEW.into() }
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: true
+        }
     );
     assert!(proceeds(&b.claim("m1", NEW, OLD).await.0));
     // Only dead ids can be released.
@@ -472,7 +496,13 @@ async fn records_outlive_their_last_claim_by_the_retention(mode: Topo) {
         .await
         .unwrap();
     let (c, _) = b.claim("m1", NEW, NEW).await;
-    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
+    );
     let kept = ttl(b.state("m1").await);
     assert!(
         kept <= Duration::from_secs(100),
@@ -490,7 +520,13 @@ async fn records_outlive_their_last_claim_by_the_retention(mode: Topo) {
         .unwrap();
     common::set_record_field(&b.store, &key, "f", &(at - 61_000).to_string()).await;
     let (c, _) = b.claim("m1", NEW, NEW).await;
-    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
+    );
     let again = ttl(b.state("m1").await);
     assert!(full(again), "after the slack: {again:?}");
 }
@@ -537,7 +573,10 @@ async fn batch_claims_answer_each_id_in_order(mode: Topo) {
                 takeover: false
             },
             Claim::Done,
-            Claim::NotMine { owner: NEW.into() },
+            Claim::NotMine {
+                owner: NEW.into(),
+                owner_seen: true
+            },
         ]
     );
 }
@@ -616,7 +655,13 @@ async fn a_new_record_takes_the_configured_layout_and_keeps_it(mode: Topo) {
     assert_eq!(field(&fields, &format!("@{NEW}")), None);
 
     let (c, _) = b.claim("m1", NEW, NEW).await;
-    assert_eq!(c, Claim::NotMine { owner: OLD.into() });
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
+    );
     b.complete("m1", OLD, &token, Outcome::Success).await;
     let (is_packed, fields) = common::raw_record(&b.store, &key).await.unwrap();
     assert_eq!(is_packed, packed, "{fields:?}");
@@ -686,7 +731,10 @@ async fn a_record_in_the_other_layout_is_honoured_in_place(mode: Topo) {
     // The other side's copy: not its id; a second worker of the owner: busy.
     assert_eq!(
         b.claim("m1", NEW, NEW).await.0,
-        Claim::NotMine { owner: OLD.into() }
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
     );
     assert!(matches!(
         b.claim("m1", OLD, OLD).await.0,
@@ -759,6 +807,232 @@ async fn a_foreign_string_is_refused_and_left_alone(mode: Topo) {
     assert_eq!(kept, "not a record");
 }
 
+/// Under at most once, a lease that ran out parks the id in doubt and forgets the stale worker's
+/// token: should that worker's call have succeeded after all, its completion is recorded (LATE,
+/// counted as an overlap), never answered REPEATED and lost (a later replay would grant twice).
+async fn in_doubt_forgets_the_stale_token_so_its_late_success_is_recorded(mode: Topo) {
+    let b = Bed::new(
+        mode,
+        "in-doubt-late",
+        Duration::from_millis(200),
+        AmbiguousPolicy::AtMostOnce,
+        5,
+    )
+    .await;
+    let (_, stale) = b.claim("m1", OLD, OLD).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::Dead { letter: false, .. }
+    ));
+    assert_eq!(
+        b.complete("m1", OLD, &stale, Outcome::Success).await,
+        Completion::Late
+    );
+    let r = b.state("m1").await;
+    assert_eq!((r.state, r.overlaps, r.ambiguous), (State::Done, 1, 1));
+    // Replaying it now finds it delivered.
+    assert_eq!(b.arbiter.release("m1").await.unwrap(), None);
+}
+
+/// A dead id asks every copy for its letter (DEAD, letter not written) until one is noted; a new
+/// dead state (after a release) asks again.
+async fn a_dead_id_asks_for_its_letter_until_it_is_written(mode: Topo) {
+    let b = Bed::standard(mode, "letter").await;
+    assert!(!b.arbiter.letter_written("m1").await.unwrap(), "no record");
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    assert!(!b.arbiter.letter_written("m1").await.unwrap(), "not dead");
+    b.complete("m1", OLD, &t, Outcome::Fatal("HTTP 400".into()))
+        .await;
+    for side in [OLD, NEW] {
+        assert_eq!(
+            b.claim("m1", side, side).await.0,
+            Claim::Dead {
+                reason: "HTTP 400".into(),
+                letter: false
+            }
+        );
+    }
+    assert!(!b.state("m1").await.letter);
+    assert!(b.arbiter.letter_written("m1").await.unwrap());
+    assert!(b.arbiter.letter_written("m1").await.unwrap(), "idempotent");
+    assert!(b.state("m1").await.letter);
+    assert_eq!(
+        b.claim("m1", NEW, NEW).await.0,
+        Claim::Dead {
+            reason: "HTTP 400".into(),
+            letter: true
+        }
+    );
+    // Released and dead again: a new letter is due.
+    b.arbiter.release("m1").await.unwrap();
+    assert!(!b.state("m1").await.letter);
+    let (_, t) = b.claim("m1", OLD, OLD).await;
+    b.complete("m1", OLD, &t, Outcome::Fatal("HTTP 410".into()))
+        .await;
+    assert!(matches!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::Dead { letter: false, .. }
+    ));
+}
+
+/// NOT_MINE says whether the owner has observed the id: only a copy whose owner has not keeps
+/// its position for adoption.
+async fn not_mine_says_whether_the_owner_has_observed_the_id(mode: Topo) {
+    let b = Bed::standard(mode, "owner-seen").await;
+    let (c, _) = b.claim("m1", OLD, NEW).await;
+    assert_eq!(
+        c,
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: false
+        }
+    );
+    // Again (a redelivery): still unseen.
+    assert_eq!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: false
+        }
+    );
+    assert!(proceeds(&b.claim("m1", NEW, OLD).await.0));
+    assert_eq!(
+        b.claim("m1", OLD, OLD).await.0,
+        Claim::NotMine {
+            owner: NEW.into(),
+            owner_seen: true
+        }
+    );
+}
+
+/// Moves an id's first sighting `ms` into the past.
+async fn age(b: &Bed, id: &str, ms: u64) {
+    let key = record_key(&b.prefix, id);
+    let (_, fields) = common::raw_record(&b.store, &key).await.unwrap();
+    let f: u64 = field(&fields, "f").unwrap().parse().unwrap();
+    common::set_record_field(&b.store, &key, "f", &(f - ms).to_string()).await;
+}
+
+async fn adopt(b: &Bed, id: &str, side: &str) -> (Adopt, LeaseToken) {
+    let token = b.tokens.next();
+    let a = b
+        .arbiter
+        .adopt_batch(&[AdoptRequest {
+            id,
+            side,
+            token: &token,
+        }])
+        .await
+        .expect("adopt")
+        .pop()
+        .unwrap()
+        .expect("adopt answer");
+    (a, token)
+}
+
+/// The owner's copy never comes: once `adopt_after` (60 s in these tests) has passed since the
+/// first sighting, the side that observed the id takes it over, atomically; the record says so,
+/// and the owner's late copy is then NOT_MINE (while the adopter works) or DONE — never a second
+/// grant.
+async fn an_observer_adopts_an_id_whose_owner_never_observed_it(mode: Topo) {
+    let b = Bed::standard(mode, "adopt").await;
+    let _ = b.claim("m1", OLD, NEW).await;
+    match adopt(&b, "m1", OLD).await.0 {
+        Adopt::NotYet { wait } => assert!(wait > Duration::from_secs(55), "{wait:?}"),
+        other => panic!("adopted too early: {other:?}"),
+    }
+    age(&b, "m1", 61_000).await;
+    // The routed owner cannot adopt what it never observed; the observer can.
+    assert_eq!(adopt(&b, "m1", NEW).await.0, Adopt::OwnerSeen);
+    let (a, token) = adopt(&b, "m1", OLD).await;
+    assert_eq!(
+        a,
+        Adopt::Proceed {
+            attempt: 1,
+            takeover: false,
+            adopted: true
+        }
+    );
+    let r = b.state("m1").await;
+    assert_eq!(
+        (r.owner.as_str(), r.state, r.adopted),
+        (OLD, State::InFlight, true)
+    );
+    assert!(b
+        .state("m1")
+        .await
+        .to_string()
+        .contains("adopted:   by kafka"));
+    // A second sweep meanwhile: the lease is live.
+    assert!(matches!(adopt(&b, "m1", OLD).await.0, Adopt::Busy { .. }));
+    // The owner's copy comes late, while the adopter calls: not its id any more.
+    assert_eq!(
+        b.claim("m1", NEW, NEW).await.0,
+        Claim::NotMine {
+            owner: OLD.into(),
+            owner_seen: true
+        }
+    );
+    assert_eq!(
+        b.complete("m1", OLD, &token, Outcome::Success).await,
+        Completion::Recorded(State::Done)
+    );
+    assert_eq!(b.claim("m1", NEW, NEW).await.0, Claim::Done);
+    assert_eq!(adopt(&b, "m1", OLD).await.0, Adopt::Done);
+}
+
+/// Once the owner has observed the id, nobody adopts it, however long it takes.
+async fn an_id_whose_owner_observed_it_is_never_adopted(mode: Topo) {
+    let b = Bed::standard(mode, "no-adopt").await;
+    let _ = b.claim("m1", OLD, NEW).await;
+    let (_, t) = b.claim("m1", NEW, NEW).await;
+    b.complete("m1", NEW, &t, Outcome::Retryable("503".into()))
+        .await;
+    age(&b, "m1", 3_600_000).await;
+    assert_eq!(adopt(&b, "m1", OLD).await.0, Adopt::OwnerSeen);
+    let r = b.state("m1").await;
+    assert_eq!((r.owner.as_str(), r.adopted), (NEW, false));
+    // An expired record: nothing to adopt.
+    assert_eq!(adopt(&b, "gone", OLD).await.0, Adopt::Gone);
+}
+
+/// An adopter whose call failed retries as the owner (the adoption stands); one that crashed
+/// mid-call is taken over like any owner's lease.
+async fn an_adopted_id_is_retried_by_its_adopter(mode: Topo) {
+    let b = Bed::new(
+        mode,
+        "adopt-retry",
+        Duration::from_millis(300),
+        AmbiguousPolicy::AtLeastOnce,
+        5,
+    )
+    .await;
+    let _ = b.claim("m1", NEW, OLD).await;
+    age(&b, "m1", 61_000).await;
+    let (_, t) = adopt(&b, "m1", NEW).await;
+    b.complete("m1", NEW, &t, Outcome::Retryable("503".into()))
+        .await;
+    assert_eq!(
+        adopt(&b, "m1", NEW).await.0,
+        Adopt::Proceed {
+            attempt: 2,
+            takeover: false,
+            adopted: false
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        adopt(&b, "m1", NEW).await.0,
+        Adopt::Proceed {
+            attempt: 3,
+            takeover: true,
+            adopted: false
+        }
+    );
+    assert_eq!(b.state("m1").await.ambiguous, 1);
+}
+
 /// Runs each named scenario as its own test: on the standalone server and on the Cluster with
 /// packed records (the default), and on the standalone server with hash records.
 macro_rules! on_both_topologies {
@@ -820,6 +1094,12 @@ on_both_topologies!(
     a_new_record_takes_the_configured_layout_and_keeps_it,
     a_record_in_the_other_layout_is_honoured_in_place,
     a_foreign_string_is_refused_and_left_alone,
+    in_doubt_forgets_the_stale_token_so_its_late_success_is_recorded,
+    a_dead_id_asks_for_its_letter_until_it_is_written,
+    not_mine_says_whether_the_owner_has_observed_the_id,
+    an_observer_adopts_an_id_whose_owner_never_observed_it,
+    an_id_whose_owner_observed_it_is_never_adopted,
+    an_adopted_id_is_retried_by_its_adopter,
 );
 
 /// One claim per id by the old side, which the switches route every id to.

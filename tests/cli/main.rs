@@ -317,6 +317,7 @@ async fn dead_letters_and_inspect_print_hostile_ids_and_reasons_escaped() {
         }])
         .await
         .unwrap()
+        .0
         .remove(0);
     let arbiter = Arbiter::new(
         &store,

@@ -120,6 +120,7 @@ pub fn arbiter_config(
         ambiguous: policy,
         max_attempts: max_attempts.try_into().expect("max_attempts > 0"),
         record_layout: RecordLayout::default(),
+        adopt_after: Duration::from_secs(60),
     }
 }
 

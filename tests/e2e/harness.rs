@@ -35,6 +35,9 @@ pub struct Setup {
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
     pub circuit_open_for: &'static str,
+    /// `arbiter.adopt_after`: long by default, so that a side that is merely slow (a rebalance
+    /// on a busy machine) keeps its ids; the adoption tests make it short.
+    pub adopt_after: &'static str,
     /// `pipeline.channel`: copies buffered between a source and its pipeline.
     pub channel: usize,
     /// `pipeline.stall_after`.
@@ -55,6 +58,7 @@ impl Default for Setup {
             drain_timeout: "5s",
             circuit_threshold: 100_000,
             circuit_open_for: "10s",
+            adopt_after: "2m",
             channel: 16_384,
             stall_after: "60s",
             kafka_session_timeout_ms: 6000,
@@ -145,6 +149,7 @@ lease = "{lease}"
 retention = "30m"
 ambiguous = "{policy}"
 max_attempts = 30
+adopt_after = "{adopt_after}"
 
 [switches]
 refresh_interval = "200ms"
@@ -213,6 +218,7 @@ level = "info"
             drain = setup.drain_timeout,
             threshold = setup.circuit_threshold,
             open_for = setup.circuit_open_for,
+            adopt_after = setup.adopt_after,
             session_timeout = setup.kafka_session_timeout_ms,
             channel = setup.channel,
             stall_after = setup.stall_after,

@@ -4,8 +4,10 @@
 //!
 //! Every test owns its topics, consumer groups, key prefix and reward service.
 
+mod adopt;
 #[path = "../common/mod.rs"]
 mod common;
+mod fates;
 mod harness;
 mod page;
 mod parity;

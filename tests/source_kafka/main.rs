@@ -1035,6 +1035,115 @@ async fn a_rebalance_moves_the_lag_series_with_the_partitions_and_a_member_witho
     }
 }
 
+/// Adoption reads a copy again by its position: the record at that offset, with its identity,
+/// whatever the consumer group did with it; `None` for an offset the log never had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_read_again_by_its_position_and_a_missing_one_is_none() {
+    let (topic, group, _cleanup) = topic("kafka-refetch", 2).await;
+    let producer = Producer::new();
+    let mut at = Vec::new();
+    for i in 0..5 {
+        at.push(producer.good(&topic, 1, &format!("r-{i}")).await);
+    }
+    let source = kafka::build(&side(&topic, &group)).expect("build");
+    let refetch = source
+        .refetcher()
+        .expect("a Kafka source reads by position");
+    let position = |offset| mq_cutover::source::Position {
+        topic: topic.as_str().into(),
+        partition: 1,
+        offset,
+        broker: None,
+    };
+    // Out of order, the same one twice: each read stands alone.
+    for i in [3usize, 0, 3, 4] {
+        let copy = refetch
+            .refetch(&position(at[i]))
+            .await
+            .expect("broker answers")
+            .expect("the record is there");
+        let ident = copy.identity.expect("identity");
+        assert_eq!(ident.id, format!("r-{i}"));
+        assert_eq!(ident.business_id, format!("u-r-{i}"));
+        assert_eq!(
+            copy.payload,
+            format!(r#"{{"user_id":"u-r-{i}"}}"#).into_bytes()
+        );
+        assert!(copy.born_ms > 0);
+    }
+    // Past the end of the log: never written.
+    let past = refetch
+        .refetch(&position(at[4] + 10))
+        .await
+        .expect("answers");
+    assert!(past.is_none(), "{past:?}");
+    // Reading again commits nothing for the group.
+    assert_eq!(committed(&topic, &group, 2).await, vec![-1, -1]);
+}
+
+/// Many positions at once (what a broker outage on the owner's side brings): two partitions,
+/// out of order, repeats, gaps long enough to seek over, and offsets never written; one answer
+/// per position, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_records_are_read_again_in_one_batch_across_partitions_and_gaps() {
+    let (topic, group, _cleanup) = topic("kafka-refetch-many", 2).await;
+    let producer = Producer::new();
+    let mut at = [Vec::new(), Vec::new()];
+    for i in 0..1200 {
+        let p = i % 2;
+        at[p as usize].push(producer.good(&topic, p, &format!("m-{i}")).await);
+    }
+    let source = kafka::build(&side(&topic, &group)).expect("build");
+    let refetch = source
+        .refetcher()
+        .expect("a Kafka source reads by position");
+    // Partition p's record k holds id m-{2k+p}.
+    let wanted: Vec<(i32, usize)> = vec![
+        (1, 599),
+        (0, 3),
+        (1, 0),
+        (0, 3),
+        (0, 1),
+        (1, 2),
+        (0, 580),
+        (1, 598),
+        (0, 2),
+    ];
+    let mut positions: Vec<mq_cutover::source::Position> = wanted
+        .iter()
+        .map(|(p, k)| mq_cutover::source::Position {
+            topic: topic.as_str().into(),
+            partition: *p,
+            offset: at[*p as usize][*k],
+            broker: None,
+        })
+        .collect();
+    // Never written: past the end of partition 0.
+    let mut past = positions[1].clone();
+    past.offset = at[0][599] + 5;
+    positions.push(past);
+    let start = Instant::now();
+    let got = refetch.refetch_many(&positions).await;
+    let took = start.elapsed();
+    assert_eq!(got.len(), positions.len());
+    for ((p, k), copy) in wanted.iter().zip(&got) {
+        let copy = copy
+            .as_ref()
+            .expect("broker answers")
+            .as_ref()
+            .unwrap_or_else(|| panic!("partition {p} record {k} is there"));
+        assert_eq!(
+            copy.identity.as_ref().expect("identity").id,
+            format!("m-{}", 2 * k + *p as usize)
+        );
+    }
+    assert!(
+        got.last().unwrap().as_ref().expect("answers").is_none(),
+        "never written"
+    );
+    eprintln!("{} positions read again in {took:?}", positions.len());
+}
+
 /// What holds the source's fetching while the group rebalances.
 #[derive(Clone, Copy, Debug)]
 enum Hold {

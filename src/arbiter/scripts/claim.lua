@@ -9,10 +9,15 @@
 -- ARGV[6 + 3(i-1) ..]  for id i: the side making the claim, the owner that side's switches route
 --          the id to, and the lease token of this attempt
 -- Returns one answer per id, in order (batch.lua): code, flag = sighting, attempts, extra.
---   1 PROCEED  extra 1 when an expired lease was taken over (the earlier call's fate is unknown),
---              else 0
---   2 NOT_MINE extra = owner     3 DONE     4 BUSY extra = ms until the live lease runs out
---   5 DEAD     extra = reason    0 this id's own error, extra = the message
+--   1 PROCEED  extra 1 when an expired lease was taken over (the earlier call's outcome is
+--              unknown), else 0
+--   2 NOT_MINE extra = owner, who has observed the id (its copy does the work)
+--   6 NOT_MINE extra = owner, who has not observed the id yet: this side keeps its copy's
+--              position so that it can adopt the id if the owner's copy never comes (adopt.lua)
+--   3 DONE     4 BUSY extra = ms until the live lease runs out
+--   5 DEAD     extra = reason; its dead letter is written
+--   7 DEAD     extra = reason; its dead letter is not written yet: the caller writes it
+--   0 this id's own error, extra = the message
 -- sighting (for parity): 0 this side had observed the id before, 1 this side is the first to
 --   observe it, 2 this side is new to it and another side had observed it already.
 -- Every record has its owner (no script writes a record without it, none deletes it), so a
@@ -46,7 +51,7 @@ local function claim(key, side, routed, token)
     sighting, first, dirty = '1', nil, true
   elseif not string.find(marks, needle, 1, true) then
     -- This side's first sight of a known id: had another side seen it?
-    sighting = marks == '' and '1' or '2'
+    sighting = any_side(marks) and '2' or '1'
     marks = marks == '' and needle or marks .. side .. ','
     dirty = true
   end
@@ -56,34 +61,15 @@ local function claim(key, side, routed, token)
   if s == 'd' then
     answer = entry('3', sighting, a or '0', '')
   elseif s == 'x' then
-    answer = entry('5', sighting, a or '0', r or '')
+    answer = entry(has_mark(marks, '^l') and '5' or '7', sighting, a or '0', r or '')
   elseif o ~= side then
-    answer = entry('2', sighting, a or '0', o)
+    answer = entry(has_mark(marks, o) and '2' or '6', sighting, a or '0', o)
   else
-    local takeover, proceed = '0', true
-    if s == 'i' then
-      local expiry = tonumber(e)
-      if held == token then
-        -- The same token asking again (a resent batch) gets the same answer.
-        answer, proceed = entry('1', sighting, a or '0', '0'), false
-      elseif expiry and expiry > now then
-        answer, proceed = entry('4', sighting, a or '0', tostring(expiry - now)), false
-      else
-        -- The lease ran out with the call's outcome unknown: the worker crashed or stalled.
-        m, dirty = tostring((tonumber(m) or 0) + 1), true
-        if policy == 'm' then
-          r = 'in doubt: lease of attempt ' .. (a or '0') .. ' expired before its outcome was recorded'
-          s, e = 'x', nil
-          answer, proceed = entry('5', sighting, a or '0', r), false
-        else
-          takeover = '1'
-        end
-      end
-    end
-    if proceed then
-      s, held, e, a, dirty = 'i', token, lease_end_s, tostring((tonumber(a) or 0) + 1), true
-      answer = entry('1', sighting, a, takeover)
-    end
+    local code, extra, changed
+    code, extra, s, held, e, a, m, marks, r, changed =
+      owner_step(s, held, e, a, m, marks, r, token, now, lease_end_s, policy)
+    dirty = dirty or changed
+    answer = entry(code, sighting, a or '0', extra)
   end
   local expire = not first or now - first >= slack_ms
   if dirty then

@@ -57,7 +57,8 @@ local function complete(key, token, outcome, side, why)
       park = 'retries exhausted after ' .. attempts .. ' attempts: ' .. retry
     end
     if park then
-      s, r, e = 'x', park, nil
+      -- A new dead state: its letter is still to be written (the caller writes it).
+      s, r, e, marks = 'x', park, nil, drop_mark(marks, '^l')
     else
       s, e = 'p', nil
     end

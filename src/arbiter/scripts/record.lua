@@ -10,6 +10,11 @@
 --           of versions before the packed one, still written when `arbiter.record_layout` says
 --           so (while instances that only read hashes are still running).
 -- A record keeps the layout it was created in; a new record gets the configured one.
+--
+-- The marks also carry flags, which start with '^' (a side name never does): '^a' the id was
+-- adopted (its owner changed because the routed owner never observed it), '^l' the dead letter
+-- of the id's current dead state is written. Versions that know no flags read them as sides that
+-- never claim, and keep them as they are.
 
 local PACKED = '^1|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$'
 
@@ -41,6 +46,30 @@ local function load(key)
   return false, rec.o, rec.s, rec.t, rec.e, rec.a, rec.f, rec.m, rec.v, marks, rec.r
 end
 
+-- Whether `marks` holds `mark` (a side or a flag).
+local function has_mark(marks, mark)
+  return string.find(marks, ',' .. mark .. ',', 1, true) ~= nil
+end
+
+-- `marks` with `mark` added (once).
+local function add_mark(marks, mark)
+  if has_mark(marks, mark) then return marks end
+  return (marks == '' and ',' or marks) .. mark .. ','
+end
+
+-- `marks` without `mark`.
+local function drop_mark(marks, mark)
+  local from, to = string.find(marks, ',' .. mark .. ',', 1, true)
+  if not from then return marks end
+  local out = string.sub(marks, 1, from) .. string.sub(marks, to + 1)
+  return out == ',' and '' or out
+end
+
+-- Whether any side (not only flags) has observed the id.
+local function any_side(marks)
+  return string.find(marks, ',[^^,]') ~= nil
+end
+
 -- Redis's own clock, ms since the epoch (lease ends are compared with it, never a daemon's).
 local function redis_now_ms()
   local t = redis.call('TIME')
@@ -61,6 +90,10 @@ local function hash_fields(o, s, t, e, a, f, m, v, marks, r)
   put('s', s) put('t', t) put('e', e) put('a', a) put('f', f) put('m', m) put('v', v) put('r', r)
   for side in string.gmatch(marks, '[^,]+') do
     set[#set + 1], set[#set + 2] = '@' .. side, '1'
+  end
+  -- Sides never leave the marks, flags do.
+  for _, flag in ipairs({'^a', '^l'}) do
+    if not has_mark(marks, flag) then del[#del + 1] = '@' .. flag end
   end
   return set, del
 end

@@ -3,5 +3,5 @@
 -- Returns {1, previous reason} when released, {0, state} when the id is not dead.
 local layout, o, s, t, e, a, f, m, v, marks, r = load(KEYS[1])
 if s ~= 'x' then return {0, s or ''} end
-save(KEYS[1], layout, nil, ARGV[1], true, o, 'p', t, nil, '0', f, m, v, marks, nil)
+save(KEYS[1], layout, nil, ARGV[1], true, o, 'p', t, nil, '0', f, m, v, drop_mark(marks, '^l'), nil)
 return {1, r or ''}

@@ -1,0 +1,208 @@
+//! Copies that wait inside the pipeline, on real Redis: a claimed copy waiting for a call slot
+//! keeps its lease, so a second copy of its id (a producer's duplicate) never takes it over
+//! uncalled — under `at_most_once` that would park the id "in doubt" although no call was made;
+//! and a completion Redis refuses for one id (its key overwritten) parks that copy while the
+//! rest of the batch is recorded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mq_cutover::arbiter::{record_key, Claim, ClaimRequest, LeaseTokens, State};
+use mq_cutover::message::Side;
+use mq_cutover::sink::{CallResult, Sink, SinkRequest, Turn};
+use mq_cutover::store::Store;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::common;
+use super::pipelined::{copy, instance, start_side, Instance};
+
+/// Every call waits for a permit of `gate` (none at first); counts calls per id.
+struct HeldSink {
+    gate: Semaphore,
+    calls: Mutex<HashMap<String, u32>>,
+}
+
+impl HeldSink {
+    fn new() -> Arc<HeldSink> {
+        Arc::new(HeldSink {
+            gate: Semaphore::new(0),
+            calls: Mutex::default(),
+        })
+    }
+
+    fn calls(&self, id: &str) -> u32 {
+        self.calls.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for HeldSink {
+    async fn call_in(&self, _turn: Turn<'_>, req: &SinkRequest<'_>) -> CallResult {
+        *self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(req.message_id.to_owned())
+            .or_default() += 1;
+        self.gate.acquire().await.unwrap().forget();
+        CallResult::Success
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_waiting_for_a_call_slot_keeps_its_lease_and_is_never_parked_in_doubt() {
+    let prefix = common::unique_prefix("slot-wait");
+    let cfg = common::offline_config(
+        &common::redis_url(),
+        &prefix,
+        "claim_batch = 8\nmax_in_flight = 1\n\
+         [arbiter]\nlease = \"600ms\"\nambiguous = \"at_most_once\"",
+    );
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test Redis (scripts/testbed up) answers");
+    let sink = HeldSink::new();
+    let Instance {
+        shared,
+        metrics,
+        stop,
+        switches: _switches,
+    } = instance(&cfg, &store, 0, sink.clone());
+    let kafka: Side = "kafka".into();
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(copy(&kafka, 0, &acks_tx)).await.unwrap();
+    tx.send(copy(&kafka, 1, &acks_tx)).await.unwrap();
+    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
+
+    // pl-0's call holds the only slot; pl-1 is claimed and waits for it, three leases long.
+    let calling = common::eventually(Duration::from_secs(10), || async {
+        sink.calls("pl-0") == 1
+    })
+    .await;
+    assert!(calling.is_some(), "pl-0 was called");
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // Another instance's copy of pl-1 (a redelivery after a rebalance, a producer's duplicate in
+    // another partition) is claimed meanwhile: it must find the lease alive, not take it over.
+    let other = LeaseTokens::default().next();
+    let theirs = shared
+        .arbiter
+        .claim(&ClaimRequest {
+            id: "pl-1",
+            side: "kafka",
+            routed_owner: "kafka",
+            token: &other,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(theirs, Claim::Busy { .. }),
+        "pl-1 lost its lease while it waited for a call slot: {theirs:?}"
+    );
+    let r = shared.arbiter.inspect("pl-1").await.unwrap().unwrap();
+    assert_eq!(r.state, State::InFlight, "{r}");
+
+    // The slot frees: pl-1 is called once, and every copy is acknowledged.
+    sink.gate.add_permits(10);
+    let mut acked = Vec::new();
+    for _ in 0..2 {
+        let f = tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
+            .await
+            .expect("every copy acknowledged in time")
+            .expect("ack channel open");
+        acked.push(f.offset);
+    }
+    acked.sort();
+    assert_eq!(acked, [0, 1]);
+    assert_eq!(sink.calls("pl-1"), 1);
+    let r = shared.arbiter.inspect("pl-1").await.unwrap().unwrap();
+    assert_eq!((r.state, r.ambiguous), (State::Done, 0), "{r}");
+    assert_eq!(metrics.side("kafka").dead_letters.get(), 0);
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+    drop(tx);
+    stop.cancel();
+    common::cleanup(&[common::redis_url()], &prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_refused_for_one_id_parks_that_copy_and_records_the_rest() {
+    let prefix = common::unique_prefix("refused-completion");
+    let cfg = common::offline_config(&common::redis_url(), &prefix, "claim_batch = 8");
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test Redis (scripts/testbed up) answers");
+    let sink = HeldSink::new();
+    let Instance {
+        shared,
+        metrics,
+        stop,
+        switches: _switches,
+    } = instance(&cfg, &store, 0, sink.clone());
+    let kafka: Side = "kafka".into();
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(8);
+    for n in 0..5 {
+        tx.send(copy(&kafka, n, &acks_tx)).await.unwrap();
+    }
+    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
+    let calling = common::eventually(Duration::from_secs(10), || async {
+        (0..5).all(|n| sink.calls(&format!("pl-{n}")) == 1)
+    })
+    .await;
+    assert!(calling.is_some(), "every copy was called");
+    // While the calls are out, something else overwrites pl-2's record with a list.
+    let mut conn = store.conn();
+    let key = record_key(&prefix, "pl-2");
+    let _: () = redis::pipe()
+        .del(&key)
+        .rpush(&key, "not a record")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.gate.add_permits(10);
+
+    let mut acked = Vec::new();
+    for _ in 0..5 {
+        let f = tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
+            .await
+            .expect("every copy acknowledged: one bad key must not hold up its batch")
+            .expect("ack channel open");
+        acked.push(f.offset);
+    }
+    acked.sort();
+    assert_eq!(acked, [0, 1, 2, 3, 4]);
+    for n in [0, 1, 3, 4] {
+        let r = shared
+            .arbiter
+            .inspect(&format!("pl-{n}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.state, State::Done);
+    }
+    let letters = shared.dead.all().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].message_id.as_deref(), Some("pl-2"));
+    assert!(
+        letters[0].reason.contains("could not be recorded")
+            && letters[0].reason.contains("WRONGTYPE"),
+        "{}",
+        letters[0].reason
+    );
+    assert_eq!(metrics.side("kafka").dead_letters.get(), 1);
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+    drop(tx);
+    stop.cancel();
+    common::cleanup(&[common::redis_url()], &prefix);
+}
