@@ -298,6 +298,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             cancel: source_stop.clone(),
             paused: pause.subscribe(),
             membership: membership.clone(),
+            max_message_bytes: cfg.pipeline.max_message_bytes,
         }));
         pipelines.push(tokio::spawn(crate::pipeline::run_side(
             shared.clone(),

@@ -189,6 +189,7 @@ impl KafkaSource {
             cancel,
             mut paused,
             membership,
+            ..
         } = cx;
         let start_error = |reason: String| SourceError::Start {
             side: side.clone(),
