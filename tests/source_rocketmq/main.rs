@@ -82,12 +82,7 @@ fn side(topic: &str, group: &str) -> SideConfig {
         message_id: IdSource::Header("msg-id".into()),
         business_id: IdSource::JsonPointer("/user_id".into()),
         kafka: None,
-        rocketmq: Some(RocketMqSideConfig {
-            name_server: name_server(),
-            topic: topic.into(),
-            tag_expression: "*".into(),
-            group: group.into(),
-        }),
+        rocketmq: Some(RocketMqSideConfig::plain(&name_server(), topic, group)),
     }
 }
 
@@ -149,6 +144,7 @@ fn start_with_channel(side: &SideConfig, paused: bool, capacity: usize) -> Runni
         cancel: cancel.clone(),
         paused: paused_rx,
         membership: membership.clone(),
+        max_message_bytes: 4 << 20,
     };
     let task = tokio::spawn(source.run(cx));
     Running {
