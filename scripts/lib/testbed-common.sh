@@ -276,3 +276,56 @@ fetch_jars() {
   mv "$dir.tmp" "$dir"
   printf '%s\n' "$dir/lib"
 }
+
+# ---------------------------------------------------------------------------------------------
+# TLS material (one CA per test bed)
+# ---------------------------------------------------------------------------------------------
+tb_tls_dir() { echo "$TB_DIR/tls"; }
+
+# tb_tls_material : makes, once per test bed, a CA and a server certificate it signs, for every
+# TLS listener of the test bed: $TB_DIR/tls/{ca.pem,ca.key,server.pem,server.key}. The server
+# certificate names IP:127.0.0.1 and DNS:localhost (the brokers advertise and are dialled by
+# IP). RSA 2048 and PKCS#8 PEM keys: what netty (RocketMQ), the JDK (Kafka), OpenSSL (Redis)
+# and rustls all read. Idempotent: an existing CA is kept (a new one would orphan every
+# certificate and trust store made from the old one) and signs a missing server certificate;
+# each pair is written under temporary names and renamed, key first.
+tb_tls_material() {
+  local dir tmp
+  dir=$(tb_tls_dir)
+  if [[ -s $dir/ca.pem && -s $dir/ca.key && -s $dir/server.pem && -s $dir/server.key ]]; then
+    return 0
+  fi
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (needed for the test bed's TLS certificates)"
+  mkdir -p "$dir"
+  tmp=$(mktemp -d "$dir/.make.XXXXXX")
+  if ! [[ -s $dir/ca.pem && -s $dir/ca.key ]]; then
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$tmp/ca.key" 2>/dev/null &&
+      openssl req -x509 -new -key "$tmp/ca.key" -sha256 -days 3650 -subj "/CN=mq-cutover test bed CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -out "$tmp/ca.pem" 2>/dev/null || {
+      rm -rf "$tmp"
+      die "tls: openssl could not make the test bed's CA"
+    }
+    chmod 600 "$tmp/ca.key"
+    mv -f "$tmp/ca.key" "$dir/ca.key"
+    mv -f "$tmp/ca.pem" "$dir/ca.pem"
+    rm -f "$dir/server.pem" "$dir/server.key"
+  fi
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature,keyEncipherment" \
+    "extendedKeyUsage=serverAuth,clientAuth" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$tmp/server.ext"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$tmp/server.key" 2>/dev/null &&
+    openssl req -new -key "$tmp/server.key" -subj "/CN=localhost" -out "$tmp/server.csr" 2>/dev/null &&
+    openssl x509 -req -in "$tmp/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+      -CAserial "$tmp/ca.srl" -CAcreateserial -sha256 -days 3650 -extfile "$tmp/server.ext" \
+      -out "$tmp/server.pem" 2>/dev/null || {
+    rm -rf "$tmp"
+    die "tls: openssl could not make the test bed's server certificate"
+  }
+  chmod 600 "$tmp/server.key"
+  mv -f "$tmp/server.key" "$dir/server.key"
+  mv -f "$tmp/server.pem" "$dir/server.pem"
+  rm -rf "$tmp"
+  log "tls: CA and server certificate (IP:127.0.0.1, DNS:localhost) in $dir"
+}
