@@ -104,7 +104,10 @@ pub fn read(sys_flag: i32, raw: &[u8], max: usize) -> Result<Vec<u8>, BadInput> 
             // The length comes first: checked before a byte is allocated for it.
             let len = u32::from_le_bytes(*len) as usize;
             if len > max {
-                return Err(over(len, max));
+                return Err(BadInput(format!(
+                    "body of {len} bytes once uncompressed (LZ4) is over \
+                     pipeline.max_message_bytes = {max}"
+                )));
             }
             lz4_flex::block::decompress(block, len).map_err(|e| bad(&e))
         }
@@ -236,7 +239,7 @@ mod tests {
         assert_eq!(
             read(LZ4, &block, max).unwrap_err().0,
             format!(
-                "body of {} bytes is over pipeline.max_message_bytes = {max}",
+                "body of {} bytes once uncompressed (LZ4) is over pipeline.max_message_bytes = {max}",
                 3u32 << 30
             )
         );

@@ -29,6 +29,10 @@ pub(super) struct ClientHome {
 impl ClientHome {
     /// A runtime named `rmq-<scope>` with `threads` workers.
     pub(super) fn new(scope: &'static str, threads: usize) -> Result<ClientHome, String> {
+        // rustls has both ring and aws-lc-rs compiled in (the client's reqwest brings the
+        // latter), so it cannot pick a provider by itself and the client's TLS handshake would
+        // panic; the daemon uses ring everywhere (Redis, the sink). Idempotent.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let owner = RuntimeOwner::plan(RuntimeConfig::for_parallelism(
             format!("rmq-{scope}"),
             threads,
@@ -133,11 +137,13 @@ pub(super) fn describe(cfg: &RocketMqSideConfig) -> String {
 /// A client error with the broker's response code spelled out. The client keeps the code but
 /// not always the broker's remark, so "Broker operation failed" alone would not say why.
 pub(super) fn explain(e: &ClientError) -> String {
-    let mut text = e.to_string();
+    // The client appends a line pointing at the RocketMQ FAQ to some errors: one line is kept.
+    let first_line = |s: String| s.lines().next().unwrap_or_default().to_owned();
+    let mut text = first_line(e.to_string());
     let mut source = std::error::Error::source(e);
     // The client wraps transport errors (a refused TLS handshake, a certificate) several deep.
     while let Some(s) = source {
-        let line = s.to_string();
+        let line = first_line(s.to_string());
         if !text.contains(&line) {
             text.push_str(": ");
             text.push_str(&line);
@@ -169,8 +175,9 @@ pub(super) fn response_code(code: i32) -> &'static str {
         }
         15 => "VERSION_NOT_SUPPORTED",
         16 => {
-            "NO_PERMISSION: the broker, topic or group does not allow this (perm, or an ACL \
-             user without Pub / Sub on the topic and group)"
+            "NO_PERMISSION: wrong ACL credentials (access_key / secret_key), or an ACL user \
+             without Sub and Get on the topic and Sub on the group (Pub to produce), or a topic \
+             or broker whose perm forbids it"
         }
         17 => "TOPIC_NOT_EXIST",
         24 => "SUBSCRIPTION_PARSE_FAILED",

@@ -70,18 +70,25 @@ const PULL_BATCH_SIZE: i32 = 32;
 /// queue waits [`PULL_DELAY_ON_ERROR`] before pulling again. Live traffic comes a message or two
 /// per pull, so 2,000 stalled a side taking more than about 2,000 messages/s (docs/rocketmq.md,
 /// "Pull settings"). 65,536 is the client's ceiling: a rate no pull loop reaches. What a paused
-/// source holds is bounded per queue instead ([`PULL_THRESHOLD_FOR_QUEUE`],
-/// [`PULL_THRESHOLD_MIB_FOR_QUEUE`]).
+/// source holds is bounded per queue instead ([`PULL_THRESHOLD_FOR_QUEUE`], and in MiB by
+/// [`pull_mib_per_queue`]), by flow control that waits 50 ms without an error.
 const PULL_THRESHOLD_FOR_ALL: i64 = 65_536;
 /// Messages held fetched but not polled, per queue, before the queue's pulls wait (50 ms at a
 /// time, without an error).
 const PULL_THRESHOLD_FOR_QUEUE: i64 = 1_000;
-/// The same in MiB of bodies, per queue.
-const PULL_THRESHOLD_MIB_FOR_QUEUE: i32 = 32;
-/// How long a queue waits after a failed pull (broker away, a batch refused). The client's
-/// default is 1 s; 200 ms keeps a refused batch from idling the queue for long, and is still
-/// five tries a second, with one ERROR line each, while a broker is away.
-const PULL_DELAY_ON_ERROR: Duration = Duration::from_millis(200);
+/// How long a queue waits after a failed pull. With the rate above out of reach and the bytes
+/// held bounded by flow control, what fails a pull is a broker away or refusing: one try (and
+/// one ERROR line) per queue per second, the client's default.
+const PULL_DELAY_ON_ERROR: Duration = Duration::from_millis(1000);
+
+/// `pull_threshold_size_for_queue` (MiB of bodies held per queue before its pulls wait). The
+/// client also refuses a fetched batch, as a pull error, once the bodies waiting for `poll`
+/// pass 1/16 of its memory budget (itself a quarter of the process's memory limit: 16 MiB in a
+/// 1 GiB container). Flow control must stop the pulls first, so each queue gets an eighth of
+/// that (eight queues per instance before a refusal is possible), 1 to 32 MiB.
+fn pull_mib_per_queue(budget_bytes: usize) -> i32 {
+    ((budget_bytes / 16 / 8) >> 20).clamp(1, 32) as i32
+}
 
 /// Builds the RocketMQ source of a validated `[[side]]` with `kind = "rocketmq"`.
 pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
@@ -150,6 +157,7 @@ impl RocketMqSource {
             tx: reassigned_tx,
             membership: membership.clone(),
             topic: self.rocketmq.topic.as_str().into(),
+            started: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let consumer = self
             .start_consumer(home, listener.clone())
@@ -168,6 +176,7 @@ impl RocketMqSource {
         );
         // `start` ran the first rebalance (after registering with the broker), so what is
         // assigned now is this instance's first assignment, even if it is empty: joined.
+        listener.started.store(true, Ordering::Release);
         match consumer.assignment().await {
             Ok(queues) => listener.apply(&queues),
             Err(e) => {
@@ -205,6 +214,8 @@ impl RocketMqSource {
     ) -> Result<DefaultLitePullConsumer, String> {
         let cfg = &self.rocketmq;
         let how = client::describe(cfg);
+        let mib_per_queue =
+            pull_mib_per_queue(home.runtime.resource_budget().limit().capacity.bytes);
         let mut builder = DefaultLitePullConsumer::builder(home.runtime.clone())
             .client_options(client::client_config(cfg).into())
             .consumer_group(cfg.group.as_str())
@@ -219,7 +230,7 @@ impl RocketMqSource {
             .pull_batch_size(PULL_BATCH_SIZE)
             .pull_threshold_for_all(PULL_THRESHOLD_FOR_ALL)
             .pull_threshold_for_queue(PULL_THRESHOLD_FOR_QUEUE)
-            .pull_threshold_size_for_queue(PULL_THRESHOLD_MIB_FOR_QUEUE)
+            .pull_threshold_size_for_queue(mib_per_queue)
             .pull_time_delay_millis_when_exception(PULL_DELAY_ON_ERROR.as_millis() as u64)
             .poll_timeout_millis(POLL_TIMEOUT.as_millis() as u64)
             .broker_suspend_max_time_millis(LONG_POLL.as_millis() as u64)
@@ -259,9 +270,14 @@ impl RocketMqSource {
                 .fetch_message_queues(&cfg.topic)
                 .await
                 .map_err(|e| {
+                    // The client logs why a connection failed and answers "no route": say both
+                    // things it can mean.
                     format!(
-                        "topic `{}` has no route on name server {} ({how}; a TLS-only name \
-                         server refuses a plaintext client, and the other way round): {}",
+                        "topic `{}` has no route on name server {} ({how}): {}. Either the topic \
+                         does not exist there, or the name server was not reached: a TLS-only \
+                         name server refuses a plaintext client (tls = false), and with tls = true \
+                         the servers' certificates must be signed by a CA in tls_ca_file (or the \
+                         system's roots)",
                         cfg.topic,
                         cfg.name_server,
                         explain(&e)
@@ -298,6 +314,9 @@ struct Reassigned {
     membership: Membership,
     /// The topic as configured (the client's queues carry `namespace%topic`).
     topic: Arc<str>,
+    /// Set once the start's checks passed: a rebalance the client runs inside `start` is not a
+    /// join yet (the start may still fail, and `/readyz` must not say ready meanwhile).
+    started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reassigned {
@@ -305,6 +324,9 @@ impl Reassigned {
     /// queue that left is gone before the next measurement, and one log line per change; the
     /// offset books through the consume loop.
     fn apply(&self, assigned: &HashSet<MessageQueue>) {
+        if !self.started.load(Ordering::Acquire) {
+            return;
+        }
         let labels: BTreeSet<String> = assigned
             .iter()
             .map(|mq| queue_label(&self.topic, mq))
@@ -979,6 +1001,14 @@ mod tests {
         finish(&mut p, &a, 1, 20);
         let c = p.commits().unwrap();
         assert_eq!(c, HashMap::from([(mq("broker-a", 1), 21)]));
+    }
+
+    #[test]
+    fn bytes_held_per_queue_stay_within_what_the_client_admits() {
+        // A 1 GiB container: the client's budget is 256 MiB, its hand-over queue 16 MiB.
+        assert_eq!(pull_mib_per_queue(256 << 20), 2);
+        assert_eq!(pull_mib_per_queue(64 << 20), 1, "never below 1 MiB");
+        assert_eq!(pull_mib_per_queue(24 << 30), 32, "a large host: 32 MiB");
     }
 
     #[test]

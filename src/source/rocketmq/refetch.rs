@@ -42,6 +42,10 @@ pub(super) struct RocketMqRefetch {
 struct Reader {
     consumer: DefaultLitePullConsumer,
     home: ClientHome,
+    /// Every queue read so far, all kept assigned: taking a queue out of the assignment waits
+    /// for its pull task to end, which a pull the broker holds at the queue's end delays by up
+    /// to 5 s; a seek (the next read of a queue) aborts the task at once.
+    assigned: Vec<MessageQueue>,
 }
 
 impl RocketMqRefetch {
@@ -104,16 +108,20 @@ impl RocketMqRefetch {
                 explain(&e)
             )));
         }
-        Ok(Reader { consumer, home })
+        Ok(Reader {
+            consumer,
+            home,
+            assigned: Vec::new(),
+        })
     }
 
     async fn read(
         &self,
-        reader: &Reader,
+        reader: &mut Reader,
         at: &Position,
         broker: &str,
     ) -> Result<Option<Refetched>, SourceError> {
-        let c = &reader.consumer;
+        let c = reader.consumer.clone();
         let mq = MessageQueue::from_parts(&*at.topic, broker, at.partition);
         let here = || {
             format!(
@@ -121,6 +129,18 @@ impl RocketMqRefetch {
                 at.topic, at.partition, at.offset
             )
         };
+        // The topic's route (also how the client learns the broker's address). A queue missing
+        // from it is not "gone": its broker may only be away for now.
+        let queues = c
+            .fetch_message_queues(&at.topic)
+            .await
+            .map_err(|e| self.failed(format!("{}: {}", here(), explain(&e))))?;
+        if !queues.contains(&mq) {
+            return Err(self.failed(format!(
+                "{}: the topic's route has no such queue (is broker `{broker}` registered?)",
+                here()
+            )));
+        }
         // Gone (retention) or never written: the broker says so by its bounds, at once.
         let min = c
             .min_offset(&mq)
@@ -133,9 +153,12 @@ impl RocketMqRefetch {
         if at.offset < min || at.offset >= max {
             return Ok(None);
         }
-        c.assign(vec![mq.clone()])
-            .await
-            .map_err(|e| self.failed(format!("{}: {}", here(), explain(&e))))?;
+        if !reader.assigned.contains(&mq) {
+            reader.assigned.push(mq.clone());
+            c.assign(reader.assigned.clone())
+                .await
+                .map_err(|e| self.failed(format!("{}: {}", here(), explain(&e))))?;
+        }
         c.seek(&mq, at.offset)
             .await
             .map_err(|e| self.failed(format!("{}: {}", here(), explain(&e))))?;
@@ -186,7 +209,7 @@ impl Refetch for RocketMqRefetch {
             *reader = Some(client::boxed(self.start()).await?);
         }
         let found =
-            client::boxed(self.read(reader.as_ref().expect("started above"), at, broker)).await;
+            client::boxed(self.read(reader.as_mut().expect("started above"), at, broker)).await;
         if found.is_err() {
             // Started afresh next time: a broken connection or a stuck assignment goes with it.
             if let Some(r) = reader.take() {
