@@ -667,7 +667,7 @@ async fn cancel_returns_ok_within_seconds_and_an_unfinished_copy_stays_uncommitt
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = src.stop().await;
     // The client waits for pulls held by the broker; those end 1-6 s after they were sent
-    // (docs/rocketmq.md, gap 2).
+    // (docs/rocketmq.md, "How the source consumes", Cancel).
     assert!(idle < Duration::from_secs(8), "idle stop took {idle:?}");
 
     // One copy held (neither done nor dropped): run() waits for it, bounded, and does not

@@ -31,7 +31,8 @@ impl ClientHome {
     pub(super) fn new(scope: &'static str, threads: usize) -> Result<ClientHome, String> {
         // rustls has both ring and aws-lc-rs compiled in (the client's reqwest brings the
         // latter), so it cannot pick a provider by itself and the client's TLS handshake would
-        // panic; the daemon uses ring everywhere (Redis, the sink). Idempotent.
+        // panic (rustls/rustls#1877); the daemon uses ring everywhere (Redis, the sink).
+        // Idempotent.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let owner = RuntimeOwner::plan(RuntimeConfig::for_parallelism(
             format!("rmq-{scope}"),
