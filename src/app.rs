@@ -334,21 +334,17 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
         let source = crate::source::build(side)?;
-        // Pass-through claims nothing, so nothing waits for adoption.
-        match source
-            .refetcher()
-            .map(|r| (r, cfg.pipeline.pass_through.is_none()))
-        {
-            Ok((_, false)) => {}
-            Ok((refetch, true)) => sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
+        // Every side reads its copies again for adoption (DESIGN.md invariant 2); pass-through
+        // claims nothing, so nothing waits for adoption there.
+        let refetch = source.refetcher()?;
+        if cfg.pipeline.pass_through.is_none() {
+            sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
                 shared.clone(),
                 name.clone(),
                 refetch,
                 root.child_token(),
                 calls.clone(),
-            ))),
-            Err(e) => tracing::error!(side = %name, error = %e,
-                "adoption is off for this side: ids whose owner never observes them stay pending"),
+            )));
         }
         sources.spawn(source.run(SourceContext {
             side: name.clone(),
@@ -356,6 +352,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             cancel: source_stop.clone(),
             paused: pause.subscribe(),
             membership: membership.clone(),
+            max_message_bytes: cfg.pipeline.max_message_bytes,
         }));
         pipelines.push(tokio::spawn(crate::pipeline::run_side(
             shared.clone(),

@@ -206,6 +206,7 @@ impl KafkaSource {
             cancel,
             mut paused,
             membership,
+            ..
         } = cx;
         let start_error = |reason: String| SourceError::Start {
             side: side.clone(),

@@ -45,6 +45,9 @@ pub struct SourceContext {
     pub paused: watch::Receiver<bool>,
     /// Where the source reports joining its group, its assignment, rebalances and lag.
     pub membership: Membership,
+    /// `pipeline.max_message_bytes`: a body larger than this (as stored, or once uncompressed)
+    /// is handed over as bad input, with the reason and no payload, never forwarded.
+    pub max_message_bytes: usize,
 }
 
 /// How often the daemon's sources measure their lag: a few small broker requests per interval,
