@@ -195,6 +195,12 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let redis_up = Arc::new(AtomicBool::new(false));
     let switch_store = SwitchStore::new(&store);
     let control = TaskTracker::new();
+    // Not a child of the root token: a connection that wedges during the drain is replaced too.
+    let watchdog_stop = CancellationToken::new();
+    control.spawn(store.clone().watchdog(
+        metrics.redis_reconnects_stalled.clone(),
+        watchdog_stop.clone(),
+    ));
     control.spawn(seed_switches(
         switch_store.clone(),
         cfg.clone(),
@@ -356,6 +362,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!("sources did not stop within {SOURCE_GRACE:?}");
     }
+    watchdog_stop.cancel();
     control.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), control.wait()).await;
     tracing::info!("stopped");
