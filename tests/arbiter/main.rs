@@ -6,6 +6,7 @@ mod instances;
 mod invariants;
 mod memory;
 mod model;
+mod outage;
 mod parity;
 mod pipelined;
 mod transitions;

@@ -79,6 +79,25 @@ pub fn offline_config(
     prefix: &str,
     pipeline: &str,
 ) -> mq_cutover::config::Validated {
+    offline_config_on(RedisMode::Standalone, &[redis_url], prefix, pipeline)
+}
+
+/// [`offline_config`] on Redis in `mode` at `urls` (a cluster's seed nodes).
+pub fn offline_config_on(
+    mode: RedisMode,
+    urls: &[&str],
+    prefix: &str,
+    pipeline: &str,
+) -> mq_cutover::config::Validated {
+    let mode = match mode {
+        RedisMode::Standalone => "standalone",
+        RedisMode::Cluster => "cluster",
+    };
+    let urls = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut side_sections = String::new();
     for (name, broker) in [
         (
@@ -97,7 +116,7 @@ pub fn offline_config(
         ));
     }
     mq_cutover::config::Config::from_toml_str(&format!(
-        "[redis]\nurls = [\"{redis_url}\"]\nkey_prefix = \"{prefix}\"\n\
+        "[redis]\nmode = \"{mode}\"\nurls = [{urls}]\nkey_prefix = \"{prefix}\"\n\
          [cutover]\nfrom = \"kafka\"\nto = \"rocketmq\"\n\
          {side_sections}\
          [sink]\nurl = \"http://127.0.0.1:1/grant\"\n\
