@@ -109,6 +109,7 @@ pub const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(10);
 pub struct Outage {
     pause: Arc<Pause>,
     state: Mutex<OutageState>,
+    report_every: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +137,7 @@ impl Outage {
         Outage {
             pause,
             state: Mutex::default(),
+            report_every: OUTAGE_REPORT_EVERY,
         }
     }
 
@@ -189,17 +191,17 @@ pub struct Waiter {
 
 impl Waiter {
     /// Another attempt failed; `n` items still wait. Says the outage goes on, once per
-    /// [`OUTAGE_REPORT_EVERY`] across all waiters.
-    pub fn again(&mut self, n: usize, error: &StoreError) {
+    /// [`OUTAGE_REPORT_EVERY`] across all waiters; true when it did.
+    pub fn again(&mut self, n: usize, error: &StoreError) -> bool {
         let mut s = self.outage.state.lock().expect("outage lock");
         let count = s.count(self.kind);
         *count = *count + n - self.n;
         self.n = n;
         let due = s
             .reported
-            .is_none_or(|at| at.elapsed() >= OUTAGE_REPORT_EVERY);
+            .is_none_or(|at| at.elapsed() >= self.outage.report_every);
         if !due {
-            return;
+            return false;
         }
         s.reported = Some(Instant::now());
         let (since, copies, outcomes) = (s.since, s.copies, s.outcomes);
@@ -211,6 +213,7 @@ impl Waiter {
             %error,
             "redis still unavailable: sources paused"
         );
+        true
     }
 
     /// Redis answered what this waiter waited for.
@@ -547,6 +550,9 @@ struct Unanswered {
     tokens: Vec<LeaseToken>,
     waiter: Waiter,
     wait: Duration,
+    /// When these tokens were first sent: a lease granted then (its answer lost) runs from
+    /// there, and an answer to the same token again does not extend it.
+    sent: Instant,
 }
 
 /// Parks a batch's copies without identity and claims the rest in one round trip. `None` when
@@ -591,6 +597,7 @@ async fn reclaim(
         tokens,
         waiter,
         wait,
+        sent,
     } = again;
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
@@ -601,6 +608,7 @@ async fn reclaim(
         record_sights(parity, &side, &metrics, &claimed.copies, &claimed.claims);
     }
     claimed.again = Some((waiter, (wait * 2).min(MAX_REDIS_WAIT)));
+    claimed.sent = sent;
     Some(claimed)
 }
 
@@ -750,6 +758,7 @@ async fn dispatch(
                 tokens,
                 waiter,
                 wait,
+                sent,
             })
         }
         (None, Some(e)) => Some(Unanswered {
@@ -757,6 +766,7 @@ async fn dispatch(
             copies,
             tokens,
             wait: FIRST_REDIS_WAIT,
+            sent,
         }),
     }
 }
@@ -913,7 +923,9 @@ where
             }
             Err(e) => match &mut waiter {
                 None => waiter = Some(shared.outage.wait(Waiting::Copies, n, &e)),
-                Some(w) => w.again(n, &e),
+                Some(w) => {
+                    w.again(n, &e);
+                }
             },
         }
         tokio::select! {
@@ -1435,7 +1447,9 @@ async fn record(
         }
         match &mut waiter {
             None => waiter = Some(outage.wait(Waiting::Outcomes, todo.len(), &e)),
-            Some(w) => w.again(todo.len(), &e),
+            Some(w) => {
+                w.again(todo.len(), &e);
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => wait = (wait * 2).min(MAX_REDIS_WAIT),
@@ -1486,6 +1500,21 @@ mod tests {
         drop(outage.wait(Waiting::Copies, 1, &down()));
         assert!(!*paused.borrow(), "a waiter given up on resumes too");
         assert_eq!(metrics.pauses.get(), 2);
+    }
+
+    #[test]
+    fn an_outage_that_goes_on_is_reported_once_per_period_across_its_waiters() {
+        let mut outage = Outage::new(Arc::new(Pause::default()));
+        outage.report_every = Duration::from_millis(50);
+        let outage = Arc::new(outage);
+        let mut a = outage.wait(Waiting::Copies, 1, &down());
+        let mut b = outage.wait(Waiting::Outcomes, 1, &down());
+        assert!(!a.again(1, &down()), "not when it has just begun");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(a.again(1, &down()), "once the period has passed");
+        assert!(!b.again(1, &down()), "not again for the other waiter");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.again(1, &down()));
     }
 
     #[test]
