@@ -422,8 +422,11 @@ impl Store {
     /// write lock of its connection map, which a background node repair already queued for (the
     /// repair, registered by redis-rs #2120 for #2092, and the cause of #2277) and which that
     /// task no longer polls while it recovers (redis 1.8.1, `cluster_async`: the comment at
-    /// `poll_reconnects` names the same deadlock, #2418). From then on every call times out, the
-    /// servers see no command at all, and nothing inside the crate ever ends it.
+    /// `poll_reconnects` names the same deadlock, #2418). Under the daemons' load that task was
+    /// also seen to stop being polled with no recovery under way (its last poll: 100 calls queued
+    /// for it, 128 in flight, the connection map locked). Either way every call times out from
+    /// then on, the servers see no command at all, and nothing inside the crate ever ends it; a
+    /// new connection has a task of its own, and the old task ends with its last handle.
     pub async fn watchdog(self, replaced: prometheus::IntCounter, cancel: CancellationToken) {
         let stall_after = self.stall_after();
         let mut tick = tokio::time::interval(WATCH_EVERY);
