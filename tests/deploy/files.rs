@@ -1,5 +1,6 @@
 //! Reading the deploy files into the few facts the checks compare: the Dockerfile's
-//! instructions, the compose services, the Kubernetes objects, the URLs in healthchecks.
+//! instructions, the compose services (as the compose loader resolves them), the Kubernetes
+//! objects, the URLs in healthchecks.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -122,60 +123,6 @@ pub fn pinned(image: &str) -> Result<(), String> {
 /// The variables a compose `.env` file sets.
 pub type Vars = BTreeMap<String, String>;
 
-/// Resolves compose variable interpolation the way `docker compose` does with `vars` as its
-/// `.env`: `${NAME:-default}` / `${NAME-default}` give the variable or the default,
-/// `${NAME:?message}` / `${NAME?message}` the variable or a panic with compose's refusal,
-/// `${NAME}` / `$NAME` the variable or the placeholder `placeholder-NAME`, `$$` a `$`.
-pub fn interpolate(s: &str, vars: &Vars) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(body) = after.strip_prefix('{') {
-            let close = body
-                .find('}')
-                .unwrap_or_else(|| panic!("unclosed ${{ in `{s}`"));
-            let inner = &body[..close];
-            let name_end = inner
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(inner.len());
-            let (name, op) = inner.split_at(name_end);
-            let set = vars.get(name).filter(|v| !v.is_empty());
-            let value = match op {
-                "" => set
-                    .cloned()
-                    .unwrap_or_else(|| format!("placeholder-{name}")),
-                _ if op.starts_with(":-") => set.cloned().unwrap_or_else(|| op[2..].to_owned()),
-                _ if op.starts_with('-') => set.cloned().unwrap_or_else(|| op[1..].to_owned()),
-                _ if op.starts_with(":?") || op.starts_with('?') => {
-                    set.cloned().unwrap_or_else(|| {
-                        panic!("compose refuses to start: `{name}` is unset ({op})")
-                    })
-                }
-                _ => panic!("unsupported interpolation `${{{inner}}}` in `{s}`"),
-            };
-            out.push_str(&value);
-            rest = &body[close + 1..];
-        } else {
-            let n = after
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(after.len());
-            let name = &after[..n];
-            match vars.get(name) {
-                Some(v) => out.push_str(v),
-                None => out.push_str(&format!("placeholder-{name}")),
-            }
-            rest = &after[n..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 /// Every `${NAME}` of `s`: the name and what follows it inside the braces (`:?message`,
 /// `:-default`, or nothing).
 pub fn interpolations(s: &str) -> Vec<(String, String)> {
@@ -272,7 +219,42 @@ pub fn exec_form(rel: &str, keyword: &str, args: &str) -> Vec<String> {
     })
 }
 
-/// The compose file's services by name.
+/// A tool `scripts/deploy-tools` installs, by the variable its `env` command sets; panics with
+/// what to run when it is missing (a check never skips).
+pub fn tool(var: &str) -> PathBuf {
+    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run `eval \"$(scripts/deploy-tools env)\"` after `scripts/deploy-tools` (scripts/test does)")
+    });
+    assert!(
+        path.is_file(),
+        "{var}={}: no such file; run scripts/deploy-tools",
+        path.display()
+    );
+    path
+}
+
+/// The compose file as Docker Compose loads it (tools/compose-check: compose-go, the loader
+/// `docker compose` uses) with `vars` as its `.env` and nothing from the environment: the
+/// resolved project (interpolated, normalised: long-form ports and volumes, absolute bind
+/// sources), or the loader's refusal.
+pub fn compose_load(rel: &str, vars: &Vars) -> Result<Value, String> {
+    let env = tempfile::NamedTempFile::new().expect("temporary .env");
+    let text: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(env.path(), text).expect("write the temporary .env");
+    let out = std::process::Command::new(tool("MQC_COMPOSE_CHECK"))
+        .arg("--env-file")
+        .arg(env.path())
+        .arg(root().join(rel))
+        .output()
+        .expect("run compose-check");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("compose-check printed no project: {e}"))
+}
+
+/// The compose project's services by name.
 pub fn compose_services(compose: &Value) -> BTreeMap<String, Value> {
     compose["services"]
         .as_mapping()
@@ -282,70 +264,45 @@ pub fn compose_services(compose: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// A compose service's environment (map or `KEY=VALUE` list form), interpolated with `vars`.
-pub fn compose_environment(service: &Value, vars: &Vars) -> BTreeMap<String, String> {
-    let env = &service["environment"];
-    let mut out = BTreeMap::new();
-    if let Some(map) = env.as_mapping() {
-        for (k, v) in map {
-            out.insert(
-                text(k).expect("variable name"),
-                interpolate(&text(v).unwrap_or_default(), vars),
-            );
-        }
-    } else {
-        for item in strings(env) {
-            let (k, v) = item.split_once('=').unwrap_or((&item, ""));
-            out.insert(k.to_owned(), interpolate(v, vars));
-        }
-    }
-    out
+/// A loaded compose service's environment (interpolated by the loader).
+pub fn compose_environment(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (text(k).expect("variable name"), text(v).unwrap_or_default()))
+        .collect()
 }
 
-/// A compose service's bind mounts: container path -> host path (relative to the root).
+/// A loaded compose service's bind mounts of files in this repository: container path -> host
+/// path relative to the root.
 pub fn compose_mounts(service: &Value) -> BTreeMap<String, String> {
-    strings(&service["volumes"])
+    service["volumes"]
+        .as_sequence()
         .into_iter()
+        .flatten()
+        .filter(|v| text(&v["type"]).as_deref() == Some("bind"))
         .filter_map(|v| {
-            let mut parts = v.split(':');
-            let host = parts.next()?;
-            let container = parts.next()?;
-            host.starts_with("./").then(|| {
-                (
-                    container.to_owned(),
-                    host.trim_start_matches("./").to_owned(),
-                )
-            })
+            let source = PathBuf::from(text(&v["source"])?);
+            let rel = source.strip_prefix(root()).ok()?;
+            Some((text(&v["target"])?, rel.to_string_lossy().into_owned()))
         })
         .collect()
 }
 
-/// A compose service's command (list or string form) as a list of arguments.
+/// A loaded compose service's command as a list of arguments.
 pub fn compose_command(service: &Value) -> Vec<String> {
-    match &service["command"] {
-        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
-        v => strings(v),
-    }
+    strings(&service["command"])
 }
 
-/// The container side of a compose service's published ports.
+/// The container side of a loaded compose service's published ports.
 pub fn compose_container_ports(service: &Value) -> Vec<u16> {
     service["ports"]
         .as_sequence()
-        .map(|ports| {
-            ports
-                .iter()
-                .filter_map(|p| match p {
-                    Value::Mapping(_) => text(&p["target"])?.parse().ok(),
-                    other => {
-                        let s = text(other)?;
-                        let last = s.rsplit(':').next()?;
-                        last.split('/').next()?.parse().ok()
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| text(&p["target"])?.parse().ok())
+        .collect()
 }
 
 /// The value after `flag` in an argument list.
@@ -369,14 +326,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn interpolation_takes_variables_defaults_and_placeholders() {
-        let none = Vars::new();
-        assert_eq!(
-            interpolate("${A:-x}/${B-y}/${C}/$D/$$E", &none),
-            "x/y/placeholder-C/placeholder-D/$E"
-        );
-        let vars: Vars = [("A".into(), "a".into()), ("R".into(), "r".into())].into();
-        assert_eq!(interpolate("${A:-x}-${R:?set R}-$A", &vars), "a-r-a");
+    fn interpolations_are_found_with_their_operators() {
         assert_eq!(
             interpolations("${A:-x} ${R:?set R (see .env)}"),
             vec![
@@ -384,12 +334,6 @@ mod tests {
                 ("R".into(), ":?set R (see .env)".into())
             ]
         );
-    }
-
-    #[test]
-    #[should_panic(expected = "compose refuses to start: `R` is unset")]
-    fn a_required_variable_that_is_unset_is_compose_refusing() {
-        interpolate("${R:?set R}", &Vars::new());
     }
 
     #[test]

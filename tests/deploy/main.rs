@@ -53,13 +53,31 @@ enum Secrets {
     Shipped,
 }
 
-/// The variables the compose file requires (`${NAME:?…}`): compose refuses to start without them.
+/// The variables the compose file requires: those the compose loader names when it refuses to
+/// load the file with an empty `.env`.
 fn compose_required_variables() -> BTreeSet<String> {
-    interpolations(&read(COMPOSE))
-        .into_iter()
-        .filter(|(_, op)| op.starts_with(":?") || op.starts_with('?'))
-        .map(|(name, _)| name)
-        .collect()
+    let refusal = compose_load(COMPOSE, &Vars::new())
+        .expect_err("docker-compose.yml loads with no .env: it must require the secrets");
+    let mut names = BTreeSet::new();
+    let mut rest = refusal.as_str();
+    while let Some(i) = rest.find("required variable ") {
+        rest = &rest[i + "required variable ".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        names.insert(rest[..end].to_owned());
+    }
+    assert!(
+        !names.is_empty(),
+        "the loader refused for another reason: {refusal}"
+    );
+    names
+}
+
+/// The compose project as Docker Compose loads it, with the given secrets in its `.env`.
+fn compose(secrets: Secrets) -> Value {
+    compose_load(COMPOSE, &compose_vars(secrets))
+        .unwrap_or_else(|e| panic!("{COMPOSE}: the compose loader refuses it: {e}"))
 }
 
 /// The compose file's `.env` in a check.
@@ -103,8 +121,7 @@ fn is_our_image(image: &str) -> bool {
 
 /// The compose services running the image with a `--config`.
 fn compose_configs(secrets: Secrets) -> Vec<HandedConfig> {
-    let vars = compose_vars(secrets);
-    let compose = yaml(COMPOSE);
+    let compose = compose(secrets);
     let mut out = Vec::new();
     for (name, svc) in compose_services(&compose) {
         let image = text(&svc["image"]).unwrap_or_default();
@@ -123,7 +140,7 @@ fn compose_configs(secrets: Secrets) -> Vec<HandedConfig> {
         out.push(HandedConfig {
             origin,
             file: root().join(host),
-            env: compose_environment(&svc, &vars)
+            env: compose_environment(&svc)
                 .into_iter()
                 .filter(|(k, _)| k.starts_with("MQ_CUTOVER"))
                 .collect(),
@@ -421,7 +438,7 @@ fn known_metric_names() -> BTreeSet<String> {
 
 #[test]
 fn deploy_files_parse() {
-    yaml(COMPOSE);
+    compose(Secrets::User);
     let yamls = files_under("deploy", &[".yml", ".yaml"]);
     assert!(
         yamls.len() >= 8,
@@ -587,6 +604,7 @@ fn compose_has_no_default_secret_and_refuses_to_start_without_env() {
             "{COMPOSE}: ${{{name}{op}}} has a default; a secret must be `${{{name}:?message}}`"
         );
     }
+    // The file as written: a secret's value must be a required variable, not only resolve to one.
     let compose = yaml(COMPOSE);
     let mut grafana_password = false;
     for (service, svc) in compose_services(&compose) {
@@ -612,7 +630,8 @@ fn compose_has_no_default_secret_and_refuses_to_start_without_env() {
         grafana_password,
         "{COMPOSE}: Grafana's admin password is not set (its default is admin / admin)"
     );
-    // Compose refuses to start without .env, and .env.example says what to put there.
+    // Compose refuses to start without .env (the loader names each variable it misses), and
+    // .env.example says what to put there.
     let required = compose_required_variables();
     assert!(
         required.contains("REDIS_PASSWORD") && required.contains("MQ_CUTOVER_ADMIN_TOKEN"),
@@ -623,11 +642,6 @@ fn compose_has_no_default_secret_and_refuses_to_start_without_env() {
         required,
         "{ENV_EXAMPLE} must list exactly the variables {COMPOSE} requires"
     );
-    let refused = std::panic::catch_unwind(|| {
-        let svc = &compose_services(&compose)["mq-cutover"];
-        compose_environment(svc, &Vars::new())
-    });
-    assert!(refused.is_err(), "{COMPOSE}: starts with no .env");
     assert!(
         read(".gitignore")
             .lines()
@@ -638,7 +652,7 @@ fn compose_has_no_default_secret_and_refuses_to_start_without_env() {
 
 #[test]
 fn compose_publishes_ports_on_the_hosts_loopback_only() {
-    for (service, svc) in compose_services(&yaml(COMPOSE)) {
+    for (service, svc) in compose_services(&compose(Secrets::User)) {
         for p in svc["ports"].as_sequence().into_iter().flatten() {
             let on_loopback = match p {
                 Value::Mapping(_) => text(&p["host_ip"]).as_deref() == Some("127.0.0.1"),
@@ -817,7 +831,7 @@ fn command_lines_parse_with_the_real_cli() {
         "{DOCKERFILE}: ENTRYPOINT must be [\"{IMAGE}\"]"
     );
     lines.push((format!("{DOCKERFILE} CMD"), get("CMD")));
-    for (name, svc) in compose_services(&yaml(COMPOSE)) {
+    for (name, svc) in compose_services(&compose(Secrets::User)) {
         if is_our_image(&text(&svc["image"]).unwrap_or_default()) {
             lines.push((
                 format!("{COMPOSE} service `{name}` command"),
@@ -898,7 +912,7 @@ fn admin_port_agrees_everywhere() {
     );
 
     // Compose: the daemon's port mapping and healthcheck, the scrape target.
-    let compose = yaml(COMPOSE);
+    let compose = compose(Secrets::User);
     let services = compose_services(&compose);
     let mut daemons = Vec::new();
     for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
@@ -1035,7 +1049,7 @@ async fn probe_paths_are_routes_of_the_daemon() {
     );
     paths.push((format!("{DOCKERFILE} HEALTHCHECK"), hc_path));
 
-    let services = compose_services(&yaml(COMPOSE));
+    let services = compose_services(&compose(Secrets::User));
     for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
         let name = c.origin.split('`').nth(1).unwrap();
         let hc = strings(&services[name]["healthcheck"]["test"]).join(" ");
@@ -1154,6 +1168,96 @@ fn promql_uses_only_exported_metric_names() {
     }
 }
 
+/// Runs promtool with `args`; panics with its output when it refuses.
+fn promtool(args: &[&std::ffi::OsStr]) {
+    let out = Command::new(tool("MQC_PROMTOOL"))
+        .args(args)
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool {args:?} refuses:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn promtool_accepts_the_alert_rules_and_prometheus_yml_as_compose_mounts_them() {
+    promtool(&[
+        "check".as_ref(),
+        "rules".as_ref(),
+        root().join(ALERTS).as_os_str(),
+    ]);
+    // prometheus.yml names its rule files by their path in the container: map each through the
+    // compose file's mounts, as Prometheus will find them there.
+    let services = compose_services(&compose(Secrets::User));
+    let mounts = compose_mounts(&services["prometheus"]);
+    assert!(
+        mounts.values().any(|host| host == PROMETHEUS),
+        "{COMPOSE}: the prometheus service does not mount {PROMETHEUS} ({mounts:?})"
+    );
+    let mut prom = yaml(PROMETHEUS);
+    let rule_files: Vec<String> = strings(&prom["rule_files"]);
+    assert!(!rule_files.is_empty(), "{PROMETHEUS}: no rule_files");
+    let mapped: Vec<Value> = rule_files
+        .iter()
+        .map(|f| {
+            let host = mounts.get(f).unwrap_or_else(|| {
+                panic!(
+                    "{PROMETHEUS}: rule file {f} is not mounted by the compose file ({mounts:?})"
+                )
+            });
+            Value::String(root().join(host).to_string_lossy().into_owned())
+        })
+        .collect();
+    prom["rule_files"] = Value::Sequence(mapped);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, serde_yaml::to_string(&prom).unwrap()).unwrap();
+    promtool(&["check".as_ref(), "config".as_ref(), path.as_os_str()]);
+}
+
+#[test]
+fn promtool_accepts_every_dashboard_query() {
+    // Grafana's variables, as Grafana fills them in before Prometheus sees the query.
+    let grafana = [
+        ("$__rate_interval", "1m"),
+        ("$__interval", "15s"),
+        ("$side", "kafka"),
+    ];
+    let mut rules = Vec::new();
+    for f in files_under(DASHBOARDS, &[".json"]) {
+        let dash: serde_json::Value =
+            serde_json::from_str(&read(&f)).expect("checked by deploy_files_parse");
+        // Template variables' queries (`label_values(…)`) are Grafana's, not PromQL.
+        for (title, mut expr) in dashboard_queries(&dash)
+            .into_iter()
+            .filter(|(title, _)| !title.starts_with("variable "))
+        {
+            for (var, value) in grafana {
+                expr = expr.replace(var, value);
+            }
+            assert!(
+                !expr.contains('$'),
+                "{f} panel `{title}`: unknown variable in `{expr}`"
+            );
+            rules.push(serde_json::json!({
+                "record": format!("dashboard:query_{}", rules.len()),
+                "expr": expr,
+                "labels": {"panel": title},
+            }));
+        }
+    }
+    assert!(rules.len() >= 10, "only {} dashboard queries", rules.len());
+    // A query checked as a recording rule: promtool parses it with Prometheus's own parser.
+    let file = serde_json::json!({"groups": [{"name": "dashboards", "rules": rules}]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboards.rules.yml");
+    std::fs::write(&path, serde_json::to_string_pretty(&file).unwrap()).unwrap();
+    promtool(&["check".as_ref(), "rules".as_ref(), path.as_os_str()]);
+}
+
 #[test]
 fn every_alert_points_to_its_runbook_entry() {
     let runbook = read(RUNBOOK);
@@ -1217,7 +1321,7 @@ fn every_image_is_pinned() {
             }
         }
     }
-    for (name, svc) in compose_services(&yaml(COMPOSE)) {
+    for (name, svc) in compose_services(&compose(Secrets::User)) {
         let image =
             text(&svc["image"]).unwrap_or_else(|| panic!("{COMPOSE} service `{name}`: no `image`"));
         images.push((format!("{COMPOSE} service `{name}`"), image));
@@ -1310,7 +1414,7 @@ fn dockerfile_builds_a_non_root_image_with_a_healthcheck() {
 
 #[test]
 fn compose_daemon_starts_after_what_its_config_names() {
-    let compose = yaml(COMPOSE);
+    let compose = compose(Secrets::User);
     let services = compose_services(&compose);
     for c in compose_configs(Secrets::User).iter().filter(|c| c.daemon) {
         let name = c.origin.split('`').nth(1).unwrap();
@@ -1401,7 +1505,7 @@ fn compose_daemon_starts_after_what_its_config_names() {
 
 #[test]
 fn compose_mounts_exist_and_provisioning_agrees() {
-    let compose = yaml(COMPOSE);
+    let compose = compose(Secrets::User);
     let services = compose_services(&compose);
     for (name, svc) in &services {
         for (target, host) in compose_mounts(svc) {
