@@ -313,6 +313,10 @@ pub struct PrivateRedis {
     child: Option<Child>,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// `appendfsync` when persistent: `always` or `everysec`.
+    fsync: &'static str,
+    /// More `redis-server` arguments (`--replicaof …`).
+    extra: Vec<String>,
     password: Option<String>,
 }
 
@@ -333,16 +337,64 @@ impl PrivateRedis {
         Self::launch(true, None)
     }
 
-    fn launch(persistent: bool, password: Option<String>) -> PrivateRedis {
-        let mut r = PrivateRedis {
+    /// Like [`PrivateRedis::start_persistent`] with `appendfsync` set to `fsync` (`always`,
+    /// `everysec`).
+    pub fn start_aof(fsync: &'static str) -> PrivateRedis {
+        let mut r = Self::new(true, None);
+        r.fsync = fsync;
+        r.restart();
+        r
+    }
+
+    /// A server started with these extra arguments (`--replicaof 127.0.0.1 <port>`), AOF
+    /// `always` when `persistent`.
+    pub fn start_with_args(persistent: bool, extra: &[String]) -> PrivateRedis {
+        let mut r = Self::new(persistent, None);
+        r.extra = extra.to_vec();
+        r.restart();
+        r
+    }
+
+    fn new(persistent: bool, password: Option<String>) -> PrivateRedis {
+        PrivateRedis {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             persistent,
+            fsync: "always",
+            extra: Vec::new(),
             password,
-        };
+        }
+    }
+
+    fn launch(persistent: bool, password: Option<String>) -> PrivateRedis {
+        let mut r = Self::new(persistent, password);
         r.restart();
         r
+    }
+
+    /// The append-only file Redis appends to now (the last `incr` file of its manifest).
+    pub fn aof_tail_file(&self) -> std::path::PathBuf {
+        let dir = self.dir.path().join("appendonlydir");
+        let manifest = std::fs::read_to_string(dir.join("appendonly.aof.manifest"))
+            .expect("an AOF manifest (is appendonly on?)");
+        let name = manifest
+            .lines()
+            .filter(|l| l.ends_with("type i"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .next_back()
+            .expect("an incr file in the AOF manifest");
+        dir.join(name)
+    }
+
+    /// Whether the process is running (not stopped by [`PrivateRedis::stop`]).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -387,10 +439,11 @@ impl PrivateRedis {
                 "--appendonly",
                 if self.persistent { "yes" } else { "no" },
                 "--appendfsync",
-                "always",
+                self.fsync,
                 "--dir",
             ])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -7,6 +7,7 @@
 mod adopt;
 #[path = "../common/mod.rs"]
 mod common;
+mod durability;
 mod fates;
 mod harness;
 mod page;
