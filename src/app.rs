@@ -244,6 +244,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let watchdog_stop = CancellationToken::new();
     control.spawn(store.clone().watchdog(
         metrics.redis_reconnects_stalled.clone(),
+        metrics.redis_reconnects_failover.clone(),
         watchdog_stop.clone(),
     ));
     control.spawn(seed_switches(

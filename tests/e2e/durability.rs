@@ -21,20 +21,20 @@ use crate::harness::{Bed, Setup};
 
 /// How one run's ids ended, from the reward service's records and the arbiter's.
 #[derive(Debug, Default)]
-struct Tally {
-    granted_once: u64,
+pub struct Tally {
+    pub granted_once: u64,
     /// Granted more than once, each with its ambiguity or overlap counted in its record.
-    doubled_counted: u64,
+    pub doubled_counted: u64,
     /// Granted more than once with nothing counted: the exposure.
-    doubled_uncounted: u64,
+    pub doubled_uncounted: u64,
     /// Never granted, parked in the dead letters.
-    parked: u64,
+    pub parked: u64,
     /// Never granted, not parked: lost.
-    lost: u64,
+    pub lost: u64,
     /// Bytes cut from the AOF in all (the simulated machine crashes).
-    aof_bytes_cut: u64,
-    uncounted_examples: Vec<String>,
-    lost_examples: Vec<String>,
+    pub aof_bytes_cut: u64,
+    pub uncounted_examples: Vec<String>,
+    pub lost_examples: Vec<String>,
 }
 
 /// How the Redis process dies.
@@ -155,7 +155,7 @@ async fn redis_killed_mid_run(test: &str, fsync: &'static str, crash: Crash) -> 
 
 /// Waits until every id `{prefix}-i` is granted or dead, or until nothing changes for 40 s
 /// (ids may be lost when Redis lost data), then tallies.
-async fn settle(bed: &Bed, prefix: &str, count: u64) -> Tally {
+pub async fn settle(bed: &Bed, prefix: &str, count: u64) -> Tally {
     let started = Instant::now();
     let mut last_change = Instant::now();
     let mut last_seen = (u64::MAX, usize::MAX);
@@ -193,7 +193,7 @@ async fn settle(bed: &Bed, prefix: &str, count: u64) -> Tally {
 
 /// The arbiter's record of `id`, asked again while the test's own connection to the restarted
 /// Redis reconnects.
-async fn record(bed: &Bed, id: &str) -> Option<mq_cutover::arbiter::Record> {
+pub async fn record(bed: &Bed, id: &str) -> Option<mq_cutover::arbiter::Record> {
     let mut tries = 0;
     loop {
         match bed.arbiter.inspect(id).await {

@@ -30,9 +30,12 @@ pub struct Setup {
     pub lease: &'static str,
     pub sink_timeout: &'static str,
     pub faults: FaultPlan,
-    /// One URL for standalone; the seed nodes, comma-separated, for a cluster.
+    /// One URL for standalone; the seed nodes, comma-separated, for a cluster; the sentinels
+    /// for sentinel.
     pub redis_url: String,
     pub redis_mode: RedisMode,
+    /// `redis.sentinel.master_name`, with `RedisMode::Sentinel`.
+    pub sentinel_master: Option<String>,
     pub initial_percent: u8,
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
@@ -58,6 +61,7 @@ impl Default for Setup {
             faults: FaultPlan::default(),
             redis_url: common::redis_url(),
             redis_mode: RedisMode::Standalone,
+            sentinel_master: None,
             initial_percent: 0,
             drain_timeout: "5s",
             circuit_threshold: 100_000,
@@ -149,7 +153,7 @@ mode = "{redis_mode}"
 urls = [{redis}]
 key_prefix = "{prefix}"
 response_timeout = "1s"
-
+{sentinel}
 [arbiter]
 lease = "{lease}"
 retention = "30m"
@@ -220,9 +224,10 @@ level = "info"
                 .map(|u| format!("\"{u}\""))
                 .collect::<Vec<_>>()
                 .join(","),
-            redis_mode = match setup.redis_mode {
-                RedisMode::Standalone => "standalone",
-                RedisMode::Cluster => "cluster",
+            redis_mode = common::mode_name(setup.redis_mode),
+            sentinel = match &setup.sentinel_master {
+                Some(name) => format!("[redis.sentinel]\nmaster_name = \"{name}\"\n"),
+                None => String::new(),
             },
             lease = setup.lease,
             policy = setup.policy,

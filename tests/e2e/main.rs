@@ -13,6 +13,7 @@ mod harness;
 mod page;
 mod parity;
 mod secured;
+mod sentinel;
 mod stall;
 
 use std::collections::HashSet;
