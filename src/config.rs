@@ -362,6 +362,19 @@ pub struct ArbiterConfig {
     /// than the usual lag between the two sides' consumers.
     #[serde(default = "default_adopt_after", with = "humantime_serde")]
     pub adopt_after: Duration,
+    /// Replicas that must have each claim, adoption and completion (Redis `WAIT`) before a call
+    /// starts on it or its copy is acknowledged; 0: none asked (the default). Standalone and
+    /// sentinel only.
+    #[serde(default)]
+    pub replicas: u32,
+    /// How long `WAIT` waits for those replicas; a write they have not confirmed by then counts
+    /// as Redis unavailable (pause, try again). Shorter than `redis.response_timeout`.
+    #[serde(default = "default_replica_timeout", with = "humantime_serde")]
+    pub replica_timeout: Duration,
+}
+
+fn default_replica_timeout() -> Duration {
+    Duration::from_millis(500)
 }
 
 fn default_adopt_after() -> Duration {
@@ -386,6 +399,8 @@ impl Default for ArbiterConfig {
             max_attempts: default_max_attempts(),
             record_layout: RecordLayout::default(),
             adopt_after: default_adopt_after(),
+            replicas: 0,
+            replica_timeout: default_replica_timeout(),
         }
     }
 }
@@ -1345,6 +1360,30 @@ impl Config {
                 ),
             ));
         }
+        if a.replicas > 0 && self.redis.mode == RedisMode::Cluster {
+            return Err(ConfigError::new(
+                "arbiter.replicas",
+                "is for standalone and sentinel mode: on a Redis Cluster each id's node would \
+                 need its own WAIT; set it to 0 or use `redis.mode = \"sentinel\"`",
+            ));
+        }
+        if a.replicas > 16 {
+            return Err(ConfigError::new(
+                "arbiter.replicas",
+                format!("{} replicas is more than 16; usually 1", a.replicas),
+            ));
+        }
+        if a.replica_timeout.is_zero() || a.replica_timeout >= self.redis.response_timeout {
+            return Err(ConfigError::new(
+                "arbiter.replica_timeout",
+                format!(
+                    "{} must be above 0 and below redis.response_timeout ({}), or the reply \
+                     times out before WAIT answers, e.g. `500ms`",
+                    humantime::format_duration(a.replica_timeout),
+                    humantime::format_duration(self.redis.response_timeout)
+                ),
+            ));
+        }
         let s = &self.switches;
         if s.refresh_interval.is_zero() || s.refresh_interval > Duration::from_secs(60) {
             return Err(ConfigError::new(
@@ -1907,6 +1946,28 @@ url = "http://127.0.0.1:8080/grant"
             "[redis.sentinel]\nmaster_name = \"mq\"\n[redis]\n",
         ));
         assert_eq!(e.key, "redis.sentinel");
+    }
+
+    #[test]
+    fn arbiter_replicas_need_a_wait_shorter_than_the_reply_timeout_and_no_cluster() {
+        let c = Config::from_toml_str(&with("[redis]\n", "[arbiter]\nreplicas = 1\n[redis]\n"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.arbiter.replicas, 1);
+        assert_eq!(c.arbiter.replica_timeout, Duration::from_millis(500));
+        let e = err_of(&with(
+            "[redis]\n",
+            "[arbiter]\nreplicas = 1\nreplica_timeout = \"1s\"\n[redis]\n",
+        ));
+        assert_eq!(e.key, "arbiter.replica_timeout");
+        let e = err_of(&with(
+            "[redis]\nurls = [\"redis://127.0.0.1:6379\"]\n",
+            "[arbiter]\nreplicas = 1\n[redis]\nmode = \"cluster\"\nurls = [\"redis://a:1\"]\n",
+        ));
+        assert_eq!(e.key, "arbiter.replicas");
+        let e = err_of(&with("[redis]\n", "[arbiter]\nreplicas = 17\n[redis]\n"));
+        assert_eq!(e.key, "arbiter.replicas");
     }
 
     #[test]

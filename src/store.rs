@@ -513,6 +513,36 @@ impl Store {
         Ok(())
     }
 
+    /// One PING, then, with `replicas` > 0, whether at least that many replicas are connected
+    /// and in sync with the server (`INFO replication`, `state=online`): without them no claim
+    /// can be confirmed (`arbiter.replicas`), which counts as Redis being unavailable.
+    pub async fn ready(&self, replicas: u32) -> Result<(), StoreError> {
+        self.ping().await?;
+        if replicas == 0 {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await?;
+        let online = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count();
+        if online >= replicas as usize {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(RedisError::from((
+            redis::ErrorKind::Extension,
+            "too few replicas",
+            format!(
+                "{online} replica(s) online, arbiter.replicas asks for {replicas}: no claim can \
+                 be confirmed, so no call is started"
+            ),
+        ))))
+    }
+
     /// How long every call on a connection must have gone unanswered before the watchdog asks
     /// the servers directly: three reply timeouts, at least [`MIN_STALL`].
     pub fn stall_after(&self) -> Duration {

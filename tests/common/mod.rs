@@ -148,6 +148,8 @@ pub fn arbiter_config(
         max_attempts: max_attempts.try_into().expect("max_attempts > 0"),
         record_layout: RecordLayout::default(),
         adopt_after: Duration::from_secs(60),
+        replicas: 0,
+        replica_timeout: Duration::from_millis(500),
     }
 }
 

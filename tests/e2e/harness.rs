@@ -36,6 +36,8 @@ pub struct Setup {
     pub redis_mode: RedisMode,
     /// `redis.sentinel.master_name`, with `RedisMode::Sentinel`.
     pub sentinel_master: Option<String>,
+    /// `arbiter.replicas`.
+    pub replicas: u32,
     pub initial_percent: u8,
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
@@ -62,6 +64,7 @@ impl Default for Setup {
             redis_url: common::redis_url(),
             redis_mode: RedisMode::Standalone,
             sentinel_master: None,
+            replicas: 0,
             initial_percent: 0,
             drain_timeout: "5s",
             circuit_threshold: 100_000,
@@ -160,6 +163,7 @@ retention = "30m"
 ambiguous = "{policy}"
 max_attempts = 30
 adopt_after = "{adopt_after}"
+replicas = {replicas}
 
 [switches]
 refresh_interval = "200ms"
@@ -240,6 +244,7 @@ level = "info"
             threshold = setup.circuit_threshold,
             open_for = setup.circuit_open_for,
             adopt_after = setup.adopt_after,
+            replicas = setup.replicas,
             session_timeout = setup.kafka_session_timeout_ms,
             channel = setup.channel,
             stall_after = setup.stall_after,
