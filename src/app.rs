@@ -244,6 +244,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let watchdog_stop = CancellationToken::new();
     control.spawn(store.clone().watchdog(
         metrics.redis_reconnects_stalled.clone(),
+        metrics.redis_reconnects_failover.clone(),
         watchdog_stop.clone(),
     ));
     control.spawn(seed_switches(
@@ -253,6 +254,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     ));
     control.spawn(watch_redis(
         store.clone(),
+        cfg.arbiter.replicas,
         cfg.redis.urls.iter().any(|u| u.starts_with("rediss://")),
         redis_problem.clone(),
         redis_up.clone(),
@@ -652,10 +654,12 @@ async fn parity_gauges(
     }
 }
 
-/// Logs each transition of Redis between reachable and unreachable, and keeps the readiness
-/// flag, its reason (for `/readyz`) and the gauge in step.
+/// Logs each transition of Redis between reachable and unreachable (with `arbiter.replicas`,
+/// also: too few replicas online to confirm a claim), and keeps the readiness flag, its reason
+/// (for `/readyz`) and the gauge in step.
 async fn watch_redis(
     store: Store,
+    replicas: u32,
     tls: bool,
     problem: Arc<std::sync::Mutex<Option<String>>>,
     redis_up: Arc<AtomicBool>,
@@ -669,7 +673,7 @@ async fn watch_redis(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now_up = store.ping().await;
+        let now_up = store.ready(replicas).await;
         let why = now_up.as_ref().err().map(|e| explain_redis(e, tls));
         match (&why, up) {
             (None, Some(false)) => tracing::info!("redis reachable again"),

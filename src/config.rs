@@ -194,11 +194,13 @@ impl Default for AdminConfig {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `standalone` (one server, or a proxy) or `cluster` (Redis Cluster).
+    /// `standalone` (one server, or a proxy), `cluster` (Redis Cluster) or `sentinel` (a
+    /// primary with replicas, its address asked of Redis Sentinel).
     #[serde(default)]
     pub mode: RedisMode,
     /// `redis://host:port[/db]` or `rediss://…` for TLS; one URL for standalone, seed nodes for
-    /// cluster. A password inside a URL is shown as `***` wherever the URL is printed.
+    /// cluster, the sentinels for sentinel (`rediss://` ones: TLS to the sentinels and to the
+    /// primary). A password inside a URL is shown as `***` wherever the URL is printed.
     #[serde(serialize_with = "redacted_urls")]
     pub urls: Vec<String>,
     /// ACL user name (Redis 6+); may also be given in the URL.
@@ -214,6 +216,10 @@ pub struct RedisConfig {
     /// `[redis.tls]`: the CA to trust and a client certificate, for `rediss://` URLs.
     #[serde(default)]
     pub tls: TlsFiles,
+    /// `[redis.sentinel]`: the primary's name and the sentinels' own credentials
+    /// (`mode = "sentinel"` only).
+    #[serde(default)]
+    pub sentinel: SentinelConfig,
     /// Prefix of every key this daemon writes, so several migrations can share one Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -242,6 +248,7 @@ impl fmt::Debug for RedisConfig {
             .field("password", &self.password)
             .field("password_file", &self.password_file)
             .field("tls", &self.tls)
+            .field("sentinel", &self.sentinel)
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
@@ -259,7 +266,7 @@ fn default_response_timeout() -> Duration {
     Duration::from_secs(1)
 }
 
-/// Standalone server or Redis Cluster.
+/// Standalone server, Redis Cluster, or a primary found through Redis Sentinel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisMode {
@@ -268,6 +275,38 @@ pub enum RedisMode {
     Standalone,
     /// Redis Cluster; `urls` are seed nodes.
     Cluster,
+    /// A primary and its replicas watched by Redis Sentinel; `urls` are the sentinels, and the
+    /// daemon follows a failover to the promoted replica by itself.
+    Sentinel,
+}
+
+/// `[redis.sentinel]`: which primary to ask the sentinels for, and how to log in to them.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> …`).
+    #[serde(default)]
+    pub master_name: String,
+    /// ACL user on the sentinels, when they require one (`redis.username` is the data nodes').
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The sentinels' password (`requirepass` in sentinel.conf); never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A file holding the sentinels' password, instead of `password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 /// Deserializes a unit enum from its snake_case name, listing the choices when the name is
@@ -289,7 +328,11 @@ macro_rules! named_choices {
     };
 }
 
-named_choices!(RedisMode { Standalone = "standalone", Cluster = "cluster" });
+named_choices!(RedisMode {
+    Standalone = "standalone",
+    Cluster = "cluster",
+    Sentinel = "sentinel",
+});
 named_choices!(AmbiguousPolicy { AtLeastOnce = "at_least_once", AtMostOnce = "at_most_once" });
 named_choices!(RecordLayout { Packed = "packed", Hash = "hash" });
 named_choices!(SideKind { Kafka = "kafka", Rocketmq = "rocketmq" });
@@ -319,6 +362,19 @@ pub struct ArbiterConfig {
     /// than the usual lag between the two sides' consumers.
     #[serde(default = "default_adopt_after", with = "humantime_serde")]
     pub adopt_after: Duration,
+    /// Replicas that must have each claim, adoption and completion (Redis `WAIT`) before a call
+    /// starts on it or its copy is acknowledged; 0: none asked (the default). Standalone and
+    /// sentinel only.
+    #[serde(default)]
+    pub replicas: u32,
+    /// How long `WAIT` waits for those replicas; a write they have not confirmed by then counts
+    /// as Redis unavailable (pause, try again). Shorter than `redis.response_timeout`.
+    #[serde(default = "default_replica_timeout", with = "humantime_serde")]
+    pub replica_timeout: Duration,
+}
+
+fn default_replica_timeout() -> Duration {
+    Duration::from_millis(500)
 }
 
 fn default_adopt_after() -> Duration {
@@ -343,6 +399,8 @@ impl Default for ArbiterConfig {
             max_attempts: default_max_attempts(),
             record_layout: RecordLayout::default(),
             adopt_after: default_adopt_after(),
+            replicas: 0,
+            replica_timeout: default_replica_timeout(),
         }
     }
 }
@@ -958,7 +1016,7 @@ fn env_verbatim(key: &str) -> bool {
     let last = key.rsplit('.').next().unwrap_or(key);
     matches!(
         last,
-        "password" | "token" | "username" | "access_key" | "secret_key"
+        "password" | "token" | "username" | "access_key" | "secret_key" | "master_name"
     ) || last.ends_with("_file")
 }
 
@@ -1072,6 +1130,12 @@ impl Config {
             "redis.password_file",
             r.password_file.as_deref(),
         )?;
+        fill_from_file(
+            "redis.sentinel.password",
+            &mut r.sentinel.password,
+            "redis.sentinel.password_file",
+            r.sentinel.password_file.as_deref(),
+        )?;
         let a = &mut self.admin;
         fill_from_file(
             "admin.token",
@@ -1141,6 +1205,7 @@ impl Config {
                 "standalone mode takes exactly one URL; set `redis.mode = \"cluster\"` for seed nodes",
             ));
         }
+        self.validate_sentinel()?;
         for (i, u) in r.urls.iter().enumerate() {
             if !(u.starts_with("redis://") || u.starts_with("rediss://"))
                 || u.len() <= "rediss://".len()
@@ -1179,6 +1244,51 @@ impl Config {
                 "redis.tls",
                 "`[redis.tls]` is set but no URL is rediss://, so TLS would not be used: write \
                  `rediss://host:port`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_sentinel(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let s = &r.sentinel;
+        if r.mode != RedisMode::Sentinel {
+            let set = !s.master_name.is_empty()
+                || s.username.is_some()
+                || s.password.is_some()
+                || s.password_file.is_some();
+            if set {
+                return Err(ConfigError::new(
+                    "redis.sentinel",
+                    "`[redis.sentinel]` is set but `redis.mode` is not \"sentinel\", so it would \
+                     not be used: set `redis.mode = \"sentinel\"` or remove it",
+                ));
+            }
+            return Ok(());
+        }
+        let name = s.master_name.trim();
+        if name.is_empty()
+            || name.len() != s.master_name.len()
+            || name.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::new(
+                "redis.sentinel.master_name",
+                "sentinel mode needs the primary's name as the sentinels monitor it, without \
+                 spaces, e.g. `mymaster`",
+            ));
+        }
+        let tls = r.urls.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls != 0 && tls != r.urls.len() {
+            return Err(ConfigError::new(
+                "redis.urls",
+                "sentinel mode takes the sentinels all redis:// or all rediss:// (one TLS \
+                 setting for the sentinels and the primary)",
+            ));
+        }
+        if let Some(why) = s.password.as_ref().and_then(|p| placeholder(p.expose())) {
+            return Err(ConfigError::new(
+                "redis.sentinel.password",
+                format!("refused because {why}; set the password the sentinels require"),
             ));
         }
         Ok(())
@@ -1247,6 +1357,30 @@ impl Config {
                     "{} is outside 1s..(arbiter.retention / 2); give the owner's copy time to \
                      come, e.g. `5m`",
                     humantime::format_duration(a.adopt_after)
+                ),
+            ));
+        }
+        if a.replicas > 0 && self.redis.mode == RedisMode::Cluster {
+            return Err(ConfigError::new(
+                "arbiter.replicas",
+                "is for standalone and sentinel mode: on a Redis Cluster each id's node would \
+                 need its own WAIT; set it to 0 or use `redis.mode = \"sentinel\"`",
+            ));
+        }
+        if a.replicas > 16 {
+            return Err(ConfigError::new(
+                "arbiter.replicas",
+                format!("{} replicas is more than 16; usually 1", a.replicas),
+            ));
+        }
+        if a.replica_timeout.is_zero() || a.replica_timeout >= self.redis.response_timeout {
+            return Err(ConfigError::new(
+                "arbiter.replica_timeout",
+                format!(
+                    "{} must be above 0 and below redis.response_timeout ({}), or the reply \
+                     times out before WAIT answers, e.g. `500ms`",
+                    humantime::format_duration(a.replica_timeout),
+                    humantime::format_duration(self.redis.response_timeout)
                 ),
             ));
         }
@@ -1465,6 +1599,12 @@ impl Config {
             out.push(format!(
                 "redis.password{}",
                 from(self.redis.password_file.as_deref())
+            ));
+        }
+        if self.redis.sentinel.password.is_some() {
+            out.push(format!(
+                "redis.sentinel.password{}",
+                from(self.redis.sentinel.password_file.as_deref())
             ));
         }
         if self.redis.urls.iter().any(|u| redact_url(u) != *u) {
@@ -1762,6 +1902,72 @@ url = "http://127.0.0.1:8080/grant"
         let e = err_of(&format!("{GOOD}\n[arbiter]\nrecord_layout = \"json\"\n"));
         assert_eq!(e.key, "arbiter.record_layout");
         assert!(e.problem.contains("packed, hash"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_mode_takes_the_sentinels_and_a_master_name() {
+        let sentinel = |extra: &str| {
+            with(
+                "[redis]\nurls = [\"redis://127.0.0.1:6379\"]\n",
+                &format!(
+                    "[redis]\nmode = \"sentinel\"\nurls = [\"redis://s1:26379\", \
+                     \"redis://s2:26379\"]\n{extra}"
+                ),
+            )
+        };
+        let c = Config::from_toml_str(&sentinel(
+            "[redis.sentinel]\nmaster_name = \"mq\"\npassword = \"s3cret-sentinel\"\n",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Sentinel);
+        assert_eq!(c.redis.sentinel.master_name, "mq");
+        assert!(!format!("{:?}", c.redis).contains("s3cret"));
+        assert_eq!(c.secret_keys(), vec!["redis.sentinel.password"]);
+
+        let e = err_of(&sentinel(""));
+        assert_eq!(e.key, "redis.sentinel.master_name");
+        let e = err_of(&sentinel("[redis.sentinel]\nmaster_name = \"my master\"\n"));
+        assert_eq!(e.key, "redis.sentinel.master_name");
+        let e = err_of(&sentinel(
+            "[redis.sentinel]\nmaster_name = \"mq\"\npassword = \"change-me\"\n",
+        ));
+        assert_eq!(e.key, "redis.sentinel.password");
+        let e = err_of(&with(
+            "[redis]\nurls = [\"redis://127.0.0.1:6379\"]\n",
+            "[redis]\nmode = \"sentinel\"\nurls = [\"redis://s1:1\", \"rediss://s2:1\"]\n\
+             [redis.sentinel]\nmaster_name = \"mq\"\n",
+        ));
+        assert_eq!(e.key, "redis.urls");
+        // Sentinel settings without sentinel mode would be silently ignored: refused.
+        let e = err_of(&with(
+            "[redis]\n",
+            "[redis.sentinel]\nmaster_name = \"mq\"\n[redis]\n",
+        ));
+        assert_eq!(e.key, "redis.sentinel");
+    }
+
+    #[test]
+    fn arbiter_replicas_need_a_wait_shorter_than_the_reply_timeout_and_no_cluster() {
+        let c = Config::from_toml_str(&with("[redis]\n", "[arbiter]\nreplicas = 1\n[redis]\n"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.arbiter.replicas, 1);
+        assert_eq!(c.arbiter.replica_timeout, Duration::from_millis(500));
+        let e = err_of(&with(
+            "[redis]\n",
+            "[arbiter]\nreplicas = 1\nreplica_timeout = \"1s\"\n[redis]\n",
+        ));
+        assert_eq!(e.key, "arbiter.replica_timeout");
+        let e = err_of(&with(
+            "[redis]\nurls = [\"redis://127.0.0.1:6379\"]\n",
+            "[arbiter]\nreplicas = 1\n[redis]\nmode = \"cluster\"\nurls = [\"redis://a:1\"]\n",
+        ));
+        assert_eq!(e.key, "arbiter.replicas");
+        let e = err_of(&with("[redis]\n", "[arbiter]\nreplicas = 17\n[redis]\n"));
+        assert_eq!(e.key, "arbiter.replicas");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The Redis connection shared by the arbiter and the switches: one standalone server through a
-//! reconnecting `ConnectionManager`, or a Redis Cluster through the cluster client, behind one
-//! type that both can send commands and pipelines to.
+//! reconnecting `ConnectionManager`, a Redis Cluster through the cluster client, or the primary
+//! that Redis Sentinel names (a `ConnectionManager` to it, moved to the new primary after a
+//! failover), behind one type that all can send commands and pipelines to.
 //!
-//! Both connections reconnect by themselves with backoff; a call made while Redis is away fails
+//! The connections reconnect by themselves with backoff; a call made while Redis is away fails
 //! fast with [`StoreError::Unavailable`], which callers treat as "stop taking messages".
 //!
 //! Neither reconnects a connection whose calls only time out, and the cluster client can wedge
@@ -17,6 +18,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, Value,
@@ -110,6 +112,48 @@ pub enum Conn {
     Standalone(Watched<ConnectionManager>),
     /// Redis Cluster.
     Cluster(Watched<ClusterConnection>),
+    /// The primary the sentinels name (none yet, if they named none so far).
+    Sentinel(Watched<Primary>),
+}
+
+/// A connection to the primary the sentinels named; `None` while none is known (the daemon
+/// started while no sentinel answered): every call then fails as Redis being away.
+#[derive(Clone)]
+pub struct Primary(Option<ConnectionManager>);
+
+impl Primary {
+    fn unknown() -> RedisError {
+        std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "no primary known: no sentinel has named one yet",
+        )
+        .into()
+    }
+}
+
+impl ConnectionLike for Primary {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Some(c) => c.req_packed_command(cmd),
+            None => Box::pin(async { Err(Primary::unknown()) }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Some(c) => c.req_packed_commands(pipeline, offset, count),
+            None => Box::pin(async { Err(Primary::unknown()) }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.as_ref().map_or(0, ConnectionLike::get_db)
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -117,6 +161,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Standalone(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -129,6 +174,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -136,6 +182,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Standalone(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -145,6 +192,7 @@ impl Conn {
         match self {
             Conn::Standalone(c) => &c.link.health,
             Conn::Cluster(c) => &c.link.health,
+            Conn::Sentinel(c) => &c.link.health,
         }
     }
 }
@@ -245,6 +293,11 @@ impl Health {
         stamp.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Whether the latest call went unanswered (Redis away, or a primary gone).
+    fn failing(&self) -> bool {
+        self.failed_ms.load(Ordering::Relaxed) > self.answered_ms.load(Ordering::Relaxed)
+    }
+
     /// A new connection starts with a clean slate: it gets a whole stall period of its own.
     fn restart(&self) {
         self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
@@ -286,14 +339,22 @@ enum Opener {
         /// The TLS settings of `[redis.tls]`, for the fresh connections that probe the seeds.
         certs: Option<redis::TlsCertificates>,
     },
+    Sentinel {
+        /// Asks the sentinels for the primary; its connections to them are cached inside.
+        sentinel: tokio::sync::Mutex<SentinelClient>,
+        config: ConnectionManagerConfig,
+        /// The address (`host:port`) the command connection goes to now, if any.
+        primary: std::sync::Mutex<Option<String>>,
+    },
 }
 
 /// The Redis handle: a command connection, a way to open subscriptions, and the key prefix.
 #[derive(Clone)]
 pub struct Store {
     conn: Conn,
-    /// A plain client to one node, for pub/sub (in a cluster, PUBLISH reaches every node).
-    subscriber: redis::Client,
+    /// A plain client to one node, for pub/sub (in a cluster, PUBLISH reaches every node; with
+    /// Sentinel, the primary of the moment).
+    subscriber: Arc<ArcSwap<redis::Client>>,
     prefix: Arc<str>,
     opener: Arc<Opener>,
     connect_timeout: Duration,
@@ -319,15 +380,16 @@ impl Store {
             None => redis::Client::open(infos[0].clone()),
         }
         .map_err(StoreError::Setup)?;
+        let mgr_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout))
+            // Reconnect attempts inside one call stay short: the caller decides to pause.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(2));
+        let mut subscriber = subscriber;
         let (conn, opener) = match cfg.mode {
             RedisMode::Standalone => {
-                let mgr_cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(cfg.connect_timeout))
-                    .set_response_timeout(Some(cfg.response_timeout))
-                    // Reconnect attempts inside one call stay short: the caller decides to pause.
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_secs(2));
                 let mgr = if lazy {
                     ConnectionManager::new_lazy_with_config(subscriber.clone(), mgr_cfg.clone())
                         .map_err(StoreError::Setup)?
@@ -383,10 +445,44 @@ impl Store {
                     },
                 )
             }
+            RedisMode::Sentinel => {
+                let mut sentinel = sentinel_client(cfg, &infos, certs)?;
+                let limit = (cfg.connect_timeout + cfg.response_timeout) * 2;
+                let primary = match bounded(limit, sentinel.async_get_client()).await {
+                    Ok(client) => {
+                        let addr = client.get_connection_info().addr().to_string();
+                        let mgr = if lazy {
+                            ConnectionManager::new_lazy_with_config(client.clone(), mgr_cfg.clone())
+                                .map_err(StoreError::Setup)?
+                        } else {
+                            ConnectionManager::new_with_config(client.clone(), mgr_cfg.clone())
+                                .await?
+                        };
+                        subscriber = client;
+                        tracing::info!(primary = %addr, "redis sentinel: primary found");
+                        Some((addr, mgr))
+                    }
+                    // The daemon starts anyway, not ready; the watchdog asks again.
+                    Err(e) if lazy => {
+                        tracing::warn!(error = %e, "redis sentinel: no primary named yet");
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let (addr, mgr) = primary.unzip();
+                (
+                    Conn::Sentinel(Watched::new(Primary(mgr))),
+                    Opener::Sentinel {
+                        sentinel: tokio::sync::Mutex::new(sentinel),
+                        config: mgr_cfg,
+                        primary: std::sync::Mutex::new(addr),
+                    },
+                )
+            }
         };
         Ok(Store {
             conn,
-            subscriber,
+            subscriber: Arc::new(ArcSwap::from_pointee(subscriber)),
             prefix: cfg.key_prefix.as_str().into(),
             opener: Arc::new(opener),
             connect_timeout: cfg.connect_timeout,
@@ -406,7 +502,8 @@ impl Store {
 
     /// Opens a new pub/sub connection.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, StoreError> {
-        Ok(self.subscriber.get_async_pubsub().await?)
+        let client = self.subscriber.load_full();
+        Ok(client.get_async_pubsub().await?)
     }
 
     /// One PING: is Redis answering right now?
@@ -414,6 +511,36 @@ impl Store {
         let mut c = self.conn();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
+    }
+
+    /// One PING, then, with `replicas` > 0, whether at least that many replicas are connected
+    /// and in sync with the server (`INFO replication`, `state=online`): without them no claim
+    /// can be confirmed (`arbiter.replicas`), which counts as Redis being unavailable.
+    pub async fn ready(&self, replicas: u32) -> Result<(), StoreError> {
+        self.ping().await?;
+        if replicas == 0 {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await?;
+        let online = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count();
+        if online >= replicas as usize {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(RedisError::from((
+            redis::ErrorKind::Extension,
+            "too few replicas",
+            format!(
+                "{online} replica(s) online, arbiter.replicas asks for {replicas}: no claim can \
+                 be confirmed, so no call is started"
+            ),
+        ))))
     }
 
     /// How long every call on a connection must have gone unanswered before the watchdog asks
@@ -438,14 +565,44 @@ impl Store {
     /// for it, 128 in flight, the connection map locked). Either way every call times out from
     /// then on, the servers see no command at all, and nothing inside the crate ever ends it; a
     /// new connection has a task of its own, and the old task ends with its last handle.
-    pub async fn watchdog(self, replaced: prometheus::IntCounter, cancel: CancellationToken) {
+    ///
+    /// With Sentinel it also follows a failover: every second while calls go unanswered, and
+    /// every [`SENTINEL_ASK_EVERY`] otherwise, it asks the sentinels which server is the primary
+    /// now; when that is another one than the connection's, it opens a connection there and puts
+    /// it in place (counted in `failover`, logged).
+    pub async fn watchdog(
+        self,
+        replaced: prometheus::IntCounter,
+        failover: prometheus::IntCounter,
+        cancel: CancellationToken,
+    ) {
         let stall_after = self.stall_after();
         let mut tick = tokio::time::interval(WATCH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut asked = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if matches!(&*self.opener, Opener::Sentinel { .. })
+                && (self.conn.health().failing() || asked.elapsed() >= SENTINEL_ASK_EVERY)
+            {
+                asked = Instant::now();
+                match self.follow_primary(false).await {
+                    Ok(Some((Some(was), now))) => {
+                        failover.inc();
+                        tracing::warn!(primary = %now, was = %was,
+                            "redis sentinel: the primary changed (a failover); the connection \
+                             moved to the new primary");
+                    }
+                    Ok(Some((None, now))) => {
+                        tracing::info!(primary = %now, "redis sentinel: primary found");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e,
+                        "redis sentinel: no primary named now (a failover under way?)"),
+                }
             }
             let Some(silent) = self.conn.health().stalled(stall_after) else {
                 continue;
@@ -512,7 +669,61 @@ impl Store {
                 }
                 Err(last.unwrap_or_else(|| StoreError::Reply("no seed node".into())))
             }
+            Opener::Sentinel { .. } => {
+                let client = self.find_primary().await?;
+                let mut c = bounded(
+                    limit,
+                    client.get_multiplexed_async_connection_with_config(&fresh),
+                )
+                .await?;
+                let _: String = redis::cmd("PING").query_async(&mut c).await?;
+                Ok(())
+            }
         }
+    }
+
+    /// A client for the primary the sentinels name now (checked by the crate with `ROLE`).
+    async fn find_primary(&self) -> Result<redis::Client, StoreError> {
+        let Opener::Sentinel { sentinel, .. } = &*self.opener else {
+            unreachable!("only asked with sentinel");
+        };
+        let limit = (self.connect_timeout + self.response_timeout) * 2;
+        let mut sentinel = sentinel.lock().await;
+        Ok(bounded(limit, sentinel.async_get_client()).await?)
+    }
+
+    /// Asks the sentinels for the primary and, when it is another server than the one the
+    /// connection goes to (or `force`), opens a connection to it and puts it in place. Returns
+    /// the old and new addresses when it moved.
+    async fn follow_primary(
+        &self,
+        force: bool,
+    ) -> Result<Option<(Option<String>, String)>, StoreError> {
+        let (
+            Opener::Sentinel {
+                config, primary, ..
+            },
+            Conn::Sentinel(watched),
+        ) = (&*self.opener, &self.conn)
+        else {
+            unreachable!("only followed with sentinel");
+        };
+        let client = self.find_primary().await?;
+        let now = client.get_connection_info().addr().to_string();
+        let was = lock(primary).clone();
+        if !force && was.as_deref() == Some(now.as_str()) {
+            return Ok(None);
+        }
+        let limit = self.connect_timeout + self.response_timeout;
+        let mgr = bounded(
+            limit,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await?;
+        watched.replace(Primary(Some(mgr)));
+        self.subscriber.store(Arc::new(client));
+        *lock(primary) = Some(now.clone());
+        Ok(Some((was, now)))
     }
 
     /// Opens a new command connection and puts it in place of the current one.
@@ -532,6 +743,9 @@ impl Store {
                 let conn = bounded(limit * 2, client.get_async_connection()).await?;
                 watched.replace(conn);
             }
+            (Opener::Sentinel { .. }, Conn::Sentinel(_)) => {
+                self.follow_primary(true).await?;
+            }
             _ => unreachable!("the opener matches the connection"),
         }
         Ok(())
@@ -542,6 +756,51 @@ impl Store {
 pub const MIN_STALL: Duration = Duration::from_secs(3);
 /// How often the watchdog looks at the connection.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often the watchdog asks the sentinels for the primary while calls are answered: a
+/// primary demoted to a replica while it was away answers writes with `READONLY`, inside the
+/// scripts' per-id answers, which the connection's health does not see.
+pub const SENTINEL_ASK_EVERY: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The client that asks the sentinels at `infos` for the primary named in `[redis.sentinel]`:
+/// the data nodes' credentials from `redis.username` / `redis.password`, the sentinels' from
+/// `[redis.sentinel]`; with `rediss://` sentinels, TLS (and `[redis.tls]`) to both.
+fn sentinel_client(
+    cfg: &RedisConfig,
+    infos: &[ConnectionInfo],
+    certs: Option<redis::TlsCertificates>,
+) -> Result<SentinelClient, StoreError> {
+    let s = &cfg.sentinel;
+    let addrs = infos.iter().map(|i| i.addr().clone());
+    let mut b = SentinelClientBuilder::new(addrs, &s.master_name, SentinelServerType::Master)
+        .map_err(StoreError::Setup)?;
+    if let Some(u) = &cfg.username {
+        b = b.set_client_to_redis_username(u);
+    }
+    if let Some(p) = &cfg.password {
+        b = b.set_client_to_redis_password(p.expose());
+    }
+    if let Some(u) = &s.username {
+        b = b.set_client_to_sentinel_username(u);
+    }
+    if let Some(p) = &s.password {
+        b = b.set_client_to_sentinel_password(p.expose());
+    }
+    if cfg.urls.iter().any(|u| u.starts_with("rediss://")) {
+        b = b
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+        if let Some(c) = certs {
+            b = b
+                .set_client_to_redis_certificates(c.clone())
+                .set_client_to_sentinel_certificates(c);
+        }
+    }
+    b.build().map_err(StoreError::Setup)
+}
 
 /// `fut`, failing with a timeout after `limit`.
 async fn bounded<T>(

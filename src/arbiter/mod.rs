@@ -468,6 +468,10 @@ pub struct Arbiter {
     layout: &'static str,
     /// How long the owner has to observe an id before an observer may adopt it, ms.
     adopt_after_ms: u64,
+    /// `arbiter.replicas`: replicas that must confirm each claim, adoption and completion.
+    replicas: u32,
+    /// `arbiter.replica_timeout`, ms: how long `WAIT` waits for them.
+    replica_timeout_ms: u64,
 }
 
 /// A record lives `arbiter.retention` plus this after the claim that last set its TTL. A claim
@@ -513,6 +517,8 @@ impl Arbiter {
                 RecordLayout::Hash => "h",
             },
             adopt_after_ms: cfg.adopt_after.as_millis() as u64,
+            replicas: cfg.replicas,
+            replica_timeout_ms: cfg.replica_timeout.as_millis() as u64,
         }
     }
 
@@ -755,13 +761,16 @@ impl Arbiter {
         args: fn(&Arbiter, &[T], &mut Cmd),
         answer: fn(Entry<'_>) -> Result<U, StoreError>,
     ) -> Result<Vec<Result<U, StoreError>>, StoreError> {
-        let reply: Value = self
-            .eval(|whole| {
-                let mut c = script.head(part.len(), whole);
-                args(self, part, &mut c);
-                c
-            })
-            .await?;
+        let call = |whole| {
+            let mut c = script.head(part.len(), whole);
+            args(self, part, &mut c);
+            c
+        };
+        let reply: Value = if self.replicas > 0 {
+            self.eval_confirmed(call).await?
+        } else {
+            self.eval(call).await?
+        };
         match reply {
             Value::BulkString(bytes) => entries(&bytes, part.len(), answer),
             other => Err(StoreError::Reply(format!(
@@ -836,6 +845,51 @@ impl Arbiter {
         match call(false).query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => call(true).query_async(&mut conn).await,
             other => other,
+        }
+    }
+}
+
+impl Arbiter {
+    /// [`Arbiter::eval`] followed, in the same pipeline (one round trip), by `WAIT replicas
+    /// timeout`: the script's writes, and every earlier write on this connection, are on that
+    /// many replicas before its answer is used. Fewer confirmations are
+    /// [`StoreError::Unavailable`]: nothing may be started or acknowledged on a write a failover
+    /// could forget; the caller tries again later, and the script's answers to a repeated call
+    /// (the same lease tokens) are the same.
+    async fn eval_confirmed(&self, call: impl Fn(bool) -> Cmd) -> Result<Value, StoreError> {
+        let mut conn = self.conn.clone();
+        let send = |whole: bool| {
+            let mut p = Pipeline::with_capacity(2);
+            p.add_command(call(whole));
+            p.cmd("WAIT")
+                .arg(self.replicas)
+                .arg(self.replica_timeout_ms);
+            p
+        };
+        let mut replies: Vec<RedisResult<Value>> =
+            send(false).ignore_errors().query_async(&mut conn).await?;
+        if replies
+            .first()
+            .is_some_and(|r| r.as_ref().is_err_and(is_noscript))
+        {
+            replies = send(true).ignore_errors().query_async(&mut conn).await?;
+        }
+        let [script, acked]: [RedisResult<Value>; 2] =
+            replies.try_into().map_err(|r: Vec<_>| {
+                StoreError::Reply(format!("2 replies expected, got {}", r.len()))
+            })?;
+        let script = script?;
+        match acked? {
+            Value::Int(n) if n >= i64::from(self.replicas) => Ok(script),
+            Value::Int(n) => Err(StoreError::Unavailable(redis::RedisError::from((
+                redis::ErrorKind::Extension,
+                "write not confirmed by the replicas",
+                format!(
+                    "{n} of the {} replicas arbiter.replicas asks for confirmed it within {} ms",
+                    self.replicas, self.replica_timeout_ms
+                ),
+            )))),
+            other => Err(StoreError::Reply(format!("WAIT: {other:?}"))),
         }
     }
 }

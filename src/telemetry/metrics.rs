@@ -60,7 +60,8 @@ pub const REDIS_UP: &str = "mqc_redis_up";
 /// Times the sources were paused (Redis away, circuit open).
 pub const PAUSES_TOTAL: &str = "mqc_pauses_total";
 /// Redis command connections replaced, by reason (`stalled`: no call answered for a while
-/// although the servers answered a fresh connection).
+/// although the servers answered a fresh connection; `failover`: the sentinels named another
+/// primary).
 pub const REDIS_RECONNECTS_TOTAL: &str = "mqc_redis_reconnects_total";
 /// Messages behind the end of the log, by side and partition (Kafka) or queue (RocketMQ).
 pub const CONSUMER_LAG: &str = "mqc_consumer_lag_messages";
@@ -254,6 +255,8 @@ pub struct Metrics {
     pub dead_trimmed: IntCounter,
     /// Redis connections the watchdog replaced because they stalled.
     pub redis_reconnects_stalled: IntCounter,
+    /// Redis connections moved to the primary the sentinels named after a failover.
+    pub redis_reconnects_failover: IntCounter,
     /// Lag by side and partition / queue.
     pub consumer_lag: IntGaugeVec,
     /// Assigned partitions / queues by side.
@@ -295,6 +298,19 @@ impl Default for Metrics {
         )
         .expect("valid");
         let arbiter = reg(&r, arbiter);
+        let redis_reconnects = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    REDIS_RECONNECTS_TOTAL,
+                    "Redis command connections replaced, by reason (stalled: no call answered \
+                     although the servers answered a fresh connection; failover: the sentinels \
+                     named another primary).",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+        );
         let decision = HistogramVec::new(
             HistogramOpts::new(
                 DECISION_SECONDS,
@@ -493,19 +509,8 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
-            redis_reconnects_stalled: reg(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        REDIS_RECONNECTS_TOTAL,
-                        "Redis command connections replaced, by reason (stalled: no call answered \
-                         although the servers answered a fresh connection).",
-                    ),
-                    &["reason"],
-                )
-                .expect("valid"),
-            )
-            .with_label_values(&["stalled"]),
+            redis_reconnects_stalled: redis_reconnects.with_label_values(&["stalled"]),
+            redis_reconnects_failover: redis_reconnects.with_label_values(&["failover"]),
             consumer_lag: reg(
                 &r,
                 IntGaugeVec::new(

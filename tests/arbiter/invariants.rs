@@ -247,13 +247,7 @@ pub async fn run(mode: RedisMode, policy: AmbiguousPolicy, seed: u64, ids: u32) 
             }
         }
     }
-    common::cleanup(
-        &match mode {
-            RedisMode::Standalone => vec![common::redis_url()],
-            RedisMode::Cluster => common::cluster_urls(),
-        },
-        &prefix,
-    );
+    common::cleanup(&common::testbed_urls(mode), &prefix);
     let anomalies = shared.anomalies.lock().unwrap().clone();
     let violations = shared.violations.load(Ordering::Relaxed);
     let summary = format!(

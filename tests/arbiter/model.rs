@@ -107,10 +107,7 @@ async fn expire_lease(store: &Store, prefix: &str, id: &str) {
 }
 
 fn clean_up(mode: RedisMode, prefix: &str) {
-    let urls = match mode {
-        RedisMode::Standalone => vec![common::redis_url()],
-        RedisMode::Cluster => common::cluster_urls(),
-    };
+    let urls = common::testbed_urls(mode);
     common::cleanup(&urls, prefix);
 }
 

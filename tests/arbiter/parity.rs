@@ -79,10 +79,7 @@ async fn claims_report_first_sights(mode: RedisMode) {
 }
 
 fn store_urls(mode: RedisMode) -> Vec<String> {
-    match mode {
-        RedisMode::Standalone => vec![common::redis_url()],
-        RedisMode::Cluster => common::cluster_urls(),
-    }
+    common::testbed_urls(mode)
 }
 
 async fn pairs_cancel_in_either_order_and_the_list_is_capped(mode: RedisMode) {

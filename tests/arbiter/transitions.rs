@@ -106,10 +106,7 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let urls = match self.mode {
-            RedisMode::Standalone => vec![common::redis_url()],
-            RedisMode::Cluster => common::cluster_urls(),
-        };
+        let urls = common::testbed_urls(self.mode);
         common::cleanup(&urls, &self.prefix);
     }
 }

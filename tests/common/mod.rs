@@ -29,6 +29,15 @@ pub fn cluster_urls() -> Vec<String> {
         .collect()
 }
 
+/// The shared test bed's URLs for `mode` (standalone or cluster: it runs no sentinels).
+pub fn testbed_urls(mode: RedisMode) -> Vec<String> {
+    match mode {
+        RedisMode::Standalone => vec![redis_url()],
+        RedisMode::Cluster => cluster_urls(),
+        RedisMode::Sentinel => panic!("the shared test bed has no sentinels: see PrivateSentinels"),
+    }
+}
+
 /// A key prefix no other test (or run) uses.
 pub fn unique_prefix(test: &str) -> String {
     format!("t-{test}-{:08x}", rand::random::<u32>())
@@ -36,27 +45,29 @@ pub fn unique_prefix(test: &str) -> String {
 
 /// Redis settings for a topology and prefix, with short timeouts suited to loopback.
 pub fn redis_config(mode: RedisMode, prefix: &str) -> RedisConfig {
-    let urls = match mode {
-        RedisMode::Standalone => vec![redis_url()],
-        RedisMode::Cluster => cluster_urls(),
-    };
-    redis_config_for(mode, urls, prefix)
+    redis_config_for(mode, testbed_urls(mode), prefix)
 }
 
 /// Redis settings for explicit URLs.
 pub fn redis_config_for(mode: RedisMode, urls: Vec<String>, prefix: &str) -> RedisConfig {
     let text = format!(
         "mode = \"{}\"\nurls = [{}]\nkey_prefix = \"{prefix}\"\nconnect_timeout = \"1s\"\nresponse_timeout = \"2s\"\n",
-        match mode {
-            RedisMode::Standalone => "standalone",
-            RedisMode::Cluster => "cluster",
-        },
+        mode_name(mode),
         urls.iter()
             .map(|u| format!("\"{u}\""))
             .collect::<Vec<_>>()
             .join(",")
     );
     toml_section(&text)
+}
+
+/// `redis.mode`'s name for `mode`.
+pub fn mode_name(mode: RedisMode) -> &'static str {
+    match mode {
+        RedisMode::Standalone => "standalone",
+        RedisMode::Cluster => "cluster",
+        RedisMode::Sentinel => "sentinel",
+    }
 }
 
 fn toml_section<T: serde::de::DeserializeOwned>(text: &str) -> T {
@@ -89,10 +100,7 @@ pub fn offline_config_on(
     prefix: &str,
     pipeline: &str,
 ) -> mq_cutover::config::Validated {
-    let mode = match mode {
-        RedisMode::Standalone => "standalone",
-        RedisMode::Cluster => "cluster",
-    };
+    let mode = mode_name(mode);
     let urls = urls
         .iter()
         .map(|u| format!("\"{u}\""))
@@ -140,6 +148,8 @@ pub fn arbiter_config(
         max_attempts: max_attempts.try_into().expect("max_attempts > 0"),
         record_layout: RecordLayout::default(),
         adopt_after: Duration::from_secs(60),
+        replicas: 0,
+        replica_timeout: Duration::from_millis(500),
     }
 }
 
@@ -313,6 +323,10 @@ pub struct PrivateRedis {
     child: Option<Child>,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// `appendfsync` when persistent: `always` or `everysec`.
+    fsync: &'static str,
+    /// More `redis-server` arguments (`--replicaof …`).
+    extra: Vec<String>,
     password: Option<String>,
 }
 
@@ -333,16 +347,64 @@ impl PrivateRedis {
         Self::launch(true, None)
     }
 
-    fn launch(persistent: bool, password: Option<String>) -> PrivateRedis {
-        let mut r = PrivateRedis {
+    /// Like [`PrivateRedis::start_persistent`] with `appendfsync` set to `fsync` (`always`,
+    /// `everysec`).
+    pub fn start_aof(fsync: &'static str) -> PrivateRedis {
+        let mut r = Self::new(true, None);
+        r.fsync = fsync;
+        r.restart();
+        r
+    }
+
+    /// A server started with these extra arguments (`--replicaof 127.0.0.1 <port>`), AOF
+    /// `always` when `persistent`.
+    pub fn start_with_args(persistent: bool, extra: &[String]) -> PrivateRedis {
+        let mut r = Self::new(persistent, None);
+        r.extra = extra.to_vec();
+        r.restart();
+        r
+    }
+
+    fn new(persistent: bool, password: Option<String>) -> PrivateRedis {
+        PrivateRedis {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             persistent,
+            fsync: "always",
+            extra: Vec::new(),
             password,
-        };
+        }
+    }
+
+    fn launch(persistent: bool, password: Option<String>) -> PrivateRedis {
+        let mut r = Self::new(persistent, password);
         r.restart();
         r
+    }
+
+    /// The append-only file Redis appends to now (the last `incr` file of its manifest).
+    pub fn aof_tail_file(&self) -> std::path::PathBuf {
+        let dir = self.dir.path().join("appendonlydir");
+        let manifest = std::fs::read_to_string(dir.join("appendonly.aof.manifest"))
+            .expect("an AOF manifest (is appendonly on?)");
+        let name = manifest
+            .lines()
+            .filter(|l| l.ends_with("type i"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .next_back()
+            .expect("an incr file in the AOF manifest");
+        dir.join(name)
+    }
+
+    /// Whether the process is running (not stopped by [`PrivateRedis::stop`]).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -387,10 +449,11 @@ impl PrivateRedis {
                 "--appendonly",
                 if self.persistent { "yes" } else { "no" },
                 "--appendfsync",
-                "always",
+                self.fsync,
                 "--dir",
             ])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -433,6 +496,160 @@ fn signal(pid: u32, sig: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A private primary, one replica and three Redis Sentinels watching them (quorum 2, the primary
+/// down after 1 s), on free loopback ports: for tests that kill the primary and let the sentinels
+/// promote the replica. Killed on drop.
+pub struct PrivateSentinels {
+    /// The name the sentinels monitor the primary under.
+    pub master_name: String,
+    pub primary: PrivateRedis,
+    pub replica: PrivateRedis,
+    /// The sentinels' ports.
+    pub ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateSentinels {
+    /// Starts them and waits until every sentinel knows the replica and the other two.
+    pub fn start() -> PrivateSentinels {
+        // The first sync at once, not after the default 5 s of waiting for more replicas.
+        let quick_sync = ["--repl-diskless-sync-delay".to_owned(), "0".to_owned()];
+        let primary = PrivateRedis::start_with_args(false, &quick_sync);
+        let mut replica_args = quick_sync.to_vec();
+        replica_args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ]);
+        let replica = PrivateRedis::start_with_args(false, &replica_args);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master_name = "mqc-test".to_owned();
+        let mut ports = Vec::new();
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            // A sentinel rewrites its config file: each gets its own, in a directory of its own.
+            let conf = dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                     sentinel monitor {master_name} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {master_name} 1000\n\
+                     sentinel failover-timeout {master_name} 5000\n\
+                     sentinel parallel-syncs {master_name} 1\n",
+                    dir.path().display(),
+                    primary.port
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "redis-sentinel not installed: run `scripts/testbed deps` (it installs it)",
+                );
+            ports.push(port);
+            sentinels.push(child);
+        }
+        let s = PrivateSentinels {
+            master_name,
+            primary,
+            replica,
+            ports,
+            sentinels,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = s.ports.iter().all(|p| {
+                let info = s.sentinel_cli(*p, &["sentinel", "master", &s.master_name]);
+                let field = |name: &str| {
+                    let mut lines = info.lines();
+                    lines
+                        .by_ref()
+                        .find(|l| l.trim() == name)
+                        .and_then(|_| lines.next())
+                        .map(|v| v.trim().to_owned())
+                };
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            }) && s
+                .sentinel_cli(s.replica.port, &["info", "replication"])
+                .contains("master_link_status:up");
+            if ready {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "private sentinels never saw the replica and each other"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The sentinels' URLs (`redis.urls` in sentinel mode).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    fn sentinel_cli(&self, port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The primary's port as every sentinel names it now; `None` while they disagree.
+    pub fn named_primary(&self) -> Option<u16> {
+        let named: Vec<Option<u16>> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let out = self.sentinel_cli(
+                    *p,
+                    &["sentinel", "get-master-addr-by-name", &self.master_name],
+                );
+                out.lines().nth(1).and_then(|l| l.trim().parse().ok())
+            })
+            .collect();
+        (named.iter().all(|n| *n == named[0]))
+            .then_some(named[0])
+            .flatten()
+    }
+
+    /// Waits until every sentinel names the replica as the primary; how long that took.
+    pub fn wait_promoted(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        while self.named_primary() != Some(self.replica.port) {
+            assert!(
+                started.elapsed() < limit,
+                "the sentinels did not promote the replica within {limit:?} (they name {:?})",
+                self.named_primary()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for PrivateSentinels {
+    fn drop(&mut self) {
+        for c in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// A private Redis Cluster of masters on free loopback ports (each with its bus port, +10000,

@@ -30,9 +30,14 @@ pub struct Setup {
     pub lease: &'static str,
     pub sink_timeout: &'static str,
     pub faults: FaultPlan,
-    /// One URL for standalone; the seed nodes, comma-separated, for a cluster.
+    /// One URL for standalone; the seed nodes, comma-separated, for a cluster; the sentinels
+    /// for sentinel.
     pub redis_url: String,
     pub redis_mode: RedisMode,
+    /// `redis.sentinel.master_name`, with `RedisMode::Sentinel`.
+    pub sentinel_master: Option<String>,
+    /// `arbiter.replicas`.
+    pub replicas: u32,
     pub initial_percent: u8,
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
@@ -60,6 +65,8 @@ impl Default for Setup {
             faults: FaultPlan::default(),
             redis_url: common::redis_url(),
             redis_mode: RedisMode::Standalone,
+            sentinel_master: None,
+            replicas: 0,
             initial_percent: 0,
             drain_timeout: "5s",
             circuit_threshold: 100_000,
@@ -151,13 +158,14 @@ mode = "{redis_mode}"
 urls = [{redis}]
 key_prefix = "{prefix}"
 response_timeout = "1s"
-
+{sentinel}
 [arbiter]
 lease = "{lease}"
 retention = "30m"
 ambiguous = "{policy}"
 max_attempts = 30
 adopt_after = "{adopt_after}"
+replicas = {replicas}
 
 [switches]
 refresh_interval = "200ms"
@@ -222,9 +230,10 @@ level = "info"
                 .map(|u| format!("\"{u}\""))
                 .collect::<Vec<_>>()
                 .join(","),
-            redis_mode = match setup.redis_mode {
-                RedisMode::Standalone => "standalone",
-                RedisMode::Cluster => "cluster",
+            redis_mode = common::mode_name(setup.redis_mode),
+            sentinel = match &setup.sentinel_master {
+                Some(name) => format!("[redis.sentinel]\nmaster_name = \"{name}\"\n"),
+                None => String::new(),
             },
             lease = setup.lease,
             policy = setup.policy,
@@ -237,6 +246,7 @@ level = "info"
             threshold = setup.circuit_threshold,
             open_for = setup.circuit_open_for,
             adopt_after = setup.adopt_after,
+            replicas = setup.replicas,
             session_timeout = setup.kafka_session_timeout_ms,
             channel = setup.channel,
             stall_after = setup.stall_after,

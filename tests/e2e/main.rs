@@ -7,11 +7,13 @@
 mod adopt;
 #[path = "../common/mod.rs"]
 mod common;
+mod durability;
 mod fates;
 mod harness;
 mod page;
 mod parity;
 mod secured;
+mod sentinel;
 mod stall;
 
 use std::collections::HashSet;

@@ -58,7 +58,11 @@ async fn answered_again(store: &Store, limit: Duration) -> Option<Duration> {
 fn watch(store: &Store) -> (prometheus::IntCounter, CancellationToken) {
     let replaced = prometheus::IntCounter::new("replaced", "replaced").unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(store.clone().watchdog(replaced.clone(), stop.clone()));
+    tokio::spawn(store.clone().watchdog(
+        replaced.clone(),
+        prometheus::IntCounter::new("failover", "unused").unwrap(),
+        stop.clone(),
+    ));
     (replaced, stop)
 }
 
@@ -216,5 +220,64 @@ async fn nothing_is_replaced_while_redis_itself_does_not_answer() {
         "not answered after SIGCONT"
     );
     assert_eq!(replaced.get(), 0);
+    stop.cancel();
+}
+
+/// `redis.mode = "sentinel"`: the store asks the sentinels for the primary; when the primary is
+/// SIGKILLed and the sentinels promote the replica, the watchdog moves the connection there by
+/// itself (counted as a failover), and what was written before the kill is read back on the new
+/// primary. Without the watchdog, calls keep failing on the dead primary's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_follows_a_sentinel_failover_to_the_promoted_replica() {
+    let mut redis = common::PrivateSentinels::start();
+    let prefix = common::unique_prefix("store-sentinel");
+    let mut cfg = config(RedisMode::Sentinel, redis.urls(), &prefix);
+    cfg.sentinel.master_name = redis.master_name.clone();
+    let store = Store::connect(&cfg, true).await.unwrap();
+    for n in 0..50 {
+        assert!(set(&store, n).await, "answers on the first primary");
+    }
+    // Replicated before the kill: what a failover must keep.
+    let mut c = store.conn();
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(300)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1, "the replica has the writes");
+    redis.primary.stop();
+    let promoted = redis.wait_promoted(Duration::from_secs(30));
+    assert_eq!(
+        answered_again(&store, Duration::from_secs(3)).await,
+        None,
+        "answered without the watchdog: the connection cannot follow by itself"
+    );
+    let replaced = prometheus::IntCounter::new("replaced", "replaced").unwrap();
+    let failover = prometheus::IntCounter::new("failover", "failover").unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        store
+            .clone()
+            .watchdog(replaced.clone(), failover.clone(), stop.clone()),
+    );
+    let back = answered_again(&store, Duration::from_secs(10)).await;
+    assert!(back.is_some(), "calls still unanswered after the failover");
+    eprintln!("promoted after {promoted:?}; answered again {back:?} after the watchdog started");
+    assert_eq!(failover.get(), 1, "one move to the new primary");
+    assert_eq!(replaced.get(), 0);
+    let mut c = store.conn();
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    assert_eq!(role[0], redis::Value::BulkString(b"master".to_vec()));
+    let kept: Option<i64> = redis::cmd("GET")
+        .arg(format!("{prefix}:k:{{49}}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept,
+        Some(49),
+        "a write from before the failover is on the new primary"
+    );
     stop.cancel();
 }

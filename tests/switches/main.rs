@@ -17,10 +17,7 @@ fn percent(p: i64) -> Percent {
 }
 
 fn urls(mode: RedisMode) -> Vec<String> {
-    match mode {
-        RedisMode::Standalone => vec![common::redis_url()],
-        RedisMode::Cluster => common::cluster_urls(),
-    }
+    common::testbed_urls(mode)
 }
 
 /// Two instances (separate connections); one changes the percentage ten times, the other must
