@@ -29,7 +29,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -343,6 +343,7 @@ impl KafkaSource {
                 () = tokio::time::sleep(ROOM_RECHECK), if fetch.paused && !halted && pending.is_empty() => {}
                 record = consumer.recv() => match record {
                     Ok(record) => {
+                        consumer.context().reached();
                         // Drop held copies of partitions revoked before this record came, and
                         // only those: this record may be of the same partition, assigned again.
                         purge_revoked(&mut pending, consumer.context());
@@ -792,6 +793,8 @@ struct KafkaContext {
     revoked: AtomicBool,
     /// Whether the client speaks TLS to the brokers.
     tls: bool,
+    /// librdkafka's last word on a failed broker connection, for the outage reason.
+    last_transport_failure: Mutex<Option<String>>,
 }
 
 struct Books {
@@ -852,6 +855,7 @@ impl KafkaContext {
             paused: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
             tls,
+            last_transport_failure: Mutex::new(None),
         }
     }
 
@@ -1074,13 +1078,7 @@ pub fn why_refused(message: &str, tls: bool) -> Option<String> {
     // 2.12 says only "Disconnected … in state APIVERSION_QUERY".
     let dropped_first_request =
         !tls && message.contains("in state APIVERSION_QUERY") && message.contains("Disconnected");
-    // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
-    let text = match message.strip_prefix("[thrd:") {
-        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
-        None => message,
-    };
-    // librdkafka appends `(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`.
-    let text = text.split(" (after ").next().unwrap_or(text).trim();
+    let text = without_timing(message);
     let check = if text.contains("SASL authentication error")
         || text.contains("Authentication failed")
     {
@@ -1095,6 +1093,17 @@ pub fn why_refused(message: &str, tls: bool) -> Option<String> {
     Some(check.replacen("{}", text, 1))
 }
 
+/// A librdkafka message without its thread prefix (`[thrd:sasl_ssl://host:port/bootstrap]: `)
+/// and its timing suffix (`(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`):
+/// the words that stay the same from one reconnect to the next.
+fn without_timing(message: &str) -> &str {
+    let text = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
+        None => message,
+    };
+    text.split(" (after ").next().unwrap_or(text).trim()
+}
+
 impl KafkaContext {
     /// The brokers refuse this consumer: `/readyz` says why; logged when it starts.
     fn refused(&self, why: String) {
@@ -1107,6 +1116,31 @@ impl KafkaContext {
     fn accepted(&self) {
         if self.membership.set_refused(None) {
             info!(side = %self.side, "Kafka brokers accept this consumer again");
+        }
+        self.reached();
+    }
+
+    /// Every broker connection is down (librdkafka's `ALL_BROKERS_DOWN`): `/readyz` says so,
+    /// with librdkafka's last word on a failed connection; logged when it starts.
+    fn unreachable(&self, reason: &str) {
+        let last = self
+            .last_transport_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let why = match last {
+            Some(last) => format!("{reason} (last: {last})"),
+            None => reason.to_owned(),
+        };
+        if self.membership.set_unreachable(Some(why.clone())) {
+            error!(side = %self.side, "Kafka brokers unreachable: {why}; not ready, nothing is read until one answers (librdkafka reconnects by itself)");
+        }
+    }
+
+    /// A broker answered (a record, a request): any outage is over.
+    fn reached(&self) {
+        if let Some(lasted) = self.membership.reached() {
+            info!(side = %self.side, after = %humantime::format_duration(Duration::from_millis(lasted.as_millis() as u64)), "Kafka brokers reachable again");
         }
     }
 }
@@ -1138,6 +1172,16 @@ impl ClientContext for KafkaContext {
             debug!(side = %self.side, error = %error, "Kafka client error: {reason}");
             self.refused(why);
             return;
+        }
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                *self
+                    .last_transport_failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(without_timing(reason).into());
+            }
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.unreachable(without_timing(reason)),
+            _ => {}
         }
         // Mostly transient (a broker down, a connection reset); librdkafka reconnects by itself.
         warn!(side = %self.side, error = %error, "Kafka client error: {reason}");

@@ -9,6 +9,7 @@ mod adopt;
 mod common;
 mod fates;
 mod harness;
+mod outages;
 mod page;
 mod parity;
 mod secured;
