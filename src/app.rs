@@ -24,6 +24,10 @@ use crate::telemetry::metrics::Metrics;
 
 /// How long the sources get to commit and leave their groups after the pipelines drained.
 const SOURCE_GRACE: Duration = Duration::from_secs(10);
+/// A first SIGTERM / SIGINT ends the process within `pipeline.drain_timeout` plus this, whatever
+/// Redis, the brokers or the downstream do: the sources' grace, the admin listener's and a little
+/// more for the runtime to shut down.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(15);
 
 /// `reward-service`: the demo downstream, until SIGTERM / SIGINT.
 pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<()> {
@@ -236,6 +240,12 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     let redis_problem: Arc<std::sync::Mutex<Option<String>>> = Default::default();
     let switch_store = SwitchStore::new(&store);
     let control = TaskTracker::new();
+    // Not a child of the root token: a connection that wedges during the drain is replaced too.
+    let watchdog_stop = CancellationToken::new();
+    control.spawn(store.clone().watchdog(
+        metrics.redis_reconnects_stalled.clone(),
+        watchdog_stop.clone(),
+    ));
     control.spawn(seed_switches(
         switch_store.clone(),
         cfg.clone(),
@@ -334,21 +344,17 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
         let source = crate::source::build(side)?;
-        // Pass-through claims nothing, so nothing waits for adoption.
-        match source
-            .refetcher()
-            .map(|r| (r, cfg.pipeline.pass_through.is_none()))
-        {
-            Ok((_, false)) => {}
-            Ok((refetch, true)) => sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
+        // Every side reads its copies again for adoption (DESIGN.md invariant 2); pass-through
+        // claims nothing, so nothing waits for adoption there.
+        let refetch = source.refetcher()?;
+        if cfg.pipeline.pass_through.is_none() {
+            sweepers.push(tokio::spawn(crate::pipeline::adopt::sweep(
                 shared.clone(),
                 name.clone(),
                 refetch,
                 root.child_token(),
                 calls.clone(),
-            ))),
-            Err(e) => tracing::error!(side = %name, error = %e,
-                "adoption is off for this side: ids whose owner never observes them stay pending"),
+            )));
         }
         sources.spawn(source.run(SourceContext {
             side: name.clone(),
@@ -356,6 +362,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             cancel: source_stop.clone(),
             paused: pause.subscribe(),
             membership: membership.clone(),
+            max_message_bytes: cfg.pipeline.max_message_bytes,
         }));
         pipelines.push(tokio::spawn(crate::pipeline::run_side(
             shared.clone(),
@@ -385,11 +392,22 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             root.cancel();
         }
     }
-    for p in pipelines.into_iter().chain(sweepers) {
-        let _ = p.await;
+    // Every step below is bounded; and should anything hang all the same (a Redis call, a
+    // broker client, the runtime's own shutdown), the process ends at this deadline.
+    crate::shutdown::exit_after(cfg.pipeline.drain_timeout + SHUTDOWN_MARGIN);
+    let deadline = tokio::time::Instant::now() + cfg.pipeline.drain_timeout;
+    // The pipelines stop taking copies; the claims out are answered (or given up on shortly).
+    if tokio::time::timeout_at(
+        deadline,
+        futures::future::join_all(pipelines.into_iter().chain(sweepers)),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("pipelines still deciding claims at the drain deadline: their copies stay unacknowledged");
     }
     calls.close();
-    if tokio::time::timeout(cfg.pipeline.drain_timeout, calls.wait())
+    if tokio::time::timeout_at(deadline, calls.wait())
         .await
         .is_err()
     {
@@ -398,22 +416,29 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             cfg.pipeline.drain_timeout
         );
     }
+    // Outcomes Redis has not taken by now are given up: their copies stay unacknowledged.
     completer_stop.cancel();
     source_stop.cancel();
-    if let Some(recorder) = &shared.parity {
-        recorder.finish(Duration::from_secs(2)).await;
-    }
-    let drained = tokio::time::timeout(SOURCE_GRACE, async {
-        while let Some(r) = sources.join_next().await {
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "source stopped with an error");
-            }
+    let parity = async {
+        if let Some(recorder) = &shared.parity {
+            recorder.finish(Duration::from_secs(2)).await;
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("sources did not stop within {SOURCE_GRACE:?}");
-    }
+    };
+    let sources_left = async {
+        let drained = tokio::time::timeout(SOURCE_GRACE, async {
+            while let Some(r) = sources.join_next().await {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "source stopped with an error");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("sources did not stop within {SOURCE_GRACE:?}");
+        }
+    };
+    tokio::join!(parity, sources_left);
+    watchdog_stop.cancel();
     control.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), control.wait()).await;
     tracing::info!("stopped");

@@ -722,6 +722,50 @@ pub struct RocketMqSideConfig {
     pub tag_expression: String,
     /// Consumer group.
     pub group: String,
+    /// ACL access key (RocketMQ 5 ACL 2.0: the user name); set together with `secret_key`.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    /// ACL secret key (ACL 2.0: the user's password). Prefer
+    /// `MQ_CUTOVER__SIDE__<i>__ROCKETMQ__SECRET_KEY` over the file. Never logged.
+    #[serde(default)]
+    pub secret_key: Option<Secret>,
+    /// Namespace the topic and group live in (cloud instances, shared clusters); the broker
+    /// sees `namespace%topic`. Absent: none.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// TLS to the name servers and brokers (the broker's `tls.server.mode` is `enforcing` or
+    /// `permissive`).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the CA(s) that signed the brokers' certificates; absent: the system's roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that ask for one (`tls.server.need.client.auth`);
+    /// set together with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1, unencrypted).
+    #[serde(default)]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl RocketMqSideConfig {
+    /// A plain (no ACL, no TLS, no namespace) consumer of `topic` in `group`, every tag.
+    pub fn plain(name_server: &str, topic: &str, group: &str) -> RocketMqSideConfig {
+        RocketMqSideConfig {
+            name_server: name_server.to_owned(),
+            topic: topic.to_owned(),
+            tag_expression: default_tag_expression(),
+            group: group.to_owned(),
+            access_key: None,
+            secret_key: None,
+            namespace: None,
+            tls: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
 }
 
 fn default_tag_expression() -> String {
@@ -756,6 +800,10 @@ pub struct PipelineConfig {
     /// answers 503 naming it (docs/operations.md, `MqCutoverSourceStalled`).
     #[serde(default = "default_stall_after", with = "humantime_serde")]
     pub stall_after: Duration,
+    /// The largest message body a source hands on, in bytes, checked as stored and again once
+    /// uncompressed; a larger one is dead-lettered with the reason and never forwarded.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// For measurement only: one side forwards every copy with no claim, the other acks every
     /// copy unread. No arbitration, no deduplication. Absent: normal operation.
     #[serde(default)]
@@ -798,6 +846,14 @@ fn default_drain_timeout() -> Duration {
 fn default_stall_after() -> Duration {
     Duration::from_secs(60)
 }
+fn default_max_message_bytes() -> usize {
+    // RocketMQ's own default maxMessageSize.
+    4 * 1024 * 1024
+}
+/// The largest `pipeline.max_message_bytes` accepted. Below 0x184D2204 bytes, the size an LZ4
+/// block body would declare if its first four bytes were the LZ4 frame magic, so the RocketMQ
+/// side tells the two LZ4 formats apart without guessing.
+pub const MAX_MESSAGE_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -809,6 +865,7 @@ impl Default for PipelineConfig {
             busy_retry: default_busy_retry(),
             drain_timeout: default_drain_timeout(),
             stall_after: default_stall_after(),
+            max_message_bytes: default_max_message_bytes(),
             pass_through: None,
         }
     }
@@ -1235,6 +1292,15 @@ impl Config {
                 ),
             ));
         }
+        if p.max_message_bytes < 1024 || p.max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
+            return Err(ConfigError::new(
+                "pipeline.max_message_bytes",
+                format!(
+                    "{} is outside 1024..={MAX_MESSAGE_BYTES_LIMIT} (1 KiB to 256 MiB), e.g. `4194304` (4 MiB)",
+                    p.max_message_bytes
+                ),
+            ));
+        }
         if let Some(pt) = &p.pass_through {
             if !self.sides.iter().any(|s| s.name == pt.side) {
                 return Err(ConfigError::new(
@@ -1346,6 +1412,7 @@ impl Config {
                 nonempty(&at("rocketmq.topic"), &r.topic, "reward")?;
                 nonempty(&at("rocketmq.group"), &r.group, "reward-consumer")?;
                 nonempty(&at("rocketmq.tag_expression"), &r.tag_expression, "*")?;
+                validate_rocketmq_security(&at, r)?;
             }
         }
         let c = &self.cutover;
@@ -1447,6 +1514,86 @@ fn nonempty(key: &str, v: &str, example: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// ACL keys in pairs, a namespace RocketMQ accepts, TLS files only with `tls = true` (no I/O:
+/// the files are read when the side starts).
+fn validate_rocketmq_security(
+    at: &dyn Fn(&str) -> String,
+    r: &RocketMqSideConfig,
+) -> Result<(), ConfigError> {
+    match (&r.access_key, &r.secret_key) {
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                at("rocketmq.secret_key"),
+                "access_key is set but secret_key is not: ACL needs both (ACL 2.0: user name and password)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                at("rocketmq.access_key"),
+                "secret_key is set but access_key is not: ACL needs both, e.g. `access_key = \"mqc\"`",
+            ))
+        }
+        (Some(ak), Some(sk)) => {
+            nonempty(&at("rocketmq.access_key"), ak, "mqc")?;
+            if sk.expose().is_empty() {
+                return Err(ConfigError::new(
+                    at("rocketmq.secret_key"),
+                    "must not be empty",
+                ));
+            }
+        }
+        (None, None) => {}
+    }
+    if let Some(ns) = &r.namespace {
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::new(
+                at("rocketmq.namespace"),
+                format!("`{ns}` must be 1-64 of `A-Z a-z 0-9 _ -`, e.g. `MQ_INST_1234_abcd`"),
+            ));
+        }
+    }
+    for (key, file) in [
+        ("rocketmq.tls_ca_file", &r.tls_ca_file),
+        ("rocketmq.tls_cert_file", &r.tls_cert_file),
+        ("rocketmq.tls_key_file", &r.tls_key_file),
+    ] {
+        match file {
+            Some(path) if !r.tls => {
+                return Err(ConfigError::new(
+                    at(key),
+                    format!(
+                        "`{}` is set but tls is false: set `tls = true` or remove it",
+                        path.display()
+                    ),
+                ))
+            }
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(ConfigError::new(
+                    at(key),
+                    "must not be empty, e.g. `/etc/mq-cutover/ca.pem`",
+                ))
+            }
+            _ => {}
+        }
+    }
+    match (&r.tls_cert_file, &r.tls_key_file) {
+        (Some(_), None) => Err(ConfigError::new(
+            at("rocketmq.tls_key_file"),
+            "tls_cert_file is set but tls_key_file is not: a client certificate needs its key",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            at("rocketmq.tls_cert_file"),
+            "tls_key_file is set but tls_cert_file is not: a client key needs its certificate",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn validate_id_source(key: &str, src: &IdSource) -> Result<(), ConfigError> {
@@ -2223,6 +2370,79 @@ url = "http://127.0.0.1:8080/grant"
         ));
         assert_eq!(e.key, "redis.tls");
         assert!(e.problem.contains("rediss://"), "{e}");
+    }
+
+    /// GOOD with `lines` added to its `[side.rocketmq]` table.
+    fn rocketmq_with(lines: &str) -> String {
+        with(
+            "topic = \"reward\"\ngroup = \"reward\"\n",
+            &format!("topic = \"reward\"\ngroup = \"reward\"\n{lines}\n"),
+        )
+    }
+
+    #[test]
+    fn rocketmq_security_settings_validate_and_keep_the_secret_out_of_debug() {
+        let cfg = Config::from_toml_str(&rocketmq_with(
+            "access_key = \"mqc\"\nsecret_key = \"s3cret-sk\"\nnamespace = \"MQ_INST_1_a-b\"\n\
+             tls = true\ntls_ca_file = \"/tb/ca.pem\"\ntls_cert_file = \"/tb/c.pem\"\n\
+             tls_key_file = \"/tb/c.key\"",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        let r = cfg.sides[1].rocketmq.as_ref().unwrap();
+        assert_eq!(r.access_key.as_deref(), Some("mqc"));
+        assert_eq!(r.secret_key.as_ref().unwrap().expose(), "s3cret-sk");
+        assert!(r.tls);
+        assert!(!format!("{cfg:?}").contains("s3cret-sk"));
+    }
+
+    #[test]
+    fn rocketmq_security_mistakes_name_their_key() {
+        for (lines, key) in [
+            ("access_key = \"mqc\"", "side[1].rocketmq.secret_key"),
+            ("secret_key = \"x\"", "side[1].rocketmq.access_key"),
+            (
+                "access_key = \"\"\nsecret_key = \"x\"",
+                "side[1].rocketmq.access_key",
+            ),
+            (
+                "access_key = \"a\"\nsecret_key = \"\"",
+                "side[1].rocketmq.secret_key",
+            ),
+            ("namespace = \"a%b\"", "side[1].rocketmq.namespace"),
+            ("namespace = \"\"", "side[1].rocketmq.namespace"),
+            ("tls_ca_file = \"/ca.pem\"", "side[1].rocketmq.tls_ca_file"),
+            (
+                "tls = true\ntls_cert_file = \"/c.pem\"",
+                "side[1].rocketmq.tls_key_file",
+            ),
+            (
+                "tls = true\ntls_key_file = \"/c.key\"",
+                "side[1].rocketmq.tls_cert_file",
+            ),
+        ] {
+            let e = err_of(&rocketmq_with(lines));
+            assert_eq!(e.key, key, "{lines}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_message_bytes_defaults_to_4_mib_and_is_bounded() {
+        let cfg = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
+        assert_eq!(cfg.pipeline.max_message_bytes, 4 * 1024 * 1024);
+        for bad in ["0", "1023", "268435457"] {
+            let e = err_of(&format!("{GOOD}\n[pipeline]\nmax_message_bytes = {bad}\n"));
+            assert_eq!(e.key, "pipeline.max_message_bytes", "{bad}");
+            assert!(e.problem.contains("outside"), "{e}");
+        }
+        let cfg = Config::from_toml_str(&format!(
+            "{GOOD}\n[pipeline]\nmax_message_bytes = 268435456\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(cfg.pipeline.max_message_bytes, MAX_MESSAGE_BYTES_LIMIT);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! shared by the CLI and, later, the admin API), [`app`] (wiring and the run loop), with
 //! [`telemetry`] and [`shutdown`] beside them.
 #![forbid(unsafe_code)]
+// rocketmq-client-rust's futures nest deeper than the compiler's default query depth when they
+// are proven `Send` (the RocketMQ source runs them on the daemon's runtime); upstream sets the
+// same limit on its own crates (mxsm/rocketmq-rust#3696, #9144, #9150).
+#![recursion_limit = "256"]
 
 pub mod admin;
 pub mod app;
@@ -31,7 +35,6 @@ pub mod pipeline;
 pub mod printable;
 pub mod produce;
 pub mod reward;
-pub mod rmq;
 pub mod secrets;
 pub mod shutdown;
 pub mod sink;

@@ -5,7 +5,9 @@
 //! Claims are batched: everything the source has ready (up to `claim_batch`) goes to Redis in one
 //! round trip; completions from all calls in flight are batched the same way by the completer.
 //! A copy answered BUSY waits beside the stream, not in it. While Redis is unreachable the
-//! sources are paused and the batch in hand waits; nothing proceeds without a claim.
+//! sources are paused and the batch in hand waits; nothing proceeds without a claim. An outage is
+//! logged when it starts, every [`OUTAGE_REPORT_EVERY`] while it lasts, and when it ends
+//! ([`Outage`]), never per copy.
 
 pub mod adopt;
 
@@ -20,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::arbiter::routing::{route, Route};
 use crate::arbiter::switches::{SwitchFeed, Switches};
-use crate::arbiter::waiting::{self, WaitEntry, Waiting};
+use crate::arbiter::waiting::{self, WaitEntry};
 use crate::arbiter::{
     Arbiter, Claim, ClaimRequest, CompleteRequest, Completion, LeaseToken, LeaseTokens, Outcome,
     Sighting, State,
@@ -100,6 +102,151 @@ impl Pause {
     }
 }
 
+/// How often a Redis outage that goes on is logged again, with what waits for it.
+pub const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// A Redis outage as the pipelines meet it: whatever waits for Redis registers a [`Waiter`]; the
+/// first one pauses the sources (`PauseReason::RedisDown`), the last one to go resumes them. One
+/// line when it starts (with the error), one every [`OUTAGE_REPORT_EVERY`] while it lasts (with
+/// what waits), one when it ends (with how long it took): never one per copy.
+#[derive(Debug)]
+pub struct Outage {
+    pause: Arc<Pause>,
+    state: Mutex<OutageState>,
+    report_every: Duration,
+}
+
+#[derive(Debug, Default)]
+struct OutageState {
+    /// Since when something waits (None: nothing does).
+    since: Option<Instant>,
+    reported: Option<Instant>,
+    waiters: usize,
+    copies: usize,
+    outcomes: usize,
+}
+
+/// What a [`Waiter`] holds back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Copies whose claim (or dead letter) Redis has not answered.
+    Copies,
+    /// Outcomes of calls not recorded yet.
+    Outcomes,
+}
+
+impl Outage {
+    /// An outage tracker that pauses and resumes `pause`.
+    pub fn new(pause: Arc<Pause>) -> Outage {
+        Outage {
+            pause,
+            state: Mutex::default(),
+            report_every: OUTAGE_REPORT_EVERY,
+        }
+    }
+
+    /// Registers `n` items of `kind` waiting for Redis after `error`; the first waiter of an
+    /// outage pauses the sources and says why.
+    pub fn wait(self: &Arc<Self>, kind: Waiting, n: usize, error: &StoreError) -> Waiter {
+        let mut s = self.state.lock().expect("outage lock");
+        s.waiters += 1;
+        *s.count(kind) += n;
+        if s.since.is_none() {
+            let now = Instant::now();
+            s.since = Some(now);
+            s.reported = Some(now);
+            tracing::error!(%error, "redis unavailable: pausing; nothing proceeds without a claim");
+            // Under the lock, so that the pause follows the waiters in the order they come and go.
+            self.pause.set(PauseReason::RedisDown, true);
+        }
+        drop(s);
+        Waiter {
+            outage: self.clone(),
+            kind,
+            n,
+            answered: false,
+        }
+    }
+
+    /// Copies and outcomes waiting for Redis right now.
+    pub fn waiting(&self) -> (usize, usize) {
+        let s = self.state.lock().expect("outage lock");
+        (s.copies, s.outcomes)
+    }
+}
+
+impl OutageState {
+    fn count(&mut self, kind: Waiting) -> &mut usize {
+        match kind {
+            Waiting::Copies => &mut self.copies,
+            Waiting::Outcomes => &mut self.outcomes,
+        }
+    }
+}
+
+/// Something waiting for Redis in an [`Outage`]; dropping it ends its wait.
+#[derive(Debug)]
+pub struct Waiter {
+    outage: Arc<Outage>,
+    kind: Waiting,
+    n: usize,
+    answered: bool,
+}
+
+impl Waiter {
+    /// Another attempt failed; `n` items still wait. Says the outage goes on, once per
+    /// [`OUTAGE_REPORT_EVERY`] across all waiters; true when it did.
+    pub fn again(&mut self, n: usize, error: &StoreError) -> bool {
+        let mut s = self.outage.state.lock().expect("outage lock");
+        let count = s.count(self.kind);
+        *count = *count + n - self.n;
+        self.n = n;
+        let due = s
+            .reported
+            .is_none_or(|at| at.elapsed() >= self.outage.report_every);
+        if !due {
+            return false;
+        }
+        s.reported = Some(Instant::now());
+        let (since, copies, outcomes) = (s.since, s.copies, s.outcomes);
+        drop(s);
+        tracing::warn!(
+            paused_for = ?since.map(|t| t.elapsed()).unwrap_or_default(),
+            copies_waiting = copies,
+            outcomes_waiting = outcomes,
+            %error,
+            "redis still unavailable: sources paused"
+        );
+        true
+    }
+
+    /// Redis answered what this waiter waited for.
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut s = self.outage.state.lock().expect("outage lock");
+        s.waiters -= 1;
+        let count = s.count(self.kind);
+        *count -= self.n;
+        if s.waiters > 0 {
+            return;
+        }
+        let took = s.since.take().map(|t| t.elapsed()).unwrap_or_default();
+        s.reported = None;
+        if self.answered {
+            tracing::info!(after = ?took, "redis answers again: resuming");
+        } else {
+            // Given up (shutting down): what waited is handed back unacknowledged.
+            tracing::debug!(after = ?took, "no longer waiting for redis");
+        }
+        self.outage.pause.set(PauseReason::RedisDown, false);
+    }
+}
+
 /// Settings of the pipeline, from `[pipeline]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -139,6 +286,8 @@ pub struct Shared {
     pub cutover: (Side, Side),
     /// The sources' pause switch.
     pub pause: Arc<Pause>,
+    /// What waits for Redis (pauses the sources while anything does).
+    pub outage: Arc<Outage>,
     /// Batches completions.
     pub completer: Completer,
     /// Records first sights for the dual-read check (`None` when `parity.enabled` is off).
@@ -165,9 +314,10 @@ impl Shared {
             .map_err(|e| anyhow::anyhow!("building the sink: {e}"))?;
         let backoff = Backoff::from_config(&cfg.sink.retry)
             .map_err(|e| anyhow::anyhow!("sink.retry: {e}"))?;
+        let outage = Arc::new(Outage::new(pause.clone()));
         let completer = Completer::start(
             arbiter.clone(),
-            pause.clone(),
+            outage.clone(),
             cfg.pipeline.claim_batch,
             stop.clone(),
             metrics.complete_seconds.clone(),
@@ -185,6 +335,7 @@ impl Shared {
                 cfg.cutover.to.as_str().into(),
             ),
             pause,
+            outage,
             completer,
             parity: cfg.parity.enabled.then(|| {
                 Arc::new(crate::parity::Recorder::start(
@@ -334,9 +485,22 @@ pub async fn run_side(
             _ = cancel.cancelled(), if taking => taking = false,
             Some(claimed) = claiming.next(), if !claiming.is_empty() => {
                 metrics.claims_in_flight.dec();
-                if let Some(claimed) = claimed {
-                    dispatch(&shared, &side, &metrics, claimed, &calls, &retry_tx, &cancel, &tracker)
-                        .await;
+                let unanswered = match claimed {
+                    Some(claimed) => {
+                        dispatch(&shared, &side, &metrics, claimed, &calls, &retry_tx, &cancel, &tracker)
+                            .await
+                    }
+                    None => None,
+                };
+                // Claims Redis did not answer go out again after a pause, with their tokens; they
+                // count against `claims_in_flight`, so a side whose claims go unanswered stops
+                // taking new copies.
+                if let Some(again) = unanswered {
+                    metrics.claims_in_flight.inc();
+                    claiming.push(
+                        reclaim(shared.clone(), side.clone(), metrics.clone(), again, cancel.clone())
+                            .boxed(),
+                    );
                 }
                 continue;
             }
@@ -359,13 +523,16 @@ pub async fn run_side(
         if !batch.is_empty() {
             let work = std::mem::replace(&mut batch, Vec::with_capacity(max));
             metrics.claims_in_flight.inc();
-            claiming.push(claim(
-                shared.clone(),
-                side.clone(),
-                metrics.clone(),
-                work,
-                cancel.clone(),
-            ));
+            claiming.push(
+                claim(
+                    shared.clone(),
+                    side.clone(),
+                    metrics.clone(),
+                    work,
+                    cancel.clone(),
+                )
+                .boxed(),
+            );
         }
     }
     tracing::info!(side = %side, "pipeline stopped taking copies");
@@ -377,6 +544,22 @@ struct Claimed {
     tokens: Vec<LeaseToken>,
     claims: Vec<Result<(Claim, Sighting), StoreError>>,
     /// When the claims were sent: no lease granted by them ends before this plus its length.
+    sent: Instant,
+    /// Set when these are claims sent again after Redis left them unanswered: the outage they
+    /// wait in, and the pause before the next attempt.
+    again: Option<(Waiter, Duration)>,
+}
+
+/// Copies whose claims Redis left unanswered (on a Redis Cluster each id is its own call, so
+/// one node away fails some ids of an answered batch), to be claimed again with the same tokens:
+/// a claim that did land is answered the same way again.
+struct Unanswered {
+    copies: Vec<Message>,
+    tokens: Vec<LeaseToken>,
+    waiter: Waiter,
+    wait: Duration,
+    /// When these tokens were first sent: a lease granted then (its answer lost) runs from
+    /// there, and an answer to the same token again does not extend it.
     sent: Instant,
 }
 
@@ -405,43 +588,86 @@ async fn claim(
     if good.is_empty() {
         return None;
     }
-    // Cancelled before the switches were known: hand everything back.
-    let switches = current_switches(&shared, &cancel).await?;
     let tokens: Vec<LeaseToken> = good.iter().map(|_| shared.tokens.next()).collect();
-    let reqs: Vec<ClaimRequest> = good
+    let claimed = claim_with(&shared, &side, good, tokens, &cancel).await?;
+    if let Some(parity) = &shared.parity {
+        record_sights(parity, &side, &metrics, &claimed.copies, &claimed.claims);
+    }
+    Some(claimed)
+}
+
+/// Claims `copies` again after `wait`, with their tokens, still in the outage they wait in.
+async fn reclaim(
+    shared: Arc<Shared>,
+    side: Side,
+    metrics: SideMetrics,
+    again: Unanswered,
+    cancel: CancellationToken,
+) -> Option<Claimed> {
+    let Unanswered {
+        copies,
+        tokens,
+        waiter,
+        wait,
+        sent,
+    } = again;
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = cancel.cancelled() => return None, // handed back
+    }
+    let mut claimed = claim_with(&shared, &side, copies, tokens, &cancel).await?;
+    if let Some(parity) = &shared.parity {
+        record_sights(parity, &side, &metrics, &claimed.copies, &claimed.claims);
+    }
+    claimed.again = Some((waiter, (wait * 2).min(MAX_REDIS_WAIT)));
+    claimed.sent = sent;
+    Some(claimed)
+}
+
+/// Claims `copies` under `tokens` in one round trip, waiting for Redis if it does not answer at
+/// all. `None` if cancelled first.
+async fn claim_with(
+    shared: &Shared,
+    side: &Side,
+    copies: Vec<Message>,
+    tokens: Vec<LeaseToken>,
+    cancel: &CancellationToken,
+) -> Option<Claimed> {
+    // Cancelled before the switches were known: hand everything back.
+    let switches = current_switches(shared, cancel).await?;
+    let reqs: Vec<ClaimRequest> = copies
         .iter()
         .zip(&tokens)
         .map(|(m, token)| {
-            let ident = m.identity.as_ref().expect("partitioned on is_ok");
+            let ident = m.identity.as_ref().expect("only good copies are claimed");
             ClaimRequest {
                 id: &ident.id,
-                side: &side,
-                routed_owner: routed_owner(&shared, &switches, &ident.business_id),
+                side,
+                routed_owner: routed_owner(shared, &switches, &ident.business_id),
                 token,
             }
         })
         .collect();
     let timer = shared.metrics.claim_seconds.start_timer();
     let sent = Instant::now();
-    let claims = until_redis_answers(&shared, &cancel, || {
+    let claims = until_redis_answers(shared, cancel, reqs.len(), || {
         shared.arbiter.claim_batch_sighted(&reqs)
     })
     .await?;
     timer.observe_duration();
     drop(reqs);
-    if let Some(parity) = &shared.parity {
-        record_sights(parity, &side, &metrics, &good, &claims);
-    }
     Some(Claimed {
-        copies: good,
+        copies,
         tokens,
         claims,
         sent,
+        again: None,
     })
 }
 
 /// Acts on a claimed batch: starts a call for each copy this side may deliver, acknowledges
-/// those it must not, and puts BUSY copies back beside the stream.
+/// those it must not, and puts BUSY copies back beside the stream. Returns the copies whose
+/// claims Redis left unanswered, to be claimed again while the sources are paused.
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
     shared: &Arc<Shared>,
@@ -452,13 +678,16 @@ async fn dispatch(
     retry_tx: &mpsc::UnboundedSender<Message>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
-) {
+) -> Option<Unanswered> {
     let Claimed {
         copies,
         tokens,
         claims,
         sent,
+        again,
     } = claimed;
+    let mut unanswered: (Vec<Message>, Vec<LeaseToken>) = Default::default();
+    let mut unanswered_error = None;
     // Copies whose claim Redis refused for good (a foreign key of another type under the prefix):
     // no claim, so no call; parked with the reason so that nothing is lost, once the batch is done.
     let mut refused: Vec<(Message, String)> = Vec::new();
@@ -513,9 +742,12 @@ async fn dispatch(
             Err(e) if !e.is_retryable() => {
                 refused.push((msg, format!("claim refused by redis: {e}")));
             }
+            // Shutting down: handed back unacknowledged.
+            Err(_) if cancel.is_cancelled() => {}
             Err(e) => {
-                tracing::warn!(id = %id_of(&msg), error = %e, "claim failed for one copy; retrying it");
-                later(shared, msg, Duration::ZERO, retry_tx, cancel, tracker);
+                unanswered.0.push(msg);
+                unanswered.1.push(token);
+                unanswered_error.get_or_insert(e);
             }
         }
     }
@@ -531,6 +763,31 @@ async fn dispatch(
     }
     for (msg, reason) in unlettered {
         letter_then_ack(shared, metrics, msg, &reason, 0, cancel).await;
+    }
+    let (copies, tokens) = unanswered;
+    match (again, unanswered_error) {
+        (Some((waiter, _)), None) => {
+            waiter.answered();
+            None
+        }
+        (None, None) => None,
+        (Some((mut waiter, wait)), Some(e)) => {
+            waiter.again(copies.len(), &e);
+            Some(Unanswered {
+                copies,
+                tokens,
+                waiter,
+                wait,
+                sent,
+            })
+        }
+        (None, Some(e)) => Some(Unanswered {
+            waiter: shared.outage.wait(Waiting::Copies, copies.len(), &e),
+            copies,
+            tokens,
+            wait: FIRST_REDIS_WAIT,
+            sent,
+        }),
     }
 }
 
@@ -570,11 +827,12 @@ async fn start_calls(
                 tokio::select! {
                     p = slot => p.expect("semaphore open"),
                     _ = cancel.cancelled() => {
-                        // Shutting down before the calls: give the leases back unused.
+                        // Shutting down before the calls: give the leases back unused, if Redis
+                        // takes them before the completer stops (else the leases run out).
                         drop(waiting);
-                        let _ = shared.completer.complete(id_of(&msg), side, token, Outcome::NotCalled).await;
+                        shared.completer.hand_back(id_of(&msg), side, token);
                         for (m, t, _) in proceeds {
-                            let _ = shared.completer.complete(id_of(&m), side, t, Outcome::NotCalled).await;
+                            shared.completer.hand_back(id_of(&m), side, t);
                         }
                         return;
                     }
@@ -640,9 +898,9 @@ async fn keep_for_adoption(
             position: Position::of(&m.origin),
         })
         .collect();
-    let index = Waiting::new(&shared.arbiter, side);
+    let index = waiting::Waiting::new(&shared.arbiter, side);
     let due = waiting::now_ms() + waiting::FIRST_CHECK.as_millis() as u64;
-    if until_redis_answers(shared, cancel, || index.add(&entries, due))
+    if until_redis_answers(shared, cancel, entries.len(), || index.add(&entries, due))
         .await
         .is_none()
     {
@@ -676,13 +934,13 @@ async fn letter_then_ack(
         payload: &msg.payload,
     }];
     let Some((_, trimmed)) =
-        until_redis_answers(shared, cancel, || shared.dead.park(&letter)).await
+        until_redis_answers(shared, cancel, 1, || shared.dead.park(&letter)).await
     else {
         return;
     };
     note_trimmed(shared, trimmed);
     let id = id_of(&msg);
-    if until_redis_answers(shared, cancel, || shared.arbiter.letter_written(id))
+    if until_redis_answers(shared, cancel, 1, || shared.arbiter.letter_written(id))
         .await
         .is_none()
     {
@@ -783,7 +1041,7 @@ async fn park_copies(
             }
         })
         .collect();
-    match until_redis_answers(shared, cancel, || shared.dead.park(&letters)).await {
+    match until_redis_answers(shared, cancel, letters.len(), || shared.dead.park(&letters)).await {
         Some((_, trimmed)) => {
             note_trimmed(shared, trimmed);
             true
@@ -877,38 +1135,61 @@ async fn current_switches(shared: &Shared, cancel: &CancellationToken) -> Option
     }
 }
 
-/// Runs `op` until Redis answers, pausing the sources meanwhile. `None` if cancelled first.
+/// The first pause before trying Redis again, doubling up to [`MAX_REDIS_WAIT`].
+const FIRST_REDIS_WAIT: Duration = Duration::from_millis(50);
+/// The longest pause between two tries while Redis does not answer.
+const MAX_REDIS_WAIT: Duration = Duration::from_secs(2);
+/// How long a Redis call already sent may still take once shutting down: its answer (leases
+/// granted, outcomes recorded) is worth waiting for, but not for longer than a reply takes.
+const CALL_GRACE_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// Runs `op` (which holds `n` copies or outcomes) until Redis answers, pausing the sources
+/// meanwhile. `None` if cancelled first: a call already sent gets [`CALL_GRACE_AT_SHUTDOWN`]
+/// to be answered, then it is given up, whatever Redis does.
 async fn until_redis_answers<T, F, Fut>(
     shared: &Shared,
     cancel: &CancellationToken,
+    n: usize,
     mut op: F,
 ) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
-    let mut wait = Duration::from_millis(50);
-    let mut paused = false;
+    let mut wait = FIRST_REDIS_WAIT;
+    let mut waiter: Option<Waiter> = None;
     loop {
-        match op().await {
+        match call_until_cancelled(cancel, op()).await? {
             Ok(v) => {
-                if paused {
-                    shared.pause.set(PauseReason::RedisDown, false);
+                if let Some(w) = waiter {
+                    w.answered();
                 }
                 return Some(v);
             }
-            Err(e) => {
-                if !paused {
-                    tracing::error!(error = %e, "redis unavailable: pausing; nothing proceeds without a claim");
-                    shared.pause.set(PauseReason::RedisDown, true);
-                    paused = true;
+            Err(e) => match &mut waiter {
+                None => waiter = Some(shared.outage.wait(Waiting::Copies, n, &e)),
+                Some(w) => {
+                    w.again(n, &e);
                 }
-            }
+            },
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(2)),
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(MAX_REDIS_WAIT),
             _ = cancel.cancelled() => return None,
         }
+    }
+}
+
+/// Awaits a Redis call; once `cancel` fires, for [`CALL_GRACE_AT_SHUTDOWN`] more at most.
+async fn call_until_cancelled<T>(
+    cancel: &CancellationToken,
+    call: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        out = &mut call => Some(out),
+        _ = cancel.cancelled() => tokio::time::timeout(CALL_GRACE_AT_SHUTDOWN, call).await.ok(),
     }
 }
 
@@ -980,10 +1261,7 @@ async fn deliver(
         // circuit's probe slot back to a call that will happen.
         let Some((turn, admission)) = call_turn(shared, Some((&ident.id, &token)), cancel).await
         else {
-            let _ = shared
-                .completer
-                .complete(&ident.id, side, token, Outcome::NotCalled)
-                .await;
+            shared.completer.hand_back(&ident.id, side, token);
             return;
         };
         if confirmed.elapsed() >= shared.arbiter.lease() / 3 {
@@ -999,8 +1277,15 @@ async fn deliver(
                 Err(e) => {
                     // Not known to be ours: no call. The record still names this token, so the
                     // claim of the copy put back answers BUSY until the lease ends, then proceeds.
-                    tracing::warn!(id = %ident.id, side = %side, error = %e,
-                        "cannot confirm the lease before the call: not calling; claiming the copy again");
+                    // Redis away is the outage's to report (the claim of the copy put back waits
+                    // in it), not this copy's.
+                    if e.is_retryable() {
+                        tracing::debug!(id = %ident.id, side = %side, error = %e,
+                            "cannot confirm the lease before the call: not calling; claiming the copy again");
+                    } else {
+                        tracing::warn!(id = %ident.id, side = %side, error = %e,
+                            "cannot confirm the lease before the call: not calling; claiming the copy again");
+                    }
                     let _ = retry_tx.send(msg);
                     return;
                 }
@@ -1091,7 +1376,7 @@ async fn deliver(
                 routed_owner: side,
                 token: &token,
             };
-            until_redis_answers(shared, cancel, || shared.arbiter.claim(&req)).await
+            until_redis_answers(shared, cancel, 1, || shared.arbiter.claim(&req)).await
         };
         match claim {
             None => return,
@@ -1179,6 +1464,8 @@ async fn with_renewal<F: std::future::Future>(
             _ = tick.tick() => match shared.arbiter.renew(id, token).await {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(%id, "lease lost during a long call or wait for a call slot"),
+                // Redis away: the outage is reported once, not per lease.
+                Err(e) if e.is_retryable() => tracing::debug!(%id, error = %e, "cannot renew the lease"),
                 Err(e) => tracing::warn!(%id, error = %e, "cannot renew the lease"),
             },
         }
@@ -1298,17 +1585,19 @@ struct Pending {
     side: Side,
     token: LeaseToken,
     outcome: Outcome,
-    reply: oneshot::Sender<Result<Completion, StoreError>>,
+    /// None once answered (or for a lease handed back, whose answer nobody waits for).
+    reply: Option<oneshot::Sender<Result<Completion, StoreError>>>,
 }
 
 impl Completer {
     /// Starts the batching task. It runs until every handle is dropped; once `stop` fires it
-    /// gives up on a batch Redis will not take (the waiting callers then hand their copies back).
-    /// An id Redis refuses for good (its key overwritten with another type) is answered with the
-    /// refusal at once, and the rest of its batch is recorded: one bad key never holds up others.
+    /// gives up on outcomes Redis will not take (the waiting callers then hand their copies
+    /// back). While Redis does not answer, the outcomes wait in `outage`. An id Redis refuses for
+    /// good (its key overwritten with another type) is answered with the refusal at once, and the
+    /// rest of its batch is recorded: one bad key never holds up others.
     pub fn start(
         arbiter: Arbiter,
-        pause: Arc<Pause>,
+        outage: Arc<Outage>,
         batch: usize,
         stop: CancellationToken,
         seconds: prometheus::Histogram,
@@ -1317,63 +1606,10 @@ impl Completer {
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(batch);
             while rx.recv_many(&mut buf, batch).await > 0 {
-                let mut wait = Duration::from_millis(50);
-                let mut paused = false;
-                while !buf.is_empty() {
-                    let reqs: Vec<CompleteRequest> = buf
-                        .iter()
-                        .map(|p| CompleteRequest {
-                            id: &p.id,
-                            side: &p.side,
-                            token: &p.token,
-                            outcome: &p.outcome,
-                        })
-                        .collect();
-                    let timer = seconds.start_timer();
-                    let answered = arbiter.complete_batch(&reqs).await;
-                    drop(reqs);
-                    let failure = match answered {
-                        Ok(results) => {
-                            timer.observe_duration();
-                            // Answer what is decided; keep what Redis could not take now.
-                            let mut again = Vec::new();
-                            let mut failure = None;
-                            for (p, r) in buf.drain(..).zip(results) {
-                                match r {
-                                    Err(e) if e.is_retryable() => {
-                                        failure.get_or_insert_with(|| e.to_string());
-                                        again.push(p);
-                                    }
-                                    r => {
-                                        let _ = p.reply.send(r);
-                                    }
-                                }
-                            }
-                            buf = again;
-                            match failure {
-                                None => break,
-                                Some(f) => f,
-                            }
-                        }
-                        Err(e) => e.to_string(),
-                    };
-                    if stop.is_cancelled() {
-                        // Shutting down with Redis away: the waiting calls hand their copies
-                        // back.
-                        buf.clear();
-                        break;
-                    }
-                    if !paused {
-                        tracing::error!(error = %failure, "cannot record outcomes: pausing until redis answers");
-                        pause.set(PauseReason::RedisDown, true);
-                        paused = true;
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                if paused {
-                    pause.set(PauseReason::RedisDown, false);
-                }
+                record(&arbiter, &outage, &mut buf, &stop, &seconds).await;
+                // Given up (shutting down with Redis away): the waiting calls hand their copies
+                // back when their reply channel closes.
+                buf.clear();
             }
         });
         Completer { tx }
@@ -1395,9 +1631,167 @@ impl Completer {
             side: side.clone(),
             token,
             outcome,
-            reply,
+            reply: Some(reply),
         };
         self.tx.send(p).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Gives an unused lease back (the call was not made: shutting down) without waiting: it is
+    /// recorded if Redis takes it before the completer stops; otherwise the lease runs out.
+    pub fn hand_back(&self, id: &str, side: &Side, token: LeaseToken) {
+        let _ = self.tx.try_send(Pending {
+            id: id.to_owned(),
+            side: side.clone(),
+            token,
+            outcome: Outcome::NotCalled,
+            reply: None,
+        });
+    }
+}
+
+/// Records the outcomes in `buf`, answering each caller as soon as its own is recorded; the ones
+/// Redis does not answer are sent again after a pause, while the sources are paused, until
+/// recorded or `stop`.
+async fn record(
+    arbiter: &Arbiter,
+    outage: &Arc<Outage>,
+    buf: &mut [Pending],
+    stop: &CancellationToken,
+    seconds: &prometheus::Histogram,
+) {
+    let mut todo: Vec<usize> = (0..buf.len()).collect();
+    let mut wait = FIRST_REDIS_WAIT;
+    let mut waiter: Option<Waiter> = None;
+    loop {
+        let reqs: Vec<CompleteRequest> = todo
+            .iter()
+            .map(|&i| CompleteRequest {
+                id: &buf[i].id,
+                side: &buf[i].side,
+                token: &buf[i].token,
+                outcome: &buf[i].outcome,
+            })
+            .collect();
+        let timer = seconds.start_timer();
+        let sent = call_until_cancelled(stop, arbiter.complete_batch(&reqs)).await;
+        drop(reqs);
+        let failure = match sent {
+            None => return, // stopped while the call was out
+            Some(Ok(answers)) => {
+                timer.observe_duration();
+                let mut failure = None;
+                let mut left = Vec::new();
+                for (i, answer) in todo.iter().copied().zip(answers) {
+                    match answer {
+                        // Redis could not take it now: sent again after a pause.
+                        Err(e) if e.is_retryable() => {
+                            left.push(i);
+                            failure.get_or_insert(e);
+                        }
+                        // Recorded, or refused for good: the caller decides.
+                        answer => {
+                            if let Some(reply) = buf[i].reply.take() {
+                                let _ = reply.send(answer);
+                            }
+                        }
+                    }
+                }
+                todo = left;
+                failure
+            }
+            Some(Err(e)) => Some(e),
+        };
+        let Some(e) = failure else {
+            if let Some(w) = waiter {
+                w.answered();
+            }
+            return;
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        match &mut waiter {
+            None => waiter = Some(outage.wait(Waiting::Outcomes, todo.len(), &e)),
+            Some(w) => {
+                w.again(todo.len(), &e);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(MAX_REDIS_WAIT),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down() -> StoreError {
+        StoreError::Unavailable(redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        )))
+    }
+
+    #[test]
+    fn an_outage_pauses_once_and_resumes_when_its_last_waiter_is_answered() {
+        let metrics = Metrics::default();
+        let pause = Arc::new(Pause::counted(&metrics));
+        let paused = pause.subscribe();
+        let outage = Arc::new(Outage::new(pause));
+
+        let mut claims = outage.wait(Waiting::Copies, 3, &down());
+        assert!(*paused.borrow());
+        let outcomes = outage.wait(Waiting::Outcomes, 2, &down());
+        assert_eq!(outage.waiting(), (3, 2));
+        assert_eq!(
+            metrics.pauses.get(),
+            1,
+            "a second waiter does not pause again"
+        );
+
+        claims.again(1, &down());
+        assert_eq!(outage.waiting(), (1, 2));
+        claims.answered();
+        assert!(*paused.borrow(), "still paused while outcomes wait");
+        assert_eq!(outage.waiting(), (0, 2));
+
+        outcomes.answered();
+        assert!(!*paused.borrow(), "resumed with the last waiter");
+        assert_eq!(outage.waiting(), (0, 0));
+        assert_eq!(metrics.pauses.get(), 1);
+
+        // The next outage is a new pause.
+        drop(outage.wait(Waiting::Copies, 1, &down()));
+        assert!(!*paused.borrow(), "a waiter given up on resumes too");
+        assert_eq!(metrics.pauses.get(), 2);
+    }
+
+    #[test]
+    fn an_outage_that_goes_on_is_reported_once_per_period_across_its_waiters() {
+        let mut outage = Outage::new(Arc::new(Pause::default()));
+        outage.report_every = Duration::from_millis(50);
+        let outage = Arc::new(outage);
+        let mut a = outage.wait(Waiting::Copies, 1, &down());
+        let mut b = outage.wait(Waiting::Outcomes, 1, &down());
+        assert!(!a.again(1, &down()), "not when it has just begun");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(a.again(1, &down()), "once the period has passed");
+        assert!(!b.again(1, &down()), "not again for the other waiter");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.again(1, &down()));
+    }
+
+    #[test]
+    fn a_circuit_pause_outlives_the_end_of_an_outage() {
+        let pause = Arc::new(Pause::default());
+        let paused = pause.subscribe();
+        let outage = Arc::new(Outage::new(pause.clone()));
+        pause.set(PauseReason::CircuitOpen, true);
+        outage.wait(Waiting::Copies, 1, &down()).answered();
+        assert!(*paused.borrow(), "the open circuit still holds the sources");
+        pause.set(PauseReason::CircuitOpen, false);
+        assert!(!*paused.borrow());
     }
 }

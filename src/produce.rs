@@ -117,7 +117,7 @@ impl Writer {
                     .context("rocketmq side without [side.rocketmq]")?;
                 Writer::RocketMq(
                     Box::new(
-                        RocketMqWriter::connect(&r.name_server, &format!("{}-producer", r.group))
+                        RocketMqWriter::connect_side(r, &format!("{}-producer", r.group), None)
                             .await
                             .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
                     ),

@@ -4,13 +4,24 @@
 //!
 //! Both connections reconnect by themselves with backoff; a call made while Redis is away fails
 //! fast with [`StoreError::Unavailable`], which callers treat as "stop taking messages".
+//!
+//! Neither reconnects a connection whose calls only time out, and the cluster client can wedge
+//! for good (see [`Store::watchdog`]): the daemon runs a watchdog that replaces a connection on
+//! which every call has failed for a while although the servers answer a fresh connection.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, Value,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{RedisConfig, RedisMode};
 
@@ -90,13 +101,15 @@ impl From<RedisError> for StoreError {
     }
 }
 
-/// A connection to standalone Redis or a Redis Cluster; cheap to clone (both multiplex).
+/// A connection to standalone Redis or a Redis Cluster; cheap to clone (both multiplex). Every
+/// clone sends on the connection the store holds at the time of the call: the watchdog may have
+/// replaced it since the clone was made.
 #[derive(Clone)]
 pub enum Conn {
     /// One server.
-    Standalone(ConnectionManager),
+    Standalone(Watched<ConnectionManager>),
     /// Redis Cluster.
-    Cluster(ClusterConnection),
+    Cluster(Watched<ClusterConnection>),
 }
 
 impl ConnectionLike for Conn {
@@ -127,6 +140,154 @@ impl ConnectionLike for Conn {
     }
 }
 
+impl Conn {
+    fn health(&self) -> &Health {
+        match self {
+            Conn::Standalone(c) => &c.link.health,
+            Conn::Cluster(c) => &c.link.health,
+        }
+    }
+}
+
+/// A multiplexed connection the watchdog can swap for a new one under its users, and that notes
+/// when its calls were last answered and last went unanswered. Cheap to clone.
+pub struct Watched<T> {
+    link: Arc<Link<T>>,
+}
+
+impl<T> Clone for Watched<T> {
+    fn clone(&self) -> Self {
+        Watched {
+            link: self.link.clone(),
+        }
+    }
+}
+
+struct Link<T> {
+    current: ArcSwap<T>,
+    health: Health,
+}
+
+impl<T> Watched<T> {
+    fn new(conn: T) -> Self {
+        Watched {
+            link: Arc::new(Link {
+                current: ArcSwap::from_pointee(conn),
+                health: Health::new(),
+            }),
+        }
+    }
+
+    /// Puts `conn` in place of the current connection; calls already sent finish on the old one.
+    fn replace(&self, conn: T) {
+        self.link.current.store(Arc::new(conn));
+        self.link.health.restart();
+    }
+}
+
+impl<T: ConnectionLike + Clone + Send + Sync + 'static> ConnectionLike for Watched<T> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        // A clone of the current connection (an Arc and a channel handle), so that no guard on
+        // the pointer is held across the call.
+        let mut conn = T::clone(&self.link.current.load());
+        Box::pin(async move {
+            let reply = conn.req_packed_command(cmd).await;
+            self.link.health.note(&reply);
+            reply
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let mut conn = T::clone(&self.link.current.load());
+        Box::pin(async move {
+            let reply = conn.req_packed_commands(pipeline, offset, count).await;
+            self.link.health.note(&reply);
+            reply
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.link.current.load().get_db()
+    }
+}
+
+/// When calls on the current connection were last answered and last went unanswered, in ms
+/// since `epoch` (an answer includes an error reply: the server is there).
+struct Health {
+    epoch: Instant,
+    answered_ms: AtomicU64,
+    failed_ms: AtomicU64,
+}
+
+impl Health {
+    fn new() -> Health {
+        Health {
+            epoch: Instant::now(),
+            answered_ms: AtomicU64::new(0),
+            failed_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn note<V>(&self, reply: &Result<V, RedisError>) {
+        let stamp = match reply {
+            Err(e) if unanswered(e) => &self.failed_ms,
+            _ => &self.answered_ms,
+        };
+        stamp.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A new connection starts with a clean slate: it gets a whole stall period of its own.
+    fn restart(&self) {
+        self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long nothing has been answered, if calls went unanswered throughout `stall_after` and
+    /// still do (an idle connection does not stall).
+    fn stalled(&self, stall_after: Duration) -> Option<Duration> {
+        let now = self.now_ms();
+        let answered = self.answered_ms.load(Ordering::Relaxed);
+        let failed = self.failed_ms.load(Ordering::Relaxed);
+        let window = stall_after.as_millis() as u64;
+        let silent = now.saturating_sub(answered);
+        (failed > answered && silent >= window && now.saturating_sub(failed) <= window)
+            .then(|| Duration::from_millis(silent))
+    }
+}
+
+/// The call never got an answer from a server: timed out, connection cut or refused, no
+/// connection to the node.
+fn unanswered(e: &RedisError) -> bool {
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(e.kind(), redis::ErrorKind::ClusterConnectionNotFound)
+}
+
+/// What it takes to open a new connection like the first one, and to ask the servers directly
+/// whether they answer.
+enum Opener {
+    Standalone {
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster {
+        client: ClusterClient,
+        seeds: Vec<ConnectionInfo>,
+        /// The TLS settings of `[redis.tls]`, for the fresh connections that probe the seeds.
+        certs: Option<redis::TlsCertificates>,
+    },
+}
+
 /// The Redis handle: a command connection, a way to open subscriptions, and the key prefix.
 #[derive(Clone)]
 pub struct Store {
@@ -134,6 +295,9 @@ pub struct Store {
     /// A plain client to one node, for pub/sub (in a cluster, PUBLISH reaches every node).
     subscriber: redis::Client,
     prefix: Arc<str>,
+    opener: Arc<Opener>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 impl Store {
@@ -155,7 +319,7 @@ impl Store {
             None => redis::Client::open(infos[0].clone()),
         }
         .map_err(StoreError::Setup)?;
-        let conn = match cfg.mode {
+        let (conn, opener) = match cfg.mode {
             RedisMode::Standalone => {
                 let mgr_cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(cfg.connect_timeout))
@@ -165,15 +329,21 @@ impl Store {
                     .set_min_delay(Duration::from_millis(50))
                     .set_max_delay(Duration::from_secs(2));
                 let mgr = if lazy {
-                    ConnectionManager::new_lazy_with_config(subscriber.clone(), mgr_cfg)
+                    ConnectionManager::new_lazy_with_config(subscriber.clone(), mgr_cfg.clone())
                         .map_err(StoreError::Setup)?
                 } else {
-                    ConnectionManager::new_with_config(subscriber.clone(), mgr_cfg).await?
+                    ConnectionManager::new_with_config(subscriber.clone(), mgr_cfg.clone()).await?
                 };
-                Conn::Standalone(mgr)
+                (
+                    Conn::Standalone(Watched::new(mgr)),
+                    Opener::Standalone {
+                        client: subscriber.clone(),
+                        config: mgr_cfg,
+                    },
+                )
             }
             RedisMode::Cluster => {
-                let mut b = redis::cluster::ClusterClientBuilder::new(infos)
+                let mut b = redis::cluster::ClusterClientBuilder::new(infos.clone())
                     .connection_timeout(cfg.connect_timeout)
                     .response_timeout(cfg.response_timeout)
                     .retries(2);
@@ -183,22 +353,44 @@ impl Store {
                 if let Some(p) = &cfg.password {
                     b = b.password(p.expose());
                 }
-                if let Some(c) = certs {
+                if let Some(c) = certs.clone() {
                     b = b.certs(c);
                 }
                 let client = b.build().map_err(StoreError::Setup)?;
                 let conn = if lazy {
-                    client.get_pending_async_connection_with_config(Default::default())
+                    // The config passed here replaces the builder's per-node timeouts: without
+                    // them the client's own recovery requests (CLUSTER SLOTS, PING) wait forever
+                    // on a node that does not answer, and every call waits behind the recovery.
+                    client.get_pending_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(cfg.connect_timeout)
+                            .set_response_timeout(cfg.response_timeout),
+                    )
                 } else {
-                    client.get_async_connection().await?
+                    // Bounded: it can hang (redis-rs #1953).
+                    bounded(
+                        (cfg.connect_timeout + cfg.response_timeout) * 2,
+                        client.get_async_connection(),
+                    )
+                    .await?
                 };
-                Conn::Cluster(conn)
+                (
+                    Conn::Cluster(Watched::new(conn)),
+                    Opener::Cluster {
+                        client,
+                        seeds: infos,
+                        certs,
+                    },
+                )
             }
         };
         Ok(Store {
             conn,
             subscriber,
             prefix: cfg.key_prefix.as_str().into(),
+            opener: Arc::new(opener),
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
         })
     }
 
@@ -222,6 +414,143 @@ impl Store {
         let mut c = self.conn();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
+    }
+
+    /// How long every call on a connection must have gone unanswered before the watchdog asks
+    /// the servers directly: three reply timeouts, at least [`MIN_STALL`].
+    pub fn stall_after(&self) -> Duration {
+        (self.response_timeout * 3).max(MIN_STALL)
+    }
+
+    /// Replaces the command connection when no call on it has been answered for
+    /// [`Store::stall_after`] while calls keep failing, and a fresh connection to the servers
+    /// answers (`PING` on standalone; `CLUSTER INFO` saying `cluster_state:ok` from a seed node
+    /// on a cluster). Counts each replacement in `replaced` and logs it. Runs until `cancel`.
+    ///
+    /// Why: neither connection type of the redis crate replaces a connection whose calls only
+    /// time out. And the cluster client can wedge for good under load: its one task, which routes
+    /// every call, waits in a recovery (a slot refresh, or a reconnect to the seed nodes) for the
+    /// write lock of its connection map, which a background node repair already queued for (the
+    /// repair, registered by redis-rs #2120 for #2092, and the cause of #2277) and which that
+    /// task no longer polls while it recovers (redis 1.8.1, `cluster_async`: the comment at
+    /// `poll_reconnects` names the same deadlock, #2418). Under the daemons' load that task was
+    /// also seen to stop being polled with no recovery under way (its last poll: 100 calls queued
+    /// for it, 128 in flight, the connection map locked). Either way every call times out from
+    /// then on, the servers see no command at all, and nothing inside the crate ever ends it; a
+    /// new connection has a task of its own, and the old task ends with its last handle.
+    pub async fn watchdog(self, replaced: prometheus::IntCounter, cancel: CancellationToken) {
+        let stall_after = self.stall_after();
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(silent) = self.conn.health().stalled(stall_after) else {
+                continue;
+            };
+            // Redis itself away: that is an outage, which the pipelines handle by pausing.
+            if let Err(e) = self.servers_answer().await {
+                tracing::debug!(error = %e, "redis connection stalled and the servers do not answer a fresh connection either");
+                continue;
+            }
+            match self.reopen().await {
+                Ok(()) => {
+                    replaced.inc();
+                    tracing::warn!(
+                        silent = ?silent,
+                        "redis connection: no call answered for this long while the servers \
+                         answer a fresh connection; replaced the connection"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "redis connection stalled; opening a new one failed, trying again"),
+            }
+        }
+    }
+
+    /// Whether the servers answer a connection of their own, made now.
+    async fn servers_answer(&self) -> Result<(), StoreError> {
+        let fresh = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let limit = self.connect_timeout + self.response_timeout;
+        match &*self.opener {
+            Opener::Standalone { client, .. } => {
+                let mut c = bounded(
+                    limit,
+                    client.get_multiplexed_async_connection_with_config(&fresh),
+                )
+                .await?;
+                let _: String = redis::cmd("PING").query_async(&mut c).await?;
+                Ok(())
+            }
+            Opener::Cluster { seeds, certs, .. } => {
+                let mut last = None;
+                for seed in seeds {
+                    let asked = async {
+                        let client = match certs {
+                            Some(c) => redis::Client::build_with_tls(seed.clone(), c.clone())?,
+                            None => redis::Client::open(seed.clone())?,
+                        };
+                        let mut c = bounded(
+                            limit,
+                            client.get_multiplexed_async_connection_with_config(&fresh),
+                        )
+                        .await?;
+                        redis::cmd("CLUSTER")
+                            .arg("INFO")
+                            .query_async::<String>(&mut c)
+                            .await
+                    };
+                    match asked.await {
+                        Ok(info) if info.contains("cluster_state:ok") => return Ok(()),
+                        Ok(_) => last = Some(StoreError::Reply("cluster_state is not ok".into())),
+                        Err(e) => last = Some(e.into()),
+                    }
+                }
+                Err(last.unwrap_or_else(|| StoreError::Reply("no seed node".into())))
+            }
+        }
+    }
+
+    /// Opens a new command connection and puts it in place of the current one.
+    async fn reopen(&self) -> Result<(), StoreError> {
+        let limit = self.connect_timeout + self.response_timeout;
+        match (&*self.opener, &self.conn) {
+            (Opener::Standalone { client, config }, Conn::Standalone(watched)) => {
+                let mgr = bounded(
+                    limit,
+                    ConnectionManager::new_with_config(client.clone(), config.clone()),
+                )
+                .await?;
+                watched.replace(mgr);
+            }
+            (Opener::Cluster { client, .. }, Conn::Cluster(watched)) => {
+                // Bounded: the first connection of a cluster client can hang (redis-rs #1953).
+                let conn = bounded(limit * 2, client.get_async_connection()).await?;
+                watched.replace(conn);
+            }
+            _ => unreachable!("the opener matches the connection"),
+        }
+        Ok(())
+    }
+}
+
+/// The shortest stall the watchdog acts on.
+pub const MIN_STALL: Duration = Duration::from_secs(3);
+/// How often the watchdog looks at the connection.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// `fut`, failing with a timeout after `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
     }
 }
 

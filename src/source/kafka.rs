@@ -206,6 +206,7 @@ impl KafkaSource {
             cancel,
             mut paused,
             membership,
+            ..
         } = cx;
         let start_error = |reason: String| SourceError::Start {
             side: side.clone(),
@@ -343,7 +344,6 @@ impl KafkaSource {
                 () = tokio::time::sleep(ROOM_RECHECK), if fetch.paused && !halted && pending.is_empty() => {}
                 record = consumer.recv() => match record {
                     Ok(record) => {
-                        consumer.context().reached();
                         // Drop held copies of partitions revoked before this record came, and
                         // only those: this record may be of the same partition, assigned again.
                         purge_revoked(&mut pending, consumer.context());
@@ -1137,7 +1137,8 @@ impl KafkaContext {
         }
     }
 
-    /// A broker answered (a record, a request): any outage is over.
+    /// A broker answered a request (the lag query, a rebalance): any outage is over. Not a
+    /// record: librdkafka hands over records it fetched before the outage while it lasts.
     fn reached(&self) {
         if let Some(lasted) = self.membership.reached() {
             info!(side = %self.side, after = %humantime::format_duration(Duration::from_millis(lasted.as_millis() as u64)), "Kafka brokers reachable again");

@@ -46,6 +46,9 @@ pub struct SourceContext {
     pub paused: watch::Receiver<bool>,
     /// Where the source reports joining its group, its assignment, rebalances and lag.
     pub membership: Membership,
+    /// `pipeline.max_message_bytes`: a body larger than this (as stored, or once uncompressed)
+    /// is handed over as bad input, with the reason and no payload, never forwarded.
+    pub max_message_bytes: usize,
 }
 
 /// How often the daemon's sources measure their lag: a few small broker requests per interval,
@@ -369,9 +372,9 @@ impl Membership {
         flipped
     }
 
-    /// A broker answered (a record came, a request was answered): any outage is over. Returns
-    /// how long the one that ended lasted. Cheap when there was none: sources call it for every
-    /// record.
+    /// A broker answered a request: any outage is over. Returns how long the one that ended
+    /// lasted. Cheap when there was none (an atomic load): sources call it after every answered
+    /// lag query.
     pub fn reached(&self) -> Option<Duration> {
         if !self.inner.out_of_reach.load(Ordering::Acquire) {
             return None;

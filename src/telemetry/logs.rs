@@ -1,8 +1,23 @@
-//! Log output: human text or one JSON object per line, filtered by `log.level` (or `RUST_LOG`).
+//! Log output: human text or one JSON object per line, filtered by `log.level` (or `RUST_LOG`),
+//! with the RocketMQ client's chatter held to warnings.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+
+/// The RocketMQ client logs every connection step and every offset it persists at info (up to
+/// five lines a second per queue at the source's commit interval); keep it to warnings unless
+/// the configured filter says something about it.
+fn quiet_clients(level: &str) -> String {
+    if level.contains("rocketmq_") {
+        level.to_owned()
+    } else {
+        format!(
+            "{level},rocketmq_client_rust=warn,rocketmq_transport=warn,rocketmq_runtime=warn,\
+             rocketmq_protocol=warn,rocketmq_model=warn,rocketmq_auth=warn"
+        )
+    }
+}
 
 /// Installs the global subscriber; logs go to stderr so that command output stays clean.
 pub fn init(cfg: &LogConfig) {
@@ -10,7 +25,8 @@ pub fn init(cfg: &LogConfig) {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| cfg.level.clone());
-    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let filter = EnvFilter::try_new(quiet_clients(&wanted))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_clients(&cfg.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -21,4 +37,25 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rocketmq_client_is_held_to_warnings_unless_the_filter_names_it() {
+        let quiet = quiet_clients("info");
+        assert!(
+            quiet.starts_with("info,rocketmq_client_rust=warn,"),
+            "{quiet}"
+        );
+        assert!(EnvFilter::try_new(&quiet).is_ok());
+        assert_eq!(
+            quiet_clients("info,rocketmq_client_rust=debug"),
+            "info,rocketmq_client_rust=debug"
+        );
+        // Our own module path names rocketmq too, but not a client crate.
+        assert!(quiet_clients("mq_cutover::source::rocketmq=debug").contains("=warn"));
+    }
 }

@@ -59,6 +59,9 @@ pub const CIRCUIT_OPEN: &str = "mqc_circuit_open";
 pub const REDIS_UP: &str = "mqc_redis_up";
 /// Times the sources were paused (Redis away, circuit open).
 pub const PAUSES_TOTAL: &str = "mqc_pauses_total";
+/// Redis command connections replaced, by reason (`stalled`: no call answered for a while
+/// although the servers answered a fresh connection).
+pub const REDIS_RECONNECTS_TOTAL: &str = "mqc_redis_reconnects_total";
 /// Messages behind the end of the log, by side and partition (Kafka) or queue (RocketMQ).
 pub const CONSUMER_LAG: &str = "mqc_consumer_lag_messages";
 /// Partitions or queues assigned to this instance, by side.
@@ -102,6 +105,7 @@ pub const NAMES: &[&str] = &[
     CIRCUIT_OPEN,
     REDIS_UP,
     PAUSES_TOTAL,
+    REDIS_RECONNECTS_TOTAL,
     CONSUMER_LAG,
     ASSIGNED_QUEUES,
     REBALANCES_TOTAL,
@@ -248,6 +252,8 @@ pub struct Metrics {
     pub pauses: IntCounter,
     /// Dead letters removed by the stream's cap.
     pub dead_trimmed: IntCounter,
+    /// Redis connections the watchdog replaced because they stalled.
+    pub redis_reconnects_stalled: IntCounter,
     /// Lag by side and partition / queue.
     pub consumer_lag: IntGaugeVec,
     /// Assigned partitions / queues by side.
@@ -487,6 +493,19 @@ impl Default for Metrics {
                 )
                 .expect("valid"),
             ),
+            redis_reconnects_stalled: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        REDIS_RECONNECTS_TOTAL,
+                        "Redis command connections replaced, by reason (stalled: no call answered \
+                         although the servers answered a fresh connection).",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid"),
+            )
+            .with_label_values(&["stalled"]),
             consumer_lag: reg(
                 &r,
                 IntGaugeVec::new(

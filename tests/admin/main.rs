@@ -536,12 +536,12 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
             properties: Default::default(),
             secret_files: Default::default(),
         }),
-        rocketmq: (kind == SideKind::Rocketmq).then(|| RocketMqSideConfig {
-            name_server: std::env::var("MQC_ROCKETMQ_NAMESRV")
-                .unwrap_or_else(|_| "127.0.0.1:19876".into()),
-            topic: name.clone(),
-            tag_expression: "*".into(),
-            group: format!("{name}-group"),
+        rocketmq: (kind == SideKind::Rocketmq).then(|| {
+            RocketMqSideConfig::plain(
+                &std::env::var("MQC_ROCKETMQ_NAMESRV").unwrap_or_else(|_| "127.0.0.1:19876".into()),
+                &name,
+                &format!("{name}-group"),
+            )
         }),
     };
     let sides = [side(SideKind::Kafka), side(SideKind::Rocketmq)];
@@ -585,6 +585,7 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
             cancel: cancel.clone(),
             paused: paused.clone(),
             membership: m.clone(),
+            max_message_bytes: 4 << 20,
         })));
     }
     let mut joined_at = std::collections::BTreeMap::new();

@@ -7,6 +7,7 @@ mod invariants;
 mod letters;
 mod memory;
 mod model;
+mod outage;
 mod parity;
 mod pipelined;
 mod transitions;

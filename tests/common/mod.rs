@@ -79,6 +79,25 @@ pub fn offline_config(
     prefix: &str,
     pipeline: &str,
 ) -> mq_cutover::config::Validated {
+    offline_config_on(RedisMode::Standalone, &[redis_url], prefix, pipeline)
+}
+
+/// [`offline_config`] on Redis in `mode` at `urls` (a cluster's seed nodes).
+pub fn offline_config_on(
+    mode: RedisMode,
+    urls: &[&str],
+    prefix: &str,
+    pipeline: &str,
+) -> mq_cutover::config::Validated {
+    let mode = match mode {
+        RedisMode::Standalone => "standalone",
+        RedisMode::Cluster => "cluster",
+    };
+    let urls = urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut side_sections = String::new();
     for (name, broker) in [
         (
@@ -97,7 +116,7 @@ pub fn offline_config(
         ));
     }
     mq_cutover::config::Config::from_toml_str(&format!(
-        "[redis]\nurls = [\"{redis_url}\"]\nkey_prefix = \"{prefix}\"\n\
+        "[redis]\nmode = \"{mode}\"\nurls = [{urls}]\nkey_prefix = \"{prefix}\"\n\
          [cutover]\nfrom = \"kafka\"\nto = \"rocketmq\"\n\
          {side_sections}\
          [sink]\nurl = \"http://127.0.0.1:1/grant\"\n\
@@ -331,6 +350,17 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered, as with a
+    /// server that hangs or a network that drops every packet.
+    pub fn freeze(&self) {
+        signal(self.child.as_ref().expect("running").id(), "STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.as_ref().expect("running").id(), "CONT");
+    }
+
     /// Stops the server (SIGKILL: as abrupt as a crash).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -390,7 +420,241 @@ impl PrivateRedis {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            signal(c.id(), "CONT"); // a frozen server does not die of SIGKILL before it runs
+        }
         self.stop();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A private Redis Cluster of masters on free loopback ports (each with its bus port, +10000,
+/// free too), for tests that stop a node on purpose. Killed on drop.
+pub struct PrivateCluster {
+    /// The nodes' ports, in the order given to `redis-cli --cluster create`.
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    /// `n` masters (1, or 3 and more), all slots assigned, `cluster_state:ok` on every node.
+    pub fn start(n: usize) -> PrivateCluster {
+        Self::launch(n, None)
+    }
+
+    /// Like [`PrivateCluster::start`], each node announcing `announce[i]` as its port (a proxy in
+    /// front of it): the cluster's topology, and so its clients, name those ports.
+    pub fn start_announcing(announce: &[u16]) -> PrivateCluster {
+        Self::launch(announce.len(), Some(announce))
+    }
+
+    fn launch(n: usize, announce: Option<&[u16]>) -> PrivateCluster {
+        assert!(
+            n == 1 || n >= 3,
+            "redis-cli creates clusters of 3 masters or more"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..n).map(|_| free_cluster_port()).collect();
+        let mut children = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+                "--cluster-announce-ip",
+                "127.0.0.1",
+                "--dir",
+            ])
+            .arg(&node_dir);
+            if let Some(announce) = announce {
+                cmd.args([
+                    "--cluster-announce-port",
+                    &announce[i].to_string(),
+                    "--cluster-announce-bus-port",
+                    &(port + 10000).to_string(),
+                ]);
+            }
+            let child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server not installed: run `scripts/testbed up` (it installs it)");
+            children.push(child);
+        }
+        let c = PrivateCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for port in &c.ports {
+            c.wait_ping(*port);
+        }
+        if n == 1 {
+            c.cli(c.ports[0], &["cluster", "addslotsrange", "0", "16383"]);
+        } else {
+            let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let out = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("redis-cli");
+            assert!(
+                out.status.success(),
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c
+            .ports
+            .iter()
+            .all(|p| c.cli(*p, &["cluster", "info"]).contains("cluster_state:ok"))
+        {
+            assert!(Instant::now() < deadline, "private cluster never got ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn wait_ping(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.cli(port, &["ping"]).contains("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "private cluster node {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis-cli -p port args…`, its output (empty if it failed).
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The seed URLs of the nodes (their own ports).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Freezes node `i` (SIGSTOP).
+    pub fn freeze(&self, i: usize) {
+        signal(self.children[i].id(), "STOP");
+    }
+
+    /// Lets node `i` go on (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        signal(self.children[i].id(), "CONT");
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A loopback TCP proxy to one server that can stall: the connections it holds at that moment
+/// stop forwarding in both directions but stay open (a server that stopped answering on them,
+/// or packets lost on the way), while connections made afterwards forward as before.
+pub struct StallingProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl StallingProxy {
+    /// Listens on a free port (or `port`, if given) and forwards to 127.0.0.1:`upstream`.
+    pub async fn start(upstream: u16, port: Option<u16>) -> StallingProxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port.unwrap_or(0)))
+            .await
+            .expect("proxy port");
+        let port = listener.local_addr().unwrap().port();
+        let generation = std::sync::Arc::new(tokio::sync::watch::channel(0u64).0);
+        let gen = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let mut stalled = gen.subscribe();
+                let born = *stalled.borrow_and_update();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let forward = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    let stall = stalled.wait_for(|g| *g != born);
+                    tokio::select! {
+                        _ = forward => return,
+                        _ = stall => {}
+                    }
+                    // Stalled: keep both sockets open (a closed one would be noticed), read and
+                    // drop what the client sends, send it nothing.
+                    let _held = (cw, sr, sw);
+                    let _ = tokio::io::copy(&mut cr, &mut tokio::io::sink()).await;
+                });
+            }
+        });
+        StallingProxy { port, generation }
+    }
+
+    /// Stalls every connection open now.
+    pub fn stall(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 }
 

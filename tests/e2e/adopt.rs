@@ -141,11 +141,20 @@ async fn dropped_copies_at(percent: u8, name: &str) {
     let counted = total(&bed, "mqc_adopted_total{side=\"kafka\"}").await
         + total(&bed, "mqc_adopted_total{side=\"rocketmq\"}").await;
     assert_eq!(counted as u64, adopted, "mqc_adopted_total");
+    let kafka = total(&bed, "mqc_adopted_total{side=\"kafka\"}").await as u64;
+    let rocketmq = total(&bed, "mqc_adopted_total{side=\"rocketmq\"}").await as u64;
     match percent {
         // Everything routed to the new side: the old side adopts what the new side never got;
         // what only the new side got is its own.
-        100 => assert_eq!(adopted as usize, only_old.len()),
-        _ => assert!(adopted > 0),
+        100 => {
+            assert_eq!(adopted as usize, only_old.len());
+            assert_eq!(rocketmq, 0);
+        }
+        // Both sides own ids, so both adopt some.
+        _ => assert!(
+            kafka > 0 && rocketmq > 0,
+            "kafka {kafka}, rocketmq {rocketmq}"
+        ),
     }
     eprintln!(
         "at {percent}%: {} ids, {} only on kafka, {} only on rocketmq, {adopted} adopted",
@@ -158,4 +167,11 @@ async fn dropped_copies_at(percent: u8, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_whose_owner_copy_never_comes_are_adopted_and_granted_once_at_100_percent() {
     dropped_copies_at(100, "e2e-adopt-100").await;
+}
+
+/// At 50 % both sides own ids, so both adopt: Kafka reads its copies again with a partition
+/// assigned at the offset, RocketMQ pulls its queue at the offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_whose_owner_copy_never_comes_are_adopted_and_granted_once_at_50_percent() {
+    dropped_copies_at(50, "e2e-adopt-50").await;
 }

@@ -30,7 +30,9 @@ pub struct Setup {
     pub lease: &'static str,
     pub sink_timeout: &'static str,
     pub faults: FaultPlan,
+    /// One URL for standalone; the seed nodes, comma-separated, for a cluster.
     pub redis_url: String,
+    pub redis_mode: RedisMode,
     pub initial_percent: u8,
     pub drain_timeout: &'static str,
     pub circuit_threshold: u32,
@@ -51,6 +53,7 @@ pub struct Setup {
     /// The environment that points `scripts/testbed topic rocketmq` at `rocketmq_namesrv`'s test
     /// bed (empty: the shared one).
     pub rocketmq_testbed_env: Vec<(String, String)>,
+    pub max_in_flight: usize,
 }
 
 impl Default for Setup {
@@ -61,6 +64,7 @@ impl Default for Setup {
             sink_timeout: "1s",
             faults: FaultPlan::default(),
             redis_url: common::redis_url(),
+            redis_mode: RedisMode::Standalone,
             initial_percent: 0,
             drain_timeout: "5s",
             circuit_threshold: 100_000,
@@ -72,6 +76,7 @@ impl Default for Setup {
             kafka_bootstrap: kafka_bootstrap(),
             rocketmq_namesrv: rocketmq_namesrv(),
             rocketmq_testbed_env: Vec::new(),
+            max_in_flight: 256,
         }
     }
 }
@@ -156,7 +161,8 @@ impl Bed {
         let text = format!(
             r#"
 [redis]
-urls = ["{redis}"]
+mode = "{redis_mode}"
+urls = [{redis}]
 key_prefix = "{prefix}"
 response_timeout = "1s"
 
@@ -215,6 +221,7 @@ open_for = "{open_for}"
 drain_timeout = "{drain}"
 channel = {channel}
 stall_after = "{stall_after}"
+max_in_flight = {max_in_flight}
 
 [parity]
 grace = "2s"
@@ -223,7 +230,16 @@ refresh = "500ms"
 [log]
 level = "info"
 "#,
-            redis = setup.redis_url,
+            redis = setup
+                .redis_url
+                .split(',')
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(","),
+            redis_mode = match setup.redis_mode {
+                RedisMode::Standalone => "standalone",
+                RedisMode::Cluster => "cluster",
+            },
             lease = setup.lease,
             policy = setup.policy,
             percent = setup.initial_percent,
@@ -238,6 +254,7 @@ level = "info"
             session_timeout = setup.kafka_session_timeout_ms,
             channel = setup.channel,
             stall_after = setup.stall_after,
+            max_in_flight = setup.max_in_flight,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())
@@ -426,12 +443,22 @@ impl Drop for Bed {
         for d in &mut self.daemons {
             d.kill();
         }
+        // MQC_E2E_KEEP_LOGS=DIR keeps the daemons' whole logs for a look after the test.
+        if let Ok(keep) = std::env::var("MQC_E2E_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            for d in &self.daemons {
+                if let Some(name) = d.log.file_name() {
+                    let to = std::path::Path::new(&keep).join(format!(
+                        "{}-{}",
+                        self.prefix,
+                        name.to_string_lossy()
+                    ));
+                    let _ = std::fs::copy(&d.log, to);
+                }
+            }
+        }
         self.reward_stop.cancel();
-        let urls = match self.config.redis.mode {
-            RedisMode::Standalone => self.config.redis.urls.clone(),
-            RedisMode::Cluster => common::cluster_urls(),
-        };
-        common::cleanup(&urls, &self.prefix);
+        common::cleanup(&self.config.redis.urls, &self.prefix);
     }
 }
 

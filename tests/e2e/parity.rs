@@ -1,6 +1,8 @@
 //! Parity end to end: dual-written traffic with 1% of the ids missing from the new side (and
 //! 0.5% from the old side); once both sides have consumed everything and the grace period has
-//! passed, `mq-cutover parity`, `GET /api/parity` and the gap metric name exactly those ids.
+//! passed, `mq-cutover parity`, `GET /api/parity` and the gap metric name exactly those ids; and
+//! the ids the old side (their owner, at percent 0) never got are adopted by the new side, so that
+//! every id that reached a broker is granted once.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mq_cutover::parity::ParityReport;
 
+use crate::common;
 use crate::harness::{Bed, Setup};
 
 fn parity_cli(bed: &Bed, extra: &[&str]) -> (i32, String) {
@@ -56,7 +59,11 @@ async fn per_side_becomes(bed: &Bed, metric: &str, want: (u64, u64), limit: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
-    let mut bed = Bed::new("parity", Setup::default()).await;
+    let setup = Setup {
+        adopt_after: "3s",
+        ..Setup::default()
+    };
+    let mut bed = Bed::new("parity", setup).await;
     bed.start_daemon();
     let prefix = format!("{}-p", bed.prefix);
     let manifest = bed.dir.path().join("manifest.jsonl");
@@ -162,9 +169,33 @@ async fn the_parity_report_names_exactly_the_ids_one_side_never_got() {
         "a log line says the gap opened"
     );
 
-    // The ids both sides got were delivered once each; the ones only the new side got are owned
-    // by the old side (the percentage is 0) and wait for it: parity is how an operator finds them.
+    // Every id that reached a broker is delivered once: the ones only the new side got are owned
+    // by the old side (the percentage is 0), which never observes them, so the new side adopts
+    // them after `adopt_after`; the report counts them (and still lists them as one-sided: the
+    // old broker lacks them).
+    let want = on_old + only_new as u64;
+    let all = common::eventually(Duration::from_secs(90), || async {
+        bed.grants().len() as u64 == want
+    })
+    .await;
     let grants = bed.grants();
+    assert!(
+        all.is_some(),
+        "{} of {want} ids granted\n{}",
+        grants.len(),
+        bed.logs()
+    );
     assert!(grants.values().all(|n| *n == 1), "a duplicate grant");
-    assert_eq!(grants.len() as u64, on_old);
+    for (_, id) in expected.iter().filter(|(side, _)| side == "rocketmq") {
+        let r = bed.record(id).await.expect("record");
+        assert!(r.adopted && r.owner == "rocketmq", "{r}");
+    }
+    let (code, json) = parity_cli(&bed, &["--json", "--limit", "1000"]);
+    assert_eq!(code, 0, "{json}");
+    let report: ParityReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        report.adopted.get("rocketmq").copied(),
+        Some(only_new as u64)
+    );
+    assert_eq!(report.adopted.get("kafka").copied().unwrap_or(0), 0);
 }

@@ -86,7 +86,7 @@ impl Deployment {
                 s.kafka_password.clone()
             },
             api_key: format!("api-key-{:08x}", rand::random::<u32>()),
-            admin_token: format!("admin-token-{:08x}", rand::random::<u32>()),
+            admin_token: format!("admin-token-{:032x}", rand::random::<u128>()),
         };
         let file = |name: &str, value: &str| {
             let p = dir.path().join(name);

@@ -211,6 +211,7 @@ fn start(side: &SideConfig, capacity: usize) -> Running {
         cancel: cancel.clone(),
         paused: paused_rx,
         membership: membership.clone(),
+        max_message_bytes: 4 << 20,
     };
     Running {
         rx,

@@ -1,8 +1,11 @@
-//! The RocketMQ source against the real broker of the test bed (`scripts/testbed up rocketmq`):
-//! every message arrives once with its identity and origin; only finished copies are committed,
-//! so a restart redelivers from the first unfinished offset of each queue and never skips one;
-//! unreadable messages come through as bad input and their ack moves the offset; pause, cancel
-//! and a rebalance between two instances of one group.
+//! The RocketMQ source against the real brokers of the test bed (`scripts/testbed up rocketmq
+//! rocketmq-secure`): every message arrives once with its identity and origin; only finished
+//! copies are committed, so a restart redelivers from the first unfinished offset of each queue
+//! (or, when a one-way commit was lost, from an earlier one) and never skips one; unreadable
+//! messages come through as bad input and their ack moves the offset; pause, cancel and a
+//! rebalance between two instances of one group. The other files: bodies (codecs, sizes),
+//! refetch by position and namespaces, the secured broker (TLS, ACL 2.0), and a drain without
+//! pull errors.
 //!
 //! Each test creates its own topic and consumer group (`scripts/testbed topic rocketmq …`). A
 //! test that cannot reach the broker fails and says how to start it; none is skipped.
@@ -10,14 +13,20 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bodies;
+mod drain;
+mod refetch;
+mod secured;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mq_cutover::config::{IdSource, RocketMqSideConfig, SideConfig, SideKind};
 use mq_cutover::message::{Ack, Message};
 use mq_cutover::source::rocketmq::{self, RocketMqWriter};
-use mq_cutover::source::{Membership, SourceContext, SourceError};
+use mq_cutover::source::{Membership, Refetch, SourceContext, SourceError};
 use mq_cutover::telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -58,21 +67,29 @@ async fn fresh_topic(test: &str, queues: u32) -> (String, String) {
     let tag = format!("{:08x}", rand::random::<u32>());
     let topic = format!("mqc-t-{test}-{tag}");
     let group = format!("mqc-g-{test}-{tag}");
-    let testbed = std::env::var("MQC_TESTBED")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").into());
-    let out = tokio::process::Command::new(&testbed)
-        .args(["topic", "rocketmq", &topic, &queues.to_string()])
+    create_topic("rocketmq", &topic, queues).await;
+    (topic, group)
+}
+
+/// `scripts/testbed topic COMPONENT TOPIC QUEUES`.
+async fn create_topic(component: &str, topic: &str, queues: u32) {
+    let out = tokio::process::Command::new(testbed())
+        .args(["topic", component, topic, &queues.to_string()])
         .output()
         .await
-        .unwrap_or_else(|e| panic!("cannot run {testbed}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", testbed()));
     assert!(
         out.status.success(),
-        "`scripts/testbed topic rocketmq {topic} {queues}` failed (is rocketmq up? \
-         `scripts/testbed up rocketmq`):\n{}{}",
+        "`scripts/testbed topic {component} {topic} {queues}` failed (is {component} up? \
+         `scripts/testbed up {component}`):\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (topic, group)
+}
+
+fn testbed() -> String {
+    std::env::var("MQC_TESTBED")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").into())
 }
 
 fn side(topic: &str, group: &str) -> SideConfig {
@@ -82,12 +99,7 @@ fn side(topic: &str, group: &str) -> SideConfig {
         message_id: IdSource::Header("msg-id".into()),
         business_id: IdSource::JsonPointer("/user_id".into()),
         kafka: None,
-        rocketmq: Some(RocketMqSideConfig {
-            name_server: name_server(),
-            topic: topic.into(),
-            tag_expression: "*".into(),
-            group: group.into(),
-        }),
+        rocketmq: Some(RocketMqSideConfig::plain(&name_server(), topic, group)),
     }
 }
 
@@ -117,16 +129,63 @@ struct Running {
     /// This source's own metrics (one registry per source, as one daemon per instance).
     metrics: std::sync::Arc<Metrics>,
     membership: Membership,
+    /// The source's reader of single copies, made before it ran.
+    refetch: Arc<dyn Refetch>,
 }
 
 /// How often the tests' sources measure lag (the daemon: every 5 s).
 const TEST_LAG_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Client and source logs in the test output, filtered by `RUST_LOG` (errors only by default).
+/// Every ERROR line the RocketMQ client logged in this test process (its pull errors name the
+/// queue, and so the test's topic).
+static CLIENT_ERRORS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records the client's ERROR events in [`CLIENT_ERRORS`], whatever `RUST_LOG` says.
+struct ClientErrors;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientErrors {
+    fn on_event(&self, event: &tracing::Event<'_>, _cx: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::ERROR || !meta.target().starts_with("rocketmq") {
+            return;
+        }
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, _f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, "{v:?} ");
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        CLIENT_ERRORS.lock().unwrap().push(text.0);
+    }
+}
+
+/// The client's ERROR lines so far that mention `needle` (a topic).
+fn client_errors_about(needle: &str) -> Vec<String> {
+    CLIENT_ERRORS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .cloned()
+        .collect()
+}
+
+/// Client and source logs in the test output, filtered by `RUST_LOG` (errors only by default),
+/// and the client's errors recorded.
 fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+        )
+        .with(ClientErrors)
         .try_init();
 }
 
@@ -136,8 +195,14 @@ fn start(side: &SideConfig, paused: bool) -> Running {
 
 /// [`start`] with a pipeline channel of `capacity` copies.
 fn start_with_channel(side: &SideConfig, paused: bool, capacity: usize) -> Running {
+    start_with(side, paused, capacity, 4 << 20)
+}
+
+/// [`start`] with a pipeline channel of `capacity` copies and a `pipeline.max_message_bytes`.
+fn start_with(side: &SideConfig, paused: bool, capacity: usize, max: usize) -> Running {
     logs();
     let source = rocketmq::build(side).expect("build");
+    let refetch = source.refetcher().expect("a refetcher");
     let (out, rx) = mpsc::channel(capacity);
     let cancel = CancellationToken::new();
     let (paused_tx, paused_rx) = watch::channel(paused);
@@ -149,6 +214,7 @@ fn start_with_channel(side: &SideConfig, paused: bool, capacity: usize) -> Runni
         cancel: cancel.clone(),
         paused: paused_rx,
         membership: membership.clone(),
+        max_message_bytes: max,
     };
     let task = tokio::spawn(source.run(cx));
     Running {
@@ -158,6 +224,7 @@ fn start_with_channel(side: &SideConfig, paused: bool, capacity: usize) -> Runni
         task,
         metrics,
         membership,
+        refetch,
     }
 }
 
@@ -248,9 +315,56 @@ fn done(msgs: Vec<Message>) {
     }
 }
 
-/// Restarts a source in `group`, sends one sentinel message and asserts that it is the only
-/// message delivered: everything before it was committed.
-async fn assert_nothing_redelivered(s: &SideConfig, w: &RocketMqWriter, topic: &str) {
+/// Per queue, the offsets `got` holds must be one unbroken run that ends at the queue's last
+/// offset in `all` and starts at or below `at_most[queue]`: what a restart may deliver again.
+/// Commits are of finished copies only and contiguous, so the committed offset is never above
+/// the first unfinished copy; a one-way commit lost at shutdown leaves it lower (the client
+/// sends commits without an answer: docs/rocketmq.md), which redelivers more, never less.
+/// Returns how many copies came below `at_most` (redelivered because of a lost commit).
+fn assert_redelivered_suffixes(
+    got: &BTreeMap<i32, BTreeSet<i64>>,
+    all: &BTreeMap<i32, BTreeSet<i64>>,
+    at_most: &BTreeMap<i32, i64>,
+) -> usize {
+    let mut below = 0;
+    for (q, offsets) in all {
+        let last = *offsets.last().unwrap();
+        let bound = at_most.get(q).copied().unwrap_or(last + 1);
+        let seen = got.get(q).cloned().unwrap_or_default();
+        let from = seen.first().copied().unwrap_or(last + 1);
+        assert!(
+            from <= bound,
+            "queue {q}: redelivered from {from}, above {bound}: a copy was skipped"
+        );
+        let want: BTreeSet<i64> = offsets.range(from..).copied().collect();
+        assert_eq!(
+            seen, want,
+            "queue {q}: what came again is not every offset from {from} on"
+        );
+        below += seen.range(..bound).count();
+    }
+    below
+}
+
+/// Offsets per queue of `msgs`.
+fn per_queue(msgs: impl IntoIterator<Item = (i32, i64)>) -> BTreeMap<i32, BTreeSet<i64>> {
+    let mut out: BTreeMap<i32, BTreeSet<i64>> = BTreeMap::new();
+    for (q, o) in msgs {
+        out.entry(q).or_default().insert(o);
+    }
+    out
+}
+
+/// Restarts a source in `group`, sends one sentinel message and asserts that it arrives, and
+/// that whatever else arrives is a redelivery of finished copies (`finished`: their positions)
+/// that a lost one-way commit explains: per queue an unbroken run up to the queue's end. With
+/// the commit confirmed at shutdown, that is normally nothing. Returns how many came again.
+async fn assert_nothing_lost_after_restart(
+    s: &SideConfig,
+    w: &RocketMqWriter,
+    topic: &str,
+    finished: &BTreeMap<i32, BTreeSet<i64>>,
+) -> usize {
     let mut again = start(s, false);
     w.send(
         topic,
@@ -261,17 +375,34 @@ async fn assert_nothing_redelivered(s: &SideConfig, w: &RocketMqWriter, topic: &
     )
     .await
     .expect("send sentinel");
-    let first = again.take(1, ARRIVAL).await;
-    let extra = again.quiet(QUIET).await;
-    let ids: Vec<String> = first.iter().chain(&extra).map(id_of).collect();
-    assert_eq!(ids, vec!["sentinel"], "redelivered after a restart");
-    done(first);
-    done(extra);
+    let mut got = Vec::new();
+    while !got.iter().any(|m: &Message| id_of(m) == "sentinel") {
+        got.extend(again.take(1, ARRIVAL).await);
+    }
+    got.extend(again.quiet(QUIET).await);
+    let sentinel: Vec<&Message> = got.iter().filter(|m| id_of(m) == "sentinel").collect();
+    assert_eq!(sentinel.len(), 1, "the sentinel once");
+    let sentinel_at = (sentinel[0].origin.partition, sentinel[0].origin.offset);
+    let redelivered = per_queue(
+        got.iter()
+            .map(|m| (m.origin.partition, m.origin.offset))
+            .filter(|p| *p != sentinel_at),
+    );
+    assert!(
+        redelivered.keys().all(|q| finished.contains_key(q)),
+        "copies of queues nothing was finished in: {redelivered:?}"
+    );
+    let come_again = assert_redelivered_suffixes(&redelivered, finished, &BTreeMap::new());
+    done(got);
     again.stop().await;
+    if come_again > 0 {
+        eprintln!("after a restart, {come_again} finished copies came again (a lost commit)");
+    }
+    come_again
 }
 
 #[tokio::test]
-async fn every_message_arrives_once_with_identity_and_origin_and_none_after_restart() {
+async fn every_message_arrives_once_with_identity_and_origin_and_none_is_lost_after_restart() {
     let t0 = Instant::now();
     let (topic, group) = fresh_topic("all", 4).await;
     let s = side(&topic, &group);
@@ -298,6 +429,13 @@ async fn every_message_arrives_once_with_identity_and_origin_and_none_after_rest
         assert_eq!(&*m.origin.topic, topic);
         assert!((0..4).contains(&m.origin.partition), "{:?}", m.origin);
         assert!(m.origin.offset >= 0);
+        assert_eq!(
+            m.origin.broker.as_deref(),
+            Some("broker-a"),
+            "{:?}",
+            m.origin
+        );
+        assert!(m.origin.born_ms > 0, "{:?}", m.origin);
         assert!(positions.insert((m.origin.partition, m.origin.offset)));
         assert_eq!(m.payload, format!(r#"{{"user_id": "u-{n}"}}"#).as_bytes());
     }
@@ -305,9 +443,12 @@ async fn every_message_arrives_once_with_identity_and_origin_and_none_after_rest
     done(got);
     let stop = src.stop().await;
 
-    assert_nothing_redelivered(&s, &w, &topic).await;
+    let again = assert_nothing_lost_after_restart(&s, &w, &topic, &per_queue(positions)).await;
     w.shutdown().await;
-    eprintln!("all-once: stop {stop:?}, whole test {:?}", t0.elapsed());
+    eprintln!(
+        "all-once: stop {stop:?}, {again} came again after the restart, whole test {:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -354,7 +495,8 @@ async fn a_full_channel_holds_the_polled_batch_back_in_order_while_acks_still_co
     src.total_lag_becomes(0, Duration::from_secs(10)).await;
     src.stop().await;
 
-    assert_nothing_redelivered(&s, &w, &topic).await;
+    let finished = self::per_queue(got.iter().map(|o| (o.partition, o.offset)));
+    assert_nothing_lost_after_restart(&s, &w, &topic, &finished).await;
     w.shutdown().await;
     eprintln!("full channel: whole test {:?}", t0.elapsed());
 }
@@ -391,35 +533,45 @@ async fn restart_redelivers_from_the_first_unfinished_offset_of_each_queue_never
     assert!(first_open.values().all(|&o| o == 30), "{first_open:?}");
     let stop = src.stop().await;
 
-    let expected: BTreeMap<(i32, i64), String> = by_position
-        .iter()
-        .filter(|((q, o), _)| *o >= first_open[q])
-        .map(|(p, id)| (*p, id.clone()))
+    let expected: BTreeSet<(i32, i64)> = by_position
+        .keys()
+        .filter(|(q, o)| *o >= first_open[q])
+        .copied()
         .collect();
     let mut again = start(&s, false);
-    let redelivered = again.take(expected.len(), ARRIVAL).await;
-    let extra = again.quiet(QUIET).await;
-    let seen: BTreeMap<(i32, i64), String> = redelivered
-        .iter()
-        .chain(&extra)
-        .map(|m| ((m.origin.partition, m.origin.offset), id_of(m)))
-        .collect();
-    assert_eq!(
-        redelivered.len() + extra.len(),
-        seen.len(),
-        "a copy came twice after the restart"
-    );
-    assert_eq!(
-        seen, expected,
-        "after the restart: exactly the copies at and above the first unfinished offset"
+    // Every copy at and above the gap comes again (no loss); copies below it only if the last
+    // one-way commit of the stopped source was lost (then from an earlier committed offset).
+    let mut redelivered: Vec<Message> = Vec::new();
+    let mut seen: BTreeMap<(i32, i64), String> = BTreeMap::new();
+    while !expected.iter().all(|p| seen.contains_key(p)) {
+        for m in again.take(1, ARRIVAL).await {
+            let at = (m.origin.partition, m.origin.offset);
+            assert!(
+                seen.insert(at, id_of(&m)).is_none(),
+                "{at:?} came twice after the restart"
+            );
+            redelivered.push(m);
+        }
+    }
+    for m in again.quiet(QUIET).await {
+        let at = (m.origin.partition, m.origin.offset);
+        assert!(seen.insert(at, id_of(&m)).is_none(), "{at:?} came twice");
+        redelivered.push(m);
+    }
+    for (at, id) in &seen {
+        assert_eq!(Some(id), by_position.get(at), "the copy at {at:?}");
+    }
+    let below = assert_redelivered_suffixes(
+        &per_queue(seen.keys().copied()),
+        &per_queue(by_position.keys().copied()),
+        &first_open.iter().map(|(q, o)| (*q, *o)).collect(),
     );
     done(redelivered);
-    done(extra);
     again.stop().await;
     w.shutdown().await;
     eprintln!(
-        "gap: {} redelivered of 200, stop {stop:?}, whole test {:?}",
-        expected.len(),
+        "gap: {} redelivered of 200 ({below} of them below the gap), stop {stop:?}, whole test {:?}",
+        seen.len(),
         t0.elapsed()
     );
 }
@@ -458,10 +610,11 @@ async fn unreadable_messages_come_as_bad_input_and_their_ack_moves_the_offset() 
         got.iter().map(|m| m.origin.offset).collect::<Vec<_>>(),
         vec![0, 1, 2]
     );
+    let finished = per_queue(got.iter().map(|m| (m.origin.partition, m.origin.offset)));
     done(got);
     src.stop().await;
 
-    assert_nothing_redelivered(&s, &w, &topic).await;
+    assert_nothing_lost_after_restart(&s, &w, &topic, &finished).await;
     w.shutdown().await;
     eprintln!("bad-input: whole test {:?}", t0.elapsed());
 }
@@ -514,7 +667,7 @@ async fn cancel_returns_ok_within_seconds_and_an_unfinished_copy_stays_uncommitt
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = src.stop().await;
     // The client waits for pulls held by the broker; those end 1-6 s after they were sent
-    // (docs/rocketmq.md, gap 2).
+    // (docs/rocketmq.md, "How the source consumes", Cancel).
     assert!(idle < Duration::from_secs(8), "idle stop took {idle:?}");
 
     // One copy held (neither done nor dropped): run() waits for it, bounded, and does not
@@ -535,14 +688,21 @@ async fn cancel_returns_ok_within_seconds_and_an_unfinished_copy_stays_uncommitt
     );
     drop(held);
 
-    // The held copy (offset 5) and everything after it come again.
+    // The held copy (offset 5) and everything after it come again, in order; below it only
+    // if the last one-way commit was lost.
     let mut again = start(&s, false);
-    let back = again.take(5, ARRIVAL).await;
-    assert_eq!(
-        back.iter().map(|m| m.origin.offset).collect::<Vec<_>>(),
-        vec![5, 6, 7, 8, 9]
+    let mut back = Vec::new();
+    while !back.iter().any(|m: &Message| m.origin.offset == 9) {
+        back.extend(again.take(1, ARRIVAL).await);
+    }
+    back.extend(again.quiet(Duration::from_secs(1)).await);
+    let offsets: Vec<i64> = back.iter().map(|m| m.origin.offset).collect();
+    let from = offsets[0];
+    assert!(
+        from <= 5,
+        "redelivered from {from}: the held copy was skipped"
     );
-    assert!(again.quiet(Duration::from_secs(1)).await.is_empty());
+    assert_eq!(offsets, (from..10).collect::<Vec<_>>());
     done(back);
     let after = again.stop().await;
     w.shutdown().await;
