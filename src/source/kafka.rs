@@ -281,6 +281,7 @@ impl KafkaSource {
         let lag_stop = CancellationToken::new();
         let lag = tokio::spawn(follow_lag(
             consumer.clone(),
+            self.topics[0].clone(),
             membership.clone(),
             self.reset_to_start,
             lag_stop.clone(),
@@ -959,9 +960,11 @@ fn queue_labels(tpl: &TopicPartitionList) -> Vec<String> {
 
 /// Measures the lag of every assigned partition every [`Membership::lag_interval`], on the
 /// blocking pool (librdkafka's queries block), until `stop`. A failed measurement keeps the
-/// last values; the next one replaces them.
+/// last values; the next one replaces them. After a failed broker connection, each tick also
+/// asks whether any broker answers ([`probe_reach`]).
 async fn follow_lag(
     consumer: Arc<KafkaConsumer>,
+    topic: String,
     membership: Membership,
     reset_to_start: bool,
     stop: CancellationToken,
@@ -985,6 +988,25 @@ async fn follow_lag(
             }
             Err(e) => warn!(side = %membership.side(), error = %e, "Kafka lag measurement failed"),
         }
+        probe_reach(&consumer, &topic).await;
+    }
+}
+
+/// After a failed broker connection, asks for `topic`'s metadata (any broker answers it): an
+/// answer ends the outage, a failure starts it (`/readyz` names it). librdkafka's own
+/// `ALL_BROKERS_DOWN` is not enough: it counts the bootstrap connection, which stays idle and
+/// is never "down", so with a single broker killed it was not raised (measured on 2.12).
+async fn probe_reach(consumer: &Arc<KafkaConsumer>, topic: &str) {
+    if consumer.context().transport_failed().is_none() {
+        return;
+    }
+    let (c, t) = (consumer.clone(), topic.to_owned());
+    match tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), LAG_TIMEOUT)).await {
+        Ok(Ok(_)) => consumer.context().reached(),
+        Ok(Err(e)) => consumer
+            .context()
+            .unreachable(&format!("no broker answers: {e}")),
+        Err(e) => warn!(side = %consumer.context().side, error = %e, "Kafka reach probe failed"),
     }
 }
 
@@ -1117,31 +1139,39 @@ impl KafkaContext {
         if self.membership.set_refused(None) {
             info!(side = %self.side, "Kafka brokers accept this consumer again");
         }
-        self.reached();
     }
 
-    /// Every broker connection is down (librdkafka's `ALL_BROKERS_DOWN`): `/readyz` says so,
-    /// with librdkafka's last word on a failed connection; logged when it starts.
-    fn unreachable(&self, reason: &str) {
-        let last = self
-            .last_transport_failure
+    /// librdkafka's last word on a failed broker connection since a broker last answered, if
+    /// any: the cue to ask whether the brokers are reachable at all ([`probe_reach`]).
+    fn transport_failed(&self) -> Option<String> {
+        self.last_transport_failure
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let why = match last {
-            Some(last) => format!("{reason} (last: {last})"),
-            None => reason.to_owned(),
+            .clone()
+    }
+
+    /// No broker answers (librdkafka's `ALL_BROKERS_DOWN`, or a metadata request that failed
+    /// after a connection did): `/readyz` says so, with librdkafka's last word on a failed
+    /// connection; logged when it starts.
+    fn unreachable(&self, reason: &str) {
+        let why = match self.transport_failed() {
+            Some(last) if last != reason => format!("{reason} (last: {last})"),
+            _ => reason.to_owned(),
         };
         if self.membership.set_unreachable(Some(why.clone())) {
             error!(side = %self.side, "Kafka brokers unreachable: {why}; not ready, nothing is read until one answers (librdkafka reconnects by itself)");
         }
     }
 
-    /// A broker answered a request (the lag query, a rebalance): any outage is over. Not a
+    /// A broker answered a request (a metadata probe, a rebalance): any outage is over. Not a
     /// record: librdkafka hands over records it fetched before the outage while it lasts.
     fn reached(&self) {
+        *self
+            .last_transport_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         if let Some(lasted) = self.membership.reached() {
-            info!(side = %self.side, after = %humantime::format_duration(Duration::from_millis(lasted.as_millis() as u64)), "Kafka brokers reachable again");
+            info!(side = %self.side, after = %humantime::format_duration(Duration::from_secs(lasted.as_secs())), "Kafka brokers reachable again");
         }
     }
 }
@@ -1215,6 +1245,8 @@ impl ConsumerContext for KafkaContext {
             // only revoke; an eager one revokes everything and assigns again).
             let gained = queue_labels(tpl);
             self.accepted();
+            // The group coordinator answered.
+            self.reached();
             let held = self.membership.rebalanced(&gained);
             let lost = std::mem::take(
                 &mut *self

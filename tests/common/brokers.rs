@@ -13,6 +13,16 @@ use std::time::{Duration, Instant};
 
 const TESTBED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
 
+/// JVM heaps of the private brokers (the shared test bed's are larger).
+const PRIVATE_HEAPS: [(&str, &str); 3] = [
+    ("MQC_KAFKA_HEAP", "-Xms64m -Xmx384m"),
+    ("MQC_ROCKETMQ_NAMESRV_HEAP", "-Xms32m -Xmx128m"),
+    (
+        "MQC_ROCKETMQ_BROKER_HEAP",
+        "-Xms128m -Xmx384m -XX:MaxDirectMemorySize=256m",
+    ),
+];
+
 /// A loopback port that was free a moment ago, with `also` ports around it free too (a RocketMQ
 /// broker listens on its port - 2 and + 1 as well).
 fn free_port_with(also: &[i32]) -> u16 {
@@ -57,6 +67,13 @@ impl PrivateBed {
             ports
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v.to_string())),
+        );
+        // Small heaps: the machine that runs the tests also runs the shared test bed, the
+        // daemons and the compiler (2 cores); a private broker carries one test's traffic.
+        env.extend(
+            PRIVATE_HEAPS
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
         let mut bed = PrivateBed {
             component,

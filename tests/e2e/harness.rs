@@ -536,6 +536,17 @@ impl Daemon {
         None
     }
 
+    /// Like [`Daemon::admin`], `None` while the admin listener does not answer (starting).
+    pub async fn try_admin(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/{path}", self.admin_port))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    }
+
     /// `GET /<path>` on the admin listener, with the viewer token: status and body.
     pub async fn admin(&self, path: &str) -> (u16, String) {
         let r = reqwest::Client::new()

@@ -51,13 +51,14 @@ async fn readyz(bed: &Bed) -> (u16, String) {
     bed.daemons[0].admin("readyz").await
 }
 
-/// Starts the traffic (9,000 ids at 300/s, 5 % duplicates on each side) and waits until both
+/// Starts the traffic (`count` ids at 300/s, 5 % duplicates on each side) and waits until both
 /// sides are granting and the daemon is ready.
 async fn traffic(
     bed: &Bed,
     prefix: &str,
+    count: u64,
 ) -> tokio::sync::oneshot::Receiver<(mq_cutover::produce::Sent, mq_cutover::produce::Sent)> {
-    let producer = bed.produce_in_background(prefix, COUNT, |a| {
+    let producer = bed.produce_in_background(prefix, count, |a| {
         a.rate = RATE;
         a.duplicates_old = 0.05;
         a.duplicates_new = 0.05;
@@ -65,7 +66,9 @@ async fn traffic(
         a.give_up_after = Some(Duration::from_secs(180));
     });
     let busy = common::eventually(Duration::from_secs(90), || async {
-        successes(bed, "kafka").await >= 100.0
+        // The daemon's admin listener opens a moment after it starts.
+        bed.daemons[0].try_admin("readyz").await.is_some()
+            && successes(bed, "kafka").await >= 100.0
             && successes(bed, "rocketmq").await >= 100.0
             && readyz(bed).await.0 == 200
     })
@@ -75,8 +78,9 @@ async fn traffic(
 }
 
 /// After the kill: `/readyz` names the outage of `side` (with `reason`), the side hands
-/// nothing to the downstream for 3 s while the other side does. Returns the side's successes.
-async fn out(bed: &Bed, side: &str, other: &str, reason: &str) -> f64 {
+/// nothing to the downstream for 3 s while the other side does. Returns the side's successes
+/// and how long after `killed` `/readyz` named the outage.
+async fn out(bed: &Bed, side: &str, other: &str, reason: &str, killed: Instant) -> (f64, Duration) {
     let want = format!("side {side}: {reason}");
     let named = common::eventually(NAMED_WITHIN, || async {
         let (code, body) = readyz(bed).await;
@@ -89,6 +93,7 @@ async fn out(bed: &Bed, side: &str, other: &str, reason: &str) -> f64 {
         "/readyz never said `{want}`: {code} {body}\n{}",
         bed.logs()
     );
+    let named = killed.elapsed();
     // Copies read before the kill may still be finishing: let them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (frozen, other_before) = (successes(bed, side).await, successes(bed, other).await);
@@ -105,7 +110,7 @@ async fn out(bed: &Bed, side: &str, other: &str, reason: &str) -> f64 {
         "side {other} stopped too ({other_before} -> {other_after})\n{}",
         bed.logs()
     );
-    frozen
+    (frozen, named)
 }
 
 /// When the broker counts as back, as a client sees it.
@@ -208,12 +213,12 @@ async fn recovery(
 
 /// Every id granted; more than once only with a counted ambiguity or overlap. Returns how many
 /// were granted more than once.
-async fn granted_once(bed: &Bed, prefix: &str) -> u64 {
-    bed.wait_all_settled(prefix, COUNT, Duration::from_secs(240))
+async fn granted_once(bed: &Bed, prefix: &str, count: u64) -> u64 {
+    bed.wait_all_settled(prefix, count, Duration::from_secs(240))
         .await;
     let grants = bed.grants();
     let mut doubles = 0;
-    for i in 0..COUNT {
+    for i in 0..count {
         let id = format!("{prefix}-{i}");
         let g = grants.get(&id).copied().unwrap_or(0);
         assert!(g >= 1, "{id} lost:\n{}", bed.logs());
@@ -230,10 +235,12 @@ async fn granted_once(bed: &Bed, prefix: &str) -> u64 {
     doubles
 }
 
-fn report(what: &str, r: &Recovery, doubles: u64) {
+fn report(what: &str, named: Duration, r: &Recovery, doubles: u64) {
     eprintln!(
-        "outage: {what}: broker back {:.1}s after the kill; side resumed {:.1}s and ready {:.1}s \
-         after that; {COUNT} ids granted, {doubles} more than once (counted)",
+        "outage: {what}: /readyz named it {:.1}s after the kill; broker back {:.1}s after the \
+         kill; side resumed {:.1}s and ready {:.1}s after that; {COUNT} ids granted, {doubles} \
+         more than once (counted)",
+        named.as_secs_f64(),
         r.back.as_secs_f64(),
         r.resumed.as_secs_f64(),
         r.ready.as_secs_f64()
@@ -267,11 +274,11 @@ async fn kafka_outage(signal: &str) {
     let mut bed = Bed::new(&format!("out-kafka-{}", signal.to_lowercase()), setup).await;
     bed.switch(&["set", "--consume", "on", "--percent", "50"]);
     bed.start_daemon();
-    let producer = traffic(&bed, "ko").await;
+    let producer = traffic(&bed, "ko", COUNT).await;
 
     let killed = Instant::now();
     kafka.signal(signal).await;
-    let frozen = out(&bed, "kafka", "rocketmq", "brokers unreachable").await;
+    let (frozen, named) = out(&bed, "kafka", "rocketmq", "brokers unreachable", killed).await;
     let back = Back::KafkaAnswers {
         bootstrap: kafka.bootstrap(),
         topic: format!("{}-t", bed.prefix),
@@ -283,7 +290,7 @@ async fn kafka_outage(signal: &str) {
         (0, 0),
         "the producer gave copies up"
     );
-    let doubles = granted_once(&bed, "ko").await;
+    let doubles = granted_once(&bed, "ko", COUNT).await;
     let log = bed.daemons[0].log_text();
     assert!(
         log.contains("Kafka brokers unreachable") && log.contains("Kafka brokers reachable again"),
@@ -291,7 +298,7 @@ async fn kafka_outage(signal: &str) {
         bed.logs(),
         kafka.log_tail()
     );
-    report(&format!("kafka SIG{signal}"), &r, doubles);
+    report(&format!("kafka SIG{signal}"), named, &r, doubles);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,11 +328,11 @@ async fn rocketmq_bed(rocketmq: &PrivateRocketMq, test: &str) -> Bed {
 async fn rocketmq_broker_killed_mid_run_pauses_its_side_which_resumes_without_loss_or_duplicate() {
     let rocketmq = PrivateRocketMq::start().await;
     let bed = rocketmq_bed(&rocketmq, "out-rmq-broker").await;
-    let producer = traffic(&bed, "rb").await;
+    let producer = traffic(&bed, "rb", COUNT).await;
 
     let killed = Instant::now();
     rocketmq.signal_broker("KILL").await;
-    let frozen = out(&bed, "rocketmq", "kafka", "brokers unreachable").await;
+    let (frozen, named) = out(&bed, "rocketmq", "kafka", "brokers unreachable", killed).await;
     let back = Back::Listening(rocketmq.broker_port());
     let r = recovery(&bed, "rocketmq", frozen, killed, back, rocketmq.restart()).await;
     let sent = producer.await.expect("producer");
@@ -334,6 +341,68 @@ async fn rocketmq_broker_killed_mid_run_pauses_its_side_which_resumes_without_lo
         (0, 0),
         "the producer gave copies up"
     );
-    let doubles = granted_once(&bed, "rb").await;
-    report("rocketmq broker SIGKILL", &r, doubles);
+    let doubles = granted_once(&bed, "rb", COUNT).await;
+    report("rocketmq broker SIGKILL", named, &r, doubles);
+}
+
+/// Ids of the name server test: about 50 s of traffic, so that it runs through the outage,
+/// which is longer than the client's route refresh period (30 s).
+const NAMESRV_COUNT: u64 = 15_000;
+
+/// How long the name server stays down: longer than the client's route refresh period.
+const NAMESRV_OUT: Duration = Duration::from_secs(35);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rocketmq_name_server_killed_mid_run_leaves_its_side_reading_and_ready() {
+    let rocketmq = PrivateRocketMq::start().await;
+    let bed = rocketmq_bed(&rocketmq, "out-rmq-namesrv").await;
+    let producer = traffic(&bed, "rn", NAMESRV_COUNT).await;
+
+    let killed = Instant::now();
+    rocketmq.signal_namesrv("KILL").await;
+    assert!(
+        !rocketmq.namesrv_listening(),
+        "the name server still listens"
+    );
+    // The client keeps the routes it has and reads from the broker: the side never stops and
+    // stays ready (there is nothing for a person to do about it from this daemon).
+    let (mut last, mut progressed) = (successes(&bed, "rocketmq").await, Instant::now());
+    let mut longest_pause = Duration::ZERO;
+    while killed.elapsed() < NAMESRV_OUT {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = successes(&bed, "rocketmq").await;
+        if now > last {
+            (last, progressed) = (now, Instant::now());
+        }
+        longest_pause = longest_pause.max(progressed.elapsed());
+        let (code, body) = readyz(&bed).await;
+        assert_eq!(
+            code,
+            200,
+            "not ready {:?} after the name server was killed: {body}\n{}",
+            killed.elapsed(),
+            bed.logs()
+        );
+    }
+    assert!(
+        longest_pause < Duration::from_secs(5),
+        "the side paused {longest_pause:?} with its name server down\n{}",
+        bed.logs()
+    );
+    let took = rocketmq.restart().await;
+    let sent = producer.await.expect("producer");
+    assert_eq!(
+        (sent.0.given_up, sent.1.given_up),
+        (0, 0),
+        "the producer gave copies up"
+    );
+    let doubles = granted_once(&bed, "rn", NAMESRV_COUNT).await;
+    eprintln!(
+        "outage: rocketmq name server SIGKILL: down {:.1}s, side never paused longer than \
+         {:.1}s and stayed ready; restart took {:.1}s; {NAMESRV_COUNT} ids granted, {doubles} \
+         more than once (counted)",
+        NAMESRV_OUT.as_secs_f64(),
+        longest_pause.as_secs_f64(),
+        took.as_secs_f64()
+    );
 }
