@@ -418,3 +418,51 @@ async fn rocketmq_name_server_killed_mid_run_leaves_its_side_reading_and_ready()
         took.as_secs_f64()
     );
 }
+
+/// The chaos run's producer (`produce --give-up-after`): a copy its broker does not take in
+/// time is given up, counted and recorded in the rewritten manifest as not written, and the run
+/// goes on; the other broker's copies all go. scripts/chaos explains an id never granted by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_gives_up_copies_a_dead_broker_does_not_take_and_says_so_in_its_manifest() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let kafka = PrivateKafka::start().await;
+    let setup = Setup {
+        kafka_bootstrap: kafka.bootstrap(),
+        ..setup()
+    };
+    let bed = Bed::new("out-give-up", setup).await;
+    let path = bed.dir.path().join("manifest.jsonl");
+    let count = 3_000;
+    let producer = bed.produce_in_background("gu", count, |a| {
+        a.rate = 300;
+        a.give_up_after = Some(Duration::from_secs(3));
+        a.manifest = Some(path.clone());
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kafka.signal("KILL").await;
+    // librdkafka gives a queued copy up after `message.timeout.ms` (30 s), then the producer.
+    let (old, new) = tokio::time::timeout(Duration::from_secs(150), producer)
+        .await
+        .expect("the producer ends although its Kafka broker is gone")
+        .expect("producer");
+    assert!(old.given_up > 0, "nothing given up: {old:?}");
+    assert_eq!((new.given_up, new.copies), (0, count), "{new:?}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, count);
+    let sum = |key: &str| rows.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("old_sent"), old.copies, "the manifest's written copies");
+    assert_eq!(sum("old") - sum("old_sent"), old.given_up);
+    assert_eq!(sum("new_sent"), sum("new"));
+    assert!(
+        rows.iter().any(|r| r["old"] == 1 && r["old_sent"] == 0),
+        "an id whose copy was given up"
+    );
+    eprintln!(
+        "give-up: {} of {count} Kafka copies given up after the broker was killed",
+        old.given_up
+    );
+}
