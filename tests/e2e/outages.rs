@@ -432,16 +432,18 @@ async fn producer_gives_up_copies_a_dead_broker_does_not_take_and_says_so_in_its
     };
     let bed = Bed::new("out-give-up", setup).await;
     let path = bed.dir.path().join("manifest.jsonl");
-    let count = 3_000;
+    // 10 s of traffic, the broker killed after 8: about 200 copies left for it. librdkafka
+    // gives a queued copy up after `message.timeout.ms` (30 s), then the producer does; 64
+    // copies are in flight at a time, so each 64 more take 30 s.
+    let count = 1_000;
     let producer = bed.produce_in_background("gu", count, |a| {
-        a.rate = 300;
+        a.rate = 100;
         a.give_up_after = Some(Duration::from_secs(3));
         a.manifest = Some(path.clone());
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     kafka.signal("KILL").await;
-    // librdkafka gives a queued copy up after `message.timeout.ms` (30 s), then the producer.
-    let (old, new) = tokio::time::timeout(Duration::from_secs(150), producer)
+    let (old, new) = tokio::time::timeout(Duration::from_secs(180), producer)
         .await
         .expect("the producer ends although its Kafka broker is gone")
         .expect("producer");
