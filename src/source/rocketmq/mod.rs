@@ -1106,6 +1106,32 @@ mod tests {
         assert_eq!(c, HashMap::from([(mq("broker-a", 1), 21)]));
     }
 
+    #[tokio::test]
+    async fn a_broker_none_of_whose_queues_answers_is_named_until_one_answers() {
+        let m = crate::telemetry::metrics::Metrics::default();
+        let ms = Membership::new("rocketmq".into(), &m, Duration::from_secs(5));
+        let mut reach = Reach::default();
+        reach.failed("broker-a", "refused".into());
+        reach.answered("broker-b");
+        reach.failed("broker-b", "timeout".into());
+        reach.failed("broker-a", "connection refused".into());
+        reach.report(&ms);
+        let (why, _) = ms.unreachable().expect("broker-a is out");
+        assert_eq!(
+            why, "broker broker-a: connection refused",
+            "the last error, not broker-b"
+        );
+        Reach::default().report(&ms);
+        assert!(
+            ms.unreachable().is_some(),
+            "a measurement that asked no broker changes nothing"
+        );
+        let mut reach = Reach::default();
+        reach.answered("broker-a");
+        reach.report(&ms);
+        assert!(ms.unreachable().is_none(), "one answer ends it");
+    }
+
     #[test]
     fn bytes_held_per_queue_stay_within_what_the_client_admits() {
         // A 1 GiB container: the client's budget is 256 MiB, its hand-over queue 16 MiB.
