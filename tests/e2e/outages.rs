@@ -372,9 +372,14 @@ async fn rocketmq_name_server_killed_mid_run_leaves_its_side_reading_and_ready()
 
     let killed = Instant::now();
     rocketmq.signal_namesrv("KILL").await;
+    let closed = common::eventually(Duration::from_secs(10), || async {
+        !rocketmq.namesrv_listening()
+    })
+    .await;
     assert!(
-        !rocketmq.namesrv_listening(),
-        "the name server still listens"
+        closed.is_some(),
+        "the name server's port is still open\n{}",
+        rocketmq.log_tail()
     );
     // The client keeps the routes it has and reads from the broker: the side never stops and
     // stays ready (there is nothing for a person to do about it from this daemon).
