@@ -60,9 +60,17 @@ pub struct ProduceArgs {
     /// end-to-end times at the receiving end (`mq-cutover grant-counter`).
     #[arg(long)]
     pub stamp: bool,
-    /// Write one JSON line per id here: `{"id", "user", "old": copies, "new": copies}`.
+    /// Write one JSON line per id here: `{"id", "user", "old": copies, "new": copies}` as
+    /// planned, before sending; rewritten at the end with `"old_sent"` and `"new_sent"`, the
+    /// copies each broker acknowledged.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
+    /// Keep sending a copy that fails for this long (a broker restart), then give it up: it is
+    /// counted as not written (`Sent::given_up`, the manifest's `old_sent` / `new_sent`) and the
+    /// run goes on. Without it a copy is tried 5 times and the run stops at the first one that
+    /// cannot be written.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub give_up_after: Option<Duration>,
 }
 
 /// What was sent, per side.
@@ -74,6 +82,8 @@ pub struct Sent {
     pub duplicated: u64,
     /// Ids that got none.
     pub missing: u64,
+    /// Copies given up after `--give-up-after` of failed tries (not counted in `copies`).
+    pub given_up: u64,
 }
 
 enum Writer {
@@ -117,18 +127,35 @@ impl Writer {
         })
     }
 
-    /// Sends one copy; a send that fails is tried again (up to 5 times), as a real producer
-    /// would — which may itself leave a duplicate in the broker, exactly like in production.
-    async fn send(&self, key: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<()> {
+    /// Sends one copy; a send that fails is tried again (5 times, or for `give_up_after`), as
+    /// a real producer would — which may itself leave a duplicate in the broker, exactly like in
+    /// production.
+    async fn send(
+        &self,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        give_up_after: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(100);
         for attempt in 1.. {
             match self.send_once(key, headers, body).await {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt >= 5 => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, "send failed; sending again");
+                    let last = match give_up_after {
+                        Some(limit) => started.elapsed() + wait > limit,
+                        None => attempt >= 5,
+                    };
+                    if last {
+                        return Err(e);
+                    }
+                    // One line per copy would flood the log through a broker restart.
+                    if attempt == 1 || attempt % 10 == 0 {
+                        tracing::warn!(error = %e, attempt, "send failed; sending again");
+                    }
                     tokio::time::sleep(wait).await;
-                    wait *= 2;
+                    wait = (wait * 2).min(MAX_SEND_BACKOFF);
                 }
             }
         }
@@ -169,6 +196,9 @@ struct Plan {
     new: u8,
 }
 
+/// The longest wait between two tries of one copy.
+const MAX_SEND_BACKOFF: Duration = Duration::from_secs(2);
+
 /// Sends in flight per side when sending as fast as possible. Kafka's producer batches what
 /// arrives within `linger.ms` (5 ms), so with 64 a side wrote at most about 12,800 messages/s
 /// (10,600 ids/s to both brokers, measured on 2 cores); with 512, 34,000 ids/s.
@@ -179,7 +209,8 @@ const SENDS_IN_FLIGHT: usize = 512;
 /// what it measures.
 const SENDS_IN_FLIGHT_AT_RATE: usize = 64;
 
-/// Sends one side's copies (after its lag), then its malformed messages.
+/// Sends one side's copies (after its lag), then its malformed messages. Returns the copies the
+/// broker acknowledged, per plan, and how many were given up.
 async fn send_side(
     w: &Writer,
     cfg: &SideConfig,
@@ -187,7 +218,7 @@ async fn send_side(
     which: fn(&Plan) -> u8,
     lag: Option<Duration>,
     args: &ProduceArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Vec<u8>, u64)> {
     if let Some(l) = lag {
         tokio::time::sleep(l).await;
     }
@@ -208,15 +239,24 @@ async fn send_side(
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            w.send(&p.user, &h, &body).await
+            (i, w.send(&p.user, &h, &body, args.give_up_after).await)
         })
         .buffer_unordered(if rate > 0 {
             SENDS_IN_FLIGHT_AT_RATE
         } else {
             SENDS_IN_FLIGHT
         });
-    while let Some(r) = stream.next().await {
-        r?;
+    let mut sent = vec![0u8; plans.len()];
+    let mut given_up = 0;
+    while let Some((i, r)) = stream.next().await {
+        match r {
+            Ok(()) => sent[i] += 1,
+            Err(e) if args.give_up_after.is_some() => {
+                tracing::warn!(error = %e, id = %plans[i].id, "copy given up");
+                given_up += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
     for n in 0..args.malformed {
         // No message id anywhere: no headers, and not JSON.
@@ -224,10 +264,11 @@ async fn send_side(
             "malformed",
             &[],
             format!("malformed payload {n}").as_bytes(),
+            args.give_up_after,
         )
         .await?;
     }
-    Ok(())
+    Ok((sent, given_up))
 }
 
 /// Sets `value` at JSON pointer `ptr` in `doc`, creating objects on the way.
@@ -354,9 +395,43 @@ pub async fn produce(cfg: &Validated, args: &ProduceArgs) -> anyhow::Result<(Sen
     );
     old.close().await;
     new.close().await;
-    a.context("writing to the old side")?;
-    b.context("writing to the new side")?;
+    let (acked_old, given_up_old) = a.context("writing to the old side")?;
+    let (acked_new, given_up_new) = b.context("writing to the new side")?;
+    sent_old.given_up = given_up_old;
+    sent_old.copies -= given_up_old;
+    sent_new.given_up = given_up_new;
+    sent_new.copies -= given_up_new;
+    if let Some(path) = &args.manifest {
+        write_manifest(path, &plans, &acked_old, &acked_new)?;
+    }
     Ok((sent_old, sent_new))
+}
+
+/// The manifest again, with the copies each broker acknowledged (`old_sent`, `new_sent`);
+/// replaced in one rename, so a reader never sees half of it.
+fn write_manifest(
+    path: &std::path::Path,
+    plans: &[Plan],
+    acked_old: &[u8],
+    acked_new: &[u8],
+) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut m = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    for ((p, old), new) in plans.iter().zip(acked_old).zip(acked_new) {
+        writeln!(
+            m,
+            "{}",
+            json!({"id": p.id, "user": p.user, "old": p.old, "new": p.new, "old_sent": old, "new_sent": new})
+        )?;
+    }
+    m.flush()?;
+    drop(m);
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -94,6 +95,15 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
         if let Some(why) = source.refused() {
             problems.push(format!("side {}: {why}", source.side()));
         }
+        if let Some((why, out_for)) = source.unreachable() {
+            // Whole seconds: the reason is read by people and alert rules, not timed.
+            let out_for = Duration::from_secs(out_for.as_secs());
+            problems.push(format!(
+                "side {}: brokers unreachable for {}, nothing is read from them: {why}",
+                source.side(),
+                humantime::format_duration(out_for)
+            ));
+        }
     }
     if !s.redis_up.load(Ordering::Relaxed) {
         let why = s
@@ -130,7 +140,6 @@ mod tests {
     use crate::arbiter::switches::Switches;
     use axum::body::Body;
     use axum::http::Request;
-    use std::time::Duration;
     use tower::ServiceExt;
 
     fn state(
@@ -253,6 +262,36 @@ mod tests {
         );
         assert!(kafka.set_refused(None));
         s.redis_up.store(true, Ordering::Relaxed);
+        assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_that_cannot_reach_its_brokers_is_not_ready_saying_for_how_long() {
+        let (mut s, _tx) = state(true, true);
+        let kafka = Membership::new("kafka".into(), &s.metrics, Duration::from_secs(5));
+        kafka.rebalanced(&["t/0".into()]);
+        s.sources = Arc::from([kafka.clone()]);
+        assert_eq!(kafka.reached(), None, "nothing to end");
+        assert!(kafka.set_unreachable(Some("1/1 brokers are down".into())));
+        tokio::time::advance(Duration::from_millis(12_400)).await;
+        assert!(
+            !kafka.set_unreachable(Some("1/1 brokers are down (again)".into())),
+            "no flip"
+        );
+        let (code, body) = get(router(s.clone()), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains(
+                "side kafka: brokers unreachable for 12s, nothing is read from them: 1/1 brokers are down (again)"
+            ),
+            "the first report's time, the last report's words: {body}"
+        );
+        assert_eq!(
+            kafka.reached(),
+            Some(Duration::from_millis(12_400)),
+            "a record ends the outage"
+        );
+        assert_eq!(kafka.reached(), None);
         assert_eq!(get(router(s), "/readyz").await.0, StatusCode::OK);
     }
 

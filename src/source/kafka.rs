@@ -29,7 +29,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -281,6 +281,7 @@ impl KafkaSource {
         let lag_stop = CancellationToken::new();
         let lag = tokio::spawn(follow_lag(
             consumer.clone(),
+            self.topics[0].clone(),
             membership.clone(),
             self.reset_to_start,
             lag_stop.clone(),
@@ -793,6 +794,8 @@ struct KafkaContext {
     revoked: AtomicBool,
     /// Whether the client speaks TLS to the brokers.
     tls: bool,
+    /// librdkafka's last word on a failed broker connection, for the outage reason.
+    last_transport_failure: Mutex<Option<String>>,
 }
 
 struct Books {
@@ -853,6 +856,7 @@ impl KafkaContext {
             paused: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
             tls,
+            last_transport_failure: Mutex::new(None),
         }
     }
 
@@ -956,9 +960,11 @@ fn queue_labels(tpl: &TopicPartitionList) -> Vec<String> {
 
 /// Measures the lag of every assigned partition every [`Membership::lag_interval`], on the
 /// blocking pool (librdkafka's queries block), until `stop`. A failed measurement keeps the
-/// last values; the next one replaces them.
+/// last values; the next one replaces them. After a failed broker connection, each tick also
+/// asks whether any broker answers ([`probe_reach`]).
 async fn follow_lag(
     consumer: Arc<KafkaConsumer>,
+    topic: String,
     membership: Membership,
     reset_to_start: bool,
     stop: CancellationToken,
@@ -982,6 +988,25 @@ async fn follow_lag(
             }
             Err(e) => warn!(side = %membership.side(), error = %e, "Kafka lag measurement failed"),
         }
+        probe_reach(&consumer, &topic).await;
+    }
+}
+
+/// After a failed broker connection, asks for `topic`'s metadata (any broker answers it): an
+/// answer ends the outage, a failure starts it (`/readyz` names it). librdkafka's own
+/// `ALL_BROKERS_DOWN` is not enough: it counts the bootstrap connection, which stays idle and
+/// is never "down", so with a single broker killed it was not raised (measured on 2.12).
+async fn probe_reach(consumer: &Arc<KafkaConsumer>, topic: &str) {
+    if consumer.context().transport_failed().is_none() {
+        return;
+    }
+    let (c, t) = (consumer.clone(), topic.to_owned());
+    match tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), LAG_TIMEOUT)).await {
+        Ok(Ok(_)) => consumer.context().reached(),
+        Ok(Err(e)) => consumer
+            .context()
+            .unreachable(&format!("no broker answers: {e}")),
+        Err(e) => warn!(side = %consumer.context().side, error = %e, "Kafka reach probe failed"),
     }
 }
 
@@ -1075,13 +1100,7 @@ pub fn why_refused(message: &str, tls: bool) -> Option<String> {
     // 2.12 says only "Disconnected … in state APIVERSION_QUERY".
     let dropped_first_request =
         !tls && message.contains("in state APIVERSION_QUERY") && message.contains("Disconnected");
-    // `[thrd:sasl_ssl://host:port/bootstrap]: sasl_ssl://host:port/bootstrap: …`
-    let text = match message.strip_prefix("[thrd:") {
-        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
-        None => message,
-    };
-    // librdkafka appends `(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`.
-    let text = text.split(" (after ").next().unwrap_or(text).trim();
+    let text = without_timing(message);
     let check = if text.contains("SASL authentication error")
         || text.contains("Authentication failed")
     {
@@ -1096,6 +1115,17 @@ pub fn why_refused(message: &str, tls: bool) -> Option<String> {
     Some(check.replacen("{}", text, 1))
 }
 
+/// A librdkafka message without its thread prefix (`[thrd:sasl_ssl://host:port/bootstrap]: `)
+/// and its timing suffix (`(after 12ms in state AUTH_REQ, 1 identical error(s) suppressed)`):
+/// the words that stay the same from one reconnect to the next.
+fn without_timing(message: &str) -> &str {
+    let text = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(message, |(_, t)| t),
+        None => message,
+    };
+    text.split(" (after ").next().unwrap_or(text).trim()
+}
+
 impl KafkaContext {
     /// The brokers refuse this consumer: `/readyz` says why; logged when it starts.
     fn refused(&self, why: String) {
@@ -1108,6 +1138,40 @@ impl KafkaContext {
     fn accepted(&self) {
         if self.membership.set_refused(None) {
             info!(side = %self.side, "Kafka brokers accept this consumer again");
+        }
+    }
+
+    /// librdkafka's last word on a failed broker connection since a broker last answered, if
+    /// any: the cue to ask whether the brokers are reachable at all ([`probe_reach`]).
+    fn transport_failed(&self) -> Option<String> {
+        self.last_transport_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// No broker answers (librdkafka's `ALL_BROKERS_DOWN`, or a metadata request that failed
+    /// after a connection did): `/readyz` says so, with librdkafka's last word on a failed
+    /// connection; logged when it starts.
+    fn unreachable(&self, reason: &str) {
+        let why = match self.transport_failed() {
+            Some(last) if last != reason => format!("{reason} (last: {last})"),
+            _ => reason.to_owned(),
+        };
+        if self.membership.set_unreachable(Some(why.clone())) {
+            error!(side = %self.side, "Kafka brokers unreachable: {why}; not ready, nothing is read until one answers (librdkafka reconnects by itself)");
+        }
+    }
+
+    /// A broker answered a request (a metadata probe, a rebalance): any outage is over. Not a
+    /// record: librdkafka hands over records it fetched before the outage while it lasts.
+    fn reached(&self) {
+        *self
+            .last_transport_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        if let Some(lasted) = self.membership.reached() {
+            info!(side = %self.side, after = %humantime::format_duration(Duration::from_secs(lasted.as_secs())), "Kafka brokers reachable again");
         }
     }
 }
@@ -1140,6 +1204,16 @@ impl ClientContext for KafkaContext {
             self.refused(why);
             return;
         }
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+                *self
+                    .last_transport_failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(without_timing(reason).into());
+            }
+            Some(RDKafkaErrorCode::AllBrokersDown) => self.unreachable(without_timing(reason)),
+            _ => {}
+        }
         // Mostly transient (a broker down, a connection reset); librdkafka reconnects by itself.
         warn!(side = %self.side, error = %error, "Kafka client error: {reason}");
     }
@@ -1171,6 +1245,8 @@ impl ConsumerContext for KafkaContext {
             // only revoke; an eager one revokes everything and assigns again).
             let gained = queue_labels(tpl);
             self.accepted();
+            // The group coordinator answered.
+            self.reached();
             let held = self.membership.rebalanced(&gained);
             let lost = std::mem::take(
                 &mut *self

@@ -12,6 +12,7 @@
 //! [`stall`] detector behind the membership flags a partition the side stopped reading.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -84,6 +85,10 @@ struct MembershipInner {
     state: Mutex<State>,
     /// Why the brokers refuse this source (credentials, TLS), while they do.
     refused: Mutex<Option<String>>,
+    /// Why the source cannot reach its brokers, and since when, while it cannot.
+    unreachable: Mutex<Option<(String, tokio::time::Instant)>>,
+    /// Whether `unreachable` holds a reason: read on every record, so it is an atomic.
+    out_of_reach: AtomicBool,
 }
 
 struct State {
@@ -120,6 +125,8 @@ impl Membership {
                     paused: None,
                 }),
                 refused: Mutex::new(None),
+                unreachable: Mutex::new(None),
+                out_of_reach: AtomicBool::new(false),
             }),
         }
     }
@@ -340,6 +347,50 @@ impl Membership {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The source cannot reach its brokers (`Some(why)`: every connection down, the broker
+    /// process gone) or reaches them again (`None`); `/readyz` names the reason, and how long
+    /// it has lasted, while it does. A repeated report keeps the time of the first. Returns
+    /// whether the source went from reachable to unreachable or back.
+    pub fn set_unreachable(&self, why: Option<String>) -> bool {
+        let mut unreachable = self
+            .inner
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let flipped = unreachable.is_some() != why.is_some();
+        *unreachable = why.map(|why| {
+            let since = unreachable
+                .as_ref()
+                .map_or_else(tokio::time::Instant::now, |(_, since)| *since);
+            (why, since)
+        });
+        self.inner
+            .out_of_reach
+            .store(unreachable.is_some(), Ordering::Release);
+        flipped
+    }
+
+    /// A broker answered a request: any outage is over. Returns how long the one that ended
+    /// lasted. Cheap when there was none (an atomic load): sources call it after every answered
+    /// lag query.
+    pub fn reached(&self) -> Option<Duration> {
+        if !self.inner.out_of_reach.load(Ordering::Acquire) {
+            return None;
+        }
+        let lasted = self.unreachable().map(|(_, lasted)| lasted);
+        self.set_unreachable(None).then_some(lasted).flatten()
+    }
+
+    /// Why the source cannot reach its brokers, and for how long it has not, while it cannot.
+    pub fn unreachable(&self) -> Option<(String, Duration)> {
+        self.inner
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(why, since)| (why.clone(), since.elapsed()))
     }
 
     /// The source left its group (shutdown): every lag series goes and nothing is held.

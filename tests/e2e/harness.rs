@@ -51,6 +51,13 @@ pub struct Setup {
     pub stall_after: &'static str,
     /// The Kafka consumer's `session.timeout.ms`: how long a killed daemon stays in the group.
     pub kafka_session_timeout_ms: u32,
+    /// The Kafka brokers: the shared test bed's, or a private one a test stops.
+    pub kafka_bootstrap: String,
+    /// The RocketMQ name server: the shared test bed's, or a private one a test stops.
+    pub rocketmq_namesrv: String,
+    /// The environment that points `scripts/testbed topic rocketmq` at `rocketmq_namesrv`'s test
+    /// bed (empty: the shared one).
+    pub rocketmq_testbed_env: Vec<(String, String)>,
     pub max_in_flight: usize,
 }
 
@@ -75,6 +82,9 @@ impl Default for Setup {
             channel: 16_384,
             stall_after: "60s",
             kafka_session_timeout_ms: 6000,
+            kafka_bootstrap: kafka_bootstrap(),
+            rocketmq_namesrv: rocketmq_namesrv(),
+            rocketmq_testbed_env: Vec::new(),
             max_in_flight: 256,
         }
     }
@@ -100,9 +110,9 @@ pub fn rocketmq_namesrv() -> String {
     std::env::var("MQC_ROCKETMQ_NAMESRV").unwrap_or_else(|_| "127.0.0.1:19876".into())
 }
 
-async fn kafka_topic(name: &str, partitions: i32) {
+async fn kafka_topic(bootstrap: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .expect("kafka admin client");
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
@@ -113,10 +123,7 @@ async fn kafka_topic(name: &str, partitions: i32) {
         )
         .await
         .unwrap_or_else(|e| {
-            panic!(
-                "kafka at {} unreachable ({e}): run `scripts/testbed up`",
-                kafka_bootstrap()
-            )
+            panic!("kafka at {bootstrap} unreachable ({e}): run `scripts/testbed up`")
         });
     for r in res {
         r.unwrap_or_else(|(t, e)| panic!("creating kafka topic {t}: {e}"));
@@ -124,9 +131,15 @@ async fn kafka_topic(name: &str, partitions: i32) {
 }
 
 pub async fn rocketmq_topic(name: &str, queues: u32) {
+    rocketmq_topic_in(&[], name, queues).await
+}
+
+/// [`rocketmq_topic`] on the test bed `env` points `scripts/testbed` at.
+pub async fn rocketmq_topic_in(env: &[(String, String)], name: &str, queues: u32) {
     let testbed = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
     let out = tokio::process::Command::new(testbed)
         .args(["topic", "rocketmq", name, &queues.to_string()])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .await
         .expect("run scripts/testbed");
@@ -143,7 +156,10 @@ impl Bed {
         let name = common::unique_prefix(test);
         let prefix = name.clone();
         let topic = format!("{name}-t");
-        let (_, _) = tokio::join!(kafka_topic(&topic, 4), rocketmq_topic(&topic, 4));
+        let (_, _) = tokio::join!(
+            kafka_topic(&setup.kafka_bootstrap, &topic, 4),
+            rocketmq_topic_in(&setup.rocketmq_testbed_env, &topic, 4)
+        );
         let reward_stop = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let reward = mq_cutover::reward::serve(listener, setup.faults.clone(), reward_stop.clone())
@@ -238,8 +254,8 @@ level = "info"
             lease = setup.lease,
             policy = setup.policy,
             percent = setup.initial_percent,
-            kafka = kafka_bootstrap(),
-            namesrv = rocketmq_namesrv(),
+            kafka = setup.kafka_bootstrap,
+            namesrv = setup.rocketmq_namesrv,
             sink = reward.url("/grant"),
             sink_timeout = setup.sink_timeout,
             drain = setup.drain_timeout,
@@ -304,19 +320,21 @@ level = "info"
             seed: 7,
             stamp: false,
             manifest: None,
+            give_up_after: None,
         };
         tweak(&mut args);
         produce(&self.config, &args).await.expect("produce")
     }
 
     /// Like [`Bed::produce`], on a thread of its own, so that the test can kill and restart
-    /// daemons meanwhile.
+    /// daemons meanwhile. A plain thread, not the runtime's blocking pool: a test that fails
+    /// while the producer still waits for a broker it stopped must not wait for it to end.
     pub fn produce_in_background(
         &self,
         id_prefix: &str,
         count: u64,
         tweak: impl FnOnce(&mut ProduceArgs),
-    ) -> tokio::task::JoinHandle<(Sent, Sent)> {
+    ) -> tokio::sync::oneshot::Receiver<(Sent, Sent)> {
         let mut args = ProduceArgs {
             count,
             id_prefix: Some(id_prefix.to_owned()),
@@ -332,19 +350,23 @@ level = "info"
             seed: 7,
             stamp: false,
             manifest: None,
+            give_up_after: None,
         };
         tweak(&mut args);
         let config = self.config.clone();
         // A runtime of its own: `produce`'s future is not `Send` (a higher-ranked closure
         // inside), so it cannot be spawned on the test's.
-        tokio::task::spawn_blocking(move || {
-            tokio::runtime::Builder::new_current_thread()
+        let (done, sent) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let sent = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime")
                 .block_on(produce(&config, &args))
-                .expect("produce")
-        })
+                .expect("produce");
+            let _ = done.send(sent);
+        });
+        sent
     }
 
     pub fn grants(&self) -> HashMap<String, u32> {
@@ -524,6 +546,17 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Like [`Daemon::admin`], `None` while the admin listener does not answer (starting).
+    pub async fn try_admin(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/{path}", self.admin_port))
+            .bearer_auth(VIEWER_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
     }
 
     /// `GET /<path>` on the admin listener, with the viewer token: status and body.

@@ -360,6 +360,7 @@ async fn every_id_is_granted_once_over_sasl_ssl_redis_tls_and_https_with_client_
         seed: 11,
         stamp: false,
         manifest: None,
+        give_up_after: None,
     };
     // The producer reaches the Kafka side with the side's own settings (SASL_SSL).
     produce(&dep.config, &args).await.expect("produce");

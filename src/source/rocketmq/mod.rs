@@ -417,11 +417,17 @@ impl FollowLag {
             .retain(|mq, _| queues.contains(mq));
         let side = self.membership.side();
         let mut readings = Vec::with_capacity(queues.len());
+        let mut reach = Reach::default();
         for mq in queues {
             let end = match self.consumer.max_offset(&mq).await {
-                Ok(end) => end,
+                Ok(end) => {
+                    reach.answered(mq.broker_name());
+                    end
+                }
                 Err(e) => {
-                    tracing::debug!(side = %side, queue = %mq, error = %explain(&e), "cannot read the rocketmq max offset now");
+                    let why = explain(&e);
+                    tracing::debug!(side = %side, queue = %mq, error = %why, "cannot read the rocketmq max offset now");
+                    reach.failed(mq.broker_name(), why);
                     continue;
                 }
             };
@@ -469,6 +475,57 @@ impl FollowLag {
             ));
         }
         self.membership.measured(&readings);
+        reach.report(&self.membership);
+    }
+}
+
+/// Which brokers answered one lag measurement: a broker none of whose queues answered is out
+/// of reach (its process gone, its port closed), and `/readyz` says so until one answers again.
+/// The name server is not asked here: the client keeps the routes it has while it is out.
+#[derive(Default)]
+struct Reach {
+    /// Per broker name: `None` once one of its queues answered, else the last error.
+    brokers: HashMap<String, Option<String>>,
+}
+
+impl Reach {
+    fn answered(&mut self, broker: &str) {
+        self.brokers.insert(broker.to_owned(), None);
+    }
+
+    fn failed(&mut self, broker: &str, why: String) {
+        if let Some(last) = self
+            .brokers
+            .entry(broker.to_owned())
+            .or_insert(Some(String::new()))
+        {
+            *last = why;
+        }
+    }
+
+    /// Marks the side unreachable (naming the brokers out and their last error) or reached.
+    /// A measurement that asked no broker (no queue held) changes nothing.
+    fn report(self, membership: &Membership) {
+        if self.brokers.is_empty() {
+            return;
+        }
+        let mut out: Vec<String> = self
+            .brokers
+            .into_iter()
+            .filter_map(|(broker, why)| why.map(|why| format!("broker {broker}: {why}")))
+            .collect();
+        let side = membership.side();
+        if out.is_empty() {
+            if let Some(lasted) = membership.reached() {
+                tracing::info!(side = %side, after = %humantime::format_duration(Duration::from_secs(lasted.as_secs())), "RocketMQ brokers reachable again");
+            }
+            return;
+        }
+        out.sort();
+        let why = out.join("; ");
+        if membership.set_unreachable(Some(why.clone())) {
+            tracing::error!(side = %side, "RocketMQ brokers unreachable: {why}; not ready, nothing is read from them until they answer (the client reconnects by itself)");
+        }
     }
 }
 
@@ -1047,6 +1104,32 @@ mod tests {
         finish(&mut p, &a, 1, 20);
         let c = p.commits().unwrap();
         assert_eq!(c, HashMap::from([(mq("broker-a", 1), 21)]));
+    }
+
+    #[tokio::test]
+    async fn a_broker_none_of_whose_queues_answers_is_named_until_one_answers() {
+        let m = crate::telemetry::metrics::Metrics::default();
+        let ms = Membership::new("rocketmq".into(), &m, Duration::from_secs(5));
+        let mut reach = Reach::default();
+        reach.failed("broker-a", "refused".into());
+        reach.answered("broker-b");
+        reach.failed("broker-b", "timeout".into());
+        reach.failed("broker-a", "connection refused".into());
+        reach.report(&ms);
+        let (why, _) = ms.unreachable().expect("broker-a is out");
+        assert_eq!(
+            why, "broker broker-a: connection refused",
+            "the last error, not broker-b"
+        );
+        Reach::default().report(&ms);
+        assert!(
+            ms.unreachable().is_some(),
+            "a measurement that asked no broker changes nothing"
+        );
+        let mut reach = Reach::default();
+        reach.answered("broker-a");
+        reach.report(&ms);
+        assert!(ms.unreachable().is_none(), "one answer ends it");
     }
 
     #[test]
