@@ -30,7 +30,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
@@ -552,15 +552,22 @@ fn identity_of(
 ) -> (Result<crate::message::Identity, BadInput>, Vec<u8>) {
     let headers = record.headers();
     match record.payload() {
-        Some(body) => (
-            read_identity(
-                message_id,
-                business_id,
-                |name| headers.and_then(|h| last_header(h, name)),
-                body,
-            ),
-            body.to_vec(),
-        ),
+        Some(body) => {
+            if let (Some(h), true) = (headers, reads_headers(message_id, business_id)) {
+                if let Err(why) = header_keys_readable(h) {
+                    return (Err(why), body.to_vec());
+                }
+            }
+            (
+                read_identity(
+                    message_id,
+                    business_id,
+                    |name| headers.and_then(|h| last_header(h, name)),
+                    body,
+                ),
+                body.to_vec(),
+            )
+        }
         None => (
             Err(BadInput("the record has no value (a tombstone)".into())),
             Vec::new(),
@@ -763,6 +770,56 @@ impl super::Refetch for KafkaRefetch {
                 })
             })
             .collect()
+    }
+}
+
+/// Whether either id is read from a header.
+fn reads_headers(message_id: &IdSource, business_id: &IdSource) -> bool {
+    matches!(message_id, IdSource::Header(_)) || matches!(business_id, IdSource::Header(_))
+}
+
+thread_local! {
+    /// Set on this thread while [`header_keys_readable`] expects a panic it contains.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Checks that rdkafka can read every header key of a record, so that [`last_header`] cannot
+/// panic on it; a key that is not UTF-8 makes the record bad input.
+///
+/// rdkafka 0.39 reads a key with `CStr::to_str(..).unwrap()` (`BorrowedHeaders::try_get` in its
+/// `src/message.rs`), behind every accessor (`get`, `try_get`, `iter`), and offers none that
+/// returns the key's bytes; but any producer may write any bytes as a key. Uncontained, the
+/// panic ends the source task, and with it the daemon, on every restart, since the offset is
+/// never committed. Not reported upstream (no issue found in fede1024/rust-rdkafka; its PR #639
+/// removed the same `unwrap` from error paths only). Without `unsafe` code there is no other
+/// way to read the headers, so the panic is caught here, around header reads only, and kept out
+/// of the log (the dead letter carries the reason).
+fn header_keys_readable(headers: &BorrowedHeaders) -> Result<(), BadInput> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let count = headers.count();
+    CONTAINING.with(|c| c.set(true));
+    let bad = (0..count).find(|&i| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            headers.try_get(i);
+        }))
+        .is_err()
+    });
+    CONTAINING.with(|c| c.set(false));
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(BadInput(format!(
+            "header {} of {count} has a key that is not UTF-8; the record's headers cannot be \
+             read",
+            i + 1
+        ))),
     }
 }
 

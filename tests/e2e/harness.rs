@@ -533,6 +533,14 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
+    /// Whether the process is still running (false once it has exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -9,6 +9,7 @@ mod adopt;
 mod common;
 mod fates;
 mod harness;
+mod hostile;
 mod page;
 mod parity;
 mod secured;
