@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,9 @@ pub struct KafkaSource {
     reset_to_start: bool,
     /// Whether `security.protocol` is SSL or SASL_SSL.
     tls: bool,
+    /// `pipeline.max_message_bytes` from the context once the source runs, for its refetcher
+    /// too (built before).
+    max_message_bytes: Arc<AtomicUsize>,
 }
 
 /// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
@@ -170,6 +173,9 @@ impl KafkaSource {
             business_id: side.business_id.clone(),
             reset_to_start,
             tls,
+            max_message_bytes: Arc::new(AtomicUsize::new(
+                crate::config::PipelineConfig::default().max_message_bytes,
+            )),
         })
     }
 }
@@ -200,12 +206,15 @@ type KafkaConsumer = StreamConsumer<KafkaContext>;
 
 impl KafkaSource {
     async fn consume(self, cx: SourceContext) -> Result<(), SourceError> {
+        self.max_message_bytes
+            .store(cx.max_message_bytes, Ordering::Relaxed);
         let SourceContext {
             side,
             out,
             cancel,
             mut paused,
             membership,
+            max_message_bytes: cx_max,
             ..
         } = cx;
         let start_error = |reason: String| SourceError::Start {
@@ -290,6 +299,7 @@ impl KafkaSource {
             side: side.clone(),
             message_id: self.message_id,
             business_id: self.business_id,
+            max_message_bytes: cx_max,
             topics: Vec::new(),
             acks: ack_tx,
         };
@@ -500,6 +510,8 @@ struct Intake {
     side: Side,
     message_id: IdSource,
     business_id: IdSource,
+    /// `pipeline.max_message_bytes`.
+    max_message_bytes: usize,
     /// Topic names seen so far, so a record costs a reference count, not an allocation.
     topics: Vec<Arc<str>>,
     acks: mpsc::UnboundedSender<Finished>,
@@ -509,7 +521,12 @@ impl Intake {
     fn message(&mut self, record: &BorrowedMessage<'_>, context: &KafkaContext) -> Message {
         let topic = self.topic(record.topic());
         let (partition, offset) = (record.partition(), record.offset());
-        let (identity, payload) = identity_of(record, &self.message_id, &self.business_id);
+        let (identity, payload) = identity_of(
+            record,
+            &self.message_id,
+            &self.business_id,
+            self.max_message_bytes,
+        );
         context.books().tracker.delivered(&topic, partition, offset);
         Message {
             identity,
@@ -544,14 +561,27 @@ impl Intake {
     }
 }
 
-/// The ids and the body of a record; a record without a value is bad input.
+/// The ids and the body of a record; a record without a value, or with one larger than `max`
+/// bytes (`pipeline.max_message_bytes`), is bad input, the latter without its body.
+///
+/// librdkafka has already uncompressed the record's batch by then, with no limit for gzip, LZ4
+/// and Snappy (docs/kafka.md, "Large and compressed records"): checking here keeps a bomb out of
+/// the JSON parser, the pipeline, Redis and the sink, not out of librdkafka's memory.
 fn identity_of(
     record: &BorrowedMessage<'_>,
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> (Result<crate::message::Identity, BadInput>, Vec<u8>) {
     let headers = record.headers();
     match record.payload() {
+        Some(body) if body.len() > max => (
+            Err(BadInput(format!(
+                "body of {} bytes is over pipeline.max_message_bytes = {max}",
+                body.len()
+            ))),
+            Vec::new(),
+        ),
         Some(body) => {
             if let (Some(h), true) = (headers, reads_headers(message_id, business_id)) {
                 if let Err(why) = header_keys_readable(h) {
@@ -588,6 +618,8 @@ struct KafkaRefetch {
     consumer: Arc<Mutex<BaseConsumer>>,
     message_id: IdSource,
     business_id: IdSource,
+    /// The source's `pipeline.max_message_bytes`, read at each refetch.
+    max_message_bytes: Arc<AtomicUsize>,
 }
 
 /// Reading forward past this many unwanted records costs more than a seek to the next wanted one.
@@ -612,6 +644,7 @@ impl KafkaRefetch {
             consumer: Arc::new(Mutex::new(consumer)),
             message_id: source.message_id.clone(),
             business_id: source.business_id.clone(),
+            max_message_bytes: source.max_message_bytes.clone(),
         })
     }
 }
@@ -625,6 +658,7 @@ fn read_positions(
     at: &[super::Position],
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> Vec<Read> {
     let mut out: Vec<Option<Read>> = vec![None; at.len()];
     // Positions by partition, each partition's offsets in order.
@@ -637,7 +671,15 @@ fn read_positions(
     }
     for ((topic, partition), mut wanted) in parts {
         wanted.sort_unstable();
-        let answers = read_partition(consumer, topic, partition, &wanted, message_id, business_id);
+        let answers = read_partition(
+            consumer,
+            topic,
+            partition,
+            &wanted,
+            message_id,
+            business_id,
+            max,
+        );
         for ((_, i), answer) in wanted.iter().zip(answers) {
             out[*i] = Some(answer);
         }
@@ -655,6 +697,7 @@ fn read_partition(
     wanted: &[(i64, usize)],
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> Vec<Read> {
     let here = |o: i64| format!("refetch {topic}[{partition}]@{o}");
     let mut answers: Vec<Read> = Vec::with_capacity(wanted.len());
@@ -701,7 +744,7 @@ fn read_partition(
                     continue;
                 }
                 let copy = (offset == next).then(|| {
-                    let (identity, payload) = identity_of(&record, message_id, business_id);
+                    let (identity, payload) = identity_of(&record, message_id, business_id, max);
                     super::Refetched {
                         identity,
                         payload,
@@ -755,10 +798,11 @@ impl super::Refetch for KafkaRefetch {
         }
         let consumer = self.consumer.clone();
         let (message_id, business_id) = (self.message_id.clone(), self.business_id.clone());
+        let max = self.max_message_bytes.load(Ordering::Relaxed);
         let positions = at.to_vec();
         let read = tokio::task::spawn_blocking(move || {
             let consumer = consumer.lock().unwrap_or_else(PoisonError::into_inner);
-            read_positions(&consumer, &positions, &message_id, &business_id)
+            read_positions(&consumer, &positions, &message_id, &business_id, max)
         })
         .await
         .unwrap_or_else(|e| vec![Err(format!("refetch task failed: {e}")); at.len()]);

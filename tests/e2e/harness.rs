@@ -47,6 +47,8 @@ pub struct Setup {
     /// The Kafka consumer's `session.timeout.ms`: how long a killed daemon stays in the group.
     pub kafka_session_timeout_ms: u32,
     pub max_in_flight: usize,
+    /// `pipeline.max_message_bytes`.
+    pub max_message_bytes: usize,
 }
 
 impl Default for Setup {
@@ -67,6 +69,7 @@ impl Default for Setup {
             stall_after: "60s",
             kafka_session_timeout_ms: 6000,
             max_in_flight: 256,
+            max_message_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -206,6 +209,7 @@ drain_timeout = "{drain}"
 channel = {channel}
 stall_after = "{stall_after}"
 max_in_flight = {max_in_flight}
+max_message_bytes = {max_message_bytes}
 
 [parity]
 grace = "2s"
@@ -239,6 +243,7 @@ level = "info"
             channel = setup.channel,
             stall_after = setup.stall_after,
             max_in_flight = setup.max_in_flight,
+            max_message_bytes = setup.max_message_bytes,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())
@@ -531,6 +536,22 @@ impl Daemon {
         text.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0.0)
+    }
+
+    /// A field of the process's `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`: the peak), while
+    /// it runs.
+    pub fn memory_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Whether the process is still running (false once it has exited).
