@@ -309,17 +309,17 @@ impl KafkaSource {
         let mut fetch = Fetch::default();
         let mut halted = *paused.borrow_and_update();
         let mut watching = true;
-        // Resume fetching only once the pipeline has taken half its queue, not at the first free
-        // slot: each pause drops what librdkafka had prefetched, so flapping would refetch a lot.
-        let resume_at = (out.max_capacity() / 2).max(1);
         let mut tick = tokio::time::interval(COMMIT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconciled = Instant::now();
 
         let outcome = loop {
             purge_revoked(&mut pending, consumer.context());
-            let hold =
-                halted || !pending.is_empty() || (fetch.paused && out.capacity() < resume_at);
+            // Resume fetching only once the pipeline has taken half its queue and half its bytes,
+            // not at the first free slot: each pause drops what librdkafka had prefetched, so
+            // flapping would refetch a lot.
+            let hold = halted || !pending.is_empty() || (fetch.paused && !out.half_free());
+            let front = pending.front().map_or(0, |m| m.payload.len());
             if hold != fetch.paused {
                 fetch.set(&consumer, &side, hold);
             }
@@ -341,12 +341,14 @@ impl KafkaSource {
                         fetch.reconcile(&consumer, &side);
                     }
                 }
-                permit = out.reserve(), if !pending.is_empty() && !halted => match permit {
-                    Ok(permit) => {
+                slot = out.reserve(front), if !pending.is_empty() && !halted => match slot {
+                    Ok(slot) => {
                         // A revocation may have run since the top of the loop (inside `recv`).
                         purge_revoked(&mut pending, consumer.context());
                         if let Some(msg) = pending.pop_front() {
-                            permit.send(msg);
+                            if let Err(msg) = slot.send(msg) {
+                                pending.push_front(msg);
+                            }
                         }
                     }
                     Err(_) => break Err(pipeline_gone(&side)),
@@ -540,6 +542,7 @@ impl Intake {
                 born_ms: record.timestamp().to_millis().unwrap_or(0),
             },
             received: std::time::Instant::now(),
+            held: super::outlet::Held::none(),
             ack: Ack::new(
                 self.acks.clone(),
                 Finished {

@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use prometheus::{IntCounter, IntGauge, IntGaugeVec};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Finished, Message, Side};
+use crate::message::{Finished, Side};
 use crate::telemetry::metrics::Metrics;
 
 pub mod kafka;
 pub mod kafka_security;
+pub mod outlet;
 
 pub mod rocketmq;
 
@@ -37,8 +38,9 @@ use stall::StallDetector;
 pub struct SourceContext {
     /// This source's side.
     pub side: Side,
-    /// Where copies go; bounded, so a slow pipeline slows the source down.
-    pub out: mpsc::Sender<Message>,
+    /// Where copies go; bounded in copies and in bytes, so a slow pipeline slows the source
+    /// down.
+    pub out: outlet::Outlet,
     /// Cancelled on shutdown: stop fetching, commit what is finished, leave the group.
     pub cancel: CancellationToken,
     /// True while the daemon wants no new copies (Redis away, circuit open): pause fetching.

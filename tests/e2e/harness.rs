@@ -49,6 +49,8 @@ pub struct Setup {
     pub max_in_flight: usize,
     /// `pipeline.max_message_bytes`.
     pub max_message_bytes: usize,
+    /// `pipeline.max_buffered_bytes`.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Setup {
@@ -70,6 +72,7 @@ impl Default for Setup {
             kafka_session_timeout_ms: 6000,
             max_in_flight: 256,
             max_message_bytes: 4 * 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -210,6 +213,7 @@ channel = {channel}
 stall_after = "{stall_after}"
 max_in_flight = {max_in_flight}
 max_message_bytes = {max_message_bytes}
+max_buffered_bytes = {max_buffered_bytes}
 
 [parity]
 grace = "2s"
@@ -244,6 +248,7 @@ level = "info"
             stall_after = setup.stall_after,
             max_in_flight = setup.max_in_flight,
             max_message_bytes = setup.max_message_bytes,
+            max_buffered_bytes = setup.max_buffered_bytes,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())

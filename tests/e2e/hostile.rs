@@ -5,12 +5,19 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
+use futures::StreamExt;
+
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
+use mq_cutover::reward::FaultPlan;
+use mq_cutover::source::rocketmq::RocketMqWriter;
+
 use crate::common;
-use crate::harness::{kafka_bootstrap, Bed, Setup};
+use crate::harness::{kafka_bootstrap, rocketmq_namesrv, Bed, Setup};
 
 /// Writes one record to partition 0 of `topic` with `kcat`, headers given as raw bytes
 /// (`name=value`): kcat hands its argv bytes to librdkafka unchanged, so a header key may be any
@@ -129,6 +136,7 @@ async fn kafka_bodies_over_max_message_bytes_plain_or_inflated_are_dead_lettered
     let max = 64 * 1024;
     let setup = Setup {
         max_message_bytes: max,
+        max_buffered_bytes: max,
         ..Setup::default()
     };
     let mut bed = Bed::new("e2e-kbig", setup).await;
@@ -196,5 +204,141 @@ async fn kafka_bodies_over_max_message_bytes_plain_or_inflated_are_dead_lettered
     eprintln!(
         "daemon peak RSS {} KiB",
         bed.daemons[0].memory_kib("VmHWM").unwrap_or(0)
+    );
+}
+
+/// A JSON body of `len` bytes for business id `user`.
+fn padded_for(user: &str, len: usize) -> Vec<u8> {
+    let mut body = format!(r#"{{"user_id":"{user}","pad":""#).into_bytes();
+    body.resize(len - 2, b'0');
+    body.extend_from_slice(br#""}"#);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_one_mib_messages_per_side_stay_within_the_byte_bound() {
+    let budget: usize = 32 << 20;
+    let setup = Setup {
+        max_buffered_bytes: budget,
+        initial_percent: 50,
+        // 1 MiB bodies on a busy test machine: no call may time out (an ambiguous outcome is
+        // retried under at_least_once, and could be granted twice).
+        sink_timeout: "30s",
+        // A downstream slower than the brokers: a backlog builds up in front of it.
+        max_in_flight: 16,
+        faults: FaultPlan {
+            latency: Duration::from_millis(20),
+            ..FaultPlan::default()
+        },
+        ..Setup::default()
+    };
+    let mut bed = Bed::new("e2e-bytes", setup).await;
+    let topic = format!("{}-t", bed.prefix);
+    let count: usize = 2000;
+    let size: usize = 1 << 20;
+    // Both sides written in full before the daemon starts: each has 2,000 MiB waiting for it.
+    // Kafka's records go uncompressed (a compressed batch is inflated by librdkafka beyond any
+    // bound of ours, docs/kafka.md), into a topic that takes 1 MiB records and is deleted at the
+    // end; RocketMQ's bodies are zlib-compressed by the client (its default), kept small on disk
+    // and inflated by the source, under max_message_bytes.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("kafka admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let larger =
+        AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", "4194304");
+    for r in admin
+        .alter_configs([&larger], &opts)
+        .await
+        .expect("alter the topic")
+    {
+        r.expect("the topic takes 4 MiB records");
+    }
+    let kafka = async {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("message.max.bytes", "4000000")
+            .set("linger.ms", "20")
+            .create()
+            .expect("kafka producer");
+        let sends = (0..count).map(|i| {
+            let producer = &producer;
+            let topic = &topic;
+            async move {
+                let id = format!("mb-{i}");
+                let body = padded_for(&format!("u-{i}"), size);
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "msg-id",
+                    value: Some(&id),
+                });
+                producer
+                    .send(
+                        FutureRecord::<(), [u8]>::to(topic)
+                            .payload(&body)
+                            .headers(headers),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap_or_else(|(e, _)| panic!("producing {id}: {e}"));
+            }
+        });
+        futures::stream::iter(sends)
+            .buffer_unordered(64)
+            .collect::<Vec<()>>()
+            .await;
+    };
+    let rocketmq = async {
+        let writer = RocketMqWriter::connect(&rocketmq_namesrv(), &format!("{}-p", bed.prefix))
+            .await
+            .expect("rocketmq producer");
+        for i in 0..count {
+            let id = format!("mb-{i}");
+            let body = padded_for(&format!("u-{i}"), size);
+            // A send the broker did not confirm in time is tried again, as `produce` does.
+            let mut tries = 0;
+            while let Err(e) = writer
+                .send(&topic, None, "", &[("msg-id", &id)], &body)
+                .await
+            {
+                tries += 1;
+                assert!(
+                    e.is_retryable() && tries < 10,
+                    "producing {id} to rocketmq: {e}"
+                );
+            }
+        }
+        writer.shutdown().await;
+    };
+    kafka.await;
+    rocketmq.await;
+    bed.start_daemon();
+    bed.wait_all_settled("mb", count as u64, Duration::from_secs(400))
+        .await;
+    let peak_rss_kib = bed.daemons[0].memory_kib("VmHWM").expect("the daemon runs");
+    let grants = bed.grants();
+    for i in 0..count {
+        assert_eq!(grants.get(&format!("mb-{i}")).copied(), Some(1), "mb-{i}");
+    }
+    for side in ["kafka", "rocketmq"] {
+        let peak = bed.daemons[0]
+            .metric(&format!("mqc_buffered_bytes_peak{{side=\"{side}\"}}"))
+            .await as usize;
+        eprintln!("{side}: peak buffered {} KiB", peak >> 10);
+        assert!(peak <= budget, "{side}: {peak} bytes buffered at once");
+        // The bound was reached: the backlog did press against it.
+        assert!(
+            peak >= budget / 2,
+            "{side}: only {peak} bytes buffered at most"
+        );
+    }
+    eprintln!("daemon peak RSS {peak_rss_kib} KiB");
+    // Two sides' budgets, the clients' buffers and the daemon itself, under the 512 Mi of
+    // deploy/k8s; unbounded, the 4,000 MiB waiting would flow into the channels.
+    let _ = admin.delete_topics(&[&topic], &opts).await;
+    assert!(
+        peak_rss_kib < 480 * 1024,
+        "daemon peak RSS {peak_rss_kib} KiB\n{}",
+        bed.logs()
     );
 }
