@@ -1,5 +1,7 @@
 //! Sources: one per side, each a broker consumer that turns the broker's records into
-//! [`Message`]s for the pipeline and commits offsets only for copies the pipeline has finished.
+//! [`Message`](crate::message::Message)s for the pipeline and commits offsets only for copies
+//! the pipeline has finished. Copies go through the side's [`outlet::Outlet`], bounded in copies
+//! (`pipeline.channel`) and in bytes (`pipeline.max_buffered_bytes`).
 //!
 //! Both brokers share one rule, kept by [`OffsetTracker`]: a partition's (queue's) committed
 //! offset never passes a copy whose fate is not recorded yet, so a crash or a rebalance can only

@@ -624,9 +624,10 @@ impl Consuming {
     }
 
     /// Hands a polled batch over in order, waiting for room (committing meanwhile) for as much of
-    /// it at once as the channel and the byte budget hold. While the pipeline is behind and the channel full, this
-    /// task then wakes once per batch the pipeline has made room for, not once per copy it takes
-    /// (and acknowledgements wait in their channel for the next commit instead of waking it).
+    /// it at once as the channel and the byte budget hold. While the pipeline is behind and the
+    /// channel full, this task then wakes once per batch the pipeline has made room for, not once
+    /// per copy it takes (and acknowledgements wait in their channel for the next commit instead
+    /// of waking it).
     async fn hand_over(
         &mut self,
         copies: Vec<(Message, Arc<str>, i32, i64)>,
