@@ -345,6 +345,14 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
     for (side, membership) in cfg.sides.iter().zip(memberships.iter()) {
         let name: Side = side.name.as_str().into();
         let (tx, rx) = mpsc::channel(cfg.pipeline.channel);
+        let gauges = metrics.side(&side.name);
+        let out = crate::source::outlet::Outlet::new(
+            tx,
+            crate::source::outlet::ByteBudget::new(
+                cfg.pipeline.max_buffered_bytes,
+                Some((gauges.buffered_bytes, gauges.buffered_bytes_peak)),
+            ),
+        );
         let source = crate::source::build(side)?;
         // Every side reads its copies again for adoption (DESIGN.md invariant 2); pass-through
         // claims nothing, so nothing waits for adoption there.
@@ -360,7 +368,7 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         }
         sources.spawn(source.run(SourceContext {
             side: name.clone(),
-            out: tx,
+            out,
             cancel: source_stop.clone(),
             paused: pause.subscribe(),
             membership: membership.clone(),

@@ -862,6 +862,12 @@ pub struct PipelineConfig {
     /// uncompressed; a larger one is dead-lettered with the reason and never forwarded.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Bytes of message bodies one side may hold between its source and the fate of each copy
+    /// (the channel, claim batches, calls in flight, retries), and the size of the RocketMQ
+    /// client's pull buffer; when reached, the side stops fetching. At least
+    /// `max_message_bytes`, so that any copy fits.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
     /// For measurement only: one side forwards every copy with no claim, the other acks every
     /// copy unread. No arbitration, no deduplication. Absent: normal operation.
     #[serde(default)]
@@ -908,6 +914,13 @@ fn default_max_message_bytes() -> usize {
     // RocketMQ's own default maxMessageSize.
     4 * 1024 * 1024
 }
+fn default_max_buffered_bytes() -> usize {
+    // Two sides at this, plus the brokers' clients' buffers, stay well inside a 512 Mi container
+    // (docs/pipeline.md, "Memory").
+    64 * 1024 * 1024
+}
+/// The largest `pipeline.max_buffered_bytes` accepted.
+pub const MAX_BUFFERED_BYTES_LIMIT: usize = 64 * 1024 * 1024 * 1024;
 /// The largest `pipeline.max_message_bytes` accepted. Below 0x184D2204 bytes, the size an LZ4
 /// block body would declare if its first four bytes were the LZ4 frame magic, so the RocketMQ
 /// side tells the two LZ4 formats apart without guessing.
@@ -924,6 +937,7 @@ impl Default for PipelineConfig {
             drain_timeout: default_drain_timeout(),
             stall_after: default_stall_after(),
             max_message_bytes: default_max_message_bytes(),
+            max_buffered_bytes: default_max_buffered_bytes(),
             pass_through: None,
         }
     }
@@ -1432,6 +1446,19 @@ impl Config {
                 format!(
                     "{} is outside 1024..={MAX_MESSAGE_BYTES_LIMIT} (1 KiB to 256 MiB), e.g. `4194304` (4 MiB)",
                     p.max_message_bytes
+                ),
+            ));
+        }
+        if p.max_buffered_bytes < p.max_message_bytes
+            || p.max_buffered_bytes > MAX_BUFFERED_BYTES_LIMIT
+        {
+            return Err(ConfigError::new(
+                "pipeline.max_buffered_bytes",
+                format!(
+                    "{} is outside {}..={MAX_BUFFERED_BYTES_LIMIT}: at least \
+                     pipeline.max_message_bytes, so that any message fits, and at most 64 GiB, \
+                     e.g. `67108864` (64 MiB)",
+                    p.max_buffered_bytes, p.max_message_bytes
                 ),
             ));
         }
@@ -2643,12 +2670,34 @@ url = "http://127.0.0.1:8080/grant"
             assert!(e.problem.contains("outside"), "{e}");
         }
         let cfg = Config::from_toml_str(&format!(
-            "{GOOD}\n[pipeline]\nmax_message_bytes = 268435456\n"
+            "{GOOD}\n[pipeline]\nmax_message_bytes = 268435456\nmax_buffered_bytes = 268435456\n"
         ))
         .unwrap()
         .validate()
         .unwrap();
         assert_eq!(cfg.pipeline.max_message_bytes, MAX_MESSAGE_BYTES_LIMIT);
+    }
+
+    #[test]
+    fn max_buffered_bytes_defaults_to_64_mib_and_holds_the_largest_message() {
+        let cfg = Config::from_toml_str(GOOD).unwrap().validate().unwrap();
+        assert_eq!(cfg.pipeline.max_buffered_bytes, 64 * 1024 * 1024);
+        for lines in [
+            "max_buffered_bytes = 4194303",
+            "max_message_bytes = 8388608\nmax_buffered_bytes = 4194304",
+            "max_buffered_bytes = 68719476737",
+        ] {
+            let e = err_of(&format!("{GOOD}\n[pipeline]\n{lines}\n"));
+            assert_eq!(e.key, "pipeline.max_buffered_bytes", "{lines}");
+            assert!(e.problem.contains("pipeline.max_message_bytes"), "{e}");
+        }
+        let cfg = Config::from_toml_str(&format!(
+            "{GOOD}\n[pipeline]\nmax_message_bytes = 65536\nmax_buffered_bytes = 65536\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(cfg.pipeline.max_buffered_bytes, 65536);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Message {
     pub ack: Ack,
     /// When the source handed the copy to its pipeline (for `mqc_decision_seconds`).
     pub received: std::time::Instant,
+    /// The share of `pipeline.max_buffered_bytes` its body holds, given back when the copy is
+    /// dropped ([`crate::source::outlet`]); set by the source's outlet, none elsewhere.
+    pub held: crate::source::outlet::Held,
 }
 
 /// A position whose message is finished, sent back to the source that owns it.

@@ -420,6 +420,7 @@ pub async fn replay(
         }),
         payload: letter.payload.clone(),
         received: Instant::now(),
+        held: crate::source::outlet::Held::none(),
         ack: crate::message::Ack::new(
             ack_tx,
             crate::message::Finished {

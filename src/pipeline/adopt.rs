@@ -412,6 +412,7 @@ impl Sweeper {
             ack: Ack::new(ack_tx, finished(&origin)),
             origin,
             received: std::time::Instant::now(),
+            held: crate::source::outlet::Held::none(),
         };
         Ok((msg, ack_rx, (retry_tx, retry_rx)))
     }
@@ -494,6 +495,7 @@ impl Sweeper {
             ack: Ack::new(ack_tx, finished(&origin)),
             origin,
             received: std::time::Instant::now(),
+            held: crate::source::outlet::Held::none(),
         };
         letter_then_ack(&self.shared, &self.metrics, msg, &reason, 0, &self.cancel).await;
         if ack_rx.try_recv().is_ok() {

@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message as _;
@@ -93,6 +93,9 @@ pub struct KafkaSource {
     reset_to_start: bool,
     /// Whether `security.protocol` is SSL or SASL_SSL.
     tls: bool,
+    /// `pipeline.max_message_bytes` from the context once the source runs, for its refetcher
+    /// too (built before).
+    max_message_bytes: Arc<AtomicUsize>,
 }
 
 /// Builds the Kafka source of `side` (`kind = "kafka"`); checks the consumer settings without
@@ -170,6 +173,9 @@ impl KafkaSource {
             business_id: side.business_id.clone(),
             reset_to_start,
             tls,
+            max_message_bytes: Arc::new(AtomicUsize::new(
+                crate::config::PipelineConfig::default().max_message_bytes,
+            )),
         })
     }
 }
@@ -200,12 +206,15 @@ type KafkaConsumer = StreamConsumer<KafkaContext>;
 
 impl KafkaSource {
     async fn consume(self, cx: SourceContext) -> Result<(), SourceError> {
+        self.max_message_bytes
+            .store(cx.max_message_bytes, Ordering::Relaxed);
         let SourceContext {
             side,
             out,
             cancel,
             mut paused,
             membership,
+            max_message_bytes: cx_max,
             ..
         } = cx;
         let start_error = |reason: String| SourceError::Start {
@@ -291,6 +300,7 @@ impl KafkaSource {
             side: side.clone(),
             message_id: self.message_id,
             business_id: self.business_id,
+            max_message_bytes: cx_max,
             topics: Vec::new(),
             acks: ack_tx,
         };
@@ -300,17 +310,17 @@ impl KafkaSource {
         let mut fetch = Fetch::default();
         let mut halted = *paused.borrow_and_update();
         let mut watching = true;
-        // Resume fetching only once the pipeline has taken half its queue, not at the first free
-        // slot: each pause drops what librdkafka had prefetched, so flapping would refetch a lot.
-        let resume_at = (out.max_capacity() / 2).max(1);
         let mut tick = tokio::time::interval(COMMIT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconciled = Instant::now();
 
         let outcome = loop {
             purge_revoked(&mut pending, consumer.context());
-            let hold =
-                halted || !pending.is_empty() || (fetch.paused && out.capacity() < resume_at);
+            // Resume fetching only once the pipeline has taken half its queue and half its bytes,
+            // not at the first free slot: each pause drops what librdkafka had prefetched, so
+            // flapping would refetch a lot.
+            let hold = halted || !pending.is_empty() || (fetch.paused && !out.half_free());
+            let front = pending.front().map_or(0, |m| m.payload.len());
             if hold != fetch.paused {
                 fetch.set(&consumer, &side, hold);
             }
@@ -332,12 +342,14 @@ impl KafkaSource {
                         fetch.reconcile(&consumer, &side);
                     }
                 }
-                permit = out.reserve(), if !pending.is_empty() && !halted => match permit {
-                    Ok(permit) => {
+                slot = out.reserve(front), if !pending.is_empty() && !halted => match slot {
+                    Ok(slot) => {
                         // A revocation may have run since the top of the loop (inside `recv`).
                         purge_revoked(&mut pending, consumer.context());
                         if let Some(msg) = pending.pop_front() {
-                            permit.send(msg);
+                            if let Err(msg) = slot.send(msg) {
+                                pending.push_front(msg);
+                            }
                         }
                     }
                     Err(_) => break Err(pipeline_gone(&side)),
@@ -501,6 +513,8 @@ struct Intake {
     side: Side,
     message_id: IdSource,
     business_id: IdSource,
+    /// `pipeline.max_message_bytes`.
+    max_message_bytes: usize,
     /// Topic names seen so far, so a record costs a reference count, not an allocation.
     topics: Vec<Arc<str>>,
     acks: mpsc::UnboundedSender<Finished>,
@@ -510,7 +524,12 @@ impl Intake {
     fn message(&mut self, record: &BorrowedMessage<'_>, context: &KafkaContext) -> Message {
         let topic = self.topic(record.topic());
         let (partition, offset) = (record.partition(), record.offset());
-        let (identity, payload) = identity_of(record, &self.message_id, &self.business_id);
+        let (identity, payload) = identity_of(
+            record,
+            &self.message_id,
+            &self.business_id,
+            self.max_message_bytes,
+        );
         context.books().tracker.delivered(&topic, partition, offset);
         Message {
             identity,
@@ -524,6 +543,7 @@ impl Intake {
                 born_ms: record.timestamp().to_millis().unwrap_or(0),
             },
             received: std::time::Instant::now(),
+            held: super::outlet::Held::none(),
             ack: Ack::new(
                 self.acks.clone(),
                 Finished {
@@ -545,23 +565,43 @@ impl Intake {
     }
 }
 
-/// The ids and the body of a record; a record without a value is bad input.
+/// The ids and the body of a record; a record without a value, or with one larger than `max`
+/// bytes (`pipeline.max_message_bytes`), is bad input, the latter without its body.
+///
+/// librdkafka has already uncompressed the record's batch by then, with no limit for gzip, LZ4
+/// and Snappy (docs/kafka.md, "Large and compressed records"): checking here keeps a bomb out of
+/// the JSON parser, the pipeline, Redis and the sink, not out of librdkafka's memory.
 fn identity_of(
     record: &BorrowedMessage<'_>,
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> (Result<crate::message::Identity, BadInput>, Vec<u8>) {
     let headers = record.headers();
     match record.payload() {
-        Some(body) => (
-            read_identity(
-                message_id,
-                business_id,
-                |name| headers.and_then(|h| last_header(h, name)),
-                body,
-            ),
-            body.to_vec(),
+        Some(body) if body.len() > max => (
+            Err(BadInput(format!(
+                "body of {} bytes is over pipeline.max_message_bytes = {max}",
+                body.len()
+            ))),
+            Vec::new(),
         ),
+        Some(body) => {
+            if let (Some(h), true) = (headers, reads_headers(message_id, business_id)) {
+                if let Err(why) = header_keys_readable(h) {
+                    return (Err(why), body.to_vec());
+                }
+            }
+            (
+                read_identity(
+                    message_id,
+                    business_id,
+                    |name| headers.and_then(|h| last_header(h, name)),
+                    body,
+                ),
+                body.to_vec(),
+            )
+        }
         None => (
             Err(BadInput("the record has no value (a tombstone)".into())),
             Vec::new(),
@@ -582,6 +622,8 @@ struct KafkaRefetch {
     consumer: Arc<Mutex<BaseConsumer>>,
     message_id: IdSource,
     business_id: IdSource,
+    /// The source's `pipeline.max_message_bytes`, read at each refetch.
+    max_message_bytes: Arc<AtomicUsize>,
 }
 
 /// Reading forward past this many unwanted records costs more than a seek to the next wanted one.
@@ -606,6 +648,7 @@ impl KafkaRefetch {
             consumer: Arc::new(Mutex::new(consumer)),
             message_id: source.message_id.clone(),
             business_id: source.business_id.clone(),
+            max_message_bytes: source.max_message_bytes.clone(),
         })
     }
 }
@@ -619,6 +662,7 @@ fn read_positions(
     at: &[super::Position],
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> Vec<Read> {
     let mut out: Vec<Option<Read>> = vec![None; at.len()];
     // Positions by partition, each partition's offsets in order.
@@ -631,7 +675,15 @@ fn read_positions(
     }
     for ((topic, partition), mut wanted) in parts {
         wanted.sort_unstable();
-        let answers = read_partition(consumer, topic, partition, &wanted, message_id, business_id);
+        let answers = read_partition(
+            consumer,
+            topic,
+            partition,
+            &wanted,
+            message_id,
+            business_id,
+            max,
+        );
         for ((_, i), answer) in wanted.iter().zip(answers) {
             out[*i] = Some(answer);
         }
@@ -649,6 +701,7 @@ fn read_partition(
     wanted: &[(i64, usize)],
     message_id: &IdSource,
     business_id: &IdSource,
+    max: usize,
 ) -> Vec<Read> {
     let here = |o: i64| format!("refetch {topic}[{partition}]@{o}");
     let mut answers: Vec<Read> = Vec::with_capacity(wanted.len());
@@ -695,7 +748,7 @@ fn read_partition(
                     continue;
                 }
                 let copy = (offset == next).then(|| {
-                    let (identity, payload) = identity_of(&record, message_id, business_id);
+                    let (identity, payload) = identity_of(&record, message_id, business_id, max);
                     super::Refetched {
                         identity,
                         payload,
@@ -749,10 +802,11 @@ impl super::Refetch for KafkaRefetch {
         }
         let consumer = self.consumer.clone();
         let (message_id, business_id) = (self.message_id.clone(), self.business_id.clone());
+        let max = self.max_message_bytes.load(Ordering::Relaxed);
         let positions = at.to_vec();
         let read = tokio::task::spawn_blocking(move || {
             let consumer = consumer.lock().unwrap_or_else(PoisonError::into_inner);
-            read_positions(&consumer, &positions, &message_id, &business_id)
+            read_positions(&consumer, &positions, &message_id, &business_id, max)
         })
         .await
         .unwrap_or_else(|e| vec![Err(format!("refetch task failed: {e}")); at.len()]);
@@ -764,6 +818,56 @@ impl super::Refetch for KafkaRefetch {
                 })
             })
             .collect()
+    }
+}
+
+/// Whether either id is read from a header.
+fn reads_headers(message_id: &IdSource, business_id: &IdSource) -> bool {
+    matches!(message_id, IdSource::Header(_)) || matches!(business_id, IdSource::Header(_))
+}
+
+thread_local! {
+    /// Set on this thread while [`header_keys_readable`] expects a panic it contains.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Checks that rdkafka can read every header key of a record, so that [`last_header`] cannot
+/// panic on it; a key that is not UTF-8 makes the record bad input.
+///
+/// rdkafka 0.39 reads a key with `CStr::to_str(..).unwrap()` (`BorrowedHeaders::try_get` in its
+/// `src/message.rs`), behind every accessor (`get`, `try_get`, `iter`), and offers none that
+/// returns the key's bytes; but any producer may write any bytes as a key. Uncontained, the
+/// panic ends the source task, and with it the daemon, on every restart, since the offset is
+/// never committed. Not reported upstream (no issue found in fede1024/rust-rdkafka; its PR #639
+/// removed the same `unwrap` from error paths only). Without `unsafe` code there is no other
+/// way to read the headers, so the panic is caught here, around header reads only, and kept out
+/// of the log (the dead letter carries the reason).
+fn header_keys_readable(headers: &BorrowedHeaders) -> Result<(), BadInput> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let count = headers.count();
+    CONTAINING.with(|c| c.set(true));
+    let bad = (0..count).find(|&i| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            headers.try_get(i);
+        }))
+        .is_err()
+    });
+    CONTAINING.with(|c| c.set(false));
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(BadInput(format!(
+            "header {} of {count} has a key that is not UTF-8; the record's headers cannot be \
+             read",
+            i + 1
+        ))),
     }
 }
 

@@ -1,5 +1,7 @@
 //! Sources: one per side, each a broker consumer that turns the broker's records into
-//! [`Message`]s for the pipeline and commits offsets only for copies the pipeline has finished.
+//! [`Message`](crate::message::Message)s for the pipeline and commits offsets only for copies
+//! the pipeline has finished. Copies go through the side's [`outlet::Outlet`], bounded in copies
+//! (`pipeline.channel`) and in bytes (`pipeline.max_buffered_bytes`).
 //!
 //! Both brokers share one rule, kept by [`OffsetTracker`]: a partition's (queue's) committed
 //! offset never passes a copy whose fate is not recorded yet, so a crash or a rebalance can only
@@ -18,14 +20,15 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use prometheus::{IntCounter, IntGauge, IntGaugeVec};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Finished, Message, Side};
+use crate::message::{Finished, Side};
 use crate::telemetry::metrics::Metrics;
 
 pub mod kafka;
 pub mod kafka_security;
+pub mod outlet;
 
 pub mod rocketmq;
 
@@ -38,8 +41,9 @@ use stall::StallDetector;
 pub struct SourceContext {
     /// This source's side.
     pub side: Side,
-    /// Where copies go; bounded, so a slow pipeline slows the source down.
-    pub out: mpsc::Sender<Message>,
+    /// Where copies go; bounded in copies and in bytes, so a slow pipeline slows the source
+    /// down.
+    pub out: outlet::Outlet,
     /// Cancelled on shutdown: stop fetching, commit what is finished, leave the group.
     pub cancel: CancellationToken,
     /// True while the daemon wants no new copies (Redis away, circuit open): pause fetching.

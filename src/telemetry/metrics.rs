@@ -22,6 +22,11 @@ pub const IN_FLIGHT: &str = "mqc_in_flight";
 /// Gauge by `side`: claim batches sent to Redis and not answered yet (at most
 /// `pipeline.claims_in_flight`).
 pub const CLAIMS_IN_FLIGHT: &str = "mqc_claims_in_flight";
+/// Gauge by side: bytes of message bodies held between the source and the fate of each copy,
+/// under `pipeline.max_buffered_bytes`.
+pub const BUFFERED_BYTES: &str = "mqc_buffered_bytes";
+/// Gauge by side: the highest [`BUFFERED_BYTES`] since the daemon started.
+pub const BUFFERED_BYTES_PEAK: &str = "mqc_buffered_bytes_peak";
 /// Copies parked in dead letters, by side.
 pub const DEAD_LETTERS_TOTAL: &str = "mqc_dead_letters_total";
 /// Dead letters the stream's cap (`dead_letters.max_len`) removed to make room for newer ones;
@@ -90,6 +95,8 @@ pub const NAMES: &[&str] = &[
     DECISION_SECONDS,
     IN_FLIGHT,
     CLAIMS_IN_FLIGHT,
+    BUFFERED_BYTES,
+    BUFFERED_BYTES_PEAK,
     DEAD_LETTERS_TOTAL,
     DEAD_LETTERS_TRIMMED_TOTAL,
     AMBIGUOUS_TOTAL,
@@ -168,6 +175,10 @@ pub struct SideMetrics {
     pub in_flight: IntGauge,
     /// Claim batches in flight.
     pub claims_in_flight: IntGauge,
+    /// Bytes of bodies held under `pipeline.max_buffered_bytes`.
+    pub buffered_bytes: IntGauge,
+    /// The highest `buffered_bytes` so far.
+    pub buffered_bytes_peak: IntGauge,
     /// Parked copies.
     pub dead_letters: IntCounter,
     /// Ambiguous outcomes.
@@ -223,6 +234,8 @@ pub struct Metrics {
     calls: IntCounterVec,
     in_flight: prometheus::IntGaugeVec,
     claims_in_flight: prometheus::IntGaugeVec,
+    buffered_bytes: IntGaugeVec,
+    buffered_bytes_peak: IntGaugeVec,
     dead: IntCounterVec,
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
@@ -346,6 +359,29 @@ impl Default for Metrics {
                 &r,
                 prometheus::IntGaugeVec::new(
                     Opts::new(IN_FLIGHT, "Sink calls in flight, by side."),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            buffered_bytes: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        BUFFERED_BYTES,
+                        "Bytes of message bodies held between the source and each copy's fate \
+                         (pipeline.max_buffered_bytes), by side.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            buffered_bytes_peak: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        BUFFERED_BYTES_PEAK,
+                        "The highest mqc_buffered_bytes since the daemon started, by side.",
+                    ),
                     &["side"],
                 )
                 .expect("valid"),
@@ -612,6 +648,8 @@ impl Metrics {
             calls: CALL_CLASSES.map(|c| self.calls.with_label_values(&[side, c])),
             in_flight: self.in_flight.with_label_values(&[side]),
             claims_in_flight: self.claims_in_flight.with_label_values(&[side]),
+            buffered_bytes: self.buffered_bytes.with_label_values(&[side]),
+            buffered_bytes_peak: self.buffered_bytes_peak.with_label_values(&[side]),
             dead_letters: self.dead.with_label_values(&[side]),
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),

@@ -581,7 +581,10 @@ async fn readyz_names_each_side_until_its_consumer_has_joined_its_group() {
         let source = mq_cutover::source::build(s).unwrap();
         tasks.push(tokio::spawn(source.run(SourceContext {
             side: s.name.as_str().into(),
-            out,
+            out: mq_cutover::source::outlet::Outlet::new(
+                out,
+                mq_cutover::source::outlet::ByteBudget::new(64 << 20, None),
+            ),
             cancel: cancel.clone(),
             paused: paused.clone(),
             membership: m.clone(),

@@ -164,6 +164,7 @@ pub(super) fn copy(side: &Side, n: i64, acks: &mpsc::UnboundedSender<Finished>) 
             born_ms: 0,
         },
         received: Instant::now(),
+        held: mq_cutover::source::outlet::Held::none(),
         ack: Ack::new(
             acks.clone(),
             Finished {

@@ -59,6 +59,10 @@ pub struct Setup {
     /// bed (empty: the shared one).
     pub rocketmq_testbed_env: Vec<(String, String)>,
     pub max_in_flight: usize,
+    /// `pipeline.max_message_bytes`.
+    pub max_message_bytes: usize,
+    /// `pipeline.max_buffered_bytes`.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Setup {
@@ -86,6 +90,8 @@ impl Default for Setup {
             rocketmq_namesrv: rocketmq_namesrv(),
             rocketmq_testbed_env: Vec::new(),
             max_in_flight: 256,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -232,6 +238,8 @@ drain_timeout = "{drain}"
 channel = {channel}
 stall_after = "{stall_after}"
 max_in_flight = {max_in_flight}
+max_message_bytes = {max_message_bytes}
+max_buffered_bytes = {max_buffered_bytes}
 
 [parity]
 grace = "2s"
@@ -267,6 +275,8 @@ level = "info"
             channel = setup.channel,
             stall_after = setup.stall_after,
             max_in_flight = setup.max_in_flight,
+            max_message_bytes = setup.max_message_bytes,
+            max_buffered_bytes = setup.max_buffered_bytes,
         );
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load_with_env(&config_path, Default::default())
@@ -576,6 +586,30 @@ impl Daemon {
         text.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0.0)
+    }
+
+    /// A field of the process's `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`: the peak), while
+    /// it runs.
+    pub fn memory_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Whether the process is still running (false once it has exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
     }
 
     pub fn log_text(&self) -> String {

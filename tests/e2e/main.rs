@@ -10,6 +10,7 @@ mod common;
 mod durability;
 mod fates;
 mod harness;
+mod hostile;
 mod outages;
 mod page;
 mod parity;

@@ -55,6 +55,7 @@ fn copy(side: &Side, n: i64, id: Option<&str>, acks: &mpsc::UnboundedSender<Fini
             born_ms: 0,
         },
         received: std::time::Instant::now(),
+        held: mq_cutover::source::outlet::Held::none(),
         ack: Ack::new(
             acks.clone(),
             Finished {

@@ -207,7 +207,10 @@ fn start(side: &SideConfig, capacity: usize) -> Running {
         .watch_stalls(TEST_STALL_AFTER, paused_rx.clone());
     let cx = SourceContext {
         side: side.name.as_str().into(),
-        out,
+        out: mq_cutover::source::outlet::Outlet::new(
+            out,
+            mq_cutover::source::outlet::ByteBudget::new(64 << 20, None),
+        ),
         cancel: cancel.clone(),
         paused: paused_rx,
         membership: membership.clone(),

@@ -210,7 +210,10 @@ fn start_with(side: &SideConfig, paused: bool, capacity: usize, max: usize) -> R
     let membership = Membership::new(side.name.as_str().into(), &metrics, TEST_LAG_INTERVAL);
     let cx = SourceContext {
         side: side.name.as_str().into(),
-        out,
+        out: mq_cutover::source::outlet::Outlet::new(
+            out,
+            mq_cutover::source::outlet::ByteBudget::new(64 << 20, None),
+        ),
         cancel: cancel.clone(),
         paused: paused_rx,
         membership: membership.clone(),

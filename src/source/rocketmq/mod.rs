@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IdSource, RocketMqSideConfig, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
+use crate::source::outlet::Outlet;
 use crate::source::{Membership, OffsetTracker, Reading, Source, SourceContext, SourceError};
 
 pub use body::Codec;
@@ -85,9 +86,11 @@ const PULL_DELAY_ON_ERROR: Duration = Duration::from_millis(1000);
 /// client also refuses a fetched batch, as a pull error, once the bodies waiting for `poll`
 /// pass 1/16 of its memory budget (itself a quarter of the process's memory limit: 16 MiB in a
 /// 1 GiB container). Flow control must stop the pulls first, so each queue gets an eighth of
-/// that (eight queues per instance before a refusal is possible), 1 to 32 MiB.
-fn pull_mib_per_queue(budget_bytes: usize) -> i32 {
-    ((budget_bytes / 16 / 8) >> 20).clamp(1, 32) as i32
+/// that (eight queues per instance before a refusal is possible), 1 to 32 MiB; and no more than
+/// an eighth of `pipeline.max_buffered_bytes`, so that eight queues buffer about that much in
+/// the client (docs/pipeline.md, "Memory").
+fn pull_mib_per_queue(budget_bytes: usize, max_buffered_bytes: usize) -> i32 {
+    ((budget_bytes / 16 / 8).min(max_buffered_bytes / 8) >> 20).clamp(1, 32) as i32
 }
 
 /// Builds the RocketMQ source of a validated `[[side]]` with `kind = "rocketmq"`.
@@ -160,7 +163,7 @@ impl RocketMqSource {
             started: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let consumer = self
-            .start_consumer(home, listener.clone())
+            .start_consumer(home, listener.clone(), cx.out.budget().total())
             .await
             .map_err(|reason| SourceError::Start {
                 side: self.side.clone(),
@@ -212,11 +215,14 @@ impl RocketMqSource {
         &self,
         home: &ClientHome,
         reassigned: Reassigned,
+        max_buffered_bytes: usize,
     ) -> Result<DefaultLitePullConsumer, String> {
         let cfg = &self.rocketmq;
         let how = client::describe(cfg);
-        let mib_per_queue =
-            pull_mib_per_queue(home.runtime.resource_budget().limit().capacity.bytes);
+        let mib_per_queue = pull_mib_per_queue(
+            home.runtime.resource_budget().limit().capacity.bytes,
+            max_buffered_bytes,
+        );
         let mut builder = DefaultLitePullConsumer::builder(home.runtime.clone())
             .client_options(client::client_config(cfg).into())
             .consumer_group(cfg.group.as_str())
@@ -622,7 +628,7 @@ impl Consuming {
 
     async fn deliver_until_stopped(
         &mut self,
-        out: &mpsc::Sender<Message>,
+        out: &Outlet,
         cancel: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
     ) -> Stop {
@@ -675,20 +681,32 @@ impl Consuming {
     }
 
     /// Hands a polled batch over in order, waiting for room (committing meanwhile) for as much of
-    /// it at once as the channel holds. While the pipeline is behind and the channel full, this
-    /// task then wakes once per batch the pipeline has made room for, not once per copy it takes
-    /// (and acknowledgements wait in their channel for the next commit instead of waking it).
+    /// it at once as the channel and the byte budget hold. While the pipeline is behind and the
+    /// channel full, this task then wakes once per batch the pipeline has made room for, not once
+    /// per copy it takes (and acknowledgements wait in their channel for the next commit instead
+    /// of waking it).
     async fn hand_over(
         &mut self,
         copies: Vec<(Message, Arc<str>, i32, i64)>,
-        out: &mpsc::Sender<Message>,
+        out: &Outlet,
         cancel: &CancellationToken,
     ) -> Result<(), Stop> {
         let mut copies = copies.into_iter();
         while copies.len() > 0 {
-            let reserve = out.reserve_many(copies.len().min(out.max_capacity()));
+            // The longest run from the front that fits the channel and the budget (one at least:
+            // a body never holds more than the whole budget).
+            let (mut sizes, mut bytes) = (Vec::new(), 0usize);
+            for (msg, ..) in copies.as_slice().iter().take(out.max_capacity()) {
+                let size = msg.payload.len().min(out.budget().total());
+                if !sizes.is_empty() && bytes + size > out.budget().total() {
+                    break;
+                }
+                sizes.push(size);
+                bytes += size;
+            }
+            let reserve = out.reserve_many(&sizes);
             tokio::pin!(reserve);
-            let permits = loop {
+            let (permits, mut held) = loop {
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => return Err(Stop::Cancelled),
@@ -699,10 +717,13 @@ impl Consuming {
             // One past the highest offset handed over per queue in this round (a batch holds one
             // or a few queues), published once for the stall detector.
             let mut reached: Vec<(Arc<str>, i32, i64)> = Vec::new();
-            for (permit, (msg, key, queue, offset)) in permits.zip(copies.by_ref()) {
+            for ((permit, size), (mut msg, key, queue, offset)) in
+                permits.zip(&sizes).zip(copies.by_ref())
+            {
                 // Tracked before it can be acknowledged; an undelivered copy is never tracked,
                 // so no commit can pass it.
                 self.positions.delivered(&key, queue, offset);
+                msg.held = held.split(*size);
                 permit.send(msg);
                 match reached
                     .iter_mut()
@@ -759,6 +780,7 @@ impl Consuming {
                 born_ms: ext.born_timestamp(),
             },
             received: std::time::Instant::now(),
+            held: crate::source::outlet::Held::none(),
             ack: Ack::new(
                 acks_tx,
                 Finished {
@@ -1135,9 +1157,17 @@ mod tests {
     #[test]
     fn bytes_held_per_queue_stay_within_what_the_client_admits() {
         // A 1 GiB container: the client's budget is 256 MiB, its hand-over queue 16 MiB.
-        assert_eq!(pull_mib_per_queue(256 << 20), 2);
-        assert_eq!(pull_mib_per_queue(64 << 20), 1, "never below 1 MiB");
-        assert_eq!(pull_mib_per_queue(24 << 30), 32, "a large host: 32 MiB");
+        let plenty = 1 << 40;
+        assert_eq!(pull_mib_per_queue(256 << 20, plenty), 2);
+        assert_eq!(pull_mib_per_queue(64 << 20, plenty), 1, "never below 1 MiB");
+        assert_eq!(
+            pull_mib_per_queue(24 << 30, plenty),
+            32,
+            "a large host: 32 MiB"
+        );
+        // pipeline.max_buffered_bytes: an eighth of it per queue.
+        assert_eq!(pull_mib_per_queue(24 << 30, 64 << 20), 8);
+        assert_eq!(pull_mib_per_queue(24 << 30, 4 << 20), 1);
     }
 
     #[test]
