@@ -1279,7 +1279,8 @@ async fn deliver(
                     // Not known to be ours: no call. The record still names this token, so the
                     // claim of the copy put back answers BUSY until the lease ends, then proceeds.
                     // Redis away is the outage's to report (the claim of the copy put back waits
-                    // in it), not this copy's.
+                    // in it), not this copy's; counted, since the copy's proceed is counted again.
+                    metrics.unconfirmed.inc();
                     if e.is_retryable() {
                         tracing::debug!(id = %ident.id, side = %side, error = %e,
                             "cannot confirm the lease before the call: not calling; claiming the copy again");

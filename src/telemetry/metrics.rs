@@ -39,6 +39,9 @@ pub const OVERLAPS_TOTAL: &str = "mqc_overlaps_total";
 /// Calls not made because the lease lapsed while the copy waited and another worker held the id,
 /// by side.
 pub const LAPSED_TOTAL: &str = "mqc_lapsed_total";
+/// Calls not made because the lease could not be confirmed right before the call (Redis did not
+/// answer); the copy is claimed again, by side.
+pub const UNCONFIRMED_TOTAL: &str = "mqc_unconfirmed_total";
 /// Ids adopted by a side because their routed owner never observed them, by side.
 pub const ADOPTED_TOTAL: &str = "mqc_adopted_total";
 /// Copies acknowledged with their position kept for adoption (the owner had not observed the id
@@ -102,6 +105,7 @@ pub const NAMES: &[&str] = &[
     AMBIGUOUS_TOTAL,
     OVERLAPS_TOTAL,
     LAPSED_TOTAL,
+    UNCONFIRMED_TOTAL,
     ADOPTED_TOTAL,
     ADOPTION_KEPT_TOTAL,
     ADOPTION_WAITING,
@@ -187,6 +191,8 @@ pub struct SideMetrics {
     pub overlaps: IntCounter,
     /// Calls not made: the lease lapsed before the call and another worker held the id.
     pub lapsed: IntCounter,
+    /// Calls not made: the lease could not be confirmed before the call; claimed again.
+    pub unconfirmed: IntCounter,
     /// Ids this side observed for the first time.
     pub parity_observed: IntCounter,
     /// Ids this side adopted.
@@ -240,6 +246,7 @@ pub struct Metrics {
     ambiguous: IntCounterVec,
     overlaps: IntCounterVec,
     lapsed: IntCounterVec,
+    unconfirmed: IntCounterVec,
     adopted: IntCounterVec,
     adoption_kept: IntCounterVec,
     adoption_waiting: IntGaugeVec,
@@ -433,6 +440,17 @@ impl Default for Metrics {
                     Opts::new(
                         LAPSED_TOTAL,
                         "Calls not made because the lease lapsed before the call and another worker held the id.",
+                    ),
+                    &["side"],
+                )
+                .expect("valid"),
+            ),
+            unconfirmed: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        UNCONFIRMED_TOTAL,
+                        "Calls not made because Redis did not confirm the lease right before the call; the copy is claimed again.",
                     ),
                     &["side"],
                 )
@@ -654,6 +672,7 @@ impl Metrics {
             ambiguous: self.ambiguous.with_label_values(&[side]),
             overlaps: self.overlaps.with_label_values(&[side]),
             lapsed: self.lapsed.with_label_values(&[side]),
+            unconfirmed: self.unconfirmed.with_label_values(&[side]),
             parity_observed: self.parity_observed.with_label_values(&[side]),
             adopted: self.adopted.with_label_values(&[side]),
             adoption_kept: self.adoption_kept.with_label_values(&[side]),
@@ -753,6 +772,7 @@ mod tests {
         k.ambiguous.inc();
         k.overlaps.inc();
         k.lapsed.inc();
+        k.unconfirmed.inc();
         m.sink_seconds.observe(0.1);
         m.claim_seconds.observe(0.1);
         m.consumer_lag.with_label_values(&["kafka", "t/0"]).set(1);
