@@ -634,15 +634,7 @@ impl Store {
             .set_response_timeout(Some(self.response_timeout));
         let limit = self.connect_timeout + self.response_timeout;
         match &*self.opener {
-            Opener::Standalone { client, .. } => {
-                let mut c = bounded(
-                    limit,
-                    client.get_multiplexed_async_connection_with_config(&fresh),
-                )
-                .await?;
-                let _: String = redis::cmd("PING").query_async(&mut c).await?;
-                Ok(())
-            }
+            Opener::Standalone { client, .. } => ping_fresh(client, &fresh, limit).await,
             Opener::Cluster { seeds, certs, .. } => {
                 let mut last = None;
                 for seed in seeds {
@@ -669,16 +661,7 @@ impl Store {
                 }
                 Err(last.unwrap_or_else(|| StoreError::Reply("no seed node".into())))
             }
-            Opener::Sentinel { .. } => {
-                let client = self.find_primary().await?;
-                let mut c = bounded(
-                    limit,
-                    client.get_multiplexed_async_connection_with_config(&fresh),
-                )
-                .await?;
-                let _: String = redis::cmd("PING").query_async(&mut c).await?;
-                Ok(())
-            }
+            Opener::Sentinel { .. } => ping_fresh(&self.find_primary().await?, &fresh, limit).await,
         }
     }
 
@@ -852,4 +835,19 @@ fn node_info(cfg: &RedisConfig, url: &str) -> Result<redis::ConnectionInfo, Stor
         }
     }
     Ok(info.set_redis_settings(redis_settings))
+}
+
+/// A `PING` on a connection of its own, made now, within `limit`.
+async fn ping_fresh(
+    client: &redis::Client,
+    fresh: &AsyncConnectionConfig,
+    limit: Duration,
+) -> Result<(), StoreError> {
+    let mut c = bounded(
+        limit,
+        client.get_multiplexed_async_connection_with_config(fresh),
+    )
+    .await?;
+    let _: String = redis::cmd("PING").query_async(&mut c).await?;
+    Ok(())
 }
