@@ -798,7 +798,9 @@ async fn dispatch(
 /// duplicate, a redelivery) take it over — as an ambiguous call, or under `at_most_once` parked
 /// in doubt — although no call was ever made. Waiting here (and not in a task per copy) keeps the
 /// claim loop from taking more copies than there are slots: the backpressure that pauses the
-/// source. On cancel, the leases not started are handed back unused.
+/// source. A copy whose lease was renewed while it waited calls without confirming it again; one
+/// whose renewal failed confirms it right before its call (`deliver`). On cancel, the leases not
+/// started are handed back unused.
 #[allow(clippy::too_many_arguments)]
 async fn start_calls(
     shared: &Arc<Shared>,
@@ -811,28 +813,40 @@ async fn start_calls(
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let mut proceeds: std::collections::VecDeque<_> = proceeds.into();
-    let mut confirmed = sent;
-    while let Some((msg, token, attempt)) = proceeds.pop_front() {
+    // Each copy with when its lease was last known to be held: the claim, or its last renewal.
+    let mut proceeds: std::collections::VecDeque<_> = proceeds
+        .into_iter()
+        .map(|(msg, token, attempt)| (msg, token, attempt, sent))
+        .collect();
+    // Older than a third of the lease: `deliver` confirms the lease before calling.
+    let unconfirmed = sent.checked_sub(shared.arbiter.lease()).unwrap_or(sent);
+    while let Some((msg, token, attempt, mut confirmed)) = proceeds.pop_front() {
         let permit = match calls.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                // Renewals can fail (Redis away for a moment): once the batch has waited, each
-                // copy confirms its lease again right before its call (`deliver`).
-                confirmed = sent.checked_sub(shared.arbiter.lease()).unwrap_or(sent);
                 // This copy and the ones after it keep their leases while they wait.
-                let waiting: Vec<(&str, &LeaseToken)> = std::iter::once((id_of(&msg), &token))
-                    .chain(proceeds.iter().map(|(m, t, _)| (id_of(m), t)))
-                    .collect();
+                let waiting: Vec<(&str, &LeaseToken, Instant)> =
+                    std::iter::once((id_of(&msg), &token, confirmed))
+                        .chain(proceeds.iter().map(|(m, t, _, c)| (id_of(m), t, *c)))
+                        .collect();
                 let slot = renewing(shared, &waiting, calls.clone().acquire_owned());
                 tokio::select! {
-                    p = slot => p.expect("semaphore open"),
+                    (p, held) = slot => {
+                        // A renewal can fail (Redis away for a moment) or find the lease gone:
+                        // that copy confirms its lease again right before its call.
+                        let mut held = held.into_iter().map(|h| h.unwrap_or(unconfirmed));
+                        confirmed = held.next().expect("one per lease");
+                        for (p, h) in proceeds.iter_mut().zip(held) {
+                            p.3 = h;
+                        }
+                        p.expect("semaphore open")
+                    }
                     _ = cancel.cancelled() => {
                         // Shutting down before the calls: give the leases back unused, if Redis
                         // takes them before the completer stops (else the leases run out).
                         drop(waiting);
                         shared.completer.hand_back(id_of(&msg), side, token);
-                        for (m, t, _) in proceeds {
+                        for (m, t, _, _) in proceeds {
                             shared.completer.hand_back(id_of(&m), side, t);
                         }
                         return;
@@ -859,22 +873,35 @@ async fn start_calls(
     }
 }
 
-/// Runs `wait` while renewing `leases` every third of the lease length, in one round trip each
-/// time.
+/// Runs `wait` while renewing `leases` (id, token, when the lease was last known to be held)
+/// every third of the lease length, in one round trip each time. Also returns, per lease, when it
+/// was last known to be held: as given if no renewal was due, else the start of its last renewal
+/// round, or `None` if that renewal failed or found the lease no longer this token's.
 async fn renewing<F: std::future::Future>(
     shared: &Shared,
-    leases: &[(&str, &LeaseToken)],
+    leases: &[(&str, &LeaseToken, Instant)],
     wait: F,
-) -> F::Output {
+) -> (F::Output, Vec<Option<Instant>>) {
     let every = shared.arbiter.lease() / 3;
+    let mut held: Vec<Option<Instant>> = leases.iter().map(|l| Some(l.2)).collect();
+    let ids: Vec<(&str, &LeaseToken)> = leases.iter().map(|(id, t, _)| (*id, *t)).collect();
     tokio::pin!(wait);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
-            out = &mut wait => return out,
+            out = &mut wait => return (out, held),
             _ = tick.tick() => {
-                if let Err(e) = shared.arbiter.renew_batch(leases).await {
-                    tracing::warn!(error = %e, leases = leases.len(), "cannot renew the leases of copies waiting for a call slot");
+                let asked = Instant::now();
+                match shared.arbiter.renew_batch(&ids).await {
+                    Ok(answers) => {
+                        for (h, a) in held.iter_mut().zip(answers) {
+                            *h = matches!(a, Ok(true)).then_some(asked);
+                        }
+                    }
+                    Err(e) => {
+                        held.iter_mut().for_each(|h| *h = None);
+                        tracing::warn!(error = %e, leases = leases.len(), "cannot renew the leases of copies waiting for a call slot");
+                    }
                 }
             }
         }

@@ -79,6 +79,8 @@ struct Adopting {
     entry: WaitEntry,
     token: LeaseToken,
     attempt: u32,
+    /// When the lease was asked for (it runs from Redis's answer, later than this).
+    asked: Instant,
     permit: OwnedSemaphorePermit,
 }
 
@@ -201,6 +203,7 @@ impl Sweeper {
                 token,
             })
             .collect();
+        let asked = Instant::now();
         let answers = match self.shared.arbiter.adopt_batch(&reqs).await {
             Ok(a) => a,
             Err(e) => {
@@ -257,6 +260,7 @@ impl Sweeper {
                         entry,
                         token,
                         attempt,
+                        asked,
                         permit,
                     });
                 }
@@ -284,22 +288,22 @@ impl Sweeper {
     /// broker may take a while), then delivers each with its own call slot.
     async fn fetch_and_deliver(self: Arc<Self>, n: u32, adopting: Vec<Adopting>) {
         let positions: Vec<Position> = adopting.iter().map(|a| a.entry.position.clone()).collect();
-        let leases: Vec<(&str, &LeaseToken)> = adopting
+        let leases: Vec<(&str, &LeaseToken, Instant)> = adopting
             .iter()
-            .map(|a| (a.entry.id.as_str(), &a.token))
+            .map(|a| (a.entry.id.as_str(), &a.token, a.asked))
             .collect();
-        let copies = renewing(&self.shared, &leases, self.refetch.refetch_many(&positions)).await;
+        let (copies, held) =
+            renewing(&self.shared, &leases, self.refetch.refetch_many(&positions)).await;
         drop(leases);
-        // The leases were renewed while the copies were read, but a renewal may have failed:
-        // each copy confirms its lease right before its call.
-        let confirmed = Instant::now()
+        // A lease whose renewal failed meanwhile is confirmed again right before its call.
+        let unconfirmed = Instant::now()
             .checked_sub(self.shared.arbiter.lease())
             .unwrap_or_else(Instant::now);
-        for (a, copy) in adopting.into_iter().zip(copies) {
+        for ((a, copy), held) in adopting.into_iter().zip(copies).zip(held) {
             let lease = Held {
                 token: a.token,
                 attempt: a.attempt,
-                confirmed,
+                confirmed: held.unwrap_or(unconfirmed),
             };
             let me = self.clone();
             let permit = a.permit;

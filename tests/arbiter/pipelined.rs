@@ -401,7 +401,11 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
         "the lapsed lease is taken over: {taken:?}"
     );
 
-    // The slot frees: pl-1 renews before calling, finds the id another's, and does not call.
+    // The renewals of the waiting copies (every 500 ms) find pl-1's lease another's; then the
+    // slot frees: pl-1 confirms its lease before calling, finds the id another's, and does not
+    // call. (A copy whose renewals all succeeded calls without confirming: its lease cannot have
+    // lapsed.)
+    tokio::time::sleep(Duration::from_millis(700)).await;
     sink.open.notify_one();
     let decided = common::eventually(Duration::from_secs(10), || async {
         lapsed.get() == 1 || sink.calls.lock().unwrap().contains_key("pl-1")

@@ -130,6 +130,95 @@ async fn a_copy_waiting_for_a_call_slot_keeps_its_lease_and_is_never_parked_in_d
     common::cleanup(&[common::redis_url()], &prefix);
 }
 
+/// Copies that waited a moment for a call slot — far less than a third of their lease, so no
+/// renewal was due — call without confirming their leases one by one. Each such confirmation is a
+/// `renew.lua` round trip per copy: in a drain, where nearly every batch waits for a slot, they
+/// were half of Redis's script calls. A private Redis, watched with `MONITOR`, counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_that_waited_briefly_for_a_call_slot_call_without_a_renewal_each() {
+    const COPIES: i64 = 24;
+    let redis = common::PrivateRedis::start();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "monitor"])
+        .stdout(log.reopen().unwrap())
+        .spawn()
+        .expect("redis-cli (scripts/testbed installs it) runs");
+    let prefix = common::unique_prefix("slot-brief");
+    let cfg = common::offline_config(
+        &redis.url(),
+        &prefix,
+        "claim_batch = 32\nmax_in_flight = 1\n[arbiter]\nlease = \"30s\"",
+    );
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the private Redis answers");
+    let sink = HeldSink::new();
+    let Instance {
+        shared,
+        stop,
+        switches: _switches,
+        ..
+    } = instance(&cfg, &store, 0, sink.clone());
+    let kafka: Side = "kafka".into();
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(COPIES as usize);
+    for n in 0..COPIES {
+        tx.send(copy(&kafka, n, &acks_tx)).await.unwrap();
+    }
+    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
+
+    // pl-0's call holds the only slot while the others, claimed with it, wait for it.
+    let calling = common::eventually(Duration::from_secs(10), || async {
+        sink.calls("pl-0") == 1
+    })
+    .await;
+    assert!(calling.is_some(), "pl-0 was called");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sink.gate.add_permits(COPIES as usize);
+    for _ in 0..COPIES {
+        tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
+            .await
+            .expect("every copy acknowledged in time")
+            .expect("ack channel open");
+    }
+    for n in 0..COPIES {
+        assert_eq!(sink.calls(&format!("pl-{n}")), 1, "pl-{n}");
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+    drop(tx);
+    stop.cancel();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+
+    // renew.lua is the only script called with one key and two arguments (token, lease length):
+    // `"EVALSHA" "<sha>" "1" "<key>" "<token>" "30000"`.
+    let seen = std::fs::read_to_string(log.path()).unwrap();
+    let evals: Vec<Vec<&str>> = seen
+        .lines()
+        .filter(|l| l.contains("\"EVALSHA\"") || l.contains("\"EVAL\""))
+        .map(|l| l.split('"').skip(1).step_by(2).collect())
+        .collect();
+    let renewals = evals
+        .iter()
+        .filter(|t| t.len() == 6 && t[2] == "1" && t[5] == "30000")
+        .count();
+    assert!(
+        evals.len() >= 2,
+        "MONITOR saw the claims and completions: {seen}"
+    );
+    assert_eq!(
+        renewals,
+        0,
+        "copies renewed their leases one by one before calling ({} script calls in all)",
+        evals.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_refused_for_one_id_parks_that_copy_and_records_the_rest() {
     let prefix = common::unique_prefix("refused-completion");
