@@ -13,7 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 use mq_cutover::source::rocketmq::RocketMqWriter;
 
 use crate::common;

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::Arbiter;
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 use mq_cutover::store::Store;
 
 use crate::common;

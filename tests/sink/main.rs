@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mq_cutover::reward::{self, Answer, FaultPlan, RewardServer, Stats};
+use mqc_testkit::reward::{self, Answer, FaultPlan, RewardServer, Stats};
 use mq_cutover::sink::http::HttpSink;
 use mq_cutover::sink::{CallResult, Sink, SinkConfig, SinkRequest, StatusPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
