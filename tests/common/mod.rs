@@ -875,6 +875,21 @@ impl StallingProxy {
     }
 }
 
+/// The kit's binary (`mqc-kit`, crates/testkit), next to the daemon's in the target directory.
+/// A test of another package's binary gets no `CARGO_BIN_EXE_` variable, so it is found by
+/// place; panics, saying how to build it, when it is not there.
+pub fn kit_bin() -> std::path::PathBuf {
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    let kit = daemon.with_file_name(format!("mqc-kit{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        kit.is_file(),
+        "{} is missing: build the workspace with the tests' profile (`cargo test --workspace`, \
+         `cargo build --workspace`), not `-p mq-cutover` alone",
+        kit.display()
+    );
+    kit
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
