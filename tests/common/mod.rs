@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: addresses of the real test bed (started by
 //! `scripts/testbed up`), a unique key prefix per test, private throw-away Redis servers for the
-//! tests that stop Redis on purpose, and cleanup.
+//! tests that stop Redis on purpose, cleanup, and where the kit's binary (`mqc-kit`) is.
 //!
 //! A test that needs the test bed and cannot reach it fails with a message saying how to start
 //! it; it never skips.
