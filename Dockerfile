@@ -1,13 +1,17 @@
 # syntax=docker/dockerfile:1
 #
-# The mq-cutover image: the daemon, its CLI and the demo reward service in one binary.
+# The mq-cutover image: the daemon and its CLI, nothing else (the final stage, the default target).
 #
 #   docker build -t mq-cutover:0.1.0 .
 #   docker run --rm -v "$PWD/config/mq-cutover.toml:/etc/mq-cutover/mq-cutover.toml:ro" mq-cutover:0.1.0
 #
 # Other subcommands replace the default command:
 #   docker run --rm mq-cutover:0.1.0 check-config --config /etc/mq-cutover/mq-cutover.toml
-#   docker run --rm mq-cutover:0.1.0 reward-service --listen 0.0.0.0:18080
+#
+# The kit (crates/testkit: the demo reward service and the traffic generator) is an image of its
+# own, for the compose demo only:
+#   docker build --target kit -t mqc-kit:0.1.0 .
+#   docker run --rm mqc-kit:0.1.0 reward-service --listen 0.0.0.0:18080
 #
 # Needs BuildKit (the default builder of current Docker) for the cache mounts.
 
@@ -29,6 +33,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member: Cargo reads its manifest even when it builds the daemon alone.
+COPY crates ./crates
 
 # The registry and the target directory are cache mounts: a rebuild after a source change
 # compiles only the crate itself, not its ~300 dependencies. The binary is copied out of the
@@ -36,11 +42,18 @@ COPY src ./src
 # profile keeps line tables so that a panic's backtrace names the line.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin mq-cutover \
+    cargo build --release --locked -p mq-cutover --bin mq-cutover \
     && cp target/release/mq-cutover /usr/local/bin/mq-cutover
 
-# ---- runtime ---------------------------------------------------------------------------------
-FROM debian:12.11-slim
+# ---- kit-builder: the kit's binary, built only for the `kit` target ---------------------------
+FROM builder AS kit-builder
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p mqc-testkit --bin mqc-kit \
+    && cp target/release/mqc-kit /usr/local/bin/mqc-kit
+
+# ---- runtime-base: what both runtime images need ---------------------------------------------
+FROM debian:12.11-slim AS runtime-base
 
 # ca-certificates: the sink's HTTPS client checks servers against the system roots (Redis TLS
 # brings its own roots). zlib1g, libssl3, libsasl2-2: the shared libraries beyond glibc (zlib for
@@ -53,6 +66,16 @@ RUN apt-get update \
 RUN groupadd --system --gid 10001 mq-cutover \
     && useradd --system --uid 10001 --gid mq-cutover --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin mq-cutover
+
+# ---- kit: the demo reward service and the traffic generator (`--target kit`) ------------------
+FROM runtime-base AS kit
+COPY --from=kit-builder /usr/local/bin/mqc-kit /usr/local/bin/mqc-kit
+USER 10001:10001
+ENTRYPOINT ["mqc-kit"]
+CMD ["--help"]
+
+# ---- runtime: the daemon's image -------------------------------------------------------------
+FROM runtime-base AS runtime
 
 COPY --from=builder /usr/local/bin/mq-cutover /usr/local/bin/mq-cutover
 # The example config, so that the image starts with no mount at all (it then points at

@@ -29,20 +29,6 @@ const SOURCE_GRACE: Duration = Duration::from_secs(10);
 /// more for the runtime to shut down.
 pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(15);
 
-/// `reward-service`: the demo downstream, until SIGTERM / SIGINT.
-pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<()> {
-    let root = crate::shutdown::root_token().context("installing signal handlers")?;
-    crate::telemetry::logs::init(&crate::config::LogConfig::default());
-    crate::reward::run(args, root).await
-}
-
-/// `grant-counter`: the benchmark's downstream, until SIGTERM / SIGINT.
-pub async fn grant_counter(args: crate::grant_counter::GrantCounterArgs) -> anyhow::Result<()> {
-    let root = crate::shutdown::root_token().context("installing signal handlers")?;
-    crate::telemetry::logs::init(&crate::config::LogConfig::default());
-    crate::grant_counter::run(args, root).await
-}
-
 /// Runs `command`. Output meant for the user goes to stdout; logs go to stderr.
 pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
     match command {
@@ -136,17 +122,6 @@ pub async fn execute(command: Command, cfg: Validated) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Produce(args) => {
-            let (old, new) = crate::produce::produce(&cfg, &args).await?;
-            println!(
-                "sent {} ids: {} (old) {} copies, {} duplicated, {} missing; {} (new) {} copies, {} duplicated, {} missing; {} malformed per side",
-                args.count, cfg.cutover.from, old.copies, old.duplicated, old.missing,
-                cfg.cutover.to, new.copies, new.duplicated, new.missing, args.malformed
-            );
-            Ok(())
-        }
-        Command::RewardService(args) => reward_service(args).await,
-        Command::GrantCounter(args) => grant_counter(args).await,
         Command::Audit { count } => {
             let control = Control::connect(&cfg).await?;
             for e in control.audit(count).await? {

@@ -78,14 +78,6 @@ pub enum Command {
         #[arg(long)]
         fail_on_gap: bool,
     },
-    /// Dual-write test traffic to both brokers, the way a migrating producer does.
-    Produce(crate::produce::ProduceArgs),
-    /// Run the demo reward service: a real HTTP endpoint that records every call and injects
-    /// faults (no config file needed).
-    RewardService(crate::reward::RewardArgs),
-    /// Run the benchmark's downstream: answers 200 at once and only counts grants per id and
-    /// end-to-end times (no config file needed).
-    GrantCounter(crate::grant_counter::GrantCounterArgs),
 }
 
 /// `dead …`.

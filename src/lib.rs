@@ -28,13 +28,10 @@ pub mod control;
 pub mod dead;
 #[cfg(test)]
 pub(crate) mod fuzzing;
-pub mod grant_counter;
 pub mod message;
 pub mod parity;
 pub mod pipeline;
 pub mod printable;
-pub mod produce;
-pub mod reward;
 pub mod secrets;
 pub mod shutdown;
 pub mod sink;

@@ -1,7 +1,7 @@
 //! The `mq-cutover` binary: parse the command line, load and validate the config, run.
 
 use clap::Parser;
-use mq_cutover::cli::{Cli, Command, EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
+use mq_cutover::cli::{Cli, EXIT_CONFIG, EXIT_RUNTIME, EXIT_USAGE};
 use mq_cutover::config::Config;
 
 /// mimalloc instead of the system allocator: the claim and call path allocates many small,
@@ -20,13 +20,6 @@ async fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    if let Command::RewardService(args) = cli.command {
-        // The demo reward service needs no config file.
-        return exit_on(mq_cutover::app::reward_service(args).await);
-    }
-    if let Command::GrantCounter(args) = cli.command {
-        return exit_on(mq_cutover::app::grant_counter(args).await);
-    }
     let cfg = match Config::load(&cli.config).and_then(Config::validate) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -14,8 +14,8 @@ use mq_cutover::message::Origin;
 use mq_cutover::pipeline::{Pause, Shared};
 
 use super::OPERATOR;
-use mq_cutover::reward::{FaultPlan, RewardServer};
 use mq_cutover::telemetry::metrics::Metrics;
+use mqc_testkit::reward::{FaultPlan, RewardServer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +36,7 @@ impl Drop for ReplayApi {
 
 async fn replay_api(test: &str, token: &str) -> ReplayApi {
     let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let reward = mq_cutover::reward::serve(listener, FaultPlan::default(), stop.clone())
+    let reward = mqc_testkit::reward::serve_local(FaultPlan::default(), stop.clone())
         .await
         .expect("reward service");
     let prefix = common::unique_prefix(test);

@@ -1,6 +1,7 @@
-//! The `mq-cutover` binary as an operator uses it: exit codes, one-line errors naming the key,
-//! the switch / inspect / release / audit commands against real Redis, and `run` starting and
-//! stopping cleanly on SIGTERM.
+//! The `mq-cutover` binary as an operator uses it: the commands it lists, exit codes, one-line
+//! errors naming the key, the switch / inspect / release / audit commands against real Redis, and
+//! `run` starting and stopping cleanly on SIGTERM; and the kit's `mqc-kit`, which holds the test
+//! and demo tools the daemon does not.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -164,6 +165,114 @@ fn bad_usage_exits_64() {
         run(mqc("redis://127.0.0.1:1", "x").args(["switch", "set", "--percent", "200"]));
     assert_eq!(code, EXIT_USAGE);
     assert!(err.contains("between 0 and 100"), "{err}");
+}
+
+/// The subcommand names a `--help` page lists, in order.
+fn listed_commands(help: &str) -> Vec<&str> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        // A name sits at two spaces' indent; deeper lines continue a description.
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+#[test]
+fn help_lists_only_the_commands_an_operator_runs() {
+    let (code, out, err) = run(Command::new(env!("CARGO_BIN_EXE_mq-cutover")).arg("--help"));
+    assert_eq!(code, 0, "{err}");
+    // `help` is clap's own.
+    assert_eq!(
+        listed_commands(&out),
+        [
+            "run",
+            "check-config",
+            "switch",
+            "inspect",
+            "release",
+            "audit",
+            "dead",
+            "parity",
+            "help"
+        ],
+        "{out}"
+    );
+    for tool in ["produce", "reward-service", "grant-counter"] {
+        let (code, _, _) = run(mqc("redis://127.0.0.1:1", "x").arg(tool));
+        assert_eq!(code, EXIT_USAGE, "the daemon still takes `{tool}`");
+    }
+}
+
+#[test]
+fn the_kit_binary_holds_the_test_and_demo_tools() {
+    let (code, out, err) = run(Command::new(common::kit_bin()).arg("--help"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        listed_commands(&out),
+        ["produce", "reward-service", "grant-counter", "help"],
+        "{out}"
+    );
+    let (code, _, _) = run(Command::new(common::kit_bin()).arg("frobnicate"));
+    assert_eq!(code, EXIT_USAGE);
+    // `produce` reads the daemon's config and refuses a bad one as the daemon does.
+    let (code, _, err) = run(Command::new(common::kit_bin()).args([
+        "produce",
+        "--config",
+        "/nonexistent/mq.toml",
+        "--count",
+        "1",
+    ]));
+    assert_eq!(code, EXIT_CONFIG, "{err}");
+    assert!(err.contains("no config file"), "{err}");
+}
+
+/// `GET path` on 127.0.0.1:`port` over plain HTTP/1.0: the whole answer, or None when nothing
+/// listens yet.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+#[test]
+fn kit_downstreams_serve_on_the_given_port_and_stop_on_sigterm() {
+    for tool in ["reward-service", "grant-counter"] {
+        let port = common::free_port();
+        let mut child = Command::new(common::kit_bin())
+            .args([tool, "--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            if let Some(a) = http_get(port, "/stats") {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "{tool} never answered on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            stats.lines().next().is_some_and(|l| l.contains(" 200 ")),
+            "{tool}: {stats}"
+        );
+        assert!(stats.contains("\"calls\":0"), "{tool}: {stats}");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{tool}: exit {status:?}: {err}");
+        assert!(err.contains("listening"), "{tool}: {err}");
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: addresses of the real test bed (started by
 //! `scripts/testbed up`), a unique key prefix per test, private throw-away Redis servers for the
-//! tests that stop Redis on purpose, and cleanup.
+//! tests that stop Redis on purpose, cleanup, and where the kit's binary (`mqc-kit`) is.
 //!
 //! A test that needs the test bed and cannot reach it fails with a message saying how to start
 //! it; it never skips.
@@ -873,6 +873,21 @@ impl StallingProxy {
     pub fn stall(&self) {
         self.generation.send_modify(|g| *g += 1);
     }
+}
+
+/// The kit's binary (`mqc-kit`, crates/testkit), next to the daemon's in the target directory.
+/// A test of another package's binary gets no `CARGO_BIN_EXE_` variable, so it is found by
+/// place; panics, saying how to build it, when it is not there.
+pub fn kit_bin() -> std::path::PathBuf {
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_mq-cutover"));
+    let kit = daemon.with_file_name(format!("mqc-kit{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        kit.is_file(),
+        "{} is missing: build the workspace with the tests' profile (`cargo test --workspace`, \
+         `cargo build --workspace`), not `-p mq-cutover` alone",
+        kit.display()
+    );
+    kit
 }
 
 /// A loopback port that was free a moment ago.

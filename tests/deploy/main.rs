@@ -6,7 +6,8 @@
 //! port agrees between the configs, the port mappings, the scrape target, EXPOSE, HEALTHCHECK
 //! and the Kubernetes ports and probes; that the probe paths are routes of the real admin router;
 //! that every PromQL expression uses only metric names the daemon exports; that every image is
-//! pinned; and that every command line handed to the image parses with the real CLI. A failure
+//! pinned; that every command line handed to the image parses with the real CLI; and that the
+//! daemon's image holds the daemon only, the kit's tools running from the kit's image. A failure
 //! names the file and the offending item.
 
 mod files;
@@ -40,6 +41,10 @@ const DASHBOARDS: &str = "deploy/grafana/dashboards";
 const RUNBOOK: &str = "docs/operations.md";
 /// The image built from the Dockerfile, by name (its tag is the crate's version).
 const IMAGE: &str = "mq-cutover";
+/// The kit's image (the Dockerfile's `KIT_STAGE` target): the demo's reward service and traffic.
+const KIT_IMAGE: &str = "mqc-kit";
+/// The Dockerfile stage of the kit's image.
+const KIT_STAGE: &str = "kit";
 
 /// The compose file's secrets: from `.env` beside it, which the user makes from this.
 const ENV_EXAMPLE: &str = ".env.example";
@@ -116,10 +121,19 @@ impl HandedConfig {
 }
 
 fn is_our_image(image: &str) -> bool {
-    image.rsplit('/').next().unwrap_or(image).split(':').next() == Some(IMAGE)
+    image_name(image) == Some(IMAGE)
 }
 
-/// The compose services running the image with a `--config`.
+fn is_kit_image(image: &str) -> bool {
+    image_name(image) == Some(KIT_IMAGE)
+}
+
+/// `registry/name:tag` → `name`.
+fn image_name(image: &str) -> Option<&str> {
+    image.rsplit('/').next().unwrap_or(image).split(':').next()
+}
+
+/// The compose services running the daemon's or the kit's image with a `--config`.
 fn compose_configs(secrets: Secrets) -> Vec<HandedConfig> {
     let compose = compose(secrets);
     let mut out = Vec::new();
@@ -129,7 +143,7 @@ fn compose_configs(secrets: Secrets) -> Vec<HandedConfig> {
         let Some(path) = flag_value(&args, "--config") else {
             continue;
         };
-        if !is_our_image(&image) {
+        if !is_our_image(&image) && !is_kit_image(&image) {
             continue;
         }
         let origin = format!("{COMPOSE} service `{name}`");
@@ -323,6 +337,76 @@ fn final_stage(instructions: &[Instruction]) -> &[Instruction] {
         .rposition(|i| i.keyword == "FROM")
         .expect("Dockerfile: no FROM");
     &instructions[last_from..]
+}
+
+/// A Dockerfile stage: its name (`AS …`), what it is built `FROM`, its instructions after that.
+struct Stage<'a> {
+    name: Option<String>,
+    base: String,
+    body: &'a [Instruction],
+}
+
+fn stages(instructions: &[Instruction]) -> Vec<Stage<'_>> {
+    let starts: Vec<usize> = instructions
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.keyword == "FROM")
+        .map(|(n, _)| n)
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &at)| {
+            let words: Vec<&str> = instructions[at]
+                .args
+                .split_whitespace()
+                .filter(|w| !w.starts_with("--"))
+                .collect();
+            let end = starts.get(k + 1).copied().unwrap_or(instructions.len());
+            Stage {
+                name: match words.as_slice() {
+                    [_, as_, name, ..] if as_.eq_ignore_ascii_case("as") => Some(name.to_string()),
+                    _ => None,
+                },
+                base: words.first().map(|w| w.to_string()).unwrap_or_default(),
+                body: &instructions[at + 1..end],
+            }
+        })
+        .collect()
+}
+
+/// The stage named `name` and the stages it is built on, itself first.
+fn stage_chain<'s, 'a>(all: &'s [Stage<'a>], name: Option<&str>) -> Vec<&'s Stage<'a>> {
+    let mut chain = Vec::new();
+    let mut next = match name {
+        Some(n) => all.iter().find(|s| s.name.as_deref() == Some(n)),
+        None => all.last(),
+    };
+    while let Some(stage) = next {
+        chain.push(stage);
+        next = all
+            .iter()
+            .find(|s| s.name.as_deref() == Some(stage.base.as_str()));
+    }
+    chain
+}
+
+/// `COPY --from=STAGE SRC… DEST` → (STAGE, the SRC paths).
+fn copy_from(i: &Instruction) -> Option<(String, Vec<String>)> {
+    let stage = i
+        .args
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("--from="))?;
+    let paths: Vec<String> = i
+        .args
+        .split_whitespace()
+        .filter(|w| !w.starts_with("--"))
+        .map(str::to_owned)
+        .collect();
+    Some((
+        stage.to_owned(),
+        paths[..paths.len().saturating_sub(1)].to_vec(),
+    ))
 }
 
 /// The Dockerfile HEALTHCHECK's port and path.
@@ -831,30 +915,50 @@ fn command_lines_parse_with_the_real_cli() {
         "{DOCKERFILE}: ENTRYPOINT must be [\"{IMAGE}\"]"
     );
     lines.push((format!("{DOCKERFILE} CMD"), get("CMD")));
+    let mut kit_lines = Vec::new();
     for (name, svc) in compose_services(&compose(Secrets::User)) {
-        if is_our_image(&text(&svc["image"]).unwrap_or_default()) {
-            lines.push((
-                format!("{COMPOSE} service `{name}` command"),
-                compose_command(&svc),
-            ));
+        let image = text(&svc["image"]).unwrap_or_default();
+        let line = (
+            format!("{COMPOSE} service `{name}` command"),
+            compose_command(&svc),
+        );
+        if is_our_image(&image) {
+            lines.push(line);
+        } else if is_kit_image(&image) {
+            kit_lines.push(line);
         }
     }
     let docs = k8s_documents();
     for (file, workload, pod, _) in k8s_pods(&docs) {
         for c in containers(&pod) {
-            if is_our_image(&text(&c["image"]).unwrap_or_default()) {
+            let image = text(&c["image"]).unwrap_or_default();
+            if is_our_image(&image) || is_kit_image(&image) {
                 assert!(
                     c["command"].is_null(),
                     "{file} `{workload}`: set `args`, not `command`, so the image's entrypoint stays"
                 );
-                lines.push((
+                let line = (
                     format!(
                         "{file} `{workload}` container `{}` args",
                         text(&c["name"]).unwrap_or_default()
                     ),
                     strings(&c["args"]),
-                ));
+                );
+                if is_our_image(&image) {
+                    lines.push(line);
+                } else {
+                    kit_lines.push(line);
+                }
             }
+        }
+    }
+    for (origin, args) in kit_lines {
+        let argv = std::iter::once(KIT_IMAGE.to_owned()).chain(args.iter().cloned());
+        if let Err(e) = mqc_testkit::cli::Cli::try_parse_from(argv) {
+            panic!(
+                "{origin}: `{KIT_IMAGE} {}` is not a valid command line: {e}",
+                args.join(" ")
+            );
         }
     }
     for (origin, args) in lines {
@@ -866,6 +970,111 @@ fn command_lines_parse_with_the_real_cli() {
             );
         }
     }
+}
+
+#[test]
+fn the_daemons_image_holds_the_daemon_only_and_the_kit_runs_from_its_own() {
+    use clap::CommandFactory as _;
+    let ins = dockerfile(DOCKERFILE);
+    let all = stages(&ins);
+    let daemon = stage_chain(&all, None);
+    let mut copied = Vec::new();
+    for stage in &daemon {
+        for i in stage.body {
+            assert!(
+                !i.args.contains(KIT_IMAGE) && !i.args.contains("mqc-testkit"),
+                "{DOCKERFILE}: the daemon's image (stage {:?}) names the kit: {} {}",
+                stage.name,
+                i.keyword,
+                i.args
+            );
+            let Some((from, paths)) = copy_from(i) else {
+                continue;
+            };
+            for p in &paths {
+                assert_eq!(
+                    std::path::Path::new(p).file_name().and_then(|f| f.to_str()),
+                    Some(IMAGE),
+                    "{DOCKERFILE}: the daemon's image copies {p} from stage {from}: the daemon only"
+                );
+            }
+            // The stage it copies from builds the daemon's package alone.
+            for builder in stage_chain(&all, Some(&from)) {
+                for r in builder.body.iter().filter(|r| r.keyword == "RUN") {
+                    if r.args.contains("cargo build") {
+                        assert!(
+                            r.args.contains("-p mq-cutover") && !r.args.contains("--workspace"),
+                            "{DOCKERFILE}: stage {from} builds more than the daemon: {}",
+                            r.args
+                        );
+                    }
+                }
+            }
+            copied.extend(paths);
+        }
+    }
+    assert!(
+        !copied.is_empty(),
+        "{DOCKERFILE}: the daemon's image copies no binary"
+    );
+    let kit = stage_chain(&all, Some(KIT_STAGE));
+    assert!(
+        kit.first().and_then(|s| s.name.as_deref()) == Some(KIT_STAGE),
+        "{DOCKERFILE}: no `{KIT_STAGE}` stage for the kit's image"
+    );
+    assert_eq!(
+        exec_form(
+            DOCKERFILE,
+            "ENTRYPOINT",
+            &kit[0]
+                .body
+                .iter()
+                .rfind(|i| i.keyword == "ENTRYPOINT")
+                .expect("the kit stage's ENTRYPOINT")
+                .args
+        ),
+        [KIT_IMAGE]
+    );
+
+    // Compose: a kit subcommand runs from the kit's image, which builds the kit's target; the
+    // daemon's image builds the default (final) target.
+    let kit_commands: Vec<String> = mqc_testkit::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    assert!(
+        kit_commands.iter().any(|c| c == "reward-service"),
+        "{kit_commands:?}"
+    );
+    let mut kit_services = 0;
+    // The file as written: the loader leaves out the services of a profile not asked for
+    // (`traffic`).
+    for (name, svc) in compose_services(&yaml(COMPOSE)) {
+        let image = text(&svc["image"]).unwrap_or_default();
+        let first = compose_command(&svc).into_iter().next().unwrap_or_default();
+        let target = text(&svc["build"]["target"]);
+        if kit_commands.contains(&first) {
+            assert!(
+                is_kit_image(&image),
+                "{COMPOSE} service `{name}` runs `{first}` from `{image}`, not the kit's image"
+            );
+        }
+        if is_kit_image(&image) {
+            assert_eq!(
+                target.as_deref(),
+                Some(KIT_STAGE),
+                "{COMPOSE} service `{name}`: the kit's image must build target `{KIT_STAGE}`"
+            );
+            kit_services += 1;
+        }
+        if is_our_image(&image) {
+            assert!(
+                target.is_none() || target.as_deref() == daemon[0].name.as_deref(),
+                "{COMPOSE} service `{name}`: the daemon's image builds target {target:?}"
+            );
+        }
+    }
+    assert!(kit_services >= 2, "the demo's reward service and traffic");
 }
 
 #[test]
@@ -1339,7 +1548,7 @@ fn every_image_is_pinned() {
         if let Err(why) = pinned(&image) {
             panic!("{origin}: image `{image}` {why}; pin an explicit version");
         }
-        if is_our_image(&image) {
+        if is_our_image(&image) || is_kit_image(&image) {
             let tag = image.rsplit(':').next().unwrap();
             assert_eq!(
                 tag,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::State;
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 
 use crate::common::{self, PrivateRedis};
 use crate::harness::{Bed, Setup};

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use mq_cutover::arbiter::State;
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 
 use crate::common;
 use crate::harness::{Bed, Setup};

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::{Arbiter, Record};
 use mq_cutover::config::{Config, RedisMode, Validated};
-use mq_cutover::produce::{produce, ProduceArgs, Sent};
-use mq_cutover::reward::{FaultPlan, RewardServer};
 use mq_cutover::store::Store;
+use mqc_testkit::produce::{produce, ProduceArgs, Sent};
+use mqc_testkit::reward::{FaultPlan, RewardServer};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
@@ -167,8 +167,7 @@ impl Bed {
             rocketmq_topic_in(&setup.rocketmq_testbed_env, &topic, 4)
         );
         let reward_stop = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let reward = mq_cutover::reward::serve(listener, setup.faults.clone(), reward_stop.clone())
+        let reward = mqc_testkit::reward::serve_local(setup.faults.clone(), reward_stop.clone())
             .await
             .expect("reward service");
         let dir = tempfile::tempdir().unwrap();

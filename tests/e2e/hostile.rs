@@ -13,8 +13,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-use mq_cutover::reward::FaultPlan;
 use mq_cutover::source::rocketmq::RocketMqWriter;
+use mqc_testkit::reward::FaultPlan;
 
 use crate::common;
 use crate::harness::{kafka_bootstrap, rocketmq_namesrv, Bed, Setup};

@@ -25,7 +25,7 @@ use harness::{Bed, Setup};
 use mq_cutover::arbiter::routing::bucket;
 use mq_cutover::arbiter::State;
 use mq_cutover::config::RedisMode;
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 
 const SETTLE: Duration = Duration::from_secs(240);
 

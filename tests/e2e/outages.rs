@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
@@ -61,7 +61,7 @@ async fn traffic(
     bed: &Bed,
     prefix: &str,
     count: u64,
-) -> tokio::sync::oneshot::Receiver<(mq_cutover::produce::Sent, mq_cutover::produce::Sent)> {
+) -> tokio::sync::oneshot::Receiver<(mqc_testkit::produce::Sent, mqc_testkit::produce::Sent)> {
     let producer = bed.produce_in_background(prefix, count, |a| {
         a.rate = RATE;
         a.duplicates_old = 0.05;

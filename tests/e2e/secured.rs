@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::Arbiter;
 use mq_cutover::config::{Config, Validated};
-use mq_cutover::produce::{produce, ProduceArgs};
-use mq_cutover::reward::FaultPlan;
 use mq_cutover::source::kafka::KafkaWriter;
 use mq_cutover::store::Store;
+use mqc_testkit::produce::{produce, ProduceArgs};
+use mqc_testkit::reward::FaultPlan;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -285,14 +285,13 @@ token_file = "{token}"
 
 /// A reward service behind an HTTPS front that requires a client certificate.
 async fn https_reward() -> (
-    mq_cutover::reward::RewardServer,
+    mqc_testkit::reward::RewardServer,
     TlsFront,
     CancellationToken,
 ) {
     let s = Secured::get();
     let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let reward = mq_cutover::reward::serve(listener, FaultPlan::default(), stop.clone())
+    let reward = mqc_testkit::reward::serve_local(FaultPlan::default(), stop.clone())
         .await
         .expect("reward service");
     let front = TlsFront::start(

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use mq_cutover::config::RedisMode;
-use mq_cutover::reward::FaultPlan;
+use mqc_testkit::reward::FaultPlan;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, PrivateSentinels};

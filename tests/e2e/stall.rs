@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::Arbiter;
-use mq_cutover::reward::FaultPlan;
 use mq_cutover::store::Store;
+use mqc_testkit::reward::FaultPlan;
 
 use crate::common;
 use crate::harness::{Bed, Daemon, Setup};

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mq_cutover::reward::{self, Answer, FaultPlan, RewardServer, Stats};
 use mq_cutover::sink::http::HttpSink;
 use mq_cutover::sink::{CallResult, Sink, SinkConfig, SinkRequest, StatusPattern};
+use mqc_testkit::reward::{self, Answer, FaultPlan, RewardServer, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -23,9 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 /// A reward service on a fresh loopback port.
 async fn reward_service(plan: FaultPlan) -> (RewardServer, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cancel = CancellationToken::new();
-    let server = reward::serve(listener, plan, cancel.clone()).await.unwrap();
+    let server = reward::serve_local(plan, cancel.clone()).await.unwrap();
     (server, cancel)
 }
 

@@ -1,5 +1,5 @@
 //! [`RocketMqWriter`]: a thin rocketmq-client-rust producer for the traffic generator
-//! (`mq-cutover produce`) and the tests, with the side's ACL, TLS and namespace settings.
+//! (`mqc-kit produce`) and the tests, with the side's ACL, TLS and namespace settings.
 
 use rocketmq_client_rust::DefaultMQProducer;
 use rocketmq_model::common::compression::compression_type::CompressionType;

@@ -1,6 +1,6 @@
 //! The grant counter: the lean downstream the benchmark forwards to. It answers every call 200 at
 //! once and only counts — calls, grants per message id (so an id granted twice shows), which side
-//! granted, and, when the body carries the producer's send time (`mq-cutover produce --stamp`),
+//! granted, and, when the body carries the producer's send time (`mqc-kit produce --stamp`),
 //! the end-to-end time from send to grant, in all and per granting side.
 //!
 //! Unlike the demo reward service ([`crate::reward`]) it keeps no call records and injects no
@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-/// `mq-cutover grant-counter` options.
+/// `mqc-kit grant-counter` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GrantCounterArgs {
     /// Address to listen on; every path except `/stats` and `/reset` is a grant.

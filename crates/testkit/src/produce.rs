@@ -1,4 +1,4 @@
-//! The traffic generator behind `mq-cutover produce`: dual-writes messages to both brokers the
+//! The traffic generator behind `mqc-kit produce`: dual-writes messages to both brokers the
 //! way a migrating producer does, with the faults such producers really show — re-sent
 //! duplicates on either side, one side missing some messages, one side lagging, and malformed
 //! messages — and writes a manifest of what went where, for tests and the demo to check against.
@@ -13,11 +13,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::config::{IdSource, SideConfig, SideKind, Validated};
-use crate::source::kafka::KafkaWriter;
-use crate::source::rocketmq::RocketMqWriter;
+use mq_cutover::config::{IdSource, SideConfig, SideKind, Validated};
+use mq_cutover::source::kafka::KafkaWriter;
+use mq_cutover::source::rocketmq::RocketMqWriter;
 
-/// `mq-cutover produce` options.
+/// `mqc-kit produce` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProduceArgs {
     /// How many logical messages (ids) to send.
@@ -57,7 +57,7 @@ pub struct ProduceArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Put the send time in each body as `"sent_us"` (microseconds since the Unix epoch), for
-    /// end-to-end times at the receiving end (`mq-cutover grant-counter`).
+    /// end-to-end times at the receiving end (`mqc-kit grant-counter`).
     #[arg(long)]
     pub stamp: bool,
     /// Write one JSON line per id here: `{"id", "user", "old": copies, "new": copies}` as
@@ -103,7 +103,7 @@ impl Writer {
                     Box::new(
                         KafkaWriter::connect_with(
                             &k.bootstrap_servers,
-                            crate::source::kafka::connection_properties(&k.properties),
+                            mq_cutover::source::kafka::connection_properties(&k.properties),
                         )
                         .map_err(|e| anyhow::anyhow!("{}: {e}", side.name))?,
                     ),

@@ -549,7 +549,17 @@ pub async fn serve(
     Ok(RewardServer { addr, state, task })
 }
 
-/// `mq-cutover reward-service`: the fake downstream for the demo and tests.
+/// [`serve`] on a fresh loopback port (127.0.0.1, chosen by the OS): the reward service the
+/// integration tests run in their own process, each on its own port.
+pub async fn serve_local(
+    plan: FaultPlan,
+    cancel: CancellationToken,
+) -> Result<RewardServer, RewardError> {
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    serve(listener, plan, cancel).await
+}
+
+/// `mqc-kit reward-service`: the fake downstream for the demo and tests.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RewardArgs {
     /// Address to listen on.
