@@ -32,14 +32,14 @@ pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(15);
 /// `reward-service`: the demo downstream, until SIGTERM / SIGINT.
 pub async fn reward_service(args: crate::reward::RewardArgs) -> anyhow::Result<()> {
     let root = crate::shutdown::root_token().context("installing signal handlers")?;
-    crate::telemetry::logs::init(&crate::config::LogConfig::default());
+    crate::telemetry::logs::init(&crate::telemetry::logs::LogConfig::default());
     crate::reward::run(args, root).await
 }
 
 /// `grant-counter`: the benchmark's downstream, until SIGTERM / SIGINT.
 pub async fn grant_counter(args: crate::grant_counter::GrantCounterArgs) -> anyhow::Result<()> {
     let root = crate::shutdown::root_token().context("installing signal handlers")?;
-    crate::telemetry::logs::init(&crate::config::LogConfig::default());
+    crate::telemetry::logs::init(&crate::telemetry::logs::LogConfig::default());
     crate::grant_counter::run(args, root).await
 }
 

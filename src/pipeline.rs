@@ -10,6 +10,7 @@
 //! ([`Outage`]), never per copy.
 
 pub mod adopt;
+pub mod config;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
