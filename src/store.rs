@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod config;
 
-pub use self::config::{RedisConfig, RedisMode};
+use self::config::{RedisConfig, RedisMode};
 
 /// What went wrong talking to Redis, sorted by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
