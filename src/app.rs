@@ -211,100 +211,200 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         .await
         .context("setting up the redis client")?;
     let metrics = Arc::new(Metrics::default());
-    let redis_up = Arc::new(AtomicBool::new(false));
-    let redis_problem: Arc<std::sync::Mutex<Option<String>>> = Default::default();
-    let switch_store = SwitchStore::new(&store);
-    let control = TaskTracker::new();
-    // Not a child of the root token: a connection that wedges during the drain is replaced too.
-    let watchdog_stop = CancellationToken::new();
-    control.spawn(store.clone().watchdog(
-        metrics.redis_reconnects_stalled.clone(),
-        metrics.redis_reconnects_failover.clone(),
-        watchdog_stop.clone(),
-    ));
-    control.spawn(seed_switches(
-        switch_store.clone(),
-        cfg.clone(),
-        root.child_token(),
-    ));
-    control.spawn(watch_redis(
-        store.clone(),
-        cfg.arbiter.replicas,
-        cfg.redis.urls.iter().any(|u| u.starts_with("rediss://")),
-        redis_problem.clone(),
-        redis_up.clone(),
-        metrics.clone(),
-        root.child_token(),
-    ));
-    let (feed, _follower) = switches::follow(
-        switch_store,
-        cfg.switches.refresh_interval,
-        root.child_token(),
-    );
-    control.spawn(switch_gauges(
-        feed.clone(),
-        metrics.clone(),
-        root.child_token(),
-    ));
+    let plane = ControlPlane::start(&cfg, &store, &metrics, &root);
     let pause = Arc::new(Pause::counted(&metrics));
     let completer_stop = CancellationToken::new();
     let shared = Arc::new(Shared::build(
         &cfg,
         &store,
-        feed.clone(),
+        plane.feed.clone(),
         pause.clone(),
         completer_stop.clone(),
         metrics.clone(),
     )?);
-    control.spawn(follow_circuit(shared.clone(), root.child_token()));
-    if let Some(recorder) = &shared.parity {
-        control.spawn(parity_gauges(
-            recorder.parity().clone(),
-            metrics.clone(),
-            cfg.parity.refresh,
+    plane.follow_the_pipeline(&cfg, &shared, &metrics, &root);
+    let memberships = plane
+        .serve_admin(&cfg, &store, &shared, &metrics, &pause, &root)
+        .await?;
+    let mut sides = start_sides(&cfg, &shared, &metrics, &pause, &memberships, &root)?;
+    tracing::info!(
+        from = %cfg.cutover.from,
+        to = %cfg.cutover.to,
+        sides = cfg.sides.len(),
+        "mq-cutover running"
+    );
+    let failure = until_stopped(&root, &mut sides.sources).await;
+    drain(&cfg, &shared, sides, completer_stop).await;
+    plane.stop().await;
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The daemon's tasks beside the data path: the Redis watchdog and health check, the switches
+/// (seeded, followed, shown as gauges), the circuit and parity followers and the admin listener.
+struct ControlPlane {
+    tasks: TaskTracker,
+    /// Not a child of the root token: a connection that wedges during the drain is replaced too.
+    watchdog_stop: CancellationToken,
+    feed: switches::SwitchFeed,
+    redis_up: Arc<AtomicBool>,
+    redis_problem: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ControlPlane {
+    /// Starts the Redis watchdog and health check, seeds and follows the switches.
+    fn start(
+        cfg: &Validated,
+        store: &Store,
+        metrics: &Arc<Metrics>,
+        root: &CancellationToken,
+    ) -> ControlPlane {
+        let redis_up = Arc::new(AtomicBool::new(false));
+        let redis_problem: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let switch_store = SwitchStore::new(store);
+        let tasks = TaskTracker::new();
+        let watchdog_stop = CancellationToken::new();
+        tasks.spawn(store.clone().watchdog(
+            metrics.redis_reconnects_stalled.clone(),
+            metrics.redis_reconnects_failover.clone(),
+            watchdog_stop.clone(),
+        ));
+        tasks.spawn(seed_switches(
+            switch_store.clone(),
+            cfg.clone(),
             root.child_token(),
         ));
-    }
-    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
-        .await
-        .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
-    // One per side, in config order: the sources report into them, /readyz reads them (joined,
-    // stalled).
-    let memberships: Arc<[Membership]> = cfg
-        .sides
-        .iter()
-        .map(|side| {
-            Membership::new(side.name.as_str().into(), &metrics, LAG_INTERVAL)
-                .watch_stalls(cfg.pipeline.stall_after, pause.subscribe())
-        })
-        .collect();
-    let admin_state = crate::admin::AdminState {
-        metrics: metrics.clone(),
-        redis_up,
-        redis_problem,
-        switches: feed,
-        breaker: shared.breaker.clone(),
-        sources: memberships.clone(),
-    };
-    // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
-    let operator =
-        Arc::new(Control::new(&store, &cfg).with_replay(shared.clone(), root.child_token()));
-    let admin = crate::admin::listener(admin_state, operator, &cfg);
-    let admin_stop = root.child_token();
-    let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
-    tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
-    control.spawn(async move {
-        let served = axum::serve(
-            listener,
-            admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin listener failed");
+        tasks.spawn(watch_redis(
+            store.clone(),
+            cfg.arbiter.replicas,
+            cfg.redis.urls.iter().any(|u| u.starts_with("rediss://")),
+            redis_problem.clone(),
+            redis_up.clone(),
+            metrics.clone(),
+            root.child_token(),
+        ));
+        let (feed, _follower) = switches::follow(
+            switch_store,
+            cfg.switches.refresh_interval,
+            root.child_token(),
+        );
+        tasks.spawn(switch_gauges(
+            feed.clone(),
+            metrics.clone(),
+            root.child_token(),
+        ));
+        ControlPlane {
+            tasks,
+            watchdog_stop,
+            feed,
+            redis_up,
+            redis_problem,
         }
-    });
+    }
 
+    /// Follows the sink's circuit (pausing the sources while it is open) and, when parity is
+    /// recorded, its gauges.
+    fn follow_the_pipeline(
+        &self,
+        cfg: &Validated,
+        shared: &Arc<Shared>,
+        metrics: &Arc<Metrics>,
+        root: &CancellationToken,
+    ) {
+        self.tasks
+            .spawn(follow_circuit(shared.clone(), root.child_token()));
+        if let Some(recorder) = &shared.parity {
+            self.tasks.spawn(parity_gauges(
+                recorder.parity().clone(),
+                metrics.clone(),
+                cfg.parity.refresh,
+                root.child_token(),
+            ));
+        }
+    }
+
+    /// Binds `admin.listen` and serves the admin listener on it; the sides' memberships, in config
+    /// order, which the sources report into and `/readyz` reads (joined, stalled).
+    async fn serve_admin(
+        &self,
+        cfg: &Validated,
+        store: &Store,
+        shared: &Arc<Shared>,
+        metrics: &Arc<Metrics>,
+        pause: &Pause,
+        root: &CancellationToken,
+    ) -> anyhow::Result<Arc<[Membership]>> {
+        let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+            .await
+            .with_context(|| format!("admin.listen: cannot listen on {}", cfg.admin.listen))?;
+        let memberships: Arc<[Membership]> = cfg
+            .sides
+            .iter()
+            .map(|side| {
+                Membership::new(side.name.as_str().into(), metrics, LAG_INTERVAL)
+                    .watch_stalls(cfg.pipeline.stall_after, pause.subscribe())
+            })
+            .collect();
+        let admin_state = crate::admin::AdminState {
+            metrics: metrics.clone(),
+            redis_up: self.redis_up.clone(),
+            redis_problem: self.redis_problem.clone(),
+            switches: self.feed.clone(),
+            breaker: shared.breaker.clone(),
+            sources: memberships.clone(),
+        };
+        // Replays from the API go through this daemon's pipeline (its sink, breaker and metrics).
+        let operator =
+            Arc::new(Control::new(store, cfg).with_replay(shared.clone(), root.child_token()));
+        let admin = crate::admin::listener(admin_state, operator, cfg);
+        let admin_stop = root.child_token();
+        let bound = listener.local_addr().unwrap_or(cfg.admin.listen);
+        tracing::info!(listen = %bound, "admin listener: status page at /, /metrics /healthz /readyz /api");
+        self.tasks.spawn(async move {
+            let served = axum::serve(
+                listener,
+                admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+        Ok(memberships)
+    }
+
+    /// Stops the watchdog last, and gives the control tasks a little time to end.
+    async fn stop(self) {
+        self.watchdog_stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+}
+
+/// The data path as it runs: per side a source, its pipeline and its adoption sweeper, the calls
+/// they started, and the token that stops the sources.
+struct Sides {
+    sources: tokio::task::JoinSet<Result<(), crate::source::SourceError>>,
+    pipelines: Vec<tokio::task::JoinHandle<()>>,
+    sweepers: Vec<tokio::task::JoinHandle<()>>,
+    calls: TaskTracker,
+    source_stop: CancellationToken,
+}
+
+/// Starts every side: its source feeding its pipeline through an outlet with its byte budget,
+/// and (unless in pass-through) its adoption sweeper.
+fn start_sides(
+    cfg: &Validated,
+    shared: &Arc<Shared>,
+    metrics: &Metrics,
+    pause: &Pause,
+    memberships: &[Membership],
+    root: &CancellationToken,
+) -> anyhow::Result<Sides> {
     if let Some(pt) = &cfg.pipeline.pass_through {
         tracing::warn!(
             side = %pt.side,
@@ -357,12 +457,21 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             calls.clone(),
         )));
     }
-    tracing::info!(
-        from = %cfg.cutover.from,
-        to = %cfg.cutover.to,
-        sides = cfg.sides.len(),
-        "mq-cutover running"
-    );
+    Ok(Sides {
+        sources,
+        pipelines,
+        sweepers,
+        calls,
+        source_stop,
+    })
+}
+
+/// Waits for SIGTERM / SIGINT or for a source to stop, which is a failure: it cancels the root
+/// token, and is returned.
+async fn until_stopped(
+    root: &CancellationToken,
+    sources: &mut tokio::task::JoinSet<Result<(), crate::source::SourceError>>,
+) -> Option<anyhow::Error> {
     let mut failure = None;
     tokio::select! {
         _ = root.cancelled() => {}
@@ -377,8 +486,22 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
             root.cancel();
         }
     }
-    // Every step below is bounded; and should anything hang all the same (a Redis call, a
-    // broker client, the runtime's own shutdown), the process ends at this deadline.
+    failure
+}
+
+/// The drain, every step bounded: the pipelines stop taking copies, the calls in flight finish
+/// by `pipeline.drain_timeout`, the outcomes not recorded by then are given up, parity's last
+/// sights are sent and the sources commit and leave within [`SOURCE_GRACE`].
+async fn drain(cfg: &Validated, shared: &Shared, sides: Sides, completer_stop: CancellationToken) {
+    let Sides {
+        mut sources,
+        pipelines,
+        sweepers,
+        calls,
+        source_stop,
+    } = sides;
+    // Should anything hang all the same (a Redis call, a broker client, the runtime's own
+    // shutdown), the process ends at this deadline.
     crate::shutdown::exit_after(cfg.pipeline.drain_timeout + SHUTDOWN_MARGIN);
     let deadline = tokio::time::Instant::now() + cfg.pipeline.drain_timeout;
     // The pipelines stop taking copies; the claims out are answered (or given up on shortly).
@@ -423,14 +546,6 @@ async fn run(cfg: Validated) -> anyhow::Result<()> {
         }
     };
     tokio::join!(parity, sources_left);
-    watchdog_stop.cancel();
-    control.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), control.wait()).await;
-    tracing::info!("stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 /// Pauses the sources while the sink's circuit is open.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::Percent;
+use crate::arbiter::config::Percent;
 
 /// Exit code for bad usage (sysexits EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;

@@ -10,9 +10,45 @@
 use std::sync::Arc;
 
 use redis::Value;
+use serde::{Deserialize, Serialize};
 
 use crate::message::Origin;
+use crate::settings::ConfigError;
 use crate::store::{Store, StoreError};
+
+/// `[dead_letters]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// About how many parked messages the stream keeps (the oldest go first).
+    #[serde(default = "default_dead_max_len")]
+    pub max_len: u64,
+}
+
+fn default_dead_max_len() -> u64 {
+    100_000
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        Self {
+            max_len: default_dead_max_len(),
+        }
+    }
+}
+
+impl DeadLettersConfig {
+    /// Refuses a stream too short to hold a burst of parked messages.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_len < 100 {
+            return Err(ConfigError::new(
+                "dead_letters.max_len",
+                "must be at least 100, e.g. `100000`",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// One parked copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,5 +375,12 @@ mod tests {
             let letters = parse_entries(Value::Array(entries)).unwrap();
             prop_assert_eq!(letters.len(), n);
         }
+    }
+
+    #[test]
+    fn tiny_dead_letter_stream_is_rejected() {
+        let e = DeadLettersConfig { max_len: 3 }.validate().unwrap_err();
+        assert_eq!(e.key, "dead_letters.max_len");
+        DeadLettersConfig { max_len: 100 }.validate().unwrap();
     }
 }

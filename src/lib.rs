@@ -8,11 +8,12 @@
 //! retried by the owner only. The switches (consume on/off, a percentage of business-id buckets, a
 //! whitelist) live in Redis too, so every instance follows one operator command within a second.
 //!
-//! Modules, in data-path order: [`config`] (parse, validate; [`secrets`] and [`tls`] for the
-//! credentials and certificates it names), [`store`] (the Redis connection),
-//! [`arbiter`] (claim / complete / renew, routing, switches), [`control`] (the operator actions
-//! shared by the CLI and, later, the admin API), [`app`] (wiring and the run loop), with
-//! [`telemetry`] and [`shutdown`] beside them.
+//! Modules, in data-path order: [`config`] (load the file, check what spans sections; each
+//! section's struct and checks live with its component, on the error type of [`settings`];
+//! [`secrets`] and [`tls`] for the credentials and certificates it names), [`store`] (the Redis
+//! connection), [`arbiter`] (claim / complete / renew, routing, switches), [`control`] (the
+//! operator actions shared by the CLI and, later, the admin API), [`app`] (wiring and the run
+//! loop), with [`telemetry`] and [`shutdown`] beside them.
 #![forbid(unsafe_code)]
 // rocketmq-client-rust's futures nest deeper than the compiler's default query depth when they
 // are proven `Send` (the RocketMQ source runs them on the daemon's runtime); upstream sets the
@@ -33,6 +34,7 @@ pub mod parity;
 pub mod pipeline;
 pub mod printable;
 pub mod secrets;
+pub mod settings;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::config::IdSource;
+use crate::source::config::IdSource;
 
 /// A side's name, cheap to clone.
 pub type Side = Arc<str>;

@@ -10,6 +10,7 @@
 //! ([`Outage`]), never per copy.
 
 pub mod adopt;
+pub mod config;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use crate::dead::{DeadLetters, Parking};
 use crate::message::{Identity, Message, Side};
 use crate::sink::breaker::{Admission, CircuitBreaker};
 use crate::sink::retry::Backoff;
-use crate::sink::{Sink, SinkRequest, Turn};
+use crate::sink::{CallResult, Sink, SinkRequest, Turn};
 use crate::source::Position;
 use crate::store::StoreError;
 use crate::telemetry::metrics::{Fate, Metrics, SideMetrics};
@@ -1254,7 +1255,9 @@ struct Held {
 }
 
 /// Calls the sink for a claimed copy, and keeps at it (same side, same copy) until its fate is
-/// recorded: done, parked, or taken by another worker.
+/// recorded: done, parked, or taken by another worker. Each round: wait for a turn at the sink →
+/// make sure the lease is still this worker's → call → record the outcome → act on it (ack,
+/// park, put back) or back off and claim the id again.
 ///
 /// A copy may wait between its claim and its call: for a worker slot (`pipeline.max_in_flight`)
 /// or for an open circuit to close, which can take longer than the lease. Nothing renews the
@@ -1292,33 +1295,11 @@ async fn deliver(
             shared.completer.hand_back(&ident.id, side, token);
             return;
         };
-        if confirmed.elapsed() >= shared.arbiter.lease() / 3 {
-            match shared.arbiter.renew(&ident.id, &token).await {
-                Ok(true) => {} // ours for a whole lease again; the call renews it from here on
-                Ok(false) => {
-                    metrics.lapsed.inc();
-                    tracing::warn!(id = %ident.id, side = %side,
-                        "lease lapsed before the call and the id is another worker's now: not calling; the current holder decides");
-                    let _ = retry_tx.send(msg);
-                    return;
-                }
-                Err(e) => {
-                    // Not known to be ours: no call. The record still names this token, so the
-                    // claim of the copy put back answers BUSY until the lease ends, then proceeds.
-                    // Redis away is the outage's to report (the claim of the copy put back waits
-                    // in it), not this copy's; counted, since the copy's proceed is counted again.
-                    metrics.unconfirmed.inc();
-                    if e.is_retryable() {
-                        tracing::debug!(id = %ident.id, side = %side, error = %e,
-                            "cannot confirm the lease before the call: not calling; claiming the copy again");
-                    } else {
-                        tracing::warn!(id = %ident.id, side = %side, error = %e,
-                            "cannot confirm the lease before the call: not calling; claiming the copy again");
-                    }
-                    let _ = retry_tx.send(msg);
-                    return;
-                }
-            }
+        if confirmed.elapsed() >= shared.arbiter.lease() / 3
+            && !renew_before_call(shared, side, metrics, &ident.id, &token).await
+        {
+            let _ = retry_tx.send(msg);
+            return;
         }
         let req = SinkRequest {
             message_id: &ident.id,
@@ -1326,103 +1307,229 @@ async fn deliver(
             attempt,
             body: &msg.payload,
         };
-        metrics.in_flight.inc();
-        let timer = shared.metrics.sink_seconds.start_timer();
-        let result = with_renewal(shared, &ident.id, &token, shared.sink.call_in(turn, &req)).await;
-        timer.observe_duration();
-        metrics.in_flight.dec();
-        metrics.call(result.kind());
-        if matches!(result, crate::sink::CallResult::Ambiguous { .. }) {
-            metrics.ambiguous.inc();
-        }
+        let result = call_sink(shared, metrics, turn, &req, &token).await;
         admission.record(&result);
         let retry_after = result.retry_after();
         let outcome = result.outcome();
-        let completion = match shared
-            .completer
-            .complete(&ident.id, side, token, outcome.clone())
-            .await
+        match record_outcome(
+            shared, side, metrics, &msg, token, attempt, &outcome, cancel,
+        )
+        .await
         {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                // The id's key is not a record any more (overwritten by something else): the
-                // outcome cannot be kept, so the copy is parked with what happened.
-                let reason = format!(
-                    "the outcome of attempt {attempt} ({outcome:?}) could not be recorded: {e}"
-                );
-                let copies = [(&msg, reason.as_str())];
-                if park_copies(shared, &copies, cancel).await {
-                    metrics.dead_letters.inc();
-                    tracing::error!(id = %ident.id, side = %side, %reason, "parked in dead letters");
-                    msg.ack.done();
-                }
-                return;
-            }
-            None => return, // cancelled while Redis was away: the copy is handed back unacked
-        };
-        match completion {
-            Completion::Recorded(State::Done) | Completion::Repeated(State::Done) => {
-                return msg.ack.done();
-            }
-            Completion::Late => {
-                metrics.overlaps.inc();
-                tracing::warn!(id = %ident.id, side = %side, "call succeeded after its lease was lost: recorded, overlap counted");
-                return msg.ack.done();
-            }
-            Completion::Fenced => {
-                // Another worker took the id over. Its copy may be this very broker message (after
-                // a rebalance), so do not ack: put the copy back through the pipeline, where the
-                // claim answers BUSY while that worker lives, and DONE / DEAD once it decided.
-                tracing::warn!(id = %ident.id, side = %side, "lease lost during the call; the current holder decides");
+            AfterCall::Ack => return msg.ack.done(),
+            AfterCall::PutBack => {
                 let _ = retry_tx.send(msg);
                 return;
             }
-            Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead) => {
-                let reason = match shared.arbiter.inspect(&ident.id).await {
-                    Ok(Some(r)) => r.reason.unwrap_or_default(),
-                    _ => format!("{outcome:?}"),
-                };
+            AfterCall::Park(reason) => {
                 return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await;
             }
-            Completion::Recorded(State::Pending)
-            | Completion::Repeated(State::Pending)
-            | Completion::Recorded(State::InFlight)
-            | Completion::Repeated(State::InFlight) => {}
+            AfterCall::Leave => return,
+            AfterCall::Retry => {}
         }
         // Retry on this side, after the backoff; the id stays ours (pending, owner kept).
-        let delay = shared.backoff.delay(attempt, retry_after);
-        tracing::debug!(id = %ident.id, side = %side, attempt, ?delay, ?outcome, "retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = cancel.cancelled() => return, // no lease held: hand back
-        }
-        token = shared.tokens.next();
-        confirmed = Instant::now();
-        let claim = {
-            let req = ClaimRequest {
-                id: &ident.id,
-                side,
-                routed_owner: side,
-                token: &token,
-            };
-            until_redis_answers(shared, cancel, 1, || shared.arbiter.claim(&req)).await
+        let again = claim_again(
+            shared,
+            side,
+            &ident.id,
+            attempt,
+            retry_after,
+            &outcome,
+            cancel,
+        );
+        let Some((next, claimed_at, claim)) = again.await else {
+            return;
         };
+        token = next;
+        confirmed = claimed_at;
         match claim {
-            None => return,
-            Some(Claim::Proceed { attempt: a, .. }) => attempt = a,
-            Some(Claim::Busy { .. }) => {
+            Claim::Proceed { attempt: a, .. } => attempt = a,
+            Claim::Busy { .. } => {
                 // Another worker of this side holds it now (a redelivered copy): let it be and
                 // put this copy back through the pipeline, which will see DONE or BUSY again.
                 let _ = retry_tx.send(msg);
                 return;
             }
-            Some(Claim::Dead {
+            Claim::Dead {
                 reason,
                 letter: false,
-            }) => return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await,
-            Some(_) => return msg.ack.done(),
+            } => return letter_then_ack(shared, metrics, msg, &reason, attempt, cancel).await,
+            _ => return msg.ack.done(),
         }
     }
+}
+
+/// What [`deliver`] does with its copy once the outcome of a call is recorded (or could not be).
+enum AfterCall {
+    /// Acknowledge it: its fate is recorded (done, or parked already).
+    Ack,
+    /// Put it back through the pipeline: another worker holds the id now.
+    PutBack,
+    /// Park it with this reason (the id is dead), then acknowledge it.
+    Park(String),
+    /// Leave it unacknowledged: shutting down, or it could not be parked.
+    Leave,
+    /// Call again after the backoff: the id is still this side's, pending.
+    Retry,
+}
+
+/// Renews a lease last confirmed a third of its length ago or more, before the call. False if it
+/// is not known to be this worker's any more: then there is no call, and the copy goes back
+/// through the pipeline.
+async fn renew_before_call(
+    shared: &Shared,
+    side: &Side,
+    metrics: &SideMetrics,
+    id: &str,
+    token: &LeaseToken,
+) -> bool {
+    match shared.arbiter.renew(id, token).await {
+        Ok(true) => true, // ours for a whole lease again; the call renews it from here on
+        Ok(false) => {
+            metrics.lapsed.inc();
+            tracing::warn!(id = %id, side = %side,
+                "lease lapsed before the call and the id is another worker's now: not calling; the current holder decides");
+            false
+        }
+        Err(e) => {
+            // Not known to be ours: no call. The record still names this token, so the claim of
+            // the copy put back answers BUSY until the lease ends, then proceeds. Redis away is
+            // the outage's to report (the claim of the copy put back waits in it), not this
+            // copy's; counted, since the copy's proceed is counted again.
+            metrics.unconfirmed.inc();
+            if e.is_retryable() {
+                tracing::debug!(id = %id, side = %side, error = %e,
+                    "cannot confirm the lease before the call: not calling; claiming the copy again");
+            } else {
+                tracing::warn!(id = %id, side = %side, error = %e,
+                    "cannot confirm the lease before the call: not calling; claiming the copy again");
+            }
+            false
+        }
+    }
+}
+
+/// Makes the call in `turn`, renewing the lease meanwhile, and counts it (in flight, duration,
+/// result).
+async fn call_sink<'s>(
+    shared: &'s Shared,
+    metrics: &SideMetrics,
+    turn: Turn<'s>,
+    req: &SinkRequest<'_>,
+    token: &LeaseToken,
+) -> CallResult {
+    metrics.in_flight.inc();
+    let timer = shared.metrics.sink_seconds.start_timer();
+    let result = with_renewal(
+        shared,
+        req.message_id,
+        token,
+        shared.sink.call_in(turn, req),
+    )
+    .await;
+    timer.observe_duration();
+    metrics.in_flight.dec();
+    metrics.call(result.kind());
+    if matches!(result, CallResult::Ambiguous { .. }) {
+        metrics.ambiguous.inc();
+    }
+    result
+}
+
+/// Records the outcome of attempt `attempt` under `token` and says what to do with the copy.
+/// An outcome that cannot be kept (the id's key holds something else now) parks the copy here.
+#[allow(clippy::too_many_arguments)]
+async fn record_outcome(
+    shared: &Shared,
+    side: &Side,
+    metrics: &SideMetrics,
+    msg: &Message,
+    token: LeaseToken,
+    attempt: u32,
+    outcome: &Outcome,
+    cancel: &CancellationToken,
+) -> AfterCall {
+    let id = id_of(msg);
+    let completion = match shared
+        .completer
+        .complete(id, side, token, outcome.clone())
+        .await
+    {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            // The id's key is not a record any more (overwritten by something else): the
+            // outcome cannot be kept, so the copy is parked with what happened.
+            let reason = format!(
+                "the outcome of attempt {attempt} ({outcome:?}) could not be recorded: {e}"
+            );
+            let copies = [(msg, reason.as_str())];
+            if park_copies(shared, &copies, cancel).await {
+                metrics.dead_letters.inc();
+                tracing::error!(id = %id, side = %side, %reason, "parked in dead letters");
+                return AfterCall::Ack;
+            }
+            return AfterCall::Leave;
+        }
+        None => return AfterCall::Leave, // cancelled while Redis was away: handed back unacked
+    };
+    match completion {
+        Completion::Recorded(State::Done) | Completion::Repeated(State::Done) => AfterCall::Ack,
+        Completion::Late => {
+            metrics.overlaps.inc();
+            tracing::warn!(id = %id, side = %side, "call succeeded after its lease was lost: recorded, overlap counted");
+            AfterCall::Ack
+        }
+        Completion::Fenced => {
+            // Another worker took the id over. Its copy may be this very broker message (after
+            // a rebalance), so do not ack: put the copy back through the pipeline, where the
+            // claim answers BUSY while that worker lives, and DONE / DEAD once it decided.
+            tracing::warn!(id = %id, side = %side, "lease lost during the call; the current holder decides");
+            AfterCall::PutBack
+        }
+        Completion::Recorded(State::Dead) | Completion::Repeated(State::Dead) => {
+            let reason = match shared.arbiter.inspect(id).await {
+                Ok(Some(r)) => r.reason.unwrap_or_default(),
+                _ => format!("{outcome:?}"),
+            };
+            AfterCall::Park(reason)
+        }
+        Completion::Recorded(State::Pending)
+        | Completion::Repeated(State::Pending)
+        | Completion::Recorded(State::InFlight)
+        | Completion::Repeated(State::InFlight) => AfterCall::Retry,
+    }
+}
+
+/// Waits out the backoff after attempt `attempt`, then claims the id again for this side under a
+/// fresh token. The token, when it was taken (the lease counts from then) and the claim; None if
+/// cancelled meanwhile (no lease held: the copy is handed back).
+async fn claim_again(
+    shared: &Shared,
+    side: &Side,
+    id: &str,
+    attempt: u32,
+    retry_after: Option<Duration>,
+    outcome: &Outcome,
+    cancel: &CancellationToken,
+) -> Option<(LeaseToken, Instant, Claim)> {
+    let delay = shared.backoff.delay(attempt, retry_after);
+    tracing::debug!(id = %id, side = %side, attempt, ?delay, ?outcome, "retrying");
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = cancel.cancelled() => return None, // no lease held: hand back
+    }
+    let token = shared.tokens.next();
+    let confirmed = Instant::now();
+    let claim = {
+        let req = ClaimRequest {
+            id,
+            side,
+            routed_owner: side,
+            token: &token,
+        };
+        until_redis_answers(shared, cancel, 1, || shared.arbiter.claim(&req)).await
+    }?;
+    Some((token, confirmed, claim))
 }
 
 /// Waits for a turn at the sink (a call slot, the rate limit) that the circuit lets through, and

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// What every redacted value shows instead of itself.
 pub const REDACTED: &str = "***";
@@ -187,5 +187,19 @@ mod tests {
             "redis://127.0.0.1:6379"
         );
         assert_eq!(redact_url("redis://a:b@[bad"), "redis://a:***@[bad");
+    }
+
+    #[test]
+    fn urls_are_printed_without_their_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://user@h:1/0", "redis://user@h:1/0"),
+            ("redis://user:hunter2@h:1/0", "redis://user:***@h:1/0"),
+            ("rediss://:hunter2@h:1", "rediss://:***@h:1"),
+            ("redis://u:pa/ss@w@rd@h:1", "redis://u:***@h:1"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
     }
 }

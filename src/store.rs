@@ -25,7 +25,9 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{RedisConfig, RedisMode};
+pub mod config;
+
+use self::config::{RedisConfig, RedisMode};
 
 /// What went wrong talking to Redis, sorted by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// `[redis.tls]` / `[sink.tls]`: PEM files for TLS connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::arbiter::config::Percent;
 use crate::arbiter::switches::{SwitchChange, WhitelistEdit};
-use crate::config::Percent;
 use crate::control::{Control, ControlError};
 use crate::printable::{printable, printable_parity, printable_record};
 

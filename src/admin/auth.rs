@@ -27,8 +27,9 @@ use subtle::ConstantTimeEq;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::ServiceBuilder;
 
-use crate::config::{AdminConfig, Secret};
+use crate::admin::config::AdminConfig;
 use crate::printable::printable;
+use crate::secrets::Secret;
 
 /// Most bytes of a request body a guarded route reads (a whitelist edit of some ten thousand
 /// ids fits).

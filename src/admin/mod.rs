@@ -17,6 +17,7 @@ use axum::{Json, Router};
 
 pub mod api;
 pub mod auth;
+pub mod config;
 pub mod page;
 
 use crate::arbiter::switches::SwitchFeed;

@@ -7,6 +7,7 @@
 //! completions is one script call, renewals are one pipeline; on Cluster every id is its own call.
 //! The keys, the states and the memory per id are described in `docs/arbiter.md`.
 
+pub mod config;
 pub mod model;
 pub mod routing;
 pub mod switches;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use redis::{Cmd, Pipeline, RedisResult, Value};
 
-use crate::config::{AmbiguousPolicy, ArbiterConfig, RecordLayout};
+use self::config::{AmbiguousPolicy, ArbiterConfig, RecordLayout};
 use crate::store::{Conn, Store, StoreError};
 
 /// A Lua script, sent by SHA1 and re-sent whole when Redis answers NOSCRIPT (after a restart or

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use super::{Adopt, Claim, Completion, Outcome, Sighting, State};
-use crate::config::AmbiguousPolicy;
+use crate::arbiter::config::AmbiguousPolicy;
 
 /// The protocol settings the scripts receive.
 #[derive(Debug, Clone, Copy)]

@@ -47,7 +47,7 @@ pub fn route(switches: &Switches, business_id: &str) -> Route {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Percent;
+    use crate::arbiter::config::Percent;
     use proptest::prelude::*;
 
     fn switches(consume: bool, percent: i64, whitelist: &[&str]) -> Switches {

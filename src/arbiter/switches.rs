@@ -15,7 +15,7 @@ use redis::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{InitialSwitches, Percent};
+use crate::arbiter::config::{InitialSwitches, Percent};
 use crate::store::{Store, StoreError};
 
 /// How many audit entries are kept (approximately: Redis trims in whole nodes).

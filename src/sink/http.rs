@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use super::rate::RateLimit;
 use super::retry::{classify_status, Class};
 use super::{CallResult, ClassifyConfig, Sink, SinkConfig, SinkRequest, Turn};
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// `Idempotency-Key`: the cross-broker message id.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");

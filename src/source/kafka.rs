@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Membership, OffsetTracker, Reading, Source, SourceContext, SourceError};
-use crate::config::{IdSource, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
+use crate::source::config::{IdSource, SideConfig};
 
 /// How often finished offsets are handed to librdkafka (stored; auto-commit sends them).
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -69,7 +69,7 @@ const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Set before the user's properties. Only `auto.offset.reset` may be changed by them; the others
 /// are what the source depends on, and a property naming one is refused
-/// ([`crate::config::refused_kafka_property`]).
+/// ([`crate::source::config::refused_kafka_property`]).
 const DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "true"),
     ("auto.commit.interval.ms", "1000"),
@@ -128,7 +128,7 @@ impl KafkaSource {
             config.set(*key, *value);
         }
         for (key, value) in &kafka.properties {
-            if let Some(why) = crate::config::refused_kafka_property(key) {
+            if let Some(why) = crate::source::config::refused_kafka_property(key) {
                 return Err(refuse(format!(
                     "`{key}` is managed by mq-cutover and may not be set: {why}"
                 )));
@@ -174,7 +174,7 @@ impl KafkaSource {
             reset_to_start,
             tls,
             max_message_bytes: Arc::new(AtomicUsize::new(
-                crate::config::PipelineConfig::default().max_message_bytes,
+                crate::pipeline::config::PipelineConfig::default().max_message_bytes,
             )),
         })
     }
@@ -1422,7 +1422,7 @@ pub enum WriteError {
 /// (`security.protocol`, `sasl.*`, `ssl.*`, socket options), for a producer or admin client of
 /// the same cluster; consumer-only properties are left out (librdkafka warns about them).
 pub fn connection_properties(
-    properties: &crate::config::KafkaProperties,
+    properties: &crate::source::config::KafkaProperties,
 ) -> impl Iterator<Item = (&str, &str)> {
     const PREFIXES: &[&str] = &[
         "security.",
@@ -1541,7 +1541,7 @@ impl fmt::Debug for KafkaWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{KafkaSideConfig, SideKind};
+    use crate::source::config::{KafkaSideConfig, SideKind};
 
     fn side(properties: &[(&str, &str)]) -> SideConfig {
         SideConfig {

@@ -6,9 +6,10 @@
 //! No network I/O: the only look outside the config is whether the named certificate and key
 //! files exist.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::config::{ConfigError, KafkaProperties};
+use crate::settings::ConfigError;
 
 /// The SASL mechanisms librdkafka implements (built with `ssl` and `sasl`).
 pub const MECHANISMS: &[&str] = &[
@@ -54,7 +55,7 @@ impl Security {
 
 /// Checks the security settings of side `index`'s `properties` (secrets read from files are in
 /// them already); errors name the property as `side[0].kafka.properties."sasl.password"`.
-pub fn check(index: usize, properties: &KafkaProperties) -> Result<Security, ConfigError> {
+pub fn check(index: usize, properties: &BTreeMap<String, String>) -> Result<Security, ConfigError> {
     let key = |name: &str| format!("side[{index}].kafka.properties.\"{name}\"");
     let get = |name: &str| value(properties, name);
     let protocol = match get("security.protocol") {
@@ -194,7 +195,7 @@ pub fn check(index: usize, properties: &KafkaProperties) -> Result<Security, Con
 }
 
 /// The trimmed value of property `name`, if set and not blank.
-fn value<'a>(properties: &'a KafkaProperties, name: &str) -> Option<&'a str> {
+fn value<'a>(properties: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
     properties
         .get(name)
         .map(|v| v.trim())
@@ -205,7 +206,7 @@ fn value<'a>(properties: &'a KafkaProperties, name: &str) -> Option<&'a str> {
 /// fetches tokens (`sasl.oauthbearer.method = oidc`) or the unsecured test tokens are asked for.
 fn check_oauthbearer(
     key: &dyn Fn(&str) -> String,
-    properties: &KafkaProperties,
+    properties: &BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
     let get = |name: &str| value(properties, name);
     let oidc = get("sasl.oauthbearer.method").is_some_and(|m| m.eq_ignore_ascii_case("oidc"));
@@ -250,7 +251,7 @@ fn check_oauthbearer(
 mod tests {
     use super::*;
 
-    fn props(pairs: &[(&str, &str)]) -> KafkaProperties {
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

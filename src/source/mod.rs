@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::message::{Finished, Side};
 use crate::telemetry::metrics::Metrics;
 
+pub mod config;
 pub mod kafka;
 pub mod kafka_security;
 pub mod outlet;
@@ -34,8 +35,8 @@ pub mod rocketmq;
 
 pub mod stall;
 
-pub use stall::Reading;
 use stall::StallDetector;
+pub use stall::{Reading, LAG_INTERVAL};
 
 /// What a source needs from the daemon.
 pub struct SourceContext {
@@ -54,10 +55,6 @@ pub struct SourceContext {
     /// is handed over as bad input, with the reason and no payload, never forwarded.
     pub max_message_bytes: usize,
 }
-
-/// How often the daemon's sources measure their lag: a few small broker requests per interval,
-/// never anything per message.
-pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A source's place in its consumer group, as `/metrics` and `/readyz` see it: whether it has
 /// joined, the partitions (Kafka) or queues (RocketMQ) it holds, how often that changed, the
@@ -436,10 +433,10 @@ pub enum SourceError {
 }
 
 /// Builds the source a side's config describes.
-pub fn build(side: &crate::config::SideConfig) -> Result<Box<dyn Source>, SourceError> {
+pub fn build(side: &config::SideConfig) -> Result<Box<dyn Source>, SourceError> {
     match side.kind {
-        crate::config::SideKind::Kafka => kafka::build(side),
-        crate::config::SideKind::Rocketmq => rocketmq::build(side),
+        config::SideKind::Kafka => kafka::build(side),
+        config::SideKind::Rocketmq => rocketmq::build(side),
     }
 }
 

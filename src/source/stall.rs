@@ -11,6 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+/// How often the daemon's sources measure their lag: a few small broker requests per interval,
+/// never anything per message.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// One partition's (queue's) state, measured by its source on the lag timer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reading {

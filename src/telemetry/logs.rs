@@ -1,9 +1,64 @@
 //! Log output: human text or one JSON object per line, filtered by `log.level` (or `RUST_LOG`),
 //! with the RocketMQ client's chatter held to warnings.
 
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::settings::{named_choices, ConfigError};
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `mq_cutover=debug,info`; `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+named_choices!(LogFormat { Text = "text", Json = "json" });
+
+impl LogConfig {
+    /// Refuses a level that is not a tracing filter.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.level.trim().is_empty() || EnvFilter::try_new(&self.level).is_err() {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{}` is not a log filter, e.g. `info` or `mq_cutover=debug,info`",
+                    self.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The RocketMQ client logs every connection step and every offset it persists at info (up to
 /// five lines a second per queue at the source's commit interval); keep it to warnings unless
@@ -57,5 +112,15 @@ mod tests {
         );
         // Our own module path names rocketmq too, but not a client crate.
         assert!(quiet_clients("mq_cutover::source::rocketmq=debug").contains("=warn"));
+    }
+
+    #[test]
+    fn bad_log_level_is_rejected() {
+        let cfg = LogConfig {
+            level: "=[".into(),
+            ..LogConfig::default()
+        };
+        assert_eq!(cfg.validate().unwrap_err().key, "log.level");
+        LogConfig::default().validate().unwrap();
     }
 }

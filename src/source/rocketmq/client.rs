@@ -15,7 +15,7 @@ use rocketmq_runtime::shutdown_report::ShutdownReport;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 use rocketmq_transport::api::{RPCHook, TlsConfig};
 
-use crate::config::RocketMqSideConfig;
+use crate::source::config::RocketMqSideConfig;
 
 /// The runtime a RocketMQ client lives in: rocketmq-client-rust spawns its own tasks (pulls,
 /// rebalances, heartbeats, connections) only on a tokio runtime it is handed through

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{IdSource, RocketMqSideConfig, SideConfig};
 use crate::message::{read_identity, Ack, BadInput, Finished, Message, Origin, Side};
+use crate::source::config::{IdSource, RocketMqSideConfig, SideConfig};
 use crate::source::outlet::Outlet;
 use crate::source::{Membership, OffsetTracker, Reading, Source, SourceContext, SourceError};
 
@@ -106,7 +106,7 @@ pub fn build(side: &SideConfig) -> Result<Box<dyn Source>, SourceError> {
         message_id: side.message_id.clone(),
         business_id: side.business_id.clone(),
         max_message_bytes: Arc::new(AtomicUsize::new(
-            crate::config::PipelineConfig::default().max_message_bytes,
+            crate::pipeline::config::PipelineConfig::default().max_message_bytes,
         )),
     }))
 }

@@ -20,8 +20,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::client::{self, explain, ClientHome};
-use crate::config::{IdSource, RocketMqSideConfig};
 use crate::message::Side;
+use crate::source::config::{IdSource, RocketMqSideConfig};
 use crate::source::{Position, Refetch, Refetched, SourceError};
 
 /// How long one refetch may take once the broker said it has the offset.

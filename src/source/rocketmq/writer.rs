@@ -8,7 +8,7 @@ use rocketmq_model::result::SendStatus;
 
 use super::client::{self, boxed, explain, ClientHome};
 use super::Codec;
-use crate::config::RocketMqSideConfig;
+use crate::source::config::RocketMqSideConfig;
 
 /// Why [`RocketMqWriter`] could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
