@@ -243,6 +243,14 @@ impl Config {
             a.viewer_token_file.as_deref(),
         )?;
         for (i, side) in self.sides.iter_mut().enumerate() {
+            if let Some(r) = side.rocketmq.as_mut() {
+                fill_from_file(
+                    &format!("side[{i}].rocketmq.secret_key"),
+                    &mut r.secret_key,
+                    &format!("side[{i}].rocketmq.secret_key_file"),
+                    r.secret_key_file.as_deref(),
+                )?;
+            }
             let Some(k) = side.kafka.as_mut() else {
                 continue;
             };
@@ -405,6 +413,12 @@ impl Config {
             ));
         }
         for (i, side) in self.sides.iter().enumerate() {
+            if let Some(r) = side.rocketmq.as_ref().filter(|r| r.secret_key.is_some()) {
+                out.push(format!(
+                    "side[{i}].rocketmq.secret_key{}",
+                    from(r.secret_key_file.as_deref())
+                ));
+            }
             let Some(k) = &side.kafka else { continue };
             for name in k.properties.keys().filter(|n| k.properties.is_secret(n)) {
                 out.push(format!(
@@ -934,6 +948,44 @@ url = "http://127.0.0.1:8080/grant"
         let (_dir, path) = with_files(&body, &[("api", "b")]);
         let e = Config::load_with_env(&path, BTreeMap::new()).unwrap_err();
         assert_eq!(e.key, "sink.header_files.x-api-key");
+    }
+
+    #[test]
+    fn the_rocketmq_secret_key_is_read_from_its_file_and_never_shown() {
+        let body = GOOD.replace(
+            "[side.rocketmq]\n",
+            "[side.rocketmq]\naccess_key = \"mqc\"\nsecret_key_file = \"DIR/sk\"\n",
+        );
+        assert_ne!(body, GOOD, "the example has a [side.rocketmq] table");
+        let (_dir, path) = with_files(&body, &[("sk", "rmq-sk-1\n")]);
+        let c = Config::load_with_env(&path, BTreeMap::new())
+            .unwrap()
+            .validate()
+            .unwrap();
+        let r = c.sides[1].rocketmq.as_ref().unwrap();
+        assert_eq!(r.secret_key.as_ref().unwrap().expose(), "rmq-sk-1");
+        let listed = c.secret_keys();
+        assert!(
+            listed
+                .iter()
+                .any(|k| k.starts_with("side[1].rocketmq.secret_key (file ")),
+            "{listed:?}"
+        );
+        let shown = format!(
+            "{c:?}{}{}",
+            serde_json::to_string(&*c).unwrap(),
+            listed.join(",")
+        );
+        assert!(!shown.contains("rmq-sk-1"), "{shown}");
+        // Both ways at once is refused, naming both keys.
+        let body = body.replace(
+            "access_key = \"mqc\"\n",
+            "access_key = \"mqc\"\nsecret_key = \"x\"\n",
+        );
+        let (_dir, path) = with_files(&body, &[("sk", "rmq-sk-1")]);
+        let e = Config::load_with_env(&path, BTreeMap::new()).unwrap_err();
+        assert_eq!(e.key, "side[1].rocketmq.secret_key_file");
+        assert!(e.problem.contains("`side[1].rocketmq.secret_key`"), "{e}");
     }
 
     #[test]

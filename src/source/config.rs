@@ -258,10 +258,15 @@ pub struct RocketMqSideConfig {
     /// ACL access key (RocketMQ 5 ACL 2.0: the user name); set together with `secret_key`.
     #[serde(default)]
     pub access_key: Option<String>,
-    /// ACL secret key (ACL 2.0: the user's password). Prefer
-    /// `MQ_CUTOVER__SIDE__<i>__ROCKETMQ__SECRET_KEY` over the file. Never logged.
+    /// ACL secret key (ACL 2.0: the user's password). Prefer `secret_key_file` over writing it
+    /// in the file: `[[side]]` is a list, which no environment variable can address. Never
+    /// logged.
     #[serde(default)]
     pub secret_key: Option<Secret>,
+    /// A file holding `secret_key` (a mounted Kubernetes Secret), read at start; its trailing
+    /// line break is dropped. Not together with `secret_key`.
+    #[serde(default)]
+    pub secret_key_file: Option<std::path::PathBuf>,
     /// Namespace the topic and group live in (cloud instances, shared clusters); the broker
     /// sees `namespace%topic`. Absent: none.
     #[serde(default)]
@@ -292,6 +297,7 @@ impl RocketMqSideConfig {
             group: group.to_owned(),
             access_key: None,
             secret_key: None,
+            secret_key_file: None,
             namespace: None,
             tls: false,
             tls_ca_file: None,
