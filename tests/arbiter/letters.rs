@@ -60,7 +60,7 @@ async fn copies_older_than_the_retention_are_parked_not_claimed() {
     use mq_cutover::message::Side;
     use tokio::sync::mpsc;
 
-    use super::pipelined::{copy, instance, start_side, CountingSink, Instance};
+    use super::pipelined::{copy, instance, start_side, stop_side, CountingSink, Instance};
 
     let prefix = common::unique_prefix("too-old");
     let cfg = common::offline_config(
@@ -115,11 +115,7 @@ async fn copies_older_than_the_retention_are_parked_not_claimed() {
     );
     assert_eq!(metrics.side("kafka").too_old.get(), 1);
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
+    stop_side(&cancel, pipeline).await;
     drop(tx);
     stop.cancel();
     common::cleanup(&[common::redis_url()], &prefix);

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::common::{self, PrivateCluster};
-use super::pipelined::{copy, start_side, CountingSink};
+use super::pipelined::{copy, start_side, stop_side, CountingSink};
 
 const COPIES: i64 = 300;
 /// `pipeline.claim_batch` here; `claims_in_flight` is 2.
@@ -109,11 +109,7 @@ async fn a_frozen_cluster_node_pauses_the_sources_until_it_answers_again() {
     }
     eprintln!("{called_while_frozen} of {COPIES} called while one of three nodes was frozen");
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
+    stop_side(&cancel, pipeline).await;
     drop(tx);
     stop.cancel();
 }

@@ -194,6 +194,15 @@ pub(super) fn start_side(
     (cancel, tracker, pipeline)
 }
 
+/// Cancels a side's pipeline started by [`start_side`] and waits for it to stop.
+pub(super) async fn stop_side(cancel: &CancellationToken, pipeline: tokio::task::JoinHandle<()>) {
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), pipeline)
+        .await
+        .expect("the pipeline stops on cancel")
+        .unwrap();
+}
+
 /// Runs both sides over `IDS` ids (one copy each) with `claims_in_flight` batches allowed per
 /// side; returns the most claim batches the Kafka side had in Redis at once.
 async fn run(claims_in_flight: usize) -> i64 {
@@ -451,11 +460,7 @@ async fn a_copy_whose_lease_lapsed_while_it_waited_does_not_call() {
     );
     assert_eq!(sink.calls.lock().unwrap().get("pl-0"), Some(&1));
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
+    stop_side(&cancel, pipeline).await;
     drop(tx);
     stop.cancel();
     common::cleanup(&[common::redis_url()], &prefix);
@@ -537,11 +542,7 @@ async fn copies_queued_for_a_call_slot_do_not_call_once_the_circuit_opens() {
          already let through"
     );
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
+    stop_side(&cancel, pipeline).await;
     tracker.close();
     tokio::time::timeout(Duration::from_secs(10), tracker.wait())
         .await

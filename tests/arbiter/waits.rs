@@ -9,13 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mq_cutover::arbiter::{record_key, Claim, ClaimRequest, LeaseTokens, State};
-use mq_cutover::message::Side;
+use mq_cutover::config::Validated;
+use mq_cutover::message::{Finished, Message, Side};
 use mq_cutover::sink::{CallResult, Sink, SinkRequest, Turn};
 use mq_cutover::store::Store;
 use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::common;
-use super::pipelined::{copy, instance, start_side, Instance};
+use super::pipelined::{copy, instance, start_side, stop_side, Instance};
 
 /// Every call waits for a permit of `gate` (none at first); counts calls per id.
 struct HeldSink {
@@ -50,6 +52,70 @@ impl Sink for HeldSink {
     }
 }
 
+/// One instance's Kafka side, every call held by a [`HeldSink`], fed copies `pl-0` … and started.
+struct HeldSide {
+    sink: Arc<HeldSink>,
+    instance: Instance,
+    acks: mpsc::UnboundedReceiver<Finished>,
+    /// Kept open until the test ends: a closed feed stops the pipeline.
+    feed: mpsc::Sender<Message>,
+    cancel: CancellationToken,
+    pipeline: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a [`HeldSide`] on `copies` copies and returns once `pl-0`'s call holds the only slot
+/// (`max_in_flight = 1` in `cfg`), the others claimed with it and waiting for it.
+async fn held_side(cfg: &Validated, copies: i64) -> HeldSide {
+    let store = Store::connect(&cfg.redis, false)
+        .await
+        .expect("the test's Redis answers");
+    let sink = HeldSink::new();
+    let instance = instance(cfg, &store, 0, sink.clone());
+    let kafka: Side = "kafka".into();
+    let (acks_tx, acks) = mpsc::unbounded_channel();
+    let (feed, rx) = mpsc::channel(copies as usize);
+    for n in 0..copies {
+        feed.send(copy(&kafka, n, &acks_tx)).await.unwrap();
+    }
+    let (cancel, _tracker, pipeline) = start_side(&instance.shared, &kafka, rx);
+    let calling = common::eventually(Duration::from_secs(10), || async {
+        sink.calls("pl-0") == 1
+    })
+    .await;
+    assert!(calling.is_some(), "pl-0 was called");
+    HeldSide {
+        sink,
+        instance,
+        acks,
+        feed,
+        cancel,
+        pipeline,
+    }
+}
+
+impl HeldSide {
+    /// Waits for `n` acknowledgements; their offsets, sorted.
+    async fn acked(&mut self, n: usize) -> Vec<i64> {
+        let mut acked = Vec::new();
+        for _ in 0..n {
+            let f = tokio::time::timeout(Duration::from_secs(10), self.acks.recv())
+                .await
+                .expect("every copy acknowledged in time")
+                .expect("ack channel open");
+            acked.push(f.offset);
+        }
+        acked.sort();
+        acked
+    }
+
+    /// Stops the pipeline and the instance.
+    async fn stop(self) {
+        stop_side(&self.cancel, self.pipeline).await;
+        drop(self.feed);
+        self.instance.stop.cancel();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_waiting_for_a_call_slot_keeps_its_lease_and_is_never_parked_in_doubt() {
     let prefix = common::unique_prefix("slot-wait");
@@ -59,29 +125,10 @@ async fn a_copy_waiting_for_a_call_slot_keeps_its_lease_and_is_never_parked_in_d
         "claim_batch = 8\nmax_in_flight = 1\n\
          [arbiter]\nlease = \"600ms\"\nambiguous = \"at_most_once\"",
     );
-    let store = Store::connect(&cfg.redis, false)
-        .await
-        .expect("the test Redis (scripts/testbed up) answers");
-    let sink = HeldSink::new();
-    let Instance {
-        shared,
-        metrics,
-        stop,
-        switches: _switches,
-    } = instance(&cfg, &store, 0, sink.clone());
-    let kafka: Side = "kafka".into();
-    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(copy(&kafka, 0, &acks_tx)).await.unwrap();
-    tx.send(copy(&kafka, 1, &acks_tx)).await.unwrap();
-    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
+    let mut side = held_side(&cfg, 2).await;
+    let (shared, sink) = (&side.instance.shared, &side.sink);
 
     // pl-0's call holds the only slot; pl-1 is claimed and waits for it, three leases long.
-    let calling = common::eventually(Duration::from_secs(10), || async {
-        sink.calls("pl-0") == 1
-    })
-    .await;
-    assert!(calling.is_some(), "pl-0 was called");
     tokio::time::sleep(Duration::from_millis(1800)).await;
     // Another instance's copy of pl-1 (a redelivery after a rebalance, a producer's duplicate in
     // another partition) is claimed meanwhile: it must find the lease alive, not take it over.
@@ -105,28 +152,19 @@ async fn a_copy_waiting_for_a_call_slot_keeps_its_lease_and_is_never_parked_in_d
 
     // The slot frees: pl-1 is called once, and every copy is acknowledged.
     sink.gate.add_permits(10);
-    let mut acked = Vec::new();
-    for _ in 0..2 {
-        let f = tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
-            .await
-            .expect("every copy acknowledged in time")
-            .expect("ack channel open");
-        acked.push(f.offset);
-    }
-    acked.sort();
-    assert_eq!(acked, [0, 1]);
-    assert_eq!(sink.calls("pl-1"), 1);
-    let r = shared.arbiter.inspect("pl-1").await.unwrap().unwrap();
-    assert_eq!((r.state, r.ambiguous), (State::Done, 0), "{r}");
-    assert_eq!(metrics.side("kafka").dead_letters.get(), 0);
-
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
+    assert_eq!(side.acked(2).await, [0, 1]);
+    assert_eq!(side.sink.calls("pl-1"), 1);
+    let r = side
+        .instance
+        .shared
+        .arbiter
+        .inspect("pl-1")
         .await
-        .expect("the pipeline stops on cancel")
+        .unwrap()
         .unwrap();
-    drop(tx);
-    stop.cancel();
+    assert_eq!((r.state, r.ambiguous), (State::Done, 0), "{r}");
+    assert_eq!(side.instance.metrics.side("kafka").dead_letters.get(), 0);
+    side.stop().await;
     common::cleanup(&[common::redis_url()], &prefix);
 }
 
@@ -150,48 +188,18 @@ async fn copies_that_waited_briefly_for_a_call_slot_call_without_a_renewal_each(
         &prefix,
         "claim_batch = 32\nmax_in_flight = 1\n[arbiter]\nlease = \"30s\"",
     );
-    let store = Store::connect(&cfg.redis, false)
-        .await
-        .expect("the private Redis answers");
-    let sink = HeldSink::new();
-    let Instance {
-        shared,
-        stop,
-        switches: _switches,
-        ..
-    } = instance(&cfg, &store, 0, sink.clone());
-    let kafka: Side = "kafka".into();
-    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
-    let (tx, rx) = mpsc::channel(COPIES as usize);
-    for n in 0..COPIES {
-        tx.send(copy(&kafka, n, &acks_tx)).await.unwrap();
-    }
-    let (cancel, _tracker, pipeline) = start_side(&shared, &kafka, rx);
-
+    let mut side = held_side(&cfg, COPIES).await;
     // pl-0's call holds the only slot while the others, claimed with it, wait for it.
-    let calling = common::eventually(Duration::from_secs(10), || async {
-        sink.calls("pl-0") == 1
-    })
-    .await;
-    assert!(calling.is_some(), "pl-0 was called");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sink.gate.add_permits(COPIES as usize);
-    for _ in 0..COPIES {
-        tokio::time::timeout(Duration::from_secs(10), acks_rx.recv())
-            .await
-            .expect("every copy acknowledged in time")
-            .expect("ack channel open");
-    }
+    side.sink.gate.add_permits(COPIES as usize);
+    assert_eq!(
+        side.acked(COPIES as usize).await,
+        (0..COPIES).collect::<Vec<_>>()
+    );
     for n in 0..COPIES {
-        assert_eq!(sink.calls(&format!("pl-{n}")), 1, "pl-{n}");
+        assert_eq!(side.sink.calls(&format!("pl-{n}")), 1, "pl-{n}");
     }
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
-    drop(tx);
-    stop.cancel();
+    side.stop().await;
     let _ = monitor.kill();
     let _ = monitor.wait();
 
@@ -286,11 +294,7 @@ async fn a_completion_refused_for_one_id_parks_that_copy_and_records_the_rest() 
     );
     assert_eq!(metrics.side("kafka").dead_letters.get(), 1);
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), pipeline)
-        .await
-        .expect("the pipeline stops on cancel")
-        .unwrap();
+    stop_side(&cancel, pipeline).await;
     drop(tx);
     stop.cancel();
     common::cleanup(&[common::redis_url()], &prefix);
