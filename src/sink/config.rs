@@ -511,12 +511,7 @@ mod tests {
 
     /// Parses a `[sink]` table the way the config file is read.
     fn parse(toml: &str) -> Result<SinkConfig, String> {
-        let v: serde_json::Value = config::Config::builder()
-            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| e.to_string())?;
-        serde_json::from_value(v).map_err(|e| e.to_string())
+        crate::settings::parse_section(toml)
     }
 
     fn good() -> SinkConfig {
