@@ -264,12 +264,7 @@ fn kit_downstreams_serve_on_the_given_port_and_stop_on_sigterm() {
             "{tool}: {stats}"
         );
         assert!(stats.contains("\"calls\":0"), "{tool}: {stats}");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let (status, err) = terminate(&mut child);
         assert!(status.success(), "{tool}: exit {status:?}: {err}");
         assert!(err.contains("listening"), "{tool}: {err}");
     }
@@ -508,12 +503,7 @@ fn run_seeds_the_switches_and_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let sent = Instant::now();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let (status, err) = terminate(&mut child);
     assert!(status.success(), "exit {status:?}: {err}");
     // The drain deadline (15 s by default) bounds the stop; the consumers leaving their
     // groups take a few seconds of it.
@@ -541,12 +531,7 @@ fn run_says_when_redis_is_unreachable_and_keeps_running() {
         child.try_wait().unwrap().is_none(),
         "the daemon must wait for redis, not exit"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let (status, err) = terminate(&mut child);
     assert!(status.success(), "{err}");
     assert!(
         err.contains("redis unreachable: no message can be claimed until it returns"),
@@ -689,4 +674,15 @@ fn kafka_security_gaps_exit_78_naming_the_property() {
         assert!(err.contains(&format!("`{key}`")), "{props}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+}
+
+/// Sends SIGTERM to `child`, waits for it to exit, and returns its exit status and stderr.
+fn terminate(child: &mut std::process::Child) -> (std::process::ExitStatus, String) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status, err)
 }

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use mq_cutover::arbiter::State;
-use mqc_testkit::reward::FaultPlan;
 
 use crate::common::{self, PrivateRedis};
 use crate::harness::{Bed, Setup};
@@ -58,18 +57,7 @@ async fn redis_killed_mid_run(test: &str, fsync: &'static str, crash: Crash) -> 
     let mut redis = PrivateRedis::start_aof(fsync);
     let setup = Setup {
         redis_url: redis.url(),
-        lease: "3s",
-        sink_timeout: "500ms",
-        // Short, so that an owner decision lost with Redis's data is adopted within the test.
-        adopt_after: "10s",
-        faults: FaultPlan {
-            error_rate: 0.05,
-            commit_then_timeout_rate: 0.01,
-            hang: Duration::from_secs(1),
-            latency: Duration::from_millis(2),
-            ..FaultPlan::default()
-        },
-        ..Setup::default()
+        ..Setup::redis_outage()
     };
     let mut bed = Bed::new(test, setup).await;
     bed.switch(&["set", "--consume", "on", "--percent", "50"]);

@@ -96,6 +96,28 @@ impl Default for Setup {
     }
 }
 
+impl Setup {
+    /// The Redis outage tests' set-up (durability, Sentinel): short leases and adoption, so that
+    /// what an outage costs shows within the test, and a downstream that fails 5 % of calls and
+    /// commits then times out on 1 %.
+    pub fn redis_outage() -> Setup {
+        Setup {
+            lease: "3s",
+            sink_timeout: "500ms",
+            // Short, so that an owner decision lost with Redis's data is adopted within the test.
+            adopt_after: "10s",
+            faults: FaultPlan {
+                error_rate: 0.05,
+                commit_then_timeout_rate: 0.01,
+                hang: Duration::from_secs(1),
+                latency: Duration::from_millis(2),
+                ..FaultPlan::default()
+            },
+            ..Setup::default()
+        }
+    }
+}
+
 pub struct Bed {
     pub prefix: String,
     pub dir: tempfile::TempDir,

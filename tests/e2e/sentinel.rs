@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use mq_cutover::config::RedisMode;
-use mqc_testkit::reward::FaultPlan;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, PrivateSentinels};
@@ -36,17 +35,7 @@ async fn failover(test: &str, replicas: u32) {
         redis_url: redis.urls().join(","),
         redis_mode: RedisMode::Sentinel,
         sentinel_master: Some(redis.master_name.clone()),
-        lease: "3s",
-        sink_timeout: "500ms",
-        adopt_after: "10s",
-        faults: FaultPlan {
-            error_rate: 0.05,
-            commit_then_timeout_rate: 0.01,
-            hang: Duration::from_secs(1),
-            latency: Duration::from_millis(2),
-            ..FaultPlan::default()
-        },
-        ..Setup::default()
+        ..Setup::redis_outage()
     };
     let mut bed = Bed::new(test, setup).await;
     // The test's own connection (its inspections) follows the failover the same way.
