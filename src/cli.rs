@@ -1,6 +1,7 @@
-//! Command-line definitions (clap derive) and nothing else.
+//! Command-line definitions (clap derive), and the way out that every binary of the project
+//! shares: exit codes, bad usage, a bad config, a failure at run time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -12,6 +13,39 @@ pub const EXIT_USAGE: i32 = 64;
 pub const EXIT_CONFIG: i32 = 78;
 /// Exit code for a failure at run time (Redis unreachable, an id unknown, …).
 pub const EXIT_RUNTIME: i32 = 1;
+
+/// The command line as `T`: `--help` and `--version` print and exit 0; bad usage prints clap's
+/// message and exits [`EXIT_USAGE`].
+pub fn parse_or_exit<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(EXIT_USAGE);
+        }
+    }
+}
+
+/// The config at `path`, loaded and validated; else the problem (naming the key) on one line as
+/// `program`, and exit [`EXIT_CONFIG`].
+pub fn config_or_exit(program: &str, path: &Path) -> crate::config::Validated {
+    match crate::config::Config::load(path).and_then(crate::config::Config::validate) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+/// If `r` failed: its error chain on one line as `program`, and exit [`EXIT_RUNTIME`].
+pub fn exit_on(program: &str, r: anyhow::Result<()>) {
+    if let Err(e) = r {
+        eprintln!("{program}: {e:#}");
+        std::process::exit(EXIT_RUNTIME);
+    }
+}
 
 /// Moves a consumer between Apache Kafka and Apache RocketMQ with no loss and no double
 /// processing, arbitrating every message through Redis.
